@@ -1,0 +1,198 @@
+"""Decoupled cross-attention on a diffusers UNet, installed with diffusers' own IP-Adapter machinery.
+
+Paper, Sec. 3.2 "reference representation injection": every cross-attention gets `to_k_ip` / `to_v_ip`
+(initialised from `to_k` / `to_v`) over the projected reference tokens; output = text attention +
+scale * reference attention (`IPAdapterAttnProcessor2_0`). The projection is
+`IPAdapterFullImageProjection` inside `MultiIPAdapterImageProjection`, so the pipeline passes tokens as
+`ip_adapter_image_embeds`. Stages 2-3 add a UNet LoRA on q/k/v/out of every attention (peft).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
+from diffusers.models.embeddings import IPAdapterFullImageProjection, MultiIPAdapterImageProjection
+
+from .config import EasyRefConfig
+
+logger = logging.getLogger(__name__)
+
+LORA_ADAPTER_NAME = "easyref"
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+_STATE_ATTR = "_easyref_adapter_state"
+
+
+@dataclass
+class _OriginalUNetState:
+    """What installing changed, so that `unload_adapter` can put it back exactly."""
+
+    processors: dict
+    encoder_hid_proj: torch.nn.Module | None
+    encoder_hid_dim_type: str | None
+    lora: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def is_installed(unet) -> bool:
+    return getattr(unet, _STATE_ATTR, None) is not None
+
+
+def install_adapter(unet, config: EasyRefConfig) -> None:
+    """Add reference cross-attention, projection and (if `config.lora_rank`) LoRA to `unet` in place."""
+    if is_installed(unet):
+        raise ValueError("an EasyRef adapter is already installed on this UNet; call unload_adapter first")
+    if unet.config.cross_attention_dim != config.cross_attention_dim:
+        raise ValueError(
+            f"the adapter is for a UNet with cross_attention_dim {config.cross_attention_dim}, "
+            f"but this UNet has {unet.config.cross_attention_dim}"
+        )
+    state = _OriginalUNetState(
+        processors=dict(unet.attn_processors),
+        encoder_hid_proj=unet.encoder_hid_proj,
+        encoder_hid_dim_type=unet.config.encoder_hid_dim_type,
+    )
+    processors = {name: _reference_processor(unet, name, proc, config) for name, proc in state.processors.items()}
+    unet.set_attn_processor(processors)
+    projection = IPAdapterFullImageProjection(config.mllm_hidden_size, config.cross_attention_dim)
+    unet.encoder_hid_proj = MultiIPAdapterImageProjection([projection]).to(unet.device, unet.dtype)
+    unet.config.encoder_hid_dim_type = "ip_image_proj"
+    if config.lora_rank:
+        _add_lora(unet, config)
+        state.lora = True
+    setattr(unet, _STATE_ATTR, state)
+
+
+def _attention_module(unet, processor_name: str) -> Attention:
+    return unet.get_submodule(processor_name.removesuffix(".processor"))
+
+
+def _reference_processor(unet, name: str, original, config: EasyRefConfig):
+    attn = _attention_module(unet, name)
+    if not attn.is_cross_attention:
+        return original
+    proc = IPAdapterAttnProcessor2_0(
+        hidden_size=attn.to_k.out_features,
+        cross_attention_dim=attn.to_k.in_features,
+        num_tokens=(config.num_reference_tokens,),
+        scale=1.0,
+    )
+    with torch.no_grad():
+        proc.to_k_ip[0].weight.copy_(attn.to_k.weight)
+        proc.to_v_ip[0].weight.copy_(attn.to_v.weight)
+    return proc.to(attn.to_k.weight.device, attn.to_k.weight.dtype)
+
+
+def _add_lora(unet, config: EasyRefConfig) -> None:
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=LORA_TARGETS)
+    unet.add_adapter(lora, adapter_name=LORA_ADAPTER_NAME)
+
+
+def unload_adapter(unet) -> None:
+    """Remove everything `install_adapter` added; the UNet computes exactly what it did before."""
+    state: _OriginalUNetState | None = getattr(unet, _STATE_ATTR, None)
+    if state is None:
+        raise ValueError("no EasyRef adapter is installed on this UNet")
+    if state.lora:
+        unet.unload_lora()
+    unet.set_attn_processor(state.processors)
+    unet.encoder_hid_proj = state.encoder_hid_proj
+    unet.config.encoder_hid_dim_type = state.encoder_hid_dim_type
+    setattr(unet, _STATE_ATTR, None)
+
+
+def reference_processors(unet) -> dict[str, IPAdapterAttnProcessor2_0]:
+    return {n: p for n, p in unet.attn_processors.items() if isinstance(p, IPAdapterAttnProcessor2_0)}
+
+
+def set_scale(unet, scale: float | dict) -> None:
+    """Reference strength: one float, or diffusers' per-block dict ({"up": {"block_0": [0, 1, 0]}, ...})."""
+    from diffusers.loaders.unet_loader_utils import _maybe_expand_lora_scales
+
+    processors = reference_processors(unet)
+    if not processors:
+        raise ValueError("no EasyRef adapter is installed on this UNet")
+    if isinstance(scale, dict):
+        expanded = _maybe_expand_lora_scales(unet, [scale], default_scale=0.0)[0]
+        for name, proc in processors.items():
+            proc.scale = [_block_scale(name, expanded)]
+    else:
+        for proc in processors.values():
+            proc.scale = [float(scale)]
+
+
+def _block_scale(name: str, expanded: dict) -> float:
+    value = 0.0
+    for prefix, s in expanded.items():
+        if name.startswith(prefix):
+            value = float(s)
+    return value
+
+
+def adapter_state_dict(unet) -> dict[str, torch.Tensor]:
+    """The adapter's own tensors, under their UNet names (k/v per cross-attention, projection, LoRA)."""
+    if not is_installed(unet):
+        raise ValueError("no EasyRef adapter is installed on this UNet")
+    out = {}
+    for name, proc in reference_processors(unet).items():
+        for key, tensor in proc.state_dict().items():
+            out[f"{name}.{key}"] = tensor
+    for key, tensor in unet.encoder_hid_proj.state_dict().items():
+        out[f"encoder_hid_proj.{key}"] = tensor
+    if getattr(unet, _STATE_ATTR).lora:
+        from peft.utils import get_peft_model_state_dict
+
+        for key, tensor in get_peft_model_state_dict(unet, adapter_name=LORA_ADAPTER_NAME).items():
+            out[f"lora.{key}"] = tensor
+    return out
+
+
+def adapter_parameters(unet) -> list[torch.nn.Parameter]:
+    """Trainable adapter parameters (for optimisers): k/v, projection, LoRA."""
+    params = [p for proc in reference_processors(unet).values() for p in proc.parameters()]
+    params += list(unet.encoder_hid_proj.parameters())
+    params += [p for n, p in unet.named_parameters() if f".{LORA_ADAPTER_NAME}." in n and "lora_" in n]
+    return params
+
+
+def load_adapter_state_dict(unet, tensors: dict[str, torch.Tensor]) -> None:
+    """Strictly load `adapter_state_dict`-style tensors; a missing, extra or mis-shaped one is an error."""
+    expected = adapter_state_dict(unet)
+    _check_keys(expected, tensors, "adapter")
+    procs = reference_processors(unet)
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            if key.startswith("lora."):
+                continue
+            if key.startswith("encoder_hid_proj."):
+                target = unet.encoder_hid_proj.state_dict()[key.removeprefix("encoder_hid_proj.")]
+            else:
+                name, _, sub = key.partition(".processor.")
+                target = procs[name + ".processor"].state_dict()[sub]
+            target.copy_(tensor)
+    lora = {k.removeprefix("lora."): v for k, v in tensors.items() if k.startswith("lora.")}
+    if lora:
+        from peft.utils import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(unet, lora, adapter_name=LORA_ADAPTER_NAME)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise ValueError(f"unexpected LoRA tensor {unexpected[0]}")
+
+
+def _check_keys(expected: dict, given: dict, what: str) -> None:
+    missing = sorted(set(expected) - set(given))
+    if missing:
+        raise ValueError(f"{what} checkpoint is missing tensor {missing[0]} ({len(missing)} missing in all)")
+    unexpected = sorted(set(given) - set(expected))
+    if unexpected:
+        raise ValueError(f"{what} checkpoint has unexpected tensor {unexpected[0]} ({len(unexpected)} in all)")
+    for key, tensor in given.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise ValueError(
+                f"{what} tensor {key} has shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}"
+            )

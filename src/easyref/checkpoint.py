@@ -1,0 +1,141 @@
+"""Self-describing EasyRef checkpoints: `easyref_config.json` + `easyref.safetensors`.
+
+Tensor groups (prefixes): `aggregator.*` (reference tokens, last decoder layer, norm), `unet.*`
+(per cross-attention `to_k_ip`/`to_v_ip`, `encoder_hid_proj.*` projection, `lora.*` UNet LoRA),
+and, when `config.has_trunk`, `trunk.*` (a finetuned MLLM trunk). The config alone says which groups
+exist and their shapes come from the modules it rebuilds; nothing is inferred from key names.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .adapter import _check_keys, adapter_state_dict, load_adapter_state_dict
+from .config import CONFIG_NAME, EasyRefConfig
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "easyref.safetensors"
+FORMAT_TAG = "easyref"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model (message names the culprit)."""
+
+
+def trunk_state_dict(encoder) -> dict[str, torch.Tensor]:
+    out = {}
+    for prefix in ("visual", "embed_tokens", "layers", "norm"):
+        for key, tensor in getattr(encoder, prefix).state_dict().items():
+            out[f"{prefix}.{key}"] = tensor
+    return out
+
+
+def state_dict_for_checkpoint(config: EasyRefConfig, encoder, unet) -> dict[str, torch.Tensor]:
+    tensors = {f"aggregator.{k}": v for k, v in encoder.aggregator.state_dict().items()}
+    tensors.update({f"unet.{k}": v for k, v in adapter_state_dict(unet).items()})
+    if config.has_trunk:
+        tensors.update({f"trunk.{k}": v for k, v in trunk_state_dict(encoder).items()})
+    return tensors
+
+
+def save_checkpoint(directory: str | Path, config: EasyRefConfig, encoder, unet) -> Path:
+    """Write config + weights atomically (temporary names, then rename), so no half checkpoint is left."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict_for_checkpoint(config, encoder, unet).items()}
+    write_checkpoint(directory, config, tensors)
+    return directory
+
+
+def write_checkpoint(directory: Path, config: EasyRefConfig, tensors: dict[str, torch.Tensor]) -> None:
+    weights_tmp = _temp_path(directory, WEIGHTS_NAME)
+    config_tmp = _temp_path(directory, CONFIG_NAME)
+    try:
+        save_file(tensors, str(weights_tmp), metadata={"format": FORMAT_TAG, "version": str(config.version)})
+        tmp_dir = config_tmp.parent
+        config.save(tmp_dir)  # writes tmp_dir/CONFIG_NAME
+        os.replace(tmp_dir / CONFIG_NAME, config_tmp)
+        os.replace(weights_tmp, directory / WEIGHTS_NAME)
+        os.replace(config_tmp, directory / CONFIG_NAME)
+    finally:
+        for leftover in (weights_tmp, config_tmp):
+            leftover.unlink(missing_ok=True)
+
+
+def _temp_path(directory: Path, name: str) -> Path:
+    fd, path = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    return Path(path)
+
+
+def is_easyref_checkpoint(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()
+
+
+def read_checkpoint(path: str | Path) -> tuple[EasyRefConfig, dict[str, torch.Tensor]]:
+    """Read our own format, or import the authors' release format transparently."""
+    path = Path(path)
+    if is_easyref_checkpoint(path):
+        try:
+            config = EasyRefConfig.load(path)
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"{path / CONFIG_NAME}: {err}") from None
+        return config, _load_safetensors(path / WEIGHTS_NAME)
+    from .release import import_release
+
+    return import_release(path)
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises several types for damaged files
+        raise CheckpointError(f"cannot read {path}: {err}") from None
+
+
+def split_groups(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    groups: dict[str, dict[str, torch.Tensor]] = {"aggregator": {}, "unet": {}, "trunk": {}}
+    for key, tensor in tensors.items():
+        prefix, _, rest = key.partition(".")
+        if prefix not in groups:
+            raise CheckpointError(f"unexpected tensor {key} (known groups: aggregator, unet, trunk)")
+        groups[prefix][rest] = tensor
+    return groups
+
+
+def apply_checkpoint(config: EasyRefConfig, tensors: dict[str, torch.Tensor], encoder, unet) -> None:
+    """Load checkpoint tensors into an encoder and an adapted UNet; any mismatch is a one-line error."""
+    groups = split_groups(tensors)
+    if groups["trunk"] and not config.has_trunk:
+        raise CheckpointError("checkpoint has trunk.* tensors but its config says has_trunk=false")
+    try:
+        _load_strict(encoder.aggregator, groups["aggregator"], "aggregator")
+        if config.has_trunk:
+            _load_trunk(encoder, groups["trunk"])
+        load_adapter_state_dict(unet, groups["unet"])
+    except CheckpointError:
+        raise
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+
+
+def _load_strict(module: torch.nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
+    current = module.state_dict()
+    _check_keys(current, tensors, what)
+    module.load_state_dict({k: v.to(current[k].dtype) for k, v in tensors.items()}, strict=True)
+
+
+def _load_trunk(encoder, tensors: dict[str, torch.Tensor]) -> None:
+    expected = trunk_state_dict(encoder)
+    _check_keys(expected, tensors, "trunk")
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            expected[key].copy_(tensor)

@@ -1,0 +1,205 @@
+"""`ReferenceEncoder`: Qwen2-VL reads a whole group of references and emits 64 reference tokens.
+
+Paper, Sec. 3.2: the MLLM trunk (vision tower, all decoder layers but the last, final norm) encodes
+[images ; instruction + prompt]; learnable reference tokens are appended and only the aggregation
+layer (a trainable copy of the last decoder layer + norm) sees them; its last 64 outputs are the
+condition. The MLLM weights are held once: the last decoder layer is moved out of the trunk into the
+aggregation layer rather than loading the model twice as the release code does.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import EasyRefConfig
+from .prompting import MLLMInputs, build_inputs, negative_image
+
+logger = logging.getLogger(__name__)
+
+
+class AggregationLayer(nn.Module):
+    """Reference tokens + one decoder layer + final RMSNorm (release keys: `layers.0.*`, `norm.weight`)."""
+
+    def __init__(self, layer: nn.Module, norm: nn.Module, num_tokens: int, hidden_size: int):
+        super().__init__()
+        self.layers = nn.ModuleList([layer])
+        self.norm = norm
+        # init as in the paper's code: 0.1 * N(0, 1)
+        self.reference_tokens = nn.Parameter(0.1 * torch.randn(num_tokens, hidden_size))
+
+
+class ReferenceEncoder(nn.Module):
+    """Groups of PIL images + prompts -> (B, num_reference_tokens, mllm hidden) reference tokens."""
+
+    def __init__(self, config: EasyRefConfig, model: nn.Module, tokenizer, image_processor):
+        """Take ownership of a `Qwen2VLForConditionalGeneration`'s parts (its lm_head is dropped)."""
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        language = model.model.language_model
+        self.mllm_config = model.config
+        self.image_token_id = model.config.image_token_id
+        self.visual = model.model.visual
+        self.embed_tokens = language.embed_tokens
+        self.rotary_emb = language.rotary_emb
+        layers = list(language.layers)
+        if len(layers) < 2:
+            raise ValueError("the MLLM needs at least two decoder layers (trunk + aggregation layer)")
+        self.layers = nn.ModuleList(layers[:-1])
+        self.norm = language.norm
+        hidden = model.config.text_config.hidden_size
+        if hidden != config.mllm_hidden_size:
+            raise ValueError(
+                f"MLLM hidden size {hidden} does not match the EasyRef config's mllm_hidden_size "
+                f"{config.mllm_hidden_size}"
+            )
+        self.aggregator = AggregationLayer(layers[-1], copy.deepcopy(language.norm), config.num_reference_tokens, hidden)
+        self.gradient_checkpointing = False
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        mllm: str | Path,
+        config: EasyRefConfig | None = None,
+        torch_dtype: torch.dtype | None = None,
+        **kwargs,
+    ) -> "ReferenceEncoder":
+        """Load Qwen2-VL (local folder or hub id) through transformers and split it into trunk + aggregator."""
+        from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        model = Qwen2VLForConditionalGeneration.from_pretrained(
+            mllm, dtype=torch_dtype, attn_implementation="sdpa", **kwargs
+        )
+        if config is None:
+            config = EasyRefConfig(mllm=str(mllm), mllm_hidden_size=model.config.text_config.hidden_size)
+        tokenizer = AutoTokenizer.from_pretrained(mllm)
+        if tokenizer.chat_template is None:
+            raise ValueError(f"the tokenizer in {mllm} has no chat template (an -Instruct model is needed)")
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(mllm)
+        return cls(config, model, tokenizer, image_processor)
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.aggregator.reference_tokens.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.aggregator.reference_tokens.device
+
+    def trunk_parameters(self):
+        """Parameters of the frozen-in-stage-1 trunk (vision tower, embeddings, layers[:-1], norm)."""
+        for module in (self.visual, self.embed_tokens, self.layers, self.norm):
+            yield from module.parameters()
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.gradient_checkpointing = True
+        self.visual.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
+        self.visual.gradient_checkpointing = False
+
+    # ----------------------------------------------------------------- encoding
+    def prepare(self, groups: Sequence[Sequence[Image.Image]], prompts: Sequence[str]) -> MLLMInputs:
+        if len(groups) != len(prompts):
+            raise ValueError(f"got {len(groups)} reference groups but {len(prompts)} prompts")
+        for i, group in enumerate(groups):
+            if not 1 <= len(group) <= self.config.max_references:
+                raise ValueError(
+                    f"reference group {i} has {len(group)} images; 1 to {self.config.max_references} are allowed"
+                )
+        instructions = [self.config.format_instruction(p) for p in prompts]
+        return build_inputs(groups, instructions, self.tokenizer, self.image_processor, self.config)
+
+    def forward(
+        self,
+        groups: Sequence[Sequence[Image.Image]] | None = None,
+        prompts: Sequence[str] | None = None,
+        inputs: MLLMInputs | None = None,
+    ) -> torch.Tensor:
+        """(B groups of images, B prompts) or prepared inputs -> (B, num_reference_tokens, hidden)."""
+        return self.encode(inputs if inputs is not None else self.prepare(groups, prompts))
+
+    def encode(self, inputs: MLLMInputs) -> torch.Tensor:
+        inputs = inputs.to(self.device)
+        mask = inputs.attention_mask
+        hidden = self._embed(inputs)  # (B, L, D)
+        positions = _sequential_positions(mask)  # release quirk: plain 1-D positions, no M-RoPE grid
+        hidden = self.norm(self._run(self.layers, hidden, mask, positions, causal=True))  # normed trunk output
+        return self._aggregate(hidden, mask, positions)
+
+    def _embed(self, inputs: MLLMInputs) -> torch.Tensor:
+        hidden = self.embed_tokens(inputs.input_ids)
+        pixels = inputs.pixel_values.to(self.visual.get_dtype())
+        # one vision call for every image of every group; attention stays within each image (cu_seqlens)
+        image_embeds = self.visual(pixels, grid_thw=inputs.image_grid_thw).pooler_output.to(hidden.dtype)
+        image_mask = (inputs.input_ids == self.image_token_id).unsqueeze(-1)
+        if image_mask.sum() != image_embeds.shape[0]:
+            raise ValueError(
+                f"{int(image_mask.sum())} image tokens in the prompt but {image_embeds.shape[0]} visual features"
+            )
+        return hidden.masked_scatter(image_mask, image_embeds)
+
+    def _aggregate(self, context: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        batch, n = context.shape[0], self.config.num_reference_tokens
+        tokens = self.aggregator.reference_tokens.to(context.dtype).unsqueeze(0).expand(batch, -1, -1)
+        hidden = torch.cat([context, tokens], dim=1)  # (B, L + n, D)
+        full_mask = torch.cat([mask, mask.new_ones(batch, n)], dim=1)
+        # reference tokens continue each group's own sequence, whatever the padding
+        token_positions = mask.sum(-1, keepdim=True) + torch.arange(n, device=mask.device)
+        full_positions = torch.cat([positions, token_positions], dim=1)
+        causal = self.config.attention_mode == "official"  # release quirk: its non-causal flag was ignored
+        hidden = self._run(self.aggregator.layers, hidden, full_mask, full_positions, causal=causal)
+        return self.aggregator.norm(hidden[:, -n:])
+
+    def _run(self, layers, hidden, mask, positions, causal: bool) -> torch.Tensor:
+        position_embeddings = self.rotary_emb(hidden, positions)
+        attn_mask = _attention_mask(mask, causal, hidden.dtype)
+        for layer in layers:
+            if self.gradient_checkpointing and self.training:
+                hidden = checkpoint(
+                    layer, hidden, attention_mask=attn_mask, position_embeddings=position_embeddings, use_reentrant=False
+                )
+            else:
+                hidden = layer(hidden, attention_mask=attn_mask, position_embeddings=position_embeddings)
+        return hidden
+
+    # ----------------------------------------------------------------- negative branch
+    def encode_negative(self) -> torch.Tensor:
+        """The classifier-free-guidance branch: a black image with the negative instruction -> (1, n, D)."""
+        inputs = build_inputs(
+            [[negative_image(self.config)]],
+            [self.config.negative_instruction],
+            self.tokenizer,
+            self.image_processor,
+            self.config,
+        )
+        return self(inputs=inputs)  # through forward, so offload hooks move the module first
+
+
+def _sequential_positions(mask: torch.Tensor) -> torch.LongTensor:
+    """0..n-1 over each row's real tokens (right padding gets positions past the end, never attended)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _attention_mask(mask: torch.Tensor, causal: bool, dtype: torch.dtype) -> torch.Tensor:
+    """(B, L) padding mask -> additive (B, 1, L, L) mask; each query may always see itself (no empty rows)."""
+    length = mask.shape[-1]
+    allowed = mask.bool()[:, None, None, :].expand(-1, 1, length, -1)
+    if causal:
+        allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+    allowed = allowed | torch.eye(length, dtype=torch.bool, device=mask.device)
+    additive = torch.zeros(allowed.shape, dtype=dtype, device=mask.device)
+    return additive.masked_fill(~allowed, torch.finfo(dtype).min)

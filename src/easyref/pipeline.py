@@ -1,0 +1,332 @@
+"""`EasyRefPipeline`: an SDXL pipeline conditioned on groups of reference images (paper, Fig. 2).
+
+The pipeline owns the SDXL components plus a registered `reference_encoder`, so `.to()` and
+`enable_model_cpu_offload()` move the MLLM too. Each call: (1) check inputs, (2) encode every group
+once, (3) take the cached negative branch, (4) hand the tokens to the diffusers base pipeline as
+`ip_adapter_image_embeds` (negative first) and let it denoise.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import diffusers
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+from PIL import Image
+
+from .adapter import install_adapter, is_installed, set_scale, unload_adapter
+from .checkpoint import CheckpointError, apply_checkpoint, read_checkpoint, save_checkpoint
+from .config import EasyRefConfig
+from .encoder import ReferenceEncoder
+
+logger = logging.getLogger(__name__)
+
+# diffusers SDXL pipelines that accept `ip_adapter_image_embeds` and share these components
+BASE_PIPELINES = (
+    "StableDiffusionXLPipeline",
+    "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
+    "StableDiffusionXLControlNetPipeline",
+    "StableDiffusionXLControlNetImg2ImgPipeline",
+    "StableDiffusionXLControlNetInpaintPipeline",
+)
+
+
+@dataclass
+class EasyRefPipelineOutput(BaseOutput):
+    """Generated images and the reference tokens they were conditioned on (reusable as `reference_embeds`)."""
+
+    images: Any
+    reference_embeds: torch.Tensor
+
+
+class EasyRefPipeline(DiffusionPipeline):
+    model_cpu_offload_seq = "reference_encoder->text_encoder->text_encoder_2->unet->vae"
+    _optional_components = ["controlnet"]
+
+    def __init__(
+        self,
+        reference_encoder: ReferenceEncoder,
+        vae,
+        text_encoder,
+        text_encoder_2,
+        tokenizer,
+        tokenizer_2,
+        unet,
+        scheduler,
+        controlnet=None,
+        base_pipeline: str = "StableDiffusionXLPipeline",
+    ):
+        super().__init__()
+        if base_pipeline not in BASE_PIPELINES:
+            raise ValueError(f"base_pipeline must be one of {', '.join(BASE_PIPELINES)}, got {base_pipeline!r}")
+        self.register_modules(
+            reference_encoder=reference_encoder,
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            scheduler=scheduler,
+            controlnet=controlnet,
+        )
+        self.register_to_config(base_pipeline=base_pipeline)
+        if not is_installed(unet):
+            install_adapter(unet, reference_encoder.config)
+        self._negative_cache: dict[tuple, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: str | Path,
+        mllm: str | Path | None = None,
+        adapter: str | Path | None = None,
+        config: EasyRefConfig | None = None,
+        torch_dtype: torch.dtype | None = None,
+        base_pipeline: str = "StableDiffusionXLPipeline",
+        **base_kwargs,
+    ) -> "EasyRefPipeline":
+        """SDXL folder/hub id + Qwen2-VL folder/hub id + EasyRef checkpoint (ours or the release's)."""
+        tensors = None
+        if adapter is not None:
+            config, tensors = read_checkpoint(adapter)
+        if base_pipeline not in BASE_PIPELINES:
+            raise ValueError(f"base_pipeline must be one of {', '.join(BASE_PIPELINES)}, got {base_pipeline!r}")
+        sdxl = getattr(diffusers, base_pipeline).from_pretrained(base, torch_dtype=torch_dtype, **base_kwargs)
+        mllm = mllm or (config.mllm if config else EasyRefConfig.mllm)
+        if config is None:
+            config = _config_for(mllm, sdxl.unet)
+        encoder = ReferenceEncoder.from_pretrained(mllm, config, torch_dtype=torch_dtype)
+        return cls.from_components(sdxl, encoder, tensors, base_pipeline=base_pipeline)
+
+    @classmethod
+    def from_components(
+        cls, sdxl_pipe, encoder: ReferenceEncoder, tensors: dict | None = None, base_pipeline: str | None = None
+    ) -> "EasyRefPipeline":
+        """Wrap an existing diffusers SDXL pipeline (its modules are shared, not copied)."""
+        components = {k: v for k, v in sdxl_pipe.components.items() if k in _component_names()}
+        unet = components["unet"]
+        try:
+            install_adapter(unet, encoder.config)
+            if tensors is not None:
+                apply_checkpoint(encoder.config, tensors, encoder, unet)
+        except ValueError as err:
+            if is_installed(unet):
+                unload_adapter(unet)
+            raise CheckpointError(f"the EasyRef checkpoint does not fit this model: {err}") from None
+        encoder.to(unet.device, unet.dtype)
+        name = base_pipeline or type(sdxl_pipe).__name__
+        return cls(reference_encoder=encoder, base_pipeline=name, **components)
+
+    def save_adapter(self, directory: str | Path) -> Path:
+        """Write this pipeline's EasyRef weights as a self-describing checkpoint."""
+        return save_checkpoint(directory, self.reference_encoder.config, self.reference_encoder, self.unet)
+
+    # ------------------------------------------------------------------ adapter control
+    @property
+    def easyref_config(self) -> EasyRefConfig:
+        return self.reference_encoder.config
+
+    def set_scale(self, scale: float | dict) -> None:
+        set_scale(self.unet, scale)
+
+    def unload(self):
+        """Remove the adapter; returns the plain diffusers pipeline over the user's restored UNet."""
+        unload_adapter(self.unet)
+        self._negative_cache.clear()
+        return self._base_pipeline()
+
+    def clear_reference_cache(self) -> None:
+        """Forget the cached negative branch (call after changing the encoder's weights)."""
+        self._negative_cache.clear()
+
+    # ------------------------------------------------------------------ encoding
+    @torch.no_grad()
+    def encode_references(self, groups: Sequence[Sequence[Image.Image]], prompts: Sequence[str]) -> torch.Tensor:
+        """All groups in one MLLM pass -> (B, num_reference_tokens, hidden)."""
+        return self.reference_encoder(groups, prompts)
+
+    @torch.no_grad()
+    def negative_reference_tokens(self) -> torch.Tensor:
+        """The black-image branch, computed once per device/dtype and cached -> (1, n, hidden)."""
+        key = (str(self.reference_encoder.device), self.reference_encoder.dtype)
+        if key not in self._negative_cache:
+            self._negative_cache[key] = self.reference_encoder.encode_negative()
+        return self._negative_cache[key]
+
+    # ------------------------------------------------------------------ call
+    def check_inputs(
+        self,
+        references,
+        prompt,
+        negative_prompt,
+        scale,
+        num_images_per_prompt,
+        reference_embeds,
+        generator,
+        seed,
+    ) -> tuple[list[list[Image.Image]] | None, list[str], list[str]]:
+        """Normalise and validate everything the EasyRef layer adds; one clear ValueError per mistake."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompt must be a string or a non-empty list of strings")
+        groups = None
+        if reference_embeds is not None:
+            if references is not None:
+                raise ValueError("pass either references or reference_embeds, not both")
+            _check_embeds(reference_embeds, len(prompts), self.easyref_config)
+        else:
+            groups = _as_groups(references)
+            groups, prompts = _broadcast(groups, prompts)
+            for i, group in enumerate(groups):
+                if len(group) > self.easyref_config.max_references:
+                    raise ValueError(
+                        f"reference group {i} has {len(group)} images; at most "
+                        f"{self.easyref_config.max_references} are allowed"
+                    )
+        negatives = _negatives(negative_prompt, len(prompts), self.easyref_config.negative_prompt)
+        _check_scale(scale)
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+        if generator is not None and seed is not None:
+            raise ValueError("pass either generator or seed, not both")
+        return groups, prompts, negatives
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        references=None,
+        prompt: str | list[str] = "",
+        negative_prompt: str | list[str] | None = None,
+        scale: float | dict = 1.0,
+        num_images_per_prompt: int = 1,
+        guidance_scale: float = 5.0,
+        num_inference_steps: int = 30,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        seed: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        reference_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        **pipeline_kwargs,
+    ) -> EasyRefPipelineOutput:
+        """Generate images that keep what each reference group shares, steered by its prompt."""
+        # 1. inputs
+        groups, prompts, negatives = self.check_inputs(
+            references, prompt, negative_prompt, scale, num_images_per_prompt, reference_embeds, generator, seed
+        )
+        # 2. reference tokens: once per call, all groups in one pass
+        tokens = reference_embeds if reference_embeds is not None else self.encode_references(groups, prompts)
+        # 3. repeat per image ourselves: diffusers tiles ip embeds but interleaves prompts
+        n = num_images_per_prompt
+        tokens = tokens.to(self._execution_device, self.unet.dtype).repeat_interleave(n, dim=0)
+        embeds = tokens
+        if guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None:
+            negative = self.negative_reference_tokens().to(tokens.device, tokens.dtype)
+            embeds = torch.cat([negative.expand_as(tokens), tokens])
+        # 4. denoise with the diffusers base pipeline
+        self.set_scale(scale)
+        if seed is not None:
+            generator = torch.Generator("cpu").manual_seed(seed)
+        result = self._base_pipeline()(
+            prompt=[p for p in prompts for _ in range(n)],
+            negative_prompt=[p for p in negatives for _ in range(n)],
+            ip_adapter_image_embeds=[embeds.unsqueeze(1)],
+            guidance_scale=guidance_scale,
+            num_inference_steps=num_inference_steps,
+            generator=generator,
+            height=height,
+            width=width,
+            output_type=output_type,
+            **pipeline_kwargs,
+        )
+        return EasyRefPipelineOutput(images=result.images, reference_embeds=tokens[::n].detach())
+
+    def _base_pipeline(self):
+        """The diffusers pipeline over this pipeline's own modules (built per call, nothing copied)."""
+        cls = getattr(diffusers, self.config.base_pipeline)
+        wanted = inspect.signature(cls.__init__).parameters
+        components = {k: v for k, v in self.components.items() if k in wanted}
+        extra = {k: None for k in ("image_encoder", "feature_extractor") if k in wanted}
+        base = cls(**components, **extra)
+        base.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
+        return base
+
+
+def _component_names() -> set[str]:
+    params = inspect.signature(EasyRefPipeline.__init__).parameters
+    return set(params) - {"self", "reference_encoder", "base_pipeline"}
+
+
+def _config_for(mllm, unet) -> EasyRefConfig:
+    from transformers import AutoConfig
+
+    hidden = AutoConfig.from_pretrained(mllm).text_config.hidden_size
+    logger.warning("no EasyRef checkpoint given: the reference path starts from random weights")
+    return EasyRefConfig(mllm=str(mllm), mllm_hidden_size=hidden, cross_attention_dim=unet.config.cross_attention_dim)
+
+
+def _as_groups(references) -> list[list[Image.Image]]:
+    if references is None:
+        raise ValueError("references are required (or pass reference_embeds)")
+    if isinstance(references, Image.Image):
+        references = [references]
+    references = list(references)
+    if not references:
+        raise ValueError("at least one reference image is required")
+    if all(isinstance(r, Image.Image) for r in references):
+        return [references]
+    groups = []
+    for i, group in enumerate(references):
+        group = [group] if isinstance(group, Image.Image) else list(group)
+        if not group:
+            raise ValueError(f"reference group {i} is empty")
+        if not all(isinstance(im, Image.Image) for im in group):
+            raise ValueError(f"reference group {i} must hold PIL images only")
+        groups.append(group)
+    return groups
+
+
+def _broadcast(groups: list, prompts: list[str]) -> tuple[list, list[str]]:
+    """One group with many prompts, or many groups with one prompt, is broadcast; otherwise lengths match."""
+    if len(groups) == len(prompts):
+        return groups, prompts
+    if len(groups) == 1:
+        return groups * len(prompts), prompts
+    if len(prompts) == 1:
+        return groups, prompts * len(groups)
+    raise ValueError(f"got {len(groups)} reference groups but {len(prompts)} prompts")
+
+
+def _negatives(negative_prompt, count: int, default: str) -> list[str]:
+    if negative_prompt is None:
+        return [default] * count
+    if isinstance(negative_prompt, str):
+        return [negative_prompt] * count
+    negatives = list(negative_prompt)
+    if len(negatives) != count:
+        raise ValueError(f"got {len(negatives)} negative prompts for {count} prompts")
+    return negatives
+
+
+def _check_scale(scale) -> None:
+    if isinstance(scale, dict):
+        return
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
+        raise ValueError(f"scale must be a finite number >= 0 or a per-block dict, got {scale!r}")
+
+
+def _check_embeds(embeds, count: int, config: EasyRefConfig) -> None:
+    expected = (count, config.num_reference_tokens, config.mllm_hidden_size)
+    if not isinstance(embeds, torch.Tensor) or tuple(embeds.shape) != expected:
+        shape = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+        raise ValueError(f"reference_embeds must have shape {expected} (one row per prompt), got {shape}")

@@ -1,0 +1,94 @@
+"""Reference images and prompt -> Qwen2-VL inputs (resize rule, chat template, image-token expansion)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image, ImageOps
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+from .config import PATCH_FACTOR, EasyRefConfig
+
+# qwen_vl_utils' defaults, which the release ran every image through before the processor.
+_PRE_MIN_PIXELS = 4 * PATCH_FACTOR**2
+_PRE_MAX_PIXELS = 16384 * PATCH_FACTOR**2
+IMAGE_PAD = "<|image_pad|>"
+
+
+@dataclass
+class MLLMInputs:
+    """A padded batch of MLLM inputs; images of all groups are concatenated for one vision call."""
+
+    input_ids: torch.LongTensor  # (B, L), right-padded
+    attention_mask: torch.LongTensor  # (B, L)
+    pixel_values: torch.Tensor  # (sum of patches, C * T * P * P)
+    image_grid_thw: torch.LongTensor  # (num images, 3)
+
+    def to(self, device: torch.device) -> "MLLMInputs":
+        return MLLMInputs(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.pixel_values, self.image_grid_thw)))
+
+
+def normalize_image(image: Image.Image) -> Image.Image:
+    """EXIF-upright RGB, rounded to multiples of 28 px as the release's qwen_vl_utils step did."""
+    image = ImageOps.exif_transpose(image).convert("RGB")
+    height, width = smart_resize(
+        image.height, image.width, factor=PATCH_FACTOR, min_pixels=_PRE_MIN_PIXELS, max_pixels=_PRE_MAX_PIXELS
+    )
+    if (width, height) != image.size:
+        image = image.resize((width, height), Image.Resampling.BICUBIC)
+    return image
+
+
+def negative_image(config: EasyRefConfig) -> Image.Image:
+    """The black image of the classifier-free-guidance branch."""
+    return Image.new("RGB", (config.negative_image_size, config.negative_image_size))
+
+
+def chat_prompt(tokenizer, num_images: int, text: str) -> str:
+    """One user turn: every image in order, then the instruction; generation prompt appended."""
+    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": text}]
+    messages = [{"role": "user", "content": content}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def expand_image_tokens(prompt: str, tokens_per_image: list[int]) -> str:
+    """Replace the i-th `<|image_pad|>` with as many pads as image i has merged visual tokens."""
+    pieces = prompt.split(IMAGE_PAD)
+    if len(pieces) - 1 != len(tokens_per_image):
+        raise ValueError(
+            f"chat template produced {len(pieces) - 1} image placeholders for {len(tokens_per_image)} images"
+        )
+    out = [pieces[0]]
+    for count, piece in zip(tokens_per_image, pieces[1:]):
+        out.append(IMAGE_PAD * count + piece)
+    return "".join(out)
+
+
+def build_inputs(groups, instructions, tokenizer, image_processor, config: EasyRefConfig) -> MLLMInputs:
+    """Tokenize every group's chat prompt (images, then its instruction) and preprocess all images at once."""
+    images = [normalize_image(im) for group in groups for im in group]
+    vision = image_processor(
+        images, return_tensors="pt", size={"shortest_edge": config.min_pixels, "longest_edge": config.max_pixels}
+    )
+    grid = vision["image_grid_thw"]
+    merge = image_processor.merge_size**2
+    counts = (grid.prod(-1) // merge).tolist()
+    prompts, start = [], 0
+    for group, text in zip(groups, instructions):
+        n = len(group)
+        prompt = chat_prompt(tokenizer, n, text)
+        prompts.append(expand_image_tokens(prompt, counts[start : start + n]))
+        start += n
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    return MLLMInputs(*_right_pad(ids, tokenizer.pad_token_id or 0), vision["pixel_values"], grid)
+
+
+def _right_pad(ids: list[list[int]], pad_id: int) -> tuple[torch.LongTensor, torch.LongTensor]:
+    length = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), length), dtype=torch.long)
+    for row, seq in enumerate(ids):
+        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return input_ids, mask

@@ -1,0 +1,152 @@
+"""Import of the authors' release format (one `model.safetensors` of the whole training module).
+
+Key layout (see EASYREF_FACTS.md, "Release checkpoint layout") -> ours:
+  image_proj_model.proj.{0,2,3}.*                 -> unet.encoder_hid_proj.image_projection_layers.0.{ff.net.0.proj,ff.net.2,norm}.*
+  mllm_final_layer.*                              -> aggregator.*
+  unet.<attn>.processor.to_{k,v}_ip.weight        -> unet.<attn>.processor.to_{k,v}_ip.0.weight
+  unet.<attn>.processor.to_{q,k,v,out}_lora.{down,up}.weight
+                                                  -> unet.lora.<attn>.{to_q,to_k,to_v,to_out.0}.lora_{A,B}.weight
+  multimodal_llm.{model.layers,model.embed_tokens,model.norm,visual}.* (transformers 4.45 names)
+                                                  -> trunk.{layers,embed_tokens,norm,visual}.*
+Ignored, and reported: the frozen base UNet (`unet.*` that is not a processor tensor), the
+`adapter_modules.N.*` duplicates of processor tensors, and `multimodal_llm.lm_head.*` (never used).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError, write_checkpoint
+from .config import EasyRefConfig
+
+logger = logging.getLogger(__name__)
+
+RELEASE_NAMES = ("model.safetensors", "easyref.bin", "model.bin", "pytorch_model.bin")
+_PROJ = {"0": "ff.net.0.proj", "2": "ff.net.2", "3": "norm"}
+_LORA_TARGET = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+_LORA_SIDE = {"down": "lora_A", "up": "lora_B"}
+_IP_RE = re.compile(r"^unet\.(?P<attn>.+)\.processor\.(?P<kv>to_[kv]_ip)\.weight$")
+_LORA_RE = re.compile(r"^unet\.(?P<attn>.+)\.processor\.(?P<t>to_q|to_k|to_v|to_out)_lora\.(?P<s>down|up)\.weight$")
+_TRUNK = {
+    "multimodal_llm.model.layers.": "trunk.layers.",
+    "multimodal_llm.model.embed_tokens.": "trunk.embed_tokens.",
+    "multimodal_llm.model.norm.": "trunk.norm.",
+    "multimodal_llm.visual.": "trunk.visual.",
+}
+
+
+def find_release_file(path: Path) -> Path:
+    if path.is_file():
+        return path
+    for name in RELEASE_NAMES:
+        if (path / name).is_file():
+            return path / name
+    raise CheckpointError(f"{path}: no easyref_config.json + easyref.safetensors, and no release file ({', '.join(RELEASE_NAMES)})")
+
+
+def read_release_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Read without unpickling anything: safetensors, or torch.load(weights_only=True) for .bin/.pt."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # damaged or hostile files raise many different types
+        raise CheckpointError(f"cannot read {path}: {err}") from None
+    if isinstance(data, dict) and isinstance(data.get("module"), dict):  # DeepSpeed's wrapper
+        data = data["module"]
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise CheckpointError(f"{path} does not hold a flat dict of tensors")
+    return data
+
+
+def convert_release_tensors(
+    tensors: dict[str, torch.Tensor], mllm: str = EasyRefConfig.mllm
+) -> tuple[EasyRefConfig, dict[str, torch.Tensor], dict[str, str]]:
+    """Release state dict -> (config, our tensors, {ignored key: reason})."""
+    out: dict[str, torch.Tensor] = {}
+    ignored: dict[str, str] = {}
+    for key, tensor in tensors.items():
+        new_key, reason = _convert_key(key)
+        if new_key is not None:
+            out[new_key] = tensor
+        elif reason is not None:
+            ignored[key] = reason
+        else:
+            raise CheckpointError(f"unexpected tensor {key} in the release checkpoint")
+    config = _infer_config(out, mllm)
+    return config, out, ignored
+
+
+def _convert_key(key: str) -> tuple[str | None, str | None]:
+    if key.startswith("image_proj_model.proj."):
+        index, _, rest = key.removeprefix("image_proj_model.proj.").partition(".")
+        if index not in _PROJ:
+            return None, None
+        return f"unet.encoder_hid_proj.image_projection_layers.0.{_PROJ[index]}.{rest}", None
+    if key.startswith("mllm_final_layer."):
+        return "aggregator." + key.removeprefix("mllm_final_layer."), None
+    if m := _IP_RE.match(key):
+        return f"unet.{m['attn']}.processor.{m['kv']}.0.weight", None
+    if m := _LORA_RE.match(key):
+        return f"unet.lora.{m['attn']}.{_LORA_TARGET[m['t']]}.{_LORA_SIDE[m['s']]}.weight", None
+    for old, new in _TRUNK.items():
+        if key.startswith(old):
+            return new + key.removeprefix(old), None
+    if key.startswith("multimodal_llm.lm_head."):
+        return None, "language-model head: never used for reference tokens"
+    if key.startswith("unet."):
+        return None, "frozen base UNet weight: the base model's own copy is used"
+    if key.startswith("adapter_modules."):
+        return None, "duplicate of a UNet processor tensor"
+    return None, None
+
+
+def _infer_config(tensors: dict[str, torch.Tensor], mllm: str) -> EasyRefConfig:
+    try:
+        tokens = tensors["aggregator.reference_tokens"]
+        proj_out = tensors["unet.encoder_hid_proj.image_projection_layers.0.ff.net.2.weight"]
+    except KeyError as err:
+        raise CheckpointError(f"release checkpoint is missing tensor {err.args[0]}") from None
+    ranks = {t.shape[0] for k, t in tensors.items() if k.startswith("unet.lora.") and k.endswith("lora_A.weight")}
+    if len(ranks) > 1:
+        raise CheckpointError(f"release checkpoint mixes LoRA ranks {sorted(ranks)}")
+    return EasyRefConfig(
+        mllm=mllm,
+        num_reference_tokens=tokens.shape[0],
+        mllm_hidden_size=tokens.shape[1],
+        cross_attention_dim=proj_out.shape[0],
+        lora_rank=ranks.pop() if ranks else 0,
+        has_trunk=any(k.startswith("trunk.") for k in tensors),
+        attention_mode="official",
+    )
+
+
+def import_release(path: str | Path, mllm: str = EasyRefConfig.mllm) -> tuple[EasyRefConfig, dict[str, torch.Tensor]]:
+    source = find_release_file(Path(path))
+    config, tensors, ignored = convert_release_tensors(read_release_tensors(source), mllm)
+    _log_ignored(ignored)
+    return config, tensors
+
+
+def _log_ignored(ignored: dict[str, str]) -> None:
+    by_reason: dict[str, int] = {}
+    for reason in ignored.values():
+        by_reason[reason] = by_reason.get(reason, 0) + 1
+    for reason, count in sorted(by_reason.items()):
+        logger.info("ignored %d release tensors: %s", count, reason)
+
+
+def convert_release(src: str | Path, dst: str | Path, mllm: str = EasyRefConfig.mllm) -> tuple[EasyRefConfig, dict[str, str]]:
+    """`easyref convert`: release file -> our checkpoint folder. Returns the config and what was ignored."""
+    source = find_release_file(Path(src))
+    config, tensors, ignored = convert_release_tensors(read_release_tensors(source), mllm)
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    write_checkpoint(dst, config, {k: v.contiguous() for k, v in tensors.items()})
+    return config, ignored
