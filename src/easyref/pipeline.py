@@ -101,7 +101,7 @@ class EasyRefPipeline(DiffusionPipeline):
             config, tensors = read_checkpoint(adapter)
         if base_pipeline not in BASE_PIPELINES:
             raise ValueError(f"base_pipeline must be one of {', '.join(BASE_PIPELINES)}, got {base_pipeline!r}")
-        sdxl = getattr(diffusers, base_pipeline).from_pretrained(base, torch_dtype=torch_dtype, **base_kwargs)
+        sdxl = getattr(diffusers, base_pipeline).from_pretrained(base, dtype=torch_dtype, **base_kwargs)
         mllm = mllm or (config.mllm if config else EasyRefConfig.mllm)
         if config is None:
             config = _config_for(mllm, sdxl.unet)

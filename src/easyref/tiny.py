@@ -90,6 +90,8 @@ def tiny_qwen2vl_config(vocab_size: int):
             max_position_embeddings=4096,
             rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
             rms_norm_eps=1e-6,
+            # sharper attention than the 0.02 default, so that positions and masks visibly matter
+            initializer_range=0.2,
             tie_word_embeddings=True,
             bos_token_id=ids["<|endoftext|>"],
             eos_token_id=ids["<|im_end|>"],
@@ -123,6 +125,10 @@ def save_tiny_qwen2vl(path: str | Path, seed: int = 0) -> Path:
     tok = tiny_qwen_tokenizer()
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(tiny_qwen2vl_config(len(tok)))
+    with torch.no_grad():  # trained norms are not all ones; random ones make norm placement observable
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                param.uniform_(0.5, 1.5)
     model.save_pretrained(path)
     tok.chat_template = QWEN_CHAT_TEMPLATE
     tok.save_pretrained(path)

@@ -1,0 +1,258 @@
+"""Helpers shared by the benchmark scripts in this folder (not a benchmark itself).
+
+Timing (median after warm-up), peak-memory probes (CUDA allocator or sampled process RSS on CPU),
+parameter byte counts, Markdown tables, and the Qwen2-VL-2B-Instruct architecture as a config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import platform
+import statistics
+import threading
+import time
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+logger = logging.getLogger("benchmarks")
+
+MIB = 1024**2
+GIB = 1024**3
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    # the libraries are chatty at INFO (and transformers warns about unused generation config etc.)
+    for name in ("transformers", "diffusers", "accelerate", "PIL"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    with contextlib.suppress(Exception):
+        import diffusers
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        diffusers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.disable_progress_bar()
+
+
+def check_idle(threshold: float = 15.0) -> float:
+    """System-wide CPU use over 1 s before a run; warn when other work would distort the timings."""
+    import psutil
+
+    busy = psutil.cpu_percent(interval=1.0)
+    if busy > threshold:
+        logger.warning("the CPU is %.0f%% busy before the run: other processes will distort the timings", busy)
+    return busy
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}; one of {', '.join(table)}")
+    return table[name]
+
+
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int, device) -> tuple[float, list[float]]:
+    """Run `fn` `warmup` times untimed, then `repeats` times; return (median seconds, all times)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def _malloc_trim() -> None:
+    """Give freed heap pages back to the OS (glibc) so that an RSS delta is not hidden by the allocator cache."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class _RssSampler:
+    """Polls the process RSS in a background thread; `peak` is the highest value seen."""
+
+    def __init__(self, interval: float = 0.0005):
+        import psutil
+
+        self._proc = psutil.Process()
+        self._interval = interval
+        self._stop = threading.Event()
+        self.peak = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            time.sleep(self._interval)
+
+    def __enter__(self) -> "_RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def peak_memory(fn: Callable[[], object], device) -> tuple[int, str]:
+    """Extra memory `fn` needs at its peak, in bytes, and how it was measured.
+
+    CUDA: `torch.cuda.max_memory_allocated` above what was allocated before the call (exact).
+    CPU: process RSS sampled every 0.5 ms above the RSS before the call, after `malloc_trim` (an
+    approximation: short spikes between samples are missed; the call's result is kept alive
+    until the measurement ends, as a caller would keep it).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        result = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+        del result
+        return peak, "cuda max_memory_allocated"
+    import gc
+
+    import psutil
+
+    gc.collect()
+    _malloc_trim()
+    before = psutil.Process().memory_info().rss
+    with _RssSampler() as sampler:
+        result = fn()
+    del result
+    return max(0, sampler.peak - before), "process RSS (sampled)"
+
+
+def param_bytes(modules: Iterable[torch.nn.Module | torch.nn.Parameter]) -> tuple[int, int]:
+    """(unique parameter count, bytes) over modules/parameters; a tensor shared by several is counted once."""
+    seen: set[int] = set()
+    count = nbytes = 0
+    for item in modules:
+        params = [item] if isinstance(item, torch.Tensor) else list(item.parameters())
+        for p in params:
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            count += p.numel()
+            nbytes += p.numel() * p.element_size()
+    return count, nbytes
+
+
+def fmt_bytes(n: float) -> str:
+    if n >= GIB:
+        return f"{n / GIB:.2f} GiB"
+    if n >= MIB:
+        return f"{n / MIB:.1f} MiB"
+    return f"{n / 1024:.1f} KiB"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(c) for c in row] for row in rows]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(lines)
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_line(device, busy: float | None = None) -> str:
+    import os
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        where = f"{cpu_model()} ({os.cpu_count()} cores), {torch.get_num_threads()} torch threads"
+    line = f"{where}; torch {torch.__version__}"
+    if busy is not None:
+        line += f"; CPU {busy:.0f}% busy before the run"
+    return line
+
+
+# --------------------------------------------------------------------------------------------
+# Qwen2-VL-2B-Instruct's architecture (the config only; weights are random or never allocated)
+# Token ids default to the real tokenizer's; pass the ids of the tokenizer actually used.
+REAL_QWEN_TOKEN_IDS = {
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "pad_token_id": 151643,
+}
+
+
+def qwen2vl_2b_config(
+    token_ids: dict | None = None,
+    tie_word_embeddings: bool = True,
+    num_hidden_layers: int = 28,
+    vision_depth: int = 32,
+):
+    """Qwen2-VL-2B-Instruct: text 1536 wide, 28 layers, 12/2 heads, MLP 8960, theta 1e6, M-RoPE [16,24,24],
+    vocab 151936, tied embeddings; vision depth 32, width 1280, 16 heads, merger to 1536, patch 14, merge 2."""
+    from transformers import Qwen2VLConfig
+
+    ids = dict(REAL_QWEN_TOKEN_IDS, **(token_ids or {}))
+    return Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=151936,
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            hidden_act="silu",
+            max_position_embeddings=32768,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=tie_word_embeddings,
+            bos_token_id=ids["bos_token_id"],
+            eos_token_id=ids["eos_token_id"],
+            pad_token_id=ids["pad_token_id"],
+        ),
+        vision_config=dict(
+            depth=vision_depth,
+            embed_dim=1280,
+            hidden_size=1536,
+            num_heads=16,
+            mlp_ratio=4,
+            in_channels=3,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        image_token_id=ids["image_token_id"],
+        video_token_id=ids["video_token_id"],
+        vision_start_token_id=ids["vision_start_token_id"],
+        vision_end_token_id=ids["vision_end_token_id"],
+        tie_word_embeddings=tie_word_embeddings,
+    )

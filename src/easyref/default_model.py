@@ -1,0 +1,66 @@
+"""The bundled default model: until a trained demo model ships, a tiny *untrained* EasyRef.
+
+It is built deterministically from configs (`easyref.tiny`) into a cache folder once, then loaded
+through the same `from_pretrained` code as real weights. Its images are noise-like by design: it
+shows the whole path running end to end, not the method's quality.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import EasyRefConfig
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "tiny-untrained-v1"
+UNTRAINED_NOTICE = "using the bundled default model: a tiny UNTRAINED EasyRef (outputs are not meaningful)"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("EASYREF_HOME", Path.home() / ".cache" / "easyref"))
+
+
+def tiny_config(mllm: str) -> EasyRefConfig:
+    return EasyRefConfig(mllm=mllm, mllm_hidden_size=64, cross_attention_dim=64, reference_image_size=56, lora_rank=4)
+
+
+def default_model_dir() -> Path:
+    """Folder with `sdxl/`, `qwen2vl/`, `adapter/`; built on first use (atomically: temp dir, then rename)."""
+    target = cache_root() / DEFAULT_MODEL_NAME
+    if (target / "adapter" / "easyref_config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}.", dir=target.parent))
+    try:
+        _build(work)
+        try:
+            os.replace(work, target)
+        except OSError:  # another process finished first
+            pass
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def _build(folder: Path) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    from .encoder import ReferenceEncoder
+    from .pipeline import EasyRefPipeline
+    from .tiny import save_tiny_qwen2vl, save_tiny_sdxl
+
+    logger.info("building the bundled default model in %s", folder)
+    save_tiny_sdxl(folder / "sdxl", seed=0)
+    save_tiny_qwen2vl(folder / "qwen2vl", seed=1)
+    torch.manual_seed(2)
+    # the config records the model by name, so the cached folder can move
+    encoder = ReferenceEncoder.from_pretrained(folder / "qwen2vl", tiny_config("qwen2vl"))
+    pipe = EasyRefPipeline.from_components(StableDiffusionXLPipeline.from_pretrained(folder / "sdxl"), encoder)
+    pipe.save_adapter(folder / "adapter")

@@ -1,0 +1,195 @@
+"""ReferenceEncoder: shapes, sensitivity, batching, the release's 'official' semantics, memory."""
+
+from __future__ import annotations
+
+import torch
+from transformers import Qwen2VLForConditionalGeneration
+
+from conftest import shape_image
+from easyref.config import EasyRefConfig
+from easyref.prompting import build_inputs, normalize_image
+
+ATOL = 1e-5
+
+
+def encode(encoder, groups, prompts):
+    with torch.no_grad():
+        return encoder(groups, prompts)
+
+
+def test_output_shape_and_sensitivity(make_encoder, groups):
+    encoder = make_encoder()
+    out = encode(encoder, groups, ["a cat", "a dog"])
+    assert out.shape == (2, 64, 64)
+    other_refs = encode(encoder, [[shape_image("green")], groups[1]], ["a cat", "a dog"])
+    other_prompt = encode(encoder, groups, ["a house", "a dog"])
+    assert not torch.allclose(out[0], other_refs[0], atol=1e-3), "output must depend on the references"
+    assert not torch.allclose(out[0], other_prompt[0], atol=1e-3), "output must depend on the prompt"
+    torch.testing.assert_close(out[1], other_refs[1], atol=ATOL, rtol=0)  # other rows untouched
+
+
+def test_batch_of_groups_equals_each_group_alone(make_encoder, groups):
+    encoder = make_encoder()
+    prompts = ["a cat in a hat", "dog"]
+    together = encode(encoder, groups, prompts)
+    for i, (group, prompt) in enumerate(zip(groups, prompts)):
+        torch.testing.assert_close(together[i : i + 1], encode(encoder, [group], [prompt]), atol=ATOL, rtol=0)
+
+
+def test_vision_tower_runs_once_per_batch(make_encoder, groups, monkeypatch):
+    encoder = make_encoder()
+    calls = []
+    original = encoder.visual.forward
+    monkeypatch.setattr(encoder.visual, "forward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    encode(encoder, groups, ["a", "b"])
+    assert len(calls) == 1
+
+
+def test_resize_rule_336(tiny_dirs, make_encoder):
+    """Real setting: 121..145 * 28^2 pixels, aspect kept, 120..145 visual tokens (144 for a square)."""
+    encoder = make_encoder()
+    config = EasyRefConfig(mllm_hidden_size=64)
+    assert (config.min_pixels, config.max_pixels) == (121 * 784, 145 * 784)
+    images = [shape_image("red", size=(1000, 500)), shape_image("red", size=(336, 336)), shape_image("red", size=(64, 900))]
+    inputs = build_inputs([images], ["x"], encoder.tokenizer, encoder.image_processor, config)
+    for (t, h, w), image in zip(inputs.image_grid_thw.tolist(), images):
+        pixels = h * w * 14 * 14
+        assert config.min_pixels <= pixels <= config.max_pixels
+        assert 120 <= h * w // 4 <= 145
+        assert abs((w / h) - image.width / image.height) / (image.width / image.height) < 0.35
+    assert inputs.image_grid_thw[1].tolist() == [1, 24, 24]  # a square gives 144 tokens
+    pads = (inputs.input_ids == encoder.image_token_id).sum().item()
+    assert pads == sum(h * w // 4 for _, h, w in inputs.image_grid_thw.tolist())
+
+
+def test_normalize_image_modes_and_exif():
+    rgba = shape_image("red").convert("RGBA")
+    assert normalize_image(rgba).mode == "RGB"
+    assert normalize_image(shape_image("red").convert("L")).mode == "RGB"
+    exif_rotated = shape_image("red", size=(84, 56))
+    exif = exif_rotated.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    exif_rotated.save(buffer, format="JPEG", exif=exif)
+    loaded = Image.open(io.BytesIO(buffer.getvalue()))
+    assert normalize_image(loaded).size == (56, 84)
+
+
+# ---------------------------------------------------------------------------- official semantics
+def _reference_computation(encoder, qwen_dir, group, prompt, positions="sequential", normed=True):
+    """The release's effective computation, rebuilt from transformers' own Qwen2-VL modules."""
+    model = Qwen2VLForConditionalGeneration.from_pretrained(qwen_dir, attn_implementation="sdpa").eval()
+    inputs = encoder.prepare([group], [prompt])
+    language = model.model.language_model
+    last = language.layers[-1]
+    language.layers = language.layers[:-1]
+    with torch.no_grad():
+        embeds = language.embed_tokens(inputs.input_ids)
+        feats = model.model.visual(inputs.pixel_values, grid_thw=inputs.image_grid_thw).pooler_output
+        embeds = embeds.masked_scatter((inputs.input_ids == model.config.image_token_id)[..., None], feats)
+        position_ids = None
+        if positions == "mrope":
+            token_types = (inputs.input_ids == model.config.image_token_id).int()
+            position_ids, _ = model.model.get_rope_index(
+                inputs.input_ids, token_types, image_grid_thw=inputs.image_grid_thw, attention_mask=inputs.attention_mask
+            )
+            assert not torch.equal(position_ids[1], position_ids[2]), "grid positions must differ from 1-D ones"
+        if not normed:
+            language.norm = torch.nn.Identity()
+        trunk = language(inputs_embeds=embeds, position_ids=position_ids).last_hidden_state
+        # the aggregation layer as the release ran it: a one-layer text model over [context ; tokens]
+        aggregator = Qwen2VLForConditionalGeneration.from_pretrained(qwen_dir, attn_implementation="sdpa")
+        agg_model = aggregator.model.language_model.eval()
+        agg_model.layers = torch.nn.ModuleList([last])
+        agg_model.norm.load_state_dict(encoder.aggregator.norm.state_dict())
+        tokens = encoder.aggregator.reference_tokens[None]
+        out = agg_model(inputs_embeds=torch.cat([trunk, tokens], dim=1)).last_hidden_state
+    return out[:, -tokens.shape[1] :]
+
+
+def test_official_mode_equals_release_computation(make_encoder, tiny_dirs, groups):
+    encoder = make_encoder()
+    ours = encode(encoder, groups[:1], ["a cat"])
+    reference = _reference_computation(encoder, tiny_dirs["qwen"], groups[0], "a cat")
+    torch.testing.assert_close(ours, reference, atol=ATOL, rtol=0)
+
+
+def test_official_quirk_positions_are_not_mrope(make_encoder, tiny_dirs, groups):
+    encoder = make_encoder()
+    ours = encode(encoder, groups[:1], ["a cat"])
+    mrope = _reference_computation(encoder, tiny_dirs["qwen"], groups[0], "a cat", positions="mrope")
+    assert (ours - mrope).abs().max() > 1e-3
+
+
+def test_official_quirk_trunk_output_is_normed(make_encoder, tiny_dirs, groups):
+    encoder = make_encoder()
+    ours = encode(encoder, groups[:1], ["a cat"])
+    unnormed = _reference_computation(encoder, tiny_dirs["qwen"], groups[0], "a cat", normed=False)
+    assert (ours - unnormed).abs().max() > 1e-3
+
+
+def test_official_quirk_aggregation_is_causal(make_encoder, groups):
+    official = make_encoder(seed=0)
+    bidirectional = make_encoder(seed=0, attention_mode="bidirectional")
+    torch.testing.assert_close(
+        official.aggregator.reference_tokens, bidirectional.aggregator.reference_tokens, atol=0, rtol=0
+    )
+    a = encode(official, groups[:1], ["a cat"])
+    b = encode(bidirectional, groups[:1], ["a cat"])
+    assert (a - b).abs().max() > 1e-3
+    # causal: the first reference token cannot see the later ones; bidirectional: it can
+    for encoder, first in ((official, a), (bidirectional, b)):
+        with torch.no_grad():
+            encoder.aggregator.reference_tokens[1:] += 1.0
+        changed = (encode(encoder, groups[:1], ["a cat"])[:, 0] - first[:, 0]).abs().max()
+        assert (changed < ATOL) if encoder is official else (changed > 1e-3)
+
+
+def test_bidirectional_batch_equals_parts(make_encoder, groups):
+    encoder = make_encoder(attention_mode="bidirectional")
+    together = encode(encoder, groups, ["x", "y"])
+    torch.testing.assert_close(together[1:], encode(encoder, groups[1:], ["y"]), atol=ATOL, rtol=0)
+
+
+# ---------------------------------------------------------------------------- memory, dtype, checkpointing
+def _unique_numel(module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+
+
+def test_mllm_weights_held_once(make_encoder, tiny_dirs):
+    encoder = make_encoder()
+    full = Qwen2VLForConditionalGeneration.from_pretrained(tiny_dirs["qwen"])
+    hidden = full.config.text_config.hidden_size
+    # trunk + the last layer moved (not copied) into the aggregator + one extra norm + 64 tokens
+    assert _unique_numel(encoder) == _unique_numel(full) + hidden + 64 * hidden
+    layer_ids = {id(p) for p in encoder.aggregator.layers.parameters()}
+    assert not layer_ids & {id(p) for p in encoder.layers.parameters()}
+
+
+def test_dtype_follows_module(make_encoder, groups):
+    encoder = make_encoder().to(torch.bfloat16)
+    out = encode(encoder, groups, ["a", "b"])
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_gradient_checkpointing_same_gradients(make_encoder, groups):
+    grads = []
+    for enabled in (False, True):
+        encoder = make_encoder(seed=3).train()
+        if enabled:
+            encoder.gradient_checkpointing_enable()
+        encoder(groups, ["a", "b"]).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in encoder.aggregator.parameters()]))
+        assert encoder.layers[0].mlp.down_proj.weight.grad is not None
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+
+
+def test_negative_branch_shape(make_encoder):
+    encoder = make_encoder()
+    with torch.no_grad():
+        negative = encoder.encode_negative()
+    assert negative.shape == (1, 64, 64)
