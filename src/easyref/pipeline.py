@@ -237,10 +237,15 @@ class EasyRefPipeline(DiffusionPipeline):
         self.set_scale(scale)
         if seed is not None:
             generator = torch.Generator("cpu").manual_seed(seed)
-        result = self._base_pipeline()(
+        base = self._base_pipeline()
+        ready = [embeds.unsqueeze(1)]  # (2 * B * n, 1 image, tokens, hidden), negative half first
+        # diffusers tiles `ip_adapter_image_embeds` by the batch size (it expects one embedding for the
+        # whole batch); ours already hold one row per image, so this per-call instance uses them as-is
+        base.prepare_ip_adapter_image_embeds = lambda *args, **kwargs: ready
+        result = base(
             prompt=[p for p in prompts for _ in range(n)],
             negative_prompt=[p for p in negatives for _ in range(n)],
-            ip_adapter_image_embeds=[embeds.unsqueeze(1)],
+            ip_adapter_image_embeds=ready,
             guidance_scale=guidance_scale,
             num_inference_steps=num_inference_steps,
             generator=generator,

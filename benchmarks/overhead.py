@@ -1,0 +1,232 @@
+"""Generation-time overhead of EasyRef over the plain SDXL pipeline with the same components and steps.
+
+Run (from the repository root):
+
+    .venv/bin/python benchmarks/overhead.py                    # tiny SDXL + tiny Qwen2-VL, CPU, 64x64, 30 and 10 steps
+    .venv/bin/python benchmarks/overhead.py --steps 30 --repeats 3
+    python benchmarks/overhead.py --real-config --device cuda  # SDXL's real UNet (random fp16 weights), UNet loop only
+
+Default (tiny) mode writes tiny random SDXL and Qwen2-VL folders with `easyref.tiny`, loads the plain
+pipeline with `diffusers.StableDiffusionXLPipeline.from_pretrained` and, separately (so the plain one
+keeps an untouched UNet), a second copy wrapped by `EasyRefPipeline.from_components` with a
+`ReferenceEncoder` (reference_image_size 56, random aggregation layer/adapter: fine for timing).
+Both run the same prompt, negative prompt, guidance 5.0, steps, size and seed. Columns:
+
+- plain s: `StableDiffusionXLPipeline(...)`; EasyRef s: `EasyRefPipeline(references=..., ...)`, the
+  whole call (reference encoding + cached negative branch + denoising with the adapter);
+- EasyRef, embeds given s: the same call with `reference_embeds=` precomputed (denoising with the
+  adapter only: the cost of the decoupled cross-attention);
+- EasyRef, negative recomputed s: `clear_reference_cache()` before every call, as the release did;
+- encode s: `encode_references` alone; negative s: one `encode_negative` (what the cache saves per call).
+
+Time = median of `--repeats` calls after `--warmup` calls. The issue's target: EasyRef/plain <= 1.10.
+
+`--real-config` builds only SDXL's UNet (real config, random weights) and times the bare UNet denoise
+loop (CFG batch 2, `--sample-size` latents, 77 text tokens of width 2048) without and then with the
+EasyRef adapter installed (`easyref.adapter.install_adapter`, 64 random reference tokens of width
+1536 passed as `added_cond_kwargs["image_embeds"]`). Reference encoding is not included there (see
+encode_scaling.py --real-config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+logger = logging.getLogger("benchmarks.overhead")
+
+PROMPT = "a cat sitting on a red sofa"
+NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"
+
+SDXL_UNET_CONFIG = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    norm_num_groups=32,
+)
+
+
+def make_images(count: int, size: int, seed: int) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+# ------------------------------------------------------------------------------------------------ tiny, whole pipelines
+def run_tiny(args, device, dtype) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    from easyref import EasyRefConfig, EasyRefPipeline, ReferenceEncoder
+    from easyref.tiny import save_tiny_qwen2vl, save_tiny_sdxl
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sdxl_dir = save_tiny_sdxl(Path(tmp) / "sdxl")
+        qwen_dir = save_tiny_qwen2vl(Path(tmp) / "qwen2vl")
+        plain = StableDiffusionXLPipeline.from_pretrained(sdxl_dir, dtype=dtype).to(device)
+        base = StableDiffusionXLPipeline.from_pretrained(sdxl_dir, dtype=dtype).to(device)  # its own UNet
+        config = EasyRefConfig(mllm=str(qwen_dir), mllm_hidden_size=64, cross_attention_dim=64,
+                               reference_image_size=args.image_size)
+        encoder = ReferenceEncoder.from_pretrained(qwen_dir, config, torch_dtype=dtype)
+        easyref = EasyRefPipeline.from_components(base, encoder)
+    assert plain.unet is not easyref.unet, "the plain pipeline must keep its own, adapter-free UNet"
+    for pipe in (plain, easyref):
+        pipe.set_progress_bar_config(disable=True)
+
+    refs = make_images(args.references, args.input_size, args.seed)
+    common = dict(prompt=PROMPT, negative_prompt=NEGATIVE, guidance_scale=args.guidance_scale,
+                  height=args.height, width=args.width, output_type="pil")
+
+    def gen():
+        return torch.Generator("cpu").manual_seed(args.seed)
+
+    with torch.inference_mode():
+        embeds = easyref.encode_references([refs], [PROMPT])
+        t_encode, _ = _common.median_time(lambda: easyref.encode_references([refs], [PROMPT]), args.repeats, args.warmup, device)
+        t_negative, _ = _common.median_time(lambda: easyref.reference_encoder.encode_negative(), args.repeats, args.warmup, device)
+    easyref.negative_reference_tokens()
+    cached = easyref.negative_reference_tokens() is easyref.negative_reference_tokens()
+
+    def uncached_call(steps):
+        easyref.clear_reference_cache()
+        return easyref(references=refs, num_inference_steps=steps, generator=gen(), **common)
+
+    rows = []
+    for steps in args.steps:
+        t_plain, _ = _common.median_time(
+            lambda: plain(num_inference_steps=steps, generator=gen(), **common), args.repeats, args.warmup, device)
+        t_ref, _ = _common.median_time(
+            lambda: easyref(references=refs, num_inference_steps=steps, generator=gen(), **common),
+            args.repeats, args.warmup, device)
+        t_embeds, _ = _common.median_time(
+            lambda: easyref(reference_embeds=embeds, num_inference_steps=steps, generator=gen(), **common),
+            args.repeats, args.warmup, device)
+        t_uncached, _ = _common.median_time(lambda: uncached_call(steps), args.repeats, args.warmup, device)
+        logger.info("steps=%d plain %.3fs easyref %.3fs (embeds given %.3fs, uncached %.3fs)",
+                    steps, t_plain, t_ref, t_embeds, t_uncached)
+        rows.append([
+            steps, f"{t_plain:.3f}", f"{t_ref:.3f}", f"**{t_ref / t_plain:.3f}**",
+            f"{t_embeds:.3f}", f"{t_embeds / t_plain:.3f}", f"{t_uncached:.3f}", f"{t_uncached / t_plain:.3f}",
+            f"{t_encode:.3f}", f"{t_negative:.3f}", "yes" if cached else "no",
+            "yes" if t_ref / t_plain <= 1.10 else "no",
+        ])
+    easyref.negative_reference_tokens()  # leave the cache filled
+
+    print("### EasyRef generation time / plain SDXL time: tiny SDXL + tiny Qwen2-VL (easyref.tiny)\n")
+    print(f"{_common.machine_line(device, args.busy)}; dtype {str(dtype).removeprefix('torch.')}; "
+          f"{args.height}x{args.width}, {args.references} references (reference_image_size {args.image_size}), "
+          f"guidance {args.guidance_scale}; median of {args.repeats} after {args.warmup} warm-up\n")
+    print(_common.markdown_table(
+        ["steps", "plain s", "EasyRef s", "EasyRef/plain", "EasyRef, embeds given s", "embeds given/plain",
+         "EasyRef, negative recomputed s", "recomputed/plain", "encode s", "negative branch s",
+         "negative cached", "ratio <= 1.10"],
+        rows,
+    ))
+
+
+# ------------------------------------------------------------------------------------------------ real SDXL UNet only
+def run_real(args, device, dtype) -> None:
+    from diffusers import UNet2DConditionModel
+
+    from easyref import EasyRefConfig
+    from easyref.adapter import install_adapter, unload_adapter
+
+    torch.manual_seed(args.seed)
+    unet_config = dict(SDXL_UNET_CONFIG, sample_size=args.sample_size)
+    logger.info("building SDXL's UNet (random %s weights) on %s", dtype, device)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**unet_config).to(dtype).eval()
+    n_params = sum(p.numel() for p in unet.parameters())
+    batch = 2  # classifier-free guidance
+    latents0 = torch.randn(batch, 4, args.sample_size, args.sample_size, device=device, dtype=dtype)
+    text = torch.randn(batch, 77, 2048, device=device, dtype=dtype)
+    added = {"text_embeds": torch.randn(batch, 1280, device=device, dtype=dtype),
+             "time_ids": torch.tensor([[1024, 1024, 0, 0, 1024, 1024]] * batch, device=device, dtype=dtype)}
+    reference = torch.randn(batch, 1, 64, 1536, device=device, dtype=dtype)
+    timesteps = torch.linspace(999, 0, max(args.steps)).long().tolist()
+
+    def loop(steps: int, with_reference: bool):
+        kwargs = dict(added, image_embeds=[reference]) if with_reference else added
+        latents = latents0
+        for t in timesteps[:steps]:
+            noise = unet(latents, t, encoder_hidden_states=text, added_cond_kwargs=kwargs).sample
+            latents = latents - 0.001 * noise
+        return latents
+
+    rows = []
+    with torch.inference_mode():
+        plain_times = {s: _common.median_time(lambda: loop(s, False), args.repeats, args.warmup, device)[0] for s in args.steps}
+        install_adapter(unet, EasyRefConfig(cross_attention_dim=2048))
+        adapter_params = sum(p.numel() for p in unet.parameters()) - n_params
+        for steps in args.steps:
+            t_ref, _ = _common.median_time(lambda: loop(steps, True), args.repeats, args.warmup, device)
+            t_plain = plain_times[steps]
+            logger.info("steps=%d plain %.3fs adapter %.3fs", steps, t_plain, t_ref)
+            rows.append([steps, f"{t_plain:.3f}", f"{t_ref:.3f}", f"**{t_ref / t_plain:.3f}**",
+                         f"{(t_ref - t_plain) / steps * 1e3:.2f}"])
+        unload_adapter(unet)
+
+    print("### SDXL UNet denoise loop without / with the EasyRef adapter: real SDXL UNet config, random weights\n")
+    print(f"{_common.machine_line(device, args.busy)}; dtype {str(dtype).removeprefix('torch.')}; latents "
+          f"{args.sample_size}x{args.sample_size} (= {8 * args.sample_size} px), CFG batch 2, UNet {n_params / 1e9:.2f} B "
+          f"params, adapter adds {adapter_params / 1e6:.1f} M; reference encoding not included; "
+          f"median of {args.repeats} after {args.warmup} warm-up\n")
+    print(_common.markdown_table(
+        ["steps", "UNet loop plain s", "UNet loop + adapter s", "adapter/plain", "extra ms per step"], rows))
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, nargs="+", default=[30, 10], help="num_inference_steps values")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: float32 on CPU, float16 on CUDA)")
+    p.add_argument("--references", type=int, default=3, help="tiny mode: references per call")
+    p.add_argument("--image-size", type=int, default=56, help="tiny mode: EasyRefConfig.reference_image_size")
+    p.add_argument("--input-size", type=int, default=96, help="tiny mode: side of the random reference images")
+    p.add_argument("--height", type=int, default=64)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument("--real-config", action="store_true", help="SDXL's real UNet, UNet-only loop (use a GPU)")
+    p.add_argument("--sample-size", type=int, default=128, help="--real-config: latent side (128 = 1024 px)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    args.dtype = _common.parse_dtype(args.dtype or ("float16" if args.device.startswith("cuda") else "float32"))
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    _common.setup_logging(args.verbose)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.busy = _common.check_idle() if device.type == "cpu" else None
+    (run_real if args.real_config else run_tiny)(args, device, args.dtype)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,129 @@
+"""EasyRefPipeline: invariants against the plain SDXL pipeline, batching, caching, input checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+from conftest import shape_image
+
+CALL = dict(num_inference_steps=2, height=32, width=32, output_type="np")
+
+
+def gens(*seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def test_scale_zero_equals_plain_pipeline(make_pipeline, make_sdxl, groups):
+    pipe = make_pipeline()
+    plain = make_sdxl()
+    prompt, negative = "a cat", "blurry"
+    ours = pipe(groups[0], prompt, negative_prompt=negative, scale=0.0, generator=gens(0), **CALL).images
+    reference = plain(prompt, negative_prompt=negative, generator=gens(0), **CALL).images
+    np.testing.assert_allclose(ours, reference, atol=1e-5, rtol=0)
+    full = pipe(groups[0], prompt, negative_prompt=negative, scale=1.0, generator=gens(0), **CALL).images
+    assert np.abs(full - reference).max() > 1e-3, "at scale 1 the references must change the image"
+
+
+def test_batch_of_groups_equals_each_alone(make_pipeline, groups):
+    pipe = make_pipeline()
+    prompts = ["a cat", "a dog"]
+    both = pipe(groups, prompts, num_images_per_prompt=2, generator=gens(1, 2, 3, 4), **CALL)
+    assert both.images.shape == (4, 32, 32, 3)
+    for i, (group, prompt) in enumerate(zip(groups, prompts)):
+        alone = pipe([group], [prompt], num_images_per_prompt=2, generator=gens(1 + 2 * i, 2 + 2 * i), **CALL)
+        np.testing.assert_allclose(both.images[2 * i : 2 * i + 2], alone.images, atol=1e-5, rtol=0)
+        torch.testing.assert_close(both.reference_embeds[i : i + 1], alone.reference_embeds, atol=1e-5, rtol=0)
+
+
+def test_reference_tokens_once_per_call_and_negative_cached(make_pipeline, groups, monkeypatch):
+    pipe = make_pipeline()
+    encoder = pipe.reference_encoder
+    calls = {"encode": 0, "negative": 0}
+    original_encode, original_negative = encoder.encode, encoder.encode_negative
+
+    def count_encode(*a, **k):
+        calls["encode"] += 1
+        return original_encode(*a, **k)
+
+    def count_negative(*a, **k):
+        calls["negative"] += 1
+        return original_negative(*a, **k)
+
+    monkeypatch.setattr(encoder, "encode", count_encode)
+    monkeypatch.setattr(encoder, "encode_negative", count_negative)
+    for _ in range(2):
+        pipe(groups, ["a", "b"], num_inference_steps=4, height=32, width=32, output_type="np")
+    # per call: one pass for all groups; the negative branch once per process (its own encode call)
+    assert calls == {"encode": 3, "negative": 1}
+
+
+def test_precomputed_reference_embeds(make_pipeline, groups):
+    pipe = make_pipeline()
+    first = pipe(groups[:1], "a cat", generator=gens(5), **CALL)
+    again = pipe(prompt="a cat", reference_embeds=first.reference_embeds, generator=gens(5), **CALL)
+    np.testing.assert_array_equal(first.images, again.images)
+
+
+def test_seed_is_reproducible(make_pipeline, groups):
+    pipe = make_pipeline()
+    a = pipe(groups[:1], "a cat", seed=11, **CALL).images
+    b = pipe(groups[:1], "a cat", seed=11, **CALL).images
+    np.testing.assert_array_equal(a, b)
+
+
+def test_lora_pipeline_runs_and_unload_restores(make_pipeline, make_sdxl, groups):
+    pipe = make_pipeline(lora_rank=4)
+    plain = make_sdxl()(prompt="a cat", generator=gens(0), **CALL).images
+    assert np.abs(pipe(groups[0], "a cat", scale=0.0, generator=gens(0), **CALL).images - plain).max() > 1e-4
+    base = pipe.unload()
+    assert isinstance(base, StableDiffusionXLPipeline)
+    np.testing.assert_array_equal(base(prompt="a cat", generator=gens(0), **CALL).images, plain)
+
+
+def test_encoder_is_a_registered_component(make_pipeline):
+    pipe = make_pipeline()
+    assert pipe.components["reference_encoder"] is pipe.reference_encoder
+    pipe.to(torch.float64)
+    assert pipe.reference_encoder.dtype == torch.float64 and pipe.unet.dtype == torch.float64
+    assert "reference_encoder" in pipe.model_cpu_offload_seq
+
+
+def test_img2img_base_pipeline(make_encoder, tiny_dirs, groups):
+    from easyref import EasyRefPipeline
+
+    sdxl = StableDiffusionXLImg2ImgPipeline.from_pretrained(tiny_dirs["sdxl"])
+    pipe = EasyRefPipeline.from_components(sdxl, make_encoder())
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(groups[0], "a cat", image=shape_image("green", size=(32, 32)), strength=0.5, generator=gens(0),
+               num_inference_steps=4, output_type="np")
+    assert out.images.shape == (1, 32, 32, 3) and np.isfinite(out.images).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(references=[]), "at least one reference"),
+        (dict(references=None), "references are required"),
+        (dict(references=[[shape_image("red")], []]), "group 1 is empty"),
+        (dict(references=[[shape_image("red")]] * 2, prompt=["a", "b", "c"]), "2 reference groups but 3 prompts"),
+        (dict(references=[shape_image("red")] * 7), "at most 6"),
+        (dict(references=[["not an image"]]), "PIL images only"),
+        (dict(scale=-1.0), "scale"),
+        (dict(scale=float("nan")), "scale"),
+        (dict(num_images_per_prompt=0), "num_images_per_prompt"),
+        (dict(seed=1, generator=torch.Generator()), "either generator or seed"),
+        (dict(negative_prompt=["a", "b"]), "2 negative prompts for 1 prompts"),
+        (dict(prompt=[]), "prompt must be"),
+        (dict(references=None, reference_embeds=torch.zeros(1, 3, 64)), "reference_embeds must have shape"),
+        (dict(reference_embeds=torch.zeros(1, 64, 64)), "either references or reference_embeds"),
+    ],
+)
+def test_check_inputs_errors(make_pipeline, kwargs, message):
+    pipe = make_pipeline(randomize=False)
+    call = dict(references=[shape_image("red")], prompt="a cat", **CALL)
+    call.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        pipe(**call)
