@@ -80,6 +80,28 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int, device) -> 
     return statistics.median(times), times
 
 
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, device) -> dict[str, float]:
+    """Median seconds per named callable, the callables taking turns in each round.
+
+    Alternating keeps a side-by-side comparison fair when the machine's speed drifts (other load,
+    clock changes): every variant sees the same conditions in each round.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    logger.debug("times: %s", {k: [round(t, 4) for t in v] for k, v in times.items()})
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def _malloc_trim() -> None:
     """Give freed heap pages back to the OS (glibc) so that an RSS delta is not hidden by the allocator cache."""
     with contextlib.suppress(Exception):

@@ -22,7 +22,8 @@ state kept (`output_hidden_states=True`); that is negligible for the tiny vocabu
 call at 28 references with the real 151,936-token vocabulary.
 
 Both encoders get the same prepared inputs (`ReferenceEncoder.prepare`), so the timed part is the
-model work only. Time = median of `--repeats` calls after `--warmup` calls (torch.inference_mode).
+model work only. Time = median of `--repeats` calls after `--warmup` calls (torch.inference_mode), the two
+encoders taking turns call by call so that both see the same machine conditions.
 Peak memory: on CUDA `torch.cuda.max_memory_allocated` above the pre-call allocation; on CPU the
 process RSS sampled every 0.5 ms above the pre-call RSS (approximate, measured in a separate untimed call).
 
@@ -254,8 +255,11 @@ def main(argv=None) -> int:
                 a, b = ours.encode(inputs), naive.encode(inputs)
                 diff = (a.float() - b.float()).abs().max().item()
                 del a, b
-                t_ours, _ = _common.median_time(lambda: ours.encode(inputs), args.repeats, args.warmup, device)
-                t_naive, _ = _common.median_time(lambda: naive.encode(inputs), args.repeats, args.warmup, device)
+                t = _common.interleaved_medians(
+                    {"ours": lambda: ours.encode(inputs), "naive": lambda: naive.encode(inputs)},
+                    args.repeats, args.warmup, device,
+                )
+                t_ours, t_naive = t["ours"], t["naive"]
                 m_ours, how = _common.peak_memory(lambda: ours.encode(inputs), device)
                 m_naive, _ = _common.peak_memory(lambda: naive.encode(inputs), device)
                 logger.info("N=%d L=%d ours %.4fs naive %.4fs peak %s / %s diff %.2e",

@@ -19,12 +19,14 @@ Both run the same prompt, negative prompt, guidance 5.0, steps, size and seed. C
 - EasyRef, negative recomputed s: `clear_reference_cache()` before every call, as the release did;
 - encode s: `encode_references` alone; negative s: one `encode_negative` (what the cache saves per call).
 
-Time = median of `--repeats` calls after `--warmup` calls. The issue's target: EasyRef/plain <= 1.10.
+Time = median of `--repeats` calls after `--warmup` calls, the variants taking turns call by call (so
+that all see the same machine conditions). The issue's target: EasyRef/plain <= 1.10.
 
 `--real-config` builds only SDXL's UNet (real config, random weights) and times the bare UNet denoise
-loop (CFG batch 2, `--sample-size` latents, 77 text tokens of width 2048) without and then with the
+loop (CFG batch 2, `--sample-size` latents, 77 text tokens of width 2048) without, then with the
 EasyRef adapter installed (`easyref.adapter.install_adapter`, 64 random reference tokens of width
-1536 passed as `added_cond_kwargs["image_embeds"]`). Reference encoding is not included there (see
+1536 passed as `added_cond_kwargs["image_embeds"]`), then without again after `unload_adapter` (a
+drift check). Reference encoding is not included there (see
 encode_scaling.py --real-config).
 """
 
@@ -101,8 +103,12 @@ def run_tiny(args, device, dtype) -> None:
 
     with torch.inference_mode():
         embeds = easyref.encode_references([refs], [PROMPT])
-        t_encode, _ = _common.median_time(lambda: easyref.encode_references([refs], [PROMPT]), args.repeats, args.warmup, device)
-        t_negative, _ = _common.median_time(lambda: easyref.reference_encoder.encode_negative(), args.repeats, args.warmup, device)
+        t = _common.interleaved_medians(
+            {"encode": lambda: easyref.encode_references([refs], [PROMPT]),
+             "negative": lambda: easyref.reference_encoder.encode_negative()},
+            args.repeats, args.warmup, device,
+        )
+        t_encode, t_negative = t["encode"], t["negative"]
     easyref.negative_reference_tokens()
     cached = easyref.negative_reference_tokens() is easyref.negative_reference_tokens()
 
@@ -112,15 +118,16 @@ def run_tiny(args, device, dtype) -> None:
 
     rows = []
     for steps in args.steps:
-        t_plain, _ = _common.median_time(
-            lambda: plain(num_inference_steps=steps, generator=gen(), **common), args.repeats, args.warmup, device)
-        t_ref, _ = _common.median_time(
-            lambda: easyref(references=refs, num_inference_steps=steps, generator=gen(), **common),
-            args.repeats, args.warmup, device)
-        t_embeds, _ = _common.median_time(
-            lambda: easyref(reference_embeds=embeds, num_inference_steps=steps, generator=gen(), **common),
-            args.repeats, args.warmup, device)
-        t_uncached, _ = _common.median_time(lambda: uncached_call(steps), args.repeats, args.warmup, device)
+        t = _common.interleaved_medians(
+            {
+                "plain": lambda: plain(num_inference_steps=steps, generator=gen(), **common),
+                "easyref": lambda: easyref(references=refs, num_inference_steps=steps, generator=gen(), **common),
+                "embeds": lambda: easyref(reference_embeds=embeds, num_inference_steps=steps, generator=gen(), **common),
+                "uncached": lambda: uncached_call(steps),
+            },
+            args.repeats, args.warmup, device,
+        )
+        t_plain, t_ref, t_embeds, t_uncached = t["plain"], t["easyref"], t["embeds"], t["uncached"]
         logger.info("steps=%d plain %.3fs easyref %.3fs (embeds given %.3fs, uncached %.3fs)",
                     steps, t_plain, t_ref, t_embeds, t_uncached)
         rows.append([
@@ -174,16 +181,18 @@ def run_real(args, device, dtype) -> None:
 
     rows = []
     with torch.inference_mode():
-        plain_times = {s: _common.median_time(lambda: loop(s, False), args.repeats, args.warmup, device)[0] for s in args.steps}
+        # one UNet: plain, then with the adapter installed, then plain again after unloading it (drift check)
+        before = {s: _common.median_time(lambda: loop(s, False), args.repeats, args.warmup, device)[0] for s in args.steps}
         install_adapter(unet, EasyRefConfig(cross_attention_dim=2048))
         adapter_params = sum(p.numel() for p in unet.parameters()) - n_params
-        for steps in args.steps:
-            t_ref, _ = _common.median_time(lambda: loop(steps, True), args.repeats, args.warmup, device)
-            t_plain = plain_times[steps]
-            logger.info("steps=%d plain %.3fs adapter %.3fs", steps, t_plain, t_ref)
-            rows.append([steps, f"{t_plain:.3f}", f"{t_ref:.3f}", f"**{t_ref / t_plain:.3f}**",
-                         f"{(t_ref - t_plain) / steps * 1e3:.2f}"])
+        with_adapter = {s: _common.median_time(lambda: loop(s, True), args.repeats, args.warmup, device)[0] for s in args.steps}
         unload_adapter(unet)
+        after = {s: _common.median_time(lambda: loop(s, False), args.repeats, args.warmup, device)[0] for s in args.steps}
+        for steps in args.steps:
+            t_plain, t_ref = (before[steps] + after[steps]) / 2, with_adapter[steps]
+            logger.info("steps=%d plain %.3fs adapter %.3fs", steps, t_plain, t_ref)
+            rows.append([steps, f"{before[steps]:.3f} / {after[steps]:.3f}", f"{t_ref:.3f}", f"**{t_ref / t_plain:.3f}**",
+                         f"{(t_ref - t_plain) / steps * 1e3:.2f}"])
 
     print("### SDXL UNet denoise loop without / with the EasyRef adapter: real SDXL UNet config, random weights\n")
     print(f"{_common.machine_line(device, args.busy)}; dtype {str(dtype).removeprefix('torch.')}; latents "
@@ -191,7 +200,7 @@ def run_real(args, device, dtype) -> None:
           f"params, adapter adds {adapter_params / 1e6:.1f} M; reference encoding not included; "
           f"median of {args.repeats} after {args.warmup} warm-up\n")
     print(_common.markdown_table(
-        ["steps", "UNet loop plain s", "UNet loop + adapter s", "adapter/plain", "extra ms per step"], rows))
+        ["steps", "UNet loop plain s (before / after)", "UNet loop + adapter s", "adapter/plain (mean)", "extra ms per step"], rows))
 
 
 def parse_args(argv):

@@ -8,6 +8,7 @@ once, (3) take the cached negative branch, (4) hand the tokens to the diffusers 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import math
@@ -93,12 +94,19 @@ class EasyRefPipeline(DiffusionPipeline):
         config: EasyRefConfig | None = None,
         torch_dtype: torch.dtype | None = None,
         base_pipeline: str = "StableDiffusionXLPipeline",
+        config_overrides: dict | None = None,
         **base_kwargs,
     ) -> "EasyRefPipeline":
-        """SDXL folder/hub id + Qwen2-VL folder/hub id + EasyRef checkpoint (ours or the release's)."""
+        """SDXL folder/hub id + Qwen2-VL folder/hub id + EasyRef checkpoint (ours or the release's).
+
+        `config_overrides` changes settings that do not shape weights (e.g. `reference_image_size`,
+        `instruction`, `max_references`) after the checkpoint's config is read.
+        """
         tensors = None
         if adapter is not None:
             config, tensors = read_checkpoint(adapter)
+        if config_overrides:
+            config = dataclasses.replace(config or EasyRefConfig(), **config_overrides)
         if base_pipeline not in BASE_PIPELINES:
             raise ValueError(f"base_pipeline must be one of {', '.join(BASE_PIPELINES)}, got {base_pipeline!r}")
         sdxl = getattr(diffusers, base_pipeline).from_pretrained(base, dtype=torch_dtype, **base_kwargs)
