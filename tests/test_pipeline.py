@@ -127,3 +127,21 @@ def test_check_inputs_errors(make_pipeline, kwargs, message):
     call.update(kwargs)
     with pytest.raises(ValueError, match=message):
         pipe(**call)
+
+
+def test_controlnet_base_pipeline(make_encoder, tiny_dirs, groups):
+    """The ControlNet sees text tokens only; the reference tokens reach the UNet alone."""
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+
+    from easyref import EasyRefPipeline
+
+    unet = StableDiffusionXLPipeline.from_pretrained(tiny_dirs["sdxl"]).unet
+    # the tiny VAE downsamples 2x, so the control embedding must too (one strided block)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+    plain = StableDiffusionXLControlNetPipeline.from_pretrained(tiny_dirs["sdxl"], controlnet=controlnet)
+    pipe = EasyRefPipeline.from_components(plain, make_encoder())
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.config.base_pipeline == "StableDiffusionXLControlNetPipeline"
+    control = shape_image("white", "black", size=(32, 32))
+    out = pipe(groups[0], "a cat", image=control, generator=gens(0), **CALL)
+    assert out.images.shape == (1, 32, 32, 3) and np.isfinite(out.images).all()
