@@ -59,9 +59,7 @@ def write_checkpoint(directory: Path, config: EasyRefConfig, tensors: dict[str, 
     config_tmp = _temp_path(directory, CONFIG_NAME)
     try:
         save_file(tensors, str(weights_tmp), metadata={"format": FORMAT_TAG, "version": str(config.version)})
-        tmp_dir = config_tmp.parent
-        config.save(tmp_dir)  # writes tmp_dir/CONFIG_NAME
-        os.replace(tmp_dir / CONFIG_NAME, config_tmp)
+        config_tmp.write_text(config.to_json())
         os.replace(weights_tmp, directory / WEIGHTS_NAME)
         os.replace(config_tmp, directory / CONFIG_NAME)
     finally:

@@ -89,9 +89,12 @@ class EasyRefConfig:
             raise ValueError(f"unknown EasyRefConfig fields: {', '.join(unknown)}")
         return cls(**data)
 
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / CONFIG_NAME
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        path.write_text(self.to_json())
         return path
 
     @classmethod
