@@ -132,6 +132,15 @@ def test_checkpoint_that_does_not_fit_the_base(env, capsys, make_pipeline, tiny_
     assert not out.exists()
 
 
+def test_base_that_is_not_a_model(env, capsys):
+    not_a_model = env / "empty_model"
+    not_a_model.mkdir()
+    code, out = generate(env, "--ref", str(env / "refs" / "0.png"), "--base", str(not_a_model))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "cannot load the model" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
 def test_convert_bad_source(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "dst")]) == 2
     (tmp_path / "model.safetensors").write_bytes(b"junk")

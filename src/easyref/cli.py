@@ -199,6 +199,9 @@ def load_pipeline(args, max_refs_check: int):
         pipe = EasyRefPipeline.from_pretrained(base, mllm=mllm, adapter=adapter, torch_dtype=dtype)
     except CheckpointError as err:
         raise UserError(str(err)) from None
+    except OSError as err:  # a folder that is not a model, or a hub id that cannot be reached
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot load the model: {first_line}") from None
     limit = pipe.easyref_config.max_references
     if max_refs_check > limit:
         raise UserError(f"{max_refs_check} reference images given; this model takes at most {limit}")
