@@ -80,8 +80,19 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int, device) -> 
     return statistics.median(times), times
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, device) -> dict[str, float]:
-    """Median seconds per named callable, the callables taking turns in each round.
+class Timings(dict):
+    """name -> list of seconds, one per round; rounds are aligned across names."""
+
+    def median(self, name: str) -> float:
+        return statistics.median(self[name])
+
+    def ratio(self, num: str, den: str) -> float:
+        """Median over rounds of num/den measured in the same round (robust to slow drifts of the machine)."""
+        return statistics.median(a / b for a, b in zip(self[num], self[den]))
+
+
+def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, device) -> Timings:
+    """Seconds per call for each named callable, the callables taking turns in each round.
 
     Alternating keeps a side-by-side comparison fair when the machine's speed drifts (other load,
     clock changes): every variant sees the same conditions in each round.
@@ -90,7 +101,7 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warm
         for fn in fns.values():
             fn()
     sync(device)
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    times = Timings({name: [] for name in fns})
     for _ in range(repeats):
         for name, fn in fns.items():
             sync(device)
@@ -99,7 +110,7 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warm
             sync(device)
             times[name].append(time.perf_counter() - start)
     logger.debug("times: %s", {k: [round(t, 4) for t in v] for k, v in times.items()})
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
 
 
 def _malloc_trim() -> None:

@@ -23,7 +23,8 @@ call at 28 references with the real 151,936-token vocabulary.
 
 Both encoders get the same prepared inputs (`ReferenceEncoder.prepare`), so the timed part is the
 model work only. Time = median of `--repeats` calls after `--warmup` calls (torch.inference_mode), the two
-encoders taking turns call by call so that both see the same machine conditions.
+encoders taking turns call by call so that both see the same machine conditions; the time ratio is
+the median of the per-round ratios.
 Peak memory: on CUDA `torch.cuda.max_memory_allocated` above the pre-call allocation; on CPU the
 process RSS sampled every 0.5 ms above the pre-call RSS (approximate, measured in a separate untimed call).
 
@@ -165,7 +166,7 @@ def build_tiny(args, workdir: Path, device, dtype):
         mllm=str(path), mllm_hidden_size=64, reference_image_size=args.image_size, max_references=max(28, *args.sizes)
     )
     start = time.perf_counter()
-    ours = ReferenceEncoder.from_pretrained(path, config, torch_dtype=dtype).to(device, dtype).eval()
+    ours = ReferenceEncoder.from_pretrained(path, config, dtype=dtype).to(device, dtype).eval()
     ours_load = time.perf_counter() - start
     start = time.perf_counter()
     naive = NaiveEncoder.from_pretrained(path, config.num_reference_tokens, dtype, device, args.release_extras)
@@ -207,7 +208,7 @@ def build_real(args, device, dtype):
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 28], help="numbers of references")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls per point (median reported)")
+    p.add_argument("--repeats", type=int, default=10, help="timed calls per point (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on CUDA)")
@@ -255,17 +256,17 @@ def main(argv=None) -> int:
                 a, b = ours.encode(inputs), naive.encode(inputs)
                 diff = (a.float() - b.float()).abs().max().item()
                 del a, b
-                t = _common.interleaved_medians(
+                t = _common.interleaved_times(
                     {"ours": lambda: ours.encode(inputs), "naive": lambda: naive.encode(inputs)},
                     args.repeats, args.warmup, device,
                 )
-                t_ours, t_naive = t["ours"], t["naive"]
+                t_ours, t_naive, speedup = t.median("ours"), t.median("naive"), t.ratio("naive", "ours")
                 m_ours, how = _common.peak_memory(lambda: ours.encode(inputs), device)
                 m_naive, _ = _common.peak_memory(lambda: naive.encode(inputs), device)
                 logger.info("N=%d L=%d ours %.4fs naive %.4fs peak %s / %s diff %.2e",
                             n, length, t_ours, t_naive, _common.fmt_bytes(m_ours), _common.fmt_bytes(m_naive), diff)
                 rows.append([
-                    n, length, visual_tokens, f"{t_ours * 1e3:.1f}", f"{t_naive * 1e3:.1f}", f"{t_naive / t_ours:.2f}x",
+                    n, length, visual_tokens, f"{t_ours * 1e3:.1f}", f"{t_naive * 1e3:.1f}", f"{speedup:.2f}x",
                     _common.fmt_bytes(m_ours), _common.fmt_bytes(m_naive),
                     f"{m_naive / m_ours:.2f}x" if m_ours > 0 else "n/a", f"{diff:.1e}",
                 ])

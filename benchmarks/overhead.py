@@ -19,8 +19,12 @@ Both run the same prompt, negative prompt, guidance 5.0, steps, size and seed. C
 - EasyRef, negative recomputed s: `clear_reference_cache()` before every call, as the release did;
 - encode s: `encode_references` alone; negative s: one `encode_negative` (what the cache saves per call).
 
+A second table times one UNet call with and without the adapter (same weights), isolating the cost
+of the decoupled cross-attention from pipeline-level noise.
+
 Time = median of `--repeats` calls after `--warmup` calls, the variants taking turns call by call (so
-that all see the same machine conditions). The issue's target: EasyRef/plain <= 1.10.
+that all see the same machine conditions); a ratio is the median of the per-round ratios. The issue's
+target: EasyRef/plain <= 1.10.
 
 `--real-config` builds only SDXL's UNet (real config, random weights) and times the bare UNet denoise
 loop (CFG batch 2, `--sample-size` latents, 77 text tokens of width 2048) without, then with the
@@ -88,7 +92,7 @@ def run_tiny(args, device, dtype) -> None:
         base = StableDiffusionXLPipeline.from_pretrained(sdxl_dir, dtype=dtype).to(device)  # its own UNet
         config = EasyRefConfig(mllm=str(qwen_dir), mllm_hidden_size=64, cross_attention_dim=64,
                                reference_image_size=args.image_size)
-        encoder = ReferenceEncoder.from_pretrained(qwen_dir, config, torch_dtype=dtype)
+        encoder = ReferenceEncoder.from_pretrained(qwen_dir, config, dtype=dtype)
         easyref = EasyRefPipeline.from_components(base, encoder)
     assert plain.unet is not easyref.unet, "the plain pipeline must keep its own, adapter-free UNet"
     for pipe in (plain, easyref):
@@ -103,12 +107,12 @@ def run_tiny(args, device, dtype) -> None:
 
     with torch.inference_mode():
         embeds = easyref.encode_references([refs], [PROMPT])
-        t = _common.interleaved_medians(
+        t = _common.interleaved_times(
             {"encode": lambda: easyref.encode_references([refs], [PROMPT]),
              "negative": lambda: easyref.reference_encoder.encode_negative()},
             args.repeats, args.warmup, device,
         )
-        t_encode, t_negative = t["encode"], t["negative"]
+        t_encode, t_negative = t.median("encode"), t.median("negative")
     easyref.negative_reference_tokens()
     cached = easyref.negative_reference_tokens() is easyref.negative_reference_tokens()
 
@@ -118,7 +122,7 @@ def run_tiny(args, device, dtype) -> None:
 
     rows = []
     for steps in args.steps:
-        t = _common.interleaved_medians(
+        t = _common.interleaved_times(
             {
                 "plain": lambda: plain(num_inference_steps=steps, generator=gen(), **common),
                 "easyref": lambda: easyref(references=refs, num_inference_steps=steps, generator=gen(), **common),
@@ -127,26 +131,53 @@ def run_tiny(args, device, dtype) -> None:
             },
             args.repeats, args.warmup, device,
         )
-        t_plain, t_ref, t_embeds, t_uncached = t["plain"], t["easyref"], t["embeds"], t["uncached"]
+        t_plain, t_ref, t_embeds, t_uncached = (t.median(k) for k in ("plain", "easyref", "embeds", "uncached"))
+        r_ref, r_embeds, r_uncached = (t.ratio(k, "plain") for k in ("easyref", "embeds", "uncached"))
         logger.info("steps=%d plain %.3fs easyref %.3fs (embeds given %.3fs, uncached %.3fs)",
                     steps, t_plain, t_ref, t_embeds, t_uncached)
         rows.append([
-            steps, f"{t_plain:.3f}", f"{t_ref:.3f}", f"**{t_ref / t_plain:.3f}**",
-            f"{t_embeds:.3f}", f"{t_embeds / t_plain:.3f}", f"{t_uncached:.3f}", f"{t_uncached / t_plain:.3f}",
+            steps, f"{t_plain:.3f}", f"{t_ref:.3f}", f"**{r_ref:.3f}**",
+            f"{t_embeds:.3f}", f"{r_embeds:.3f}", f"{t_uncached:.3f}", f"{r_uncached:.3f}",
             f"{t_encode:.3f}", f"{t_negative:.3f}", "yes" if cached else "no",
-            "yes" if t_ref / t_plain <= 1.10 else "no",
+            "yes" if r_ref <= 1.10 else "no",
         ])
     easyref.negative_reference_tokens()  # leave the cache filled
+
+    # the adapter's own cost per UNet call: same weights, CFG batch 2, with / without the reference branch
+    unet_cfg = plain.unet.config
+    scale = plain.vae_scale_factor  # 2 for the tiny VAE, 8 for SDXL's
+    latents = torch.randn(2, unet_cfg.in_channels, args.height // scale, args.width // scale, device=device, dtype=dtype)
+    text = torch.randn(2, 77, unet_cfg.cross_attention_dim, device=device, dtype=dtype)
+    pooled = unet_cfg.projection_class_embeddings_input_dim - 6 * unet_cfg.addition_time_embed_dim
+    added = {"text_embeds": torch.randn(2, pooled, device=device, dtype=dtype),
+             "time_ids": torch.randn(2, 6, device=device, dtype=dtype)}
+    reference = [embeds.to(device, dtype).expand(2, -1, -1).unsqueeze(1)]
+    with torch.inference_mode():
+        u = _common.interleaved_times(
+            {
+                "plain": lambda: plain.unet(latents, 500, encoder_hidden_states=text, added_cond_kwargs=added),
+                "adapter": lambda: easyref.unet(latents, 500, encoder_hidden_states=text,
+                                                added_cond_kwargs=dict(added, image_embeds=reference)),
+            },
+            args.unet_repeats, 3, device,
+        )
 
     print("### EasyRef generation time / plain SDXL time: tiny SDXL + tiny Qwen2-VL (easyref.tiny)\n")
     print(f"{_common.machine_line(device, args.busy)}; dtype {str(dtype).removeprefix('torch.')}; "
           f"{args.height}x{args.width}, {args.references} references (reference_image_size {args.image_size}), "
-          f"guidance {args.guidance_scale}; median of {args.repeats} after {args.warmup} warm-up\n")
+          f"guidance {args.guidance_scale}; median of {args.repeats} after {args.warmup} warm-up, variants interleaved; "
+          f"ratios = median of per-round ratios\n")
     print(_common.markdown_table(
         ["steps", "plain s", "EasyRef s", "EasyRef/plain", "EasyRef, embeds given s", "embeds given/plain",
          "EasyRef, negative recomputed s", "recomputed/plain", "encode s", "negative branch s",
          "negative cached", "ratio <= 1.10"],
         rows,
+    ))
+    print()
+    print(_common.markdown_table(
+        ["one UNet call (CFG batch 2)", "plain ms", "with adapter ms", "adapter/plain"],
+        [[f"tiny UNet, {latents.shape[-2]}x{latents.shape[-1]} latents, 77 text + 64 reference tokens",
+          f"{u.median('plain') * 1e3:.2f}", f"{u.median('adapter') * 1e3:.2f}", f"{u.ratio('adapter', 'plain'):.3f}"]],
     ))
 
 
@@ -206,7 +237,8 @@ def run_real(args, device, dtype) -> None:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, nargs="+", default=[30, 10], help="num_inference_steps values")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--unet-repeats", type=int, default=50, help="tiny mode: repeats of the single-UNet-call comparison")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: float32 on CPU, float16 on CUDA)")

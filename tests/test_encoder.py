@@ -193,3 +193,13 @@ def test_negative_branch_shape(make_encoder):
     with torch.no_grad():
         negative = encoder.encode_negative()
     assert negative.shape == (1, 64, 64)
+
+
+def test_loaded_dtype_is_the_encoders_dtype(tiny_dirs):
+    from easyref import ReferenceEncoder
+
+    from conftest import tiny_config
+
+    encoder = ReferenceEncoder.from_pretrained(tiny_dirs["qwen"], tiny_config(tiny_dirs["qwen"]), dtype=torch.bfloat16)
+    assert encoder.dtype == torch.bfloat16
+    assert {p.dtype for p in encoder.parameters()} == {torch.bfloat16}

@@ -196,7 +196,7 @@ def load_pipeline(args, max_refs_check: int):
         folder = default_model_dir()
         base, mllm, adapter = str(folder / "sdxl"), str(folder / "qwen2vl"), str(folder / "adapter")
     try:
-        pipe = EasyRefPipeline.from_pretrained(base, mllm=mllm, adapter=adapter, torch_dtype=dtype)
+        pipe = EasyRefPipeline.from_pretrained(base, mllm=mllm, adapter=adapter, dtype=dtype)
     except CheckpointError as err:
         raise UserError(str(err)) from None
     except OSError as err:  # a folder that is not a model, or a hub id that cannot be reached

@@ -32,8 +32,10 @@ class AggregationLayer(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList([layer])
         self.norm = norm
-        # init as in the paper's code: 0.1 * N(0, 1)
-        self.reference_tokens = nn.Parameter(0.1 * torch.randn(num_tokens, hidden_size))
+        weight = norm.weight
+        # init as in the paper's code: 0.1 * N(0, 1); dtype and device follow the loaded MLLM
+        tokens = 0.1 * torch.randn(num_tokens, hidden_size, device=weight.device)
+        self.reference_tokens = nn.Parameter(tokens.to(weight.dtype))
 
 
 class ReferenceEncoder(nn.Module):
@@ -71,16 +73,15 @@ class ReferenceEncoder(nn.Module):
         cls,
         mllm: str | Path,
         config: EasyRefConfig | None = None,
-        torch_dtype: torch.dtype | None = None,
+        dtype: torch.dtype | None = None,
         **kwargs,
     ) -> "ReferenceEncoder":
         """Load Qwen2-VL (local folder or hub id) through transformers and split it into trunk + aggregator."""
         from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        model = Qwen2VLForConditionalGeneration.from_pretrained(
-            mllm, dtype=torch_dtype, attn_implementation="sdpa", **kwargs
-        )
+        dtype = kwargs.pop("torch_dtype", dtype)  # the older name, still common in user code
+        model = Qwen2VLForConditionalGeneration.from_pretrained(mllm, dtype=dtype, attn_implementation="sdpa", **kwargs)
         if config is None:
             config = EasyRefConfig(mllm=str(mllm), mllm_hidden_size=model.config.text_config.hidden_size)
         tokenizer = AutoTokenizer.from_pretrained(mllm)

@@ -92,7 +92,7 @@ class EasyRefPipeline(DiffusionPipeline):
         mllm: str | Path | None = None,
         adapter: str | Path | None = None,
         config: EasyRefConfig | None = None,
-        torch_dtype: torch.dtype | None = None,
+        dtype: torch.dtype | None = None,
         base_pipeline: str = "StableDiffusionXLPipeline",
         config_overrides: dict | None = None,
         **base_kwargs,
@@ -102,6 +102,7 @@ class EasyRefPipeline(DiffusionPipeline):
         `config_overrides` changes settings that do not shape weights (e.g. `reference_image_size`,
         `instruction`, `max_references`) after the checkpoint's config is read.
         """
+        dtype = base_kwargs.pop("torch_dtype", dtype)  # the older name, still common in user code
         tensors = None
         if adapter is not None:
             config, tensors = read_checkpoint(adapter)
@@ -109,11 +110,11 @@ class EasyRefPipeline(DiffusionPipeline):
             config = dataclasses.replace(config or EasyRefConfig(), **config_overrides)
         if base_pipeline not in BASE_PIPELINES:
             raise ValueError(f"base_pipeline must be one of {', '.join(BASE_PIPELINES)}, got {base_pipeline!r}")
-        sdxl = getattr(diffusers, base_pipeline).from_pretrained(base, dtype=torch_dtype, **base_kwargs)
+        sdxl = getattr(diffusers, base_pipeline).from_pretrained(base, dtype=dtype, **base_kwargs)
         mllm = mllm or (config.mllm if config else EasyRefConfig.mllm)
         if config is None:
             config = _config_for(mllm, sdxl.unet)
-        encoder = ReferenceEncoder.from_pretrained(mllm, config, torch_dtype=torch_dtype)
+        encoder = ReferenceEncoder.from_pretrained(mllm, config, dtype=dtype)
         return cls.from_components(sdxl, encoder, tensors, base_pipeline=base_pipeline)
 
     @classmethod
