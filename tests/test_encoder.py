@@ -182,6 +182,7 @@ def test_gradient_checkpointing_same_gradients(make_encoder, groups):
         encoder = make_encoder(seed=3).train()
         if enabled:
             encoder.gradient_checkpointing_enable()
+            assert all(block.gradient_checkpointing for block in encoder.visual.blocks)
         encoder(groups, ["a", "b"]).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in encoder.aggregator.parameters()]))
         assert encoder.layers[0].mlp.down_proj.weight.grad is not None

@@ -105,12 +105,13 @@ class ReferenceEncoder(nn.Module):
             yield from module.parameters()
 
     def gradient_checkpointing_enable(self) -> None:
+        """Recompute activations in backward: decoder layers here, vision blocks through transformers."""
         self.gradient_checkpointing = True
-        self.visual.gradient_checkpointing = True
+        self.visual.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def gradient_checkpointing_disable(self) -> None:
         self.gradient_checkpointing = False
-        self.visual.gradient_checkpointing = False
+        self.visual.gradient_checkpointing_disable()
 
     # ----------------------------------------------------------------- encoding
     def prepare(self, groups: Sequence[Sequence[Image.Image]], prompts: Sequence[str]) -> MLLMInputs:
