@@ -52,6 +52,16 @@ def check_idle(threshold: float = 15.0) -> float:
     return busy
 
 
+def start_run(args) -> tuple[torch.device, float | None]:
+    """Logging, device and thread count from the common flags; CPU load before the run (CPU only)."""
+    setup_logging(args.verbose)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    busy = check_idle() if device.type == "cpu" else None
+    return device, busy
+
+
 def parse_dtype(name: str) -> torch.dtype:
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}

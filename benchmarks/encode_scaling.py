@@ -232,12 +232,8 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    _common.setup_logging(args.verbose)
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device, busy = _common.start_run(args)
     torch.manual_seed(args.seed)
-    busy = _common.check_idle() if device.type == "cpu" else None
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.real_config:

@@ -260,11 +260,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    _common.setup_logging(args.verbose)
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.busy = _common.check_idle() if device.type == "cpu" else None
+    device, args.busy = _common.start_run(args)
     (run_real if args.real_config else run_tiny)(args, device, args.dtype)
     return 0
 

@@ -82,7 +82,7 @@ def cmd_generate(args) -> int:
     _check_generate_args(args)
     paths = reference_paths(args.ref, args.refs_dir)
     references = [load_image(p) for p in paths]
-    pipe, sources = load_pipeline(args, max_refs_check=len(references))
+    pipe, sources = load_pipeline(args)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
     import torch
 
@@ -179,7 +179,7 @@ def resolve_device(name: str, dtype_name: str):
     return device, getattr(torch, dtype_name)
 
 
-def load_pipeline(args, max_refs_check: int):
+def load_pipeline(args):
     from .checkpoint import CheckpointError
     from .pipeline import EasyRefPipeline
 
@@ -202,9 +202,6 @@ def load_pipeline(args, max_refs_check: int):
     except OSError as err:  # a folder that is not a model, or a hub id that cannot be reached
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load the model: {first_line}") from None
-    limit = pipe.easyref_config.max_references
-    if max_refs_check > limit:
-        raise UserError(f"{max_refs_check} reference images given; this model takes at most {limit}")
     pipe.to(device)
     sources = {"base": base, "mllm": mllm or pipe.easyref_config.mllm, "adapter": adapter}
     return pipe, sources
@@ -274,7 +271,7 @@ def contact_sheet(references, outputs, cell: int | None = None) -> Image.Image:
 # ---------------------------------------------------------------------------- convert
 def cmd_convert(args) -> int:
     from .checkpoint import CheckpointError
-    from .release import convert_release
+    from .release import convert_release, log_ignored
 
     if not args.src.exists():
         raise UserError(f"{args.src}: no such file or folder")
@@ -282,11 +279,7 @@ def cmd_convert(args) -> int:
         config, ignored = convert_release(args.src, args.dst, mllm=args.mllm)
     except CheckpointError as err:
         raise UserError(str(err)) from None
-    reasons: dict[str, int] = {}
-    for reason in ignored.values():
-        reasons[reason] = reasons.get(reason, 0) + 1
-    for reason, count in sorted(reasons.items()):
-        logger.info("ignored %d tensors: %s", count, reason)
+    log_ignored(ignored)
     logger.info(
         "wrote %s (tokens %d, LoRA rank %d, finetuned trunk: %s)",
         args.dst,

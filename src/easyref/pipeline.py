@@ -106,14 +106,14 @@ class EasyRefPipeline(DiffusionPipeline):
         tensors = None
         if adapter is not None:
             config, tensors = read_checkpoint(adapter)
-        if config_overrides:
-            config = dataclasses.replace(config or EasyRefConfig(), **config_overrides)
         if base_pipeline not in BASE_PIPELINES:
             raise ValueError(f"base_pipeline must be one of {', '.join(BASE_PIPELINES)}, got {base_pipeline!r}")
         sdxl = getattr(diffusers, base_pipeline).from_pretrained(base, dtype=dtype, **base_kwargs)
         mllm = mllm or (config.mllm if config else EasyRefConfig.mllm)
         if config is None:
             config = _config_for(mllm, sdxl.unet)
+        if config_overrides:
+            config = dataclasses.replace(config, **config_overrides)
         encoder = ReferenceEncoder.from_pretrained(mllm, config, dtype=dtype)
         return cls.from_components(sdxl, encoder, tensors, base_pipeline=base_pipeline)
 

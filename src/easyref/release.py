@@ -130,11 +130,11 @@ def _infer_config(tensors: dict[str, torch.Tensor], mllm: str) -> EasyRefConfig:
 def import_release(path: str | Path, mllm: str = EasyRefConfig.mllm) -> tuple[EasyRefConfig, dict[str, torch.Tensor]]:
     source = find_release_file(Path(path))
     config, tensors, ignored = convert_release_tensors(read_release_tensors(source), mllm)
-    _log_ignored(ignored)
+    log_ignored(ignored)
     return config, tensors
 
 
-def _log_ignored(ignored: dict[str, str]) -> None:
+def log_ignored(ignored: dict[str, str]) -> None:
     by_reason: dict[str, int] = {}
     for reason in ignored.values():
         by_reason[reason] = by_reason.get(reason, 0) + 1
