@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_convert(sub)
+    from .train.command import add_train_parser
+
+    add_train_parser(sub)
     return parser
 
 
@@ -227,16 +230,16 @@ def write_outputs(images, references, out: Path, params: dict, grid: bool) -> li
     out.parent.mkdir(parents=True, exist_ok=True)
     written = []
     for index, (image, path) in enumerate(zip(images, output_paths(out, len(images)))):
-        _save_png(image, path, {**params, "index": index, "width": image.width, "height": image.height})
+        save_png(image, path, {**params, "index": index, "width": image.width, "height": image.height})
         written.append(path)
     if grid:
         path = out.with_name(f"{out.stem}_grid{out.suffix}")
-        _save_png(contact_sheet(references, images), path, params)
+        save_png(contact_sheet(references, images), path, params)
         written.append(path)
     return written
 
 
-def _save_png(image: Image.Image, path: Path, params: dict) -> None:
+def save_png(image: Image.Image, path: Path, params: dict) -> None:
     info = PngImagePlugin.PngInfo()
     info.add_text("easyref", json.dumps(params, sort_keys=True))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

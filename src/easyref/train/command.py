@@ -1,0 +1,75 @@
+"""`easyref train`: run one training stage from a recipe or config file."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+logger = logging.getLogger("easyref")
+
+EPILOG = """\
+recipes: stage1, stage2, stage3 (the paper's; see `easyref train --show-recipe stage1`), or a YAML/JSON file.
+examples:
+  easyref train --config stage1 --set data=data/pairs.json data_root=data
+  easyref train --config stage2 --set init_from=runs/stage1/final
+  easyref train --config my_stage3.yaml --resume latest
+  accelerate launch --num_processes 8 -m easyref train --config stage3
+"""
+
+
+def add_train_parser(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train one EasyRef stage (1 alignment, 2 single-reference, 3 multi-reference)",
+        description="Train one stage of EasyRef's progressive recipe with accelerate. Each stage writes "
+        "OUTPUT_DIR/checkpoint-N (full training state + an inference checkpoint in N/model) and "
+        "OUTPUT_DIR/final, which `easyref generate --adapter` loads and the next stage's init_from takes.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", help="recipe name (stage1/stage2/stage3) or YAML/JSON config file")
+    p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE", help="override settings")
+    p.add_argument("--output-dir", help="where checkpoints and logs go (overrides the config's output_dir)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps to reach (overrides max_steps)")
+    p.add_argument("--resume", metavar="latest|DIR", help="continue exactly from a checkpoint of this run")
+    p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
+    p.add_argument("--show-recipe", metavar="NAME", help="print a shipped recipe (stage1/2/3, deepspeed_zero2) and exit")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from ..checkpoint import CheckpointError
+    from ..cli import UserError
+    from .config import RECIPES, ConfigError, load_config, parse_overrides
+
+    if args.show_recipe:
+        path = RECIPES / f"{args.show_recipe}.yaml"
+        if not path.is_file():
+            raise UserError(f"no recipe {args.show_recipe!r} (known: {', '.join(sorted(p.stem for p in RECIPES.glob('*.yaml')))})")
+        print(path.read_text(), end="")
+        return 0
+    if not args.config:
+        raise UserError("--config is required (a recipe name such as stage1, or a YAML/JSON file)")
+    try:
+        overrides = parse_overrides(args.overrides)
+        if args.output_dir:
+            overrides["output_dir"] = args.output_dir
+        if args.max_steps is not None:
+            overrides["max_steps"] = args.max_steps
+        config = load_config(args.config, overrides)
+        final = _run(config, args)
+    except (ConfigError, CheckpointError, FileNotFoundError) as err:
+        raise UserError(str(err)) from None
+    except ValueError as err:  # data errors and settings that do not fit the data
+        raise UserError(str(err)) from None
+    except OSError as err:  # a model folder or hub id that cannot be loaded
+        raise UserError(f"cannot load a model: {str(err).splitlines()[0]}") from None
+    logger.info("done: %s", final)
+    return 0
+
+
+def _run(config, args):
+    from .trainer import Trainer
+
+    trainer = Trainer(config, resume=args.resume, cpu=True if args.cpu else None)
+    return trainer.train()

@@ -1,0 +1,163 @@
+"""`TrainConfig`: one validated file per stage (YAML or JSON), plus the shipped recipes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+RECIPES = Path(__file__).with_name("recipes")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+STAGE_NAMES = {1: "alignment pretraining", 2: "single-reference finetuning", 3: "multi-reference finetuning"}
+
+
+class ConfigError(ValueError):
+    """A training configuration that cannot be used (one line naming the field)."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training stage needs; defaults follow the paper's recipe (facts, section 2)."""
+
+    stage: int = 1
+    # models: SDXL folder/hub id, Qwen2-VL folder/hub id, the previous stage's checkpoint
+    base: str = "stabilityai/stable-diffusion-xl-base-1.0"
+    mllm: str = "Qwen/Qwen2-VL-2B-Instruct"
+    init_from: str | None = None
+    output_dir: str = "runs/easyref"
+    # data
+    data: str = ""
+    data_root: str = "."
+    allow_outside_root: bool = False
+    fail_on_bad_data: bool = False
+    resolution: int = 1024
+    crop: str = "random"
+    keep_aspect: bool = False
+    bucket_stride: int = 64
+    max_references: int = 24
+    truncate_rate: float = 0.0
+    image_drop_rate: float = 0.05
+    text_drop_rate: float = 0.05
+    both_drop_rate: float = 0.05
+    face_expand_max: float = 0.5
+    flip_rate: float = 0.5
+    num_workers: int = 2
+    # model shape (only used when there is no init_from checkpoint to take it from)
+    num_reference_tokens: int = 64
+    reference_image_size: int = 336
+    lora_rank: int = 0
+    # optimisation
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 0.0
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 1000
+    mixed_precision: str = "bf16"
+    gradient_checkpointing: bool = True
+    cache_text_embeds: bool = False
+    noise_offset: float = 0.0
+    seed: int = 0
+    # checkpoints, logs, validation
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    tensorboard: bool = True
+    validation_every: int = 0
+    validation_prompt: str = "a photo"
+    validation_references: list[str] = field(default_factory=list)
+    validation_steps: int = 30
+    validation_guidance: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGE_NAMES:
+            raise ConfigError(f"stage must be 1, 2 or 3, got {self.stage!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ConfigError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
+        for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "checkpoint_every", "log_every"):
+            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_workers", "lora_rank", "lr_warmup_steps", "validation_every", "keep_checkpoints"):
+            _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        _require(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        _require(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm}")
+        if self.stage > 1 and self.init_from is None:
+            raise ConfigError(f"stage {self.stage} starts from the previous stage's checkpoint: set init_from")
+        if self.validation_every and not self.validation_references:
+            raise ConfigError("validation_every needs validation_references (image paths of a fixed group)")
+
+    @property
+    def trains_trunk(self) -> bool:
+        """Stages 2-3 train the whole MLLM and the UNet LoRA; stage 1 only the new modules."""
+        return self.stage > 1
+
+    @property
+    def global_batch_size_per_step(self) -> int:
+        return self.batch_size * self.gradient_accumulation_steps
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown setting {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        try:
+            return cls(**values)
+        except TypeError as err:
+            raise ConfigError(f"{source}: {err}") from None
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def recipe_path(name: str) -> Path:
+    """`stage1` / `stage2` / `stage3` name the shipped recipes; anything else is a file path."""
+    candidate = RECIPES / f"{name}.yaml"
+    return candidate if candidate.is_file() else Path(name)
+
+
+def read_config_file(path: str | Path) -> dict:
+    path = recipe_path(str(path))
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (or name a recipe: stage1, stage2, stage3)")
+    try:
+        text = path.read_text()
+        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings")
+    return values
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`key=value` pairs; values are read as YAML scalars/lists, so `lora_rank=8` is an int."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+    return out
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
+    values = read_config_file(path)
+    values.update(overrides or {})
+    return TrainConfig.from_dict(values, source=str(path))
+
+
+def save_config(config: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

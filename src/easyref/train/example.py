@@ -1,0 +1,57 @@
+"""A small synthetic dataset in all three released formats, to try `easyref train` end to end."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLOURS = ["red", "blue", "green", "orange", "purple", "teal"]
+BACKGROUNDS = ["white", "lightgray", "beige", "lavender"]
+SHAPES = ["circle", "square", "triangle"]
+
+
+def draw_subject(shape: str, colour: str, background: str, size: int, rng: random.Random) -> tuple[Image.Image, list[int]]:
+    """One subject at a random place and size; returns the image and the subject's box."""
+    image = Image.new("RGB", (size, size), background)
+    side = rng.randint(size // 3, size // 2)
+    x, y = rng.randint(0, size - side - 1), rng.randint(0, size - side - 1)
+    box = [x, y, x + side, y + side]
+    draw = ImageDraw.Draw(image)
+    if shape == "circle":
+        draw.ellipse(box, fill=colour)
+    elif shape == "square":
+        draw.rectangle(box, fill=colour)
+    else:
+        draw.polygon([(x + side // 2, y), (x, y + side), (x + side, y + side)], fill=colour)
+    return image, box
+
+
+def write_example_data(root: str | Path, subjects: int = 6, per_subject: int = 4, size: int = 64, seed: int = 0) -> dict[str, Path]:
+    """Images under root/images and pairs.json (stage 1), faces.json (stage 2), groups.jsonl (stage 3)."""
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    pairs, faces, groups = [], [], []
+    for s in range(subjects):
+        shape, colour = SHAPES[s % len(SHAPES)], COLOURS[s % len(COLOURS)]
+        files = []
+        for i in range(per_subject):
+            background = rng.choice(BACKGROUNDS)
+            image, box = draw_subject(shape, colour, background, size, rng)
+            name = f"images/{s:03d}_{i}.png"
+            image.save(root / name)
+            files.append(name)
+            caption = f"a {colour} {shape} on a {background} background"
+            pairs.append({"image_file": name, "text": [caption], "target": name})
+            faces.append({"face": [[[*box, 0.99]]], "text": [caption], "target": name})
+        for i, target in enumerate(files):
+            refs = [f for f in files if f != target]
+            groups.append({"image_file": refs, "text": [f"a picture, variant {i}"], "target": target})
+    paths = {"pairs": root / "pairs.json", "faces": root / "faces.json", "groups": root / "groups.jsonl"}
+    paths["pairs"].write_text(json.dumps(pairs, indent=1))
+    paths["faces"].write_text(json.dumps(faces, indent=1))
+    paths["groups"].write_text("".join(json.dumps(g) + "\n" for g in groups))
+    return paths

@@ -1,0 +1,148 @@
+"""The models of one training stage: loading, stage-by-stage trainables, the noise-prediction forward."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..adapter import LORA_ADAPTER_NAME, adapter_state_dict, install_adapter, reference_processors
+from ..checkpoint import CheckpointError, apply_checkpoint, read_checkpoint, split_groups, trunk_state_dict
+from ..config import EasyRefConfig
+from ..encoder import ReferenceEncoder
+from ..prompting import MLLMInputs, build_inputs
+from .config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StageModels:
+    """Loaded once per run; `encoder` and `unet` carry the trainables, the rest stays frozen."""
+
+    model_config: EasyRefConfig
+    encoder: ReferenceEncoder
+    unet: nn.Module
+    vae: nn.Module
+    text_pipe: object  # a StableDiffusionXLPipeline sharing the text encoders, used for `encode_prompt`
+    noise_scheduler: object
+
+
+def load_stage_models(config: TrainConfig) -> StageModels:
+    """SDXL + Qwen2-VL from their folders/hub ids, the adapter installed, the previous stage loaded."""
+    from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+
+    previous = read_checkpoint(config.init_from) if config.init_from else None
+    sdxl = StableDiffusionXLPipeline.from_pretrained(config.base)
+    sdxl.set_progress_bar_config(disable=True)
+    model_config = _model_config(config, previous[0] if previous else None, sdxl.unet)
+    torch.manual_seed(config.seed)  # reference tokens and LoRA start from the same values on every process
+    encoder = ReferenceEncoder.from_pretrained(config.mllm, model_config)
+    unet = sdxl.unet
+    install_adapter(unet, model_config)
+    if previous:
+        load_previous_stage(previous[0], previous[1], model_config, encoder, unet)
+    scheduler = DDPMScheduler.from_config(sdxl.scheduler.config)
+    return StageModels(model_config, encoder, unet, sdxl.vae, sdxl, scheduler)
+
+
+def _model_config(config: TrainConfig, previous: EasyRefConfig | None, unet) -> EasyRefConfig:
+    if previous is None:
+        from transformers import AutoConfig
+
+        return EasyRefConfig(
+            mllm=config.mllm,
+            mllm_hidden_size=AutoConfig.from_pretrained(config.mllm).text_config.hidden_size,
+            cross_attention_dim=unet.config.cross_attention_dim,
+            num_reference_tokens=config.num_reference_tokens,
+            reference_image_size=config.reference_image_size,
+            max_references=max(EasyRefConfig.max_references, config.max_references),
+            lora_rank=config.lora_rank if config.trains_trunk else 0,
+            has_trunk=config.trains_trunk,
+        )
+    lora_rank = previous.lora_rank or (config.lora_rank if config.trains_trunk else 0)
+    if previous.lora_rank and config.lora_rank and config.lora_rank != previous.lora_rank:
+        logger.warning("lora_rank %d ignored: the previous stage trained rank %d", config.lora_rank, lora_rank)
+    return dataclasses.replace(
+        previous,
+        mllm=config.mllm,
+        max_references=max(previous.max_references, config.max_references),
+        lora_rank=lora_rank,
+        has_trunk=config.trains_trunk or previous.has_trunk,
+    )
+
+
+def load_previous_stage(previous: EasyRefConfig, tensors: dict, model_config: EasyRefConfig, encoder, unet) -> None:
+    """Load a previous stage's checkpoint; what that stage could not have had (the LoRA a later stage
+    adds, the trunk stage 1 never trained) keeps its fresh values. Everything else must fit exactly."""
+    groups = split_groups(tensors)
+    filled = dict(tensors)
+    if not previous.lora_rank:
+        for key, value in adapter_state_dict(unet).items():
+            if key.startswith("lora."):
+                filled.setdefault(f"unet.{key}", value)
+    if not groups["trunk"] and model_config.has_trunk:
+        filled.update({f"trunk.{k}": v for k, v in trunk_state_dict(encoder).items()})
+    try:
+        apply_checkpoint(model_config, filled, encoder, unet)
+    except CheckpointError as err:
+        raise CheckpointError(f"init_from checkpoint does not fit this stage's model: {err}") from None
+
+
+def select_trainables(models: StageModels, stage: int) -> list[tuple[str, nn.Parameter]]:
+    """Freeze everything, then unfreeze what the stage trains (facts, section 2, recipe table)."""
+    encoder, unet = models.encoder, models.unet
+    for module in (encoder, unet, models.vae, models.text_pipe.text_encoder, models.text_pipe.text_encoder_2):
+        module.requires_grad_(False)
+    named = [(f"encoder.aggregator.{n}", p) for n, p in encoder.aggregator.named_parameters()]
+    for name, proc in reference_processors(unet).items():
+        named += [(f"unet.{name}.{n}", p) for n, p in proc.named_parameters()]
+    named += [(f"unet.encoder_hid_proj.{n}", p) for n, p in unet.encoder_hid_proj.named_parameters()]
+    if stage > 1:
+        for prefix in ("visual", "embed_tokens", "layers", "norm"):
+            named += [(f"encoder.{prefix}.{n}", p) for n, p in getattr(encoder, prefix).named_parameters()]
+        lora = [(n, p) for n, p in unet.named_parameters() if f".{LORA_ADAPTER_NAME}." in n and "lora_" in n]
+        named += [(f"unet.{n}", p) for n, p in lora]
+    for _, param in named:
+        param.requires_grad_(True)
+    return named
+
+
+def cast_frozen(models: StageModels, dtype: torch.dtype, stage: int) -> None:
+    """Hold wholly frozen modules in the mixed-precision dtype to save memory; the VAE stays fp32
+    (SDXL's VAE overflows in fp16) and the UNet keeps fp32 base weights beside its fp32 adapter."""
+    models.text_pipe.text_encoder.to(dtype)
+    models.text_pipe.text_encoder_2.to(dtype)
+    if stage == 1:
+        for module in (models.encoder.visual, models.encoder.embed_tokens, models.encoder.layers, models.encoder.norm):
+            module.to(dtype)
+
+
+class TrainingModel(nn.Module):
+    """Reference tokens from the MLLM, then the adapted UNet's noise prediction (what DDP wraps)."""
+
+    def __init__(self, encoder: ReferenceEncoder, unet: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.unet = unet
+
+    def forward(self, inputs: MLLMInputs, noisy_latents, timesteps, prompt_embeds, pooled_embeds, time_ids):
+        tokens = self.encoder.encode(inputs)  # (B, n, D)
+        added = {"text_embeds": pooled_embeds, "time_ids": time_ids, "image_embeds": [tokens.unsqueeze(1)]}
+        return self.unet(noisy_latents, timesteps, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added).sample
+
+
+class MLLMInputBuilder:
+    """Tokenises and preprocesses reference groups in the data-loader workers (picklable)."""
+
+    def __init__(self, encoder: ReferenceEncoder):
+        self.config = encoder.config
+        self.tokenizer = encoder.tokenizer
+        self.image_processor = encoder.image_processor
+
+    def __call__(self, groups, texts) -> MLLMInputs:
+        instructions = [self.config.format_instruction(t) for t in texts]
+        return build_inputs(groups, instructions, self.tokenizer, self.image_processor, self.config)
