@@ -299,3 +299,55 @@ def qwen2vl_2b_config(
         vision_end_token_id=ids["vision_end_token_id"],
         tie_word_embeddings=tie_word_embeddings,
     )
+
+
+def sdxl_unet_config(scale_down: bool = False) -> dict:
+    """stabilityai/stable-diffusion-xl-base-1.0's UNet (2.57 B parameters); `scale_down` keeps its block
+    layout with 1/10 the width and one transformer layer per block (for a quick CPU check of a script)."""
+    widths = (32, 64, 128) if scale_down else (320, 640, 1280)
+    return dict(
+        sample_size=128,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=widths,
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 1, 1) if scale_down else (1, 2, 10),
+        attention_head_dim=(2, 4, 8) if scale_down else (5, 10, 20),  # diffusers' name for the head count
+        cross_attention_dim=2048,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+        norm_num_groups=32,
+    )
+
+
+def sdxl_vae_config(scale_down: bool = False) -> dict:
+    """SDXL's VAE (scaling factor 0.13025, 8x downsampling)."""
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 64, 64) if scale_down else (128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=1024,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    )
+
+
+def sdxl_text_configs(vocab_size: int, scale_down: bool = False) -> tuple[dict, dict]:
+    """CLIP ViT-L/14 text (768 wide, 12 layers) and OpenCLIP bigG text (1280 wide, 32 layers, projection)."""
+    one = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+               projection_dim=768, hidden_act="quick_gelu")
+    two = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+               projection_dim=1280, hidden_act="gelu")
+    if scale_down:
+        one.update(num_hidden_layers=2)
+        two.update(num_hidden_layers=2)
+    common = dict(vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    return {**one, **common}, {**two, **common}

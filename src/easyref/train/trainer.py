@@ -60,7 +60,15 @@ class CollateForTraining:
 class Trainer:
     """`Trainer(config).train()` runs one stage to `config.max_steps` and returns the final checkpoint."""
 
-    def __init__(self, config: TrainConfig, resume: str | None = None, cpu: bool | None = None):
+    def __init__(
+        self,
+        config: TrainConfig,
+        resume: str | None = None,
+        cpu: bool | None = None,
+        models: StageModels | None = None,
+        model_class: type[TrainingModel] = TrainingModel,
+    ):
+        """`models` and `model_class` let benchmarks and notebooks supply models built in memory."""
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
         from accelerate.utils import set_seed
@@ -79,7 +87,8 @@ class Trainer:
         )
         set_seed(config.seed)
         self.dataset = self._dataset()
-        self.models = load_stage_models(config)
+        self.models = models or load_stage_models(config)
+        self.model_class = model_class
         self.trainables = select_trainables(self.models, config.stage)
         self.state = TrainState()
         if resume:
@@ -135,7 +144,7 @@ class Trainer:
 
         # stepped once per optimizer step by us (accelerate's wrapper would step it once per process)
         self.lr_scheduler = get_scheduler(c.lr_scheduler, optimizer, num_warmup_steps=c.lr_warmup_steps)
-        self.model, self.optimizer = acc.prepare(TrainingModel(models.encoder, models.unet), optimizer)
+        self.model, self.optimizer = acc.prepare(self.model_class(models.encoder, models.unet), optimizer)
         self.model.train()
         self.text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if acc.is_main_process and acc.log_with:
@@ -151,6 +160,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> Path:
+        self.fit(self.config.max_steps)
+        final = self._save_final()
+        self.accelerator.end_training()
+        return final
+
+    def fit(self, max_steps: int) -> None:
+        """Optimizer steps until `max_steps` (checkpoints, logs and validation on their schedules)."""
         c, acc = self.config, self.accelerator
         self._check_data()
         if acc.is_main_process:
@@ -161,9 +177,9 @@ class Trainer:
                 c.stage, STAGE_NAMES[c.stage], len(self.dataset), len(self.trainables),
                 f"{sum(p.numel() for _, p in self.trainables):,}", self.global_batch, c.gradient_accumulation_steps,
             )
-        progress = _progress(c.max_steps, self.state.step, acc.is_main_process)
+        progress = _progress(max_steps, self.state.step, acc.is_main_process)
         meter = _Meter()
-        while self.state.step < c.max_steps:
+        while self.state.step < max_steps:
             for batch, data_time in self._epoch_batches():
                 meter.add_data_time(data_time)
                 loss = self._micro_step(batch)
@@ -175,14 +191,11 @@ class Trainer:
                     self.state.step += 1
                     progress.update(1)
                     self._after_step(meter, progress)
-                    if self.state.step >= c.max_steps:
+                    if self.state.step >= max_steps:
                         break
             else:
                 self._end_epoch()
         progress.close()
-        final = self._save_final()
-        acc.end_training()
-        return final
 
     def _check_data(self) -> None:
         count = sum(len(b) for b in global_batches(self.dataset, self.global_batch, self.config.seed, 0))
