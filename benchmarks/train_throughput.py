@@ -205,6 +205,12 @@ def prepare_tiny(workdir: Path) -> None:
 
 
 def plan(args) -> list[tuple[str, int, int, bool]]:
+    if args.rows:  # e.g. "ours:2:off,release:1:off"
+        rows = []
+        for item in args.rows.split(","):
+            method, batch, ckpt = item.split(":")
+            rows.append((method, 3 if args.real_config else 1, int(batch), ckpt == "on"))
+        return rows
     if args.real_config:
         rows = []
         for ckpt in (True, False):
@@ -226,6 +232,7 @@ def parse_args(argv):
     p.add_argument("--num-layers", type=int, default=28, help="Qwen2-VL text layers (real: 28)")
     p.add_argument("--vision-depth", type=int, default=32, help="Qwen2-VL vision blocks (real: 32)")
     p.add_argument("--mixed-precision", default=None, help="default: bf16 with --real-config, else no")
+    p.add_argument("--rows", help="only these rows, as METHOD:BATCH:on|off,... (grad ckpt on/off)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--workers", type=int, default=2)
