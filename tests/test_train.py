@@ -275,3 +275,17 @@ def test_recipes_reproduce_the_paper_table():
     assert all(c.weight_decay == 0 and c.lr_scheduler == "constant" and c.mixed_precision == "bf16" for c in (one, two, three))
     assert all((c.image_drop_rate, c.text_drop_rate, c.both_drop_rate) == (0.05, 0.05, 0.05) for c in (one, two, three))
     assert (one.batch_size * 32, two.batch_size * 32, three.batch_size * 32) == (256, 256, 128)
+
+
+def test_example_recipes_run_on_the_bundled_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EASYREF_HOME", str(tmp_path / "home"))
+    assert main(["train", "--write-example-data", "runs/example-data"]) == 0
+    for stage in (1, 2, 3):
+        assert main(["train", "--config", f"example-stage{stage}", "--max-steps", "1", "--set", "batch_size=2"]) == 0
+    final = tmp_path / "runs" / "example-stage3" / "final"
+    assert json.loads((final / "easyref_config.json").read_text())["mllm"] == "default"
+    out = tmp_path / "out.png"
+    args = ["generate", "--base", "default", "--adapter", str(final), "--ref", "runs/example-data/images/000_0.png"]
+    assert main(args + ["--prompt", "a picture", "--out", str(out), "--steps", "2", "--seed", "0"]) == 0
+    assert out.is_file()

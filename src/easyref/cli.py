@@ -51,7 +51,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--prompt", required=True, help="text prompt")
     p.add_argument("--negative-prompt", help="negative text prompt (default: the checkpoint's)")
     p.add_argument("--out", type=Path, required=True, help="output PNG (with --num-images N: OUT_0.png ...)")
-    p.add_argument("--base", help="SDXL folder or hub id")
+    p.add_argument("--base", help="SDXL folder or hub id ('default': the bundled model's, with its Qwen2-VL)")
     p.add_argument("--mllm", help="Qwen2-VL-Instruct folder or hub id (default: the checkpoint's)")
     p.add_argument("--adapter", help="EasyRef checkpoint folder (ours or the authors' release)")
     p.add_argument("--scale", type=float, default=1.0, help="reference strength (default 1.0)")
@@ -187,17 +187,19 @@ def load_pipeline(args):
     from .pipeline import EasyRefPipeline
 
     device, dtype = resolve_device(args.device, args.dtype)
-    if args.base:
+    if args.base and args.base != "default":
         base, mllm, adapter = args.base, args.mllm, args.adapter
         _check_local(base, "--base")
-        if adapter:
-            _check_local(adapter, "--adapter")
-    else:
+    else:  # the bundled default model; `--base default --adapter X` puts another adapter on its parts
         from .default_model import UNTRAINED_NOTICE, default_model_dir
 
-        logger.warning(UNTRAINED_NOTICE)
         folder = default_model_dir()
-        base, mllm, adapter = str(folder / "sdxl"), str(folder / "qwen2vl"), str(folder / "adapter")
+        base, mllm = str(folder / "sdxl"), args.mllm or str(folder / "qwen2vl")
+        adapter = args.adapter or str(folder / "adapter")
+        if not args.adapter:
+            logger.warning(UNTRAINED_NOTICE)
+    if adapter:
+        _check_local(adapter, "--adapter")
     try:
         pipe = EasyRefPipeline.from_pretrained(base, mllm=mllm, adapter=adapter, dtype=dtype)
     except CheckpointError as err:

@@ -64,3 +64,11 @@ def _build(folder: Path) -> None:
     encoder = ReferenceEncoder.from_pretrained(folder / "qwen2vl", tiny_config("qwen2vl"))
     pipe = EasyRefPipeline.from_components(StableDiffusionXLPipeline.from_pretrained(folder / "sdxl"), encoder)
     pipe.save_adapter(folder / "adapter")
+
+
+DEFAULT_NAME = "default"
+
+
+def resolve_part(name: str, part: str) -> str:
+    """`default` names a part (`sdxl` or `qwen2vl`) of the bundled default model; anything else is as given."""
+    return str(default_model_dir() / part) if name == DEFAULT_NAME else name

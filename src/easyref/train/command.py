@@ -9,7 +9,10 @@ logger = logging.getLogger("easyref")
 
 EPILOG = """\
 recipes: stage1, stage2, stage3 (the paper's; see `easyref train --show-recipe stage1`), or a YAML/JSON file.
+         example-stage1..3: minutes on a CPU with the bundled tiny model and the example data.
+relative paths in a config are taken from the folder you run in.
 examples:
+  easyref train --write-example-data runs/example-data && easyref train --config example-stage1
   easyref train --config stage1 --set data=data/pairs.json data_root=data
   easyref train --config stage2 --set init_from=runs/stage1/final
   easyref train --config my_stage3.yaml --resume latest
@@ -33,6 +36,7 @@ def add_train_parser(sub) -> None:
     p.add_argument("--max-steps", type=int, help="optimizer steps to reach (overrides max_steps)")
     p.add_argument("--resume", metavar="latest|DIR", help="continue exactly from a checkpoint of this run")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
+    p.add_argument("--write-example-data", metavar="DIR", help="write a small synthetic dataset (all three formats) and exit")
     p.add_argument("--show-recipe", metavar="NAME", help="print a shipped recipe (stage1/2/3, deepspeed_zero2) and exit")
     p.set_defaults(func=cmd_train)
 
@@ -42,6 +46,12 @@ def cmd_train(args) -> int:
     from ..cli import UserError
     from .config import RECIPES, ConfigError, load_config, parse_overrides
 
+    if args.write_example_data:
+        from .example import write_example_data
+
+        paths = write_example_data(args.write_example_data, size=64)
+        logger.info("wrote %s", ", ".join(str(p) for p in paths.values()))
+        return 0
     if args.show_recipe:
         path = RECIPES / f"{args.show_recipe}.yaml"
         if not path.is_file():
@@ -49,7 +59,7 @@ def cmd_train(args) -> int:
         print(path.read_text(), end="")
         return 0
     if not args.config:
-        raise UserError("--config is required (a recipe name such as stage1, or a YAML/JSON file)")
+        raise UserError("--config is required (a recipe name such as stage1 or example-stage1, or a YAML/JSON file)")
     try:
         overrides = parse_overrides(args.overrides)
         if args.output_dir:

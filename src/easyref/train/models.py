@@ -35,12 +35,15 @@ def load_stage_models(config: TrainConfig) -> StageModels:
     """SDXL + Qwen2-VL from their folders/hub ids, the adapter installed, the previous stage loaded."""
     from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 
+    from ..default_model import resolve_part
+
     previous = read_checkpoint(config.init_from) if config.init_from else None
-    sdxl = StableDiffusionXLPipeline.from_pretrained(config.base)
+    base, mllm = resolve_part(config.base, "sdxl"), resolve_part(config.mllm, "qwen2vl")
+    sdxl = StableDiffusionXLPipeline.from_pretrained(base)
     sdxl.set_progress_bar_config(disable=True)
-    model_config = _model_config(config, previous[0] if previous else None, sdxl.unet)
+    model_config = _model_config(config, mllm, previous[0] if previous else None, sdxl.unet)
     torch.manual_seed(config.seed)  # reference tokens and LoRA start from the same values on every process
-    encoder = ReferenceEncoder.from_pretrained(config.mllm, model_config)
+    encoder = ReferenceEncoder.from_pretrained(mllm, model_config)
     unet = sdxl.unet
     install_adapter(unet, model_config)
     if previous:
@@ -49,13 +52,14 @@ def load_stage_models(config: TrainConfig) -> StageModels:
     return StageModels(model_config, encoder, unet, sdxl.vae, sdxl, scheduler)
 
 
-def _model_config(config: TrainConfig, previous: EasyRefConfig | None, unet) -> EasyRefConfig:
+def _model_config(config: TrainConfig, mllm_path: str, previous: EasyRefConfig | None, unet) -> EasyRefConfig:
+    """The checkpoint records `config.mllm` as written (a hub id, a folder, or `default`)."""
     if previous is None:
         from transformers import AutoConfig
 
         return EasyRefConfig(
             mllm=config.mllm,
-            mllm_hidden_size=AutoConfig.from_pretrained(config.mllm).text_config.hidden_size,
+            mllm_hidden_size=AutoConfig.from_pretrained(mllm_path).text_config.hidden_size,
             cross_attention_dim=unet.config.cross_attention_dim,
             num_reference_tokens=config.num_reference_tokens,
             reference_image_size=config.reference_image_size,
