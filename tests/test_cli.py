@@ -151,6 +151,6 @@ def test_convert_bad_source(tmp_path, capsys):
 
 
 def test_help_of_the_installed_command():
-    for argv in (["--help"], ["generate", "--help"], ["convert", "--help"]):
+    for argv in (["--help"], ["generate", "--help"], ["convert", "--help"], ["train", "--help"]):
         result = subprocess.run([sys.executable, "-m", "easyref.cli", *argv], capture_output=True, text=True)
         assert result.returncode == 0 and "usage: easyref" in result.stdout

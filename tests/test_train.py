@@ -235,10 +235,11 @@ def test_bad_images_are_reported_or_fatal(tiny_dirs, example_data, tmp_path, cap
     records[0] = {"image_file": "images/missing.png", "text": "x", "target": "images/missing.png"}
     data = tmp_path / "bad.json"
     data.write_text(json.dumps(records))
-    values = settings(tiny_dirs, example_data, tmp_path / "run", data=str(data), max_steps=6)
+    values = settings(tiny_dirs, example_data, tmp_path / "run", data=str(data), max_steps=7)  # epoch 0 = 6 steps
     with caplog.at_level(logging.WARNING):
         Trainer(TrainConfig(**values)).train()
-    assert "missing.png" in caplog.text and "skipped" in caplog.text
+    assert "missing.png: file not found" in caplog.text
+    assert "epoch 0: 1 samples skipped" in caplog.text
     cfg = write_config(tmp_path / "strict.yaml", {**values, "fail_on_bad_data": True, "output_dir": str(tmp_path / "s")})
     assert main(["train", "--config", str(cfg)]) == 2
 

@@ -1,6 +1,7 @@
-"""`easyref` command line: generate, convert.
+"""`easyref` command line: generate, train, convert.
 
     easyref generate --ref a.png --ref b.png --prompt "..." --out out.png
+    easyref train --config stage1 --set data=pairs.json data_root=images
     easyref convert RELEASE_DIR_OR_FILE OUT_DIR
 """
 

@@ -234,9 +234,7 @@ class Trainer:
         self.state.skipped = 0
 
     def _micro_step(self, batch) -> float:
-        acc = self.accelerator
-        for item in batch.skipped:
-            logger.warning("skipped %s: %s", item.path, item.reason)
+        acc = self.accelerator  # skipped samples were already logged, one line each, by `collate`
         with acc.accumulate(self.model):
             loss = self._loss(batch) if len(batch) else _zero_loss(self.trainables)
             acc.backward(loss)
