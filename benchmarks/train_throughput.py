@@ -168,6 +168,7 @@ def run_row(args, method: str, stage: int, batch: int, checkpointing: bool, work
     model_class = ReleaseStyleModel if method == "release" else TrainingModel
     if real:
         models = build_real_models(args.scale_down, device, args.lora_rank, args.num_layers, args.vision_depth)
+        # the models are passed in, so init_from is never read; stage 2-3 configs only require one
         config = TrainConfig(**common, init_from="(in memory)" if stage > 1 else None, resolution=args.resolution,
                              reference_image_size=336, lora_rank=args.lora_rank)
         trainer = Trainer(config, cpu=device.type == "cpu", models=models, model_class=model_class)

@@ -87,6 +87,7 @@ class Trainer:
         )
         set_seed(config.seed)
         self.dataset = self._dataset()
+        _check_validation_references(config)
         self.models = models or load_stage_models(config)
         self.model_class = model_class
         self.trainables = select_trainables(self.models, config.stage)
@@ -413,6 +414,19 @@ def resolve_resume(output_dir: Path, resume: str) -> Path:
     if not (folder / STATE_NAME).is_file():
         raise FileNotFoundError(f"--resume {resume}: not a training checkpoint (no {STATE_NAME})")
     return folder
+
+
+def _check_validation_references(config: TrainConfig) -> None:
+    """Fail at start-up, not at the first validation hours later."""
+    if not config.validation_every:
+        return
+    from .config import ConfigError
+    from .validation import load_validation_references
+
+    try:
+        load_validation_references(config.validation_references)
+    except OSError as err:
+        raise ConfigError(f"validation_references: {err}") from None
 
 
 def _warn_config_changes(saved: dict, config: TrainConfig) -> None:
