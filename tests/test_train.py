@@ -173,8 +173,12 @@ def test_resume_continues_exactly(tiny_dirs, example_data, stage1_checkpoint, tm
     interrupted = Trainer(TrainConfig(**settings(tiny_dirs, example_data, tmp_path / "b", 3, **values)))
     original = Trainer._after_step
 
+    rng_at_step_2 = {}
+
     def die_after_step_3(self, meter, progress):
         original(self, meter, progress)
+        if self.state.step == 2:
+            rng_at_step_2["torch"] = torch.get_rng_state()
         if self.state.step == 3:
             raise Killed
 
@@ -184,6 +188,7 @@ def test_resume_continues_exactly(tiny_dirs, example_data, stage1_checkpoint, tm
     monkeypatch.setattr(Trainer, "_after_step", original)
     resumed = Trainer(TrainConfig(**settings(tiny_dirs, example_data, tmp_path / "b", 3, **values)), resume="latest")
     assert resumed.state.step == 2
+    assert torch.equal(torch.get_rng_state(), rng_at_step_2["torch"])  # global generators restored too
     resumed.train()
 
     a = load_file(str(tmp_path / "a" / "final" / WEIGHTS_NAME))

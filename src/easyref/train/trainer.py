@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import random
 import resource
 import shutil
 import time
@@ -320,7 +321,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
-        """checkpoint-N/{model (inference format), optimizer.pt, scheduler.pt, trainer_state.json}, atomically."""
+        """checkpoint-N/{model (inference format), optimizer.pt, scheduler.pt, rng-R.pt, trainer_state.json},
+        written under a temporary name and renamed, so an interrupted save leaves no checkpoint-N."""
         acc = self.accelerator
         final = self.output_dir / f"{CHECKPOINT_PREFIX}{self.state.step:07d}"
         temp = self.output_dir / f".{final.name}.tmp"
@@ -331,6 +333,8 @@ class Trainer:
         acc.wait_for_everyone()
         if acc.distributed_type == DistributedType.DEEPSPEED:  # ZeRO shards optimizer state across processes
             acc.save_state(str(temp / "accelerate"))
+        torch.save(_rng_state(), temp / f"rng-{acc.process_index}.pt")
+        acc.wait_for_everyone()
         if acc.is_main_process:
             self._write_checkpoint_files(temp)
             if final.exists():
@@ -381,6 +385,9 @@ class Trainer:
             # written by this trainer, still read without unpickling arbitrary objects
             self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu"))
         self.lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+        rng = folder / f"rng-{self.accelerator.process_index}.pt"
+        if rng.is_file():
+            _set_rng_state(torch.load(rng, weights_only=True))
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> Path | None:
@@ -414,6 +421,22 @@ def resolve_resume(output_dir: Path, resume: str) -> Path:
     if not (folder / STATE_NAME).is_file():
         raise FileNotFoundError(f"--resume {resume}: not a training checkpoint (no {STATE_NAME})")
     return folder
+
+
+def _rng_state() -> dict:
+    """The global generators. The loop draws nothing from them (all its randomness is keyed per
+    sample), but a model with dropout would, so a resumed run restores them too."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _check_validation_references(config: TrainConfig) -> None:
