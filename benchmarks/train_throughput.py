@@ -65,8 +65,7 @@ class ReleaseStyleModel(TrainingModel):
         trunk = enc.norm(enc._run(enc.layers, hidden, mask, positions, causal=True))
         logits = torch.nn.functional.linear(trunk, enc.embed_tokens.weight).float()  # tied lm_head, as released
         tokens = enc._aggregate(trunk, mask, positions)
-        added = {"text_embeds": pooled_embeds, "time_ids": time_ids, "image_embeds": [tokens.unsqueeze(1)]}
-        out = self.unet(noisy_latents, timesteps, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added).sample
+        out = self.denoise(tokens, noisy_latents, timesteps, prompt_embeds, pooled_embeds, time_ids)
         del logits  # held until here, like the release's output object
         return out
 

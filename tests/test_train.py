@@ -296,3 +296,36 @@ def test_example_recipes_run_on_the_bundled_model(tmp_path, monkeypatch):
     args = ["generate", "--base", "default", "--adapter", str(final), "--ref", "runs/example-data/images/000_0.png"]
     assert main(args + ["--prompt", "a picture", "--out", str(out), "--steps", "2", "--seed", "0"]) == 0
     assert out.is_file()
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("deepspeed") is None,
+    reason="DeepSpeed is not installed (it is not a dependency; install it to run this check)",
+)
+def test_deepspeed_zero2_equals_plain_training_and_resumes_exactly(tiny_dirs, example_data, stage1_checkpoint, tmp_path):
+    from easyref.train.config import RECIPES
+
+    ds_config = yaml.safe_load((RECIPES / "deepspeed_zero2.yaml").read_text())
+    ds_config.update(num_processes=1, mixed_precision="no")
+    accelerate_cfg = tmp_path / "ds.yaml"
+    accelerate_cfg.write_text(yaml.safe_dump(ds_config))
+    values = settings(tiny_dirs, example_data, tmp_path / "plain", 2, init_from=str(stage1_checkpoint), max_steps=4,
+                      checkpoint_every=2)
+    cfg = write_config(tmp_path / "cfg.yaml", values)
+    assert main(["train", "--config", str(cfg)]) == 0
+
+    def launch(out, steps, *extra):
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_cfg), "-m",
+                   "easyref", "train", "--config", str(cfg), "--output-dir", str(tmp_path / out), "--max-steps", str(steps), *extra]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    launch("ds", 4)
+    launch("resumed", 2)
+    launch("resumed", 4, "--resume", "latest")
+    assert (tmp_path / "ds" / "checkpoint-0000004" / "accelerate").is_dir()  # ZeRO's sharded state went through accelerate
+    plain = load_file(str(tmp_path / "plain" / "final" / WEIGHTS_NAME))
+    for run in ("ds", "resumed"):
+        other = load_file(str(tmp_path / run / "final" / WEIGHTS_NAME))
+        for key in plain:
+            torch.testing.assert_close(other[key], plain[key], rtol=0, atol=1e-6, msg=f"{run}: {key}")

@@ -135,8 +135,19 @@ class TrainingModel(nn.Module):
 
     def forward(self, inputs: MLLMInputs, noisy_latents, timesteps, prompt_embeds, pooled_embeds, time_ids):
         tokens = self.encoder.encode(inputs)  # (B, n, D)
-        added = {"text_embeds": pooled_embeds, "time_ids": time_ids, "image_embeds": [tokens.unsqueeze(1)]}
-        return self.unet(noisy_latents, timesteps, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added).sample
+        return self.denoise(tokens, noisy_latents, timesteps, prompt_embeds, pooled_embeds, time_ids)
+
+    def denoise(self, tokens, noisy_latents, timesteps, prompt_embeds, pooled_embeds, time_ids):
+        # Under autocast the UNet is fp32 and this is a no-op; DeepSpeed instead casts the whole
+        # model to bf16/fp16 and runs without autocast, so the inputs must follow the UNet's dtype.
+        dtype = self.unet.dtype
+        added = {
+            "text_embeds": pooled_embeds.to(dtype),
+            "time_ids": time_ids.to(dtype),
+            "image_embeds": [tokens.unsqueeze(1).to(dtype)],
+        }
+        out = self.unet(noisy_latents.to(dtype), timesteps, encoder_hidden_states=prompt_embeds.to(dtype), added_cond_kwargs=added)
+        return out.sample
 
 
 class MLLMInputBuilder:

@@ -84,7 +84,7 @@ class Trainer:
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             log_with=_trackers(config),
             project_dir=str(self.output_dir),
-            cpu=bool(cpu) if cpu is not None else not torch.cuda.is_available(),
+            cpu=bool(cpu),  # otherwise accelerate decides (and a DeepSpeed launch stays DeepSpeed)
         )
         set_seed(config.seed)
         self.dataset = self._dataset()
@@ -144,6 +144,9 @@ class Trainer:
         )
         from diffusers.optimization import get_scheduler
 
+        plugin = acc.state.deepspeed_plugin
+        if plugin is not None:  # our loader is not prepared by accelerate, so DeepSpeed is told the batch
+            plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = c.batch_size
         # stepped once per optimizer step by us (accelerate's wrapper would step it once per process)
         self.lr_scheduler = get_scheduler(c.lr_scheduler, optimizer, num_warmup_steps=c.lr_warmup_steps)
         self.model, self.optimizer = acc.prepare(self.model_class(models.encoder, models.unet), optimizer)
