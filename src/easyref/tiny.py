@@ -74,7 +74,7 @@ def tiny_clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def tiny_qwen2vl_config(vocab_size: int):
+def tiny_qwen2vl_config(vocab_size: int, initializer_range: float = 0.2):
     from transformers import Qwen2VLConfig
 
     tok = tiny_qwen_tokenizer()
@@ -90,8 +90,9 @@ def tiny_qwen2vl_config(vocab_size: int):
             max_position_embeddings=4096,
             rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
             rms_norm_eps=1e-6,
-            # sharper attention than the 0.02 default, so that positions and masks visibly matter
-            initializer_range=0.2,
+            # tests use 0.2 (sharper attention than the 0.02 default, so that positions and masks
+            # visibly matter); a model that is going to be trained starts from the usual 0.02
+            initializer_range=initializer_range,
             tie_word_embeddings=True,
             bos_token_id=ids["<|endoftext|>"],
             eos_token_id=ids["<|im_end|>"],
@@ -116,18 +117,20 @@ def tiny_qwen2vl_config(vocab_size: int):
     )
 
 
-def save_tiny_qwen2vl(path: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random Qwen2-VL-Instruct folder (model, tokenizer, processor, chat template)."""
+def save_tiny_qwen2vl(path: str | Path, seed: int = 0, for_training: bool = False) -> Path:
+    """Write a tiny random Qwen2-VL-Instruct folder (model, tokenizer, processor, chat template).
+
+    `for_training`: the usual initialisation (0.02, unit norms) instead of the test-friendly one."""
     from transformers import Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     path = Path(path)
     tok = tiny_qwen_tokenizer()
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(tiny_qwen2vl_config(len(tok)))
+    model = Qwen2VLForConditionalGeneration(tiny_qwen2vl_config(len(tok), 0.02 if for_training else 0.2))
     with torch.no_grad():  # trained norms are not all ones; random ones make norm placement observable
         for name, param in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
+            if not for_training and (name.endswith("norm.weight") or "layernorm" in name):
                 param.uniform_(0.5, 1.5)
     model.save_pretrained(path)
     tok.chat_template = QWEN_CHAT_TEMPLATE

@@ -1,0 +1,258 @@
+"""The shapes world's base model: a tiny SDXL-architecture text-to-image model trained from scratch.
+
+This plays the part SDXL plays for EasyRef: a pretrained text-to-image base that the three EasyRef
+stages then teach to follow references. It is pretrained here, in two plain steps, because no
+weights can be downloaded:
+1. the VAE (SDXL's `AutoencoderKL`, 64 px -> 4 x 16 x 16) on renders of the world;
+2. the UNet and both CLIP text encoders, on target renders with full captions (subject named).
+The result is an ordinary diffusers SDXL folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .world import BACKGROUNDS, COLOURS, PATTERNS, POSITIONS, SHAPES, all_subjects, reference_scene, render, target_scene
+
+logger = logging.getLogger(__name__)
+
+SPECIAL = ("<|startoftext|>", "<|endoftext|>", "<unk>")
+
+
+def world_words() -> list[str]:
+    """Every word the world's captions, prompts and instructions use (the tokenizer's vocabulary)."""
+    words = set(SHAPES) | set(COLOURS) | set(PATTERNS) | set(BACKGROUNDS)
+    for position in POSITIONS:
+        words |= set(position.split())
+    words |= {"a", "an", "object", "on", "background", "at", "the", "in", "center", ","}
+    return sorted(words)
+
+
+def shapes_clip_tokenizer():
+    """Word-level CLIP-style tokenizer: `<|startoftext|> words <|endoftext|>`, padded with end tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate([*SPECIAL, *world_words()])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    core.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>",
+        special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token="<unk>",
+        model_max_length=24,  # the longest caption is 16 words; short sequences keep CPU training fast
+    )
+
+
+def build_pipeline(seed: int = 0):
+    """Untrained SDXL-architecture components sized for 64 px images."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = shapes_clip_tokenizer()
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length, projection_dim=32, bos_token_id=0, eos_token_id=1,
+        pad_token_id=1, hidden_act="gelu",
+    )
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(64, 128),
+        layers_per_block=1,
+        transformer_layers_per_block=(1, 1),
+        attention_head_dim=(4, 8),
+        use_linear_projection=True,
+        cross_attention_dim=64,  # 32 + 32 from the two text encoders, as 768 + 1280 in SDXL
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),  # 4x downsampling keeps the UNet's work small on a CPU
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel(text_config),
+        text_encoder_2=CLIPTextModelWithProjection(text_config),
+        tokenizer=tokenizer,
+        tokenizer_2=shapes_clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+    )
+
+
+# ---------------------------------------------------------------------- training data in memory
+def _to_tensor(images) -> torch.Tensor:
+    import numpy as np
+
+    array = np.stack([np.asarray(im, dtype=np.float32) for im in images])
+    return torch.from_numpy(array).permute(0, 3, 1, 2).div(127.5).sub(1.0)
+
+
+def vae_batch(rng: random.Random, size: int) -> torch.Tensor:
+    """Targets and cluttered references alike: the VAE must reconstruct both."""
+    subjects = all_subjects()
+    images = []
+    for _ in range(size):
+        subject = rng.choice(subjects)
+        if rng.random() < 0.5:
+            scene = target_scene(subject, rng.choice(list(BACKGROUNDS)), rng.choice(list(POSITIONS)))
+        else:
+            scene = reference_scene(subject, rng.randint(0, 2), rng, subjects)
+        images.append(render(scene))
+    return _to_tensor(images)
+
+
+# ---------------------------------------------------------------------- 1. the VAE
+def train_vae(vae, steps: int, batch_size: int = 32, lr: float = 1e-3, kl_weight: float = 1e-6, seed: int = 0,
+              device: str = "cpu") -> list[float]:
+    """Reconstruction (L1 + MSE) with a small KL term; returns the loss curve."""
+    rng = random.Random(f"shapes-vae-{seed}")
+    torch.manual_seed(seed)
+    vae.to(device)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    vae.train()
+    losses, started = [], time.perf_counter()
+    for step in range(steps):
+        x = vae_batch(rng, batch_size).to(device)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        if (step + 1) % 100 == 0:
+            logger.info("vae step %d/%d loss %.4f (%.0fs)", step + 1, steps, sum(losses[-100:]) / 100, time.perf_counter() - started)
+    vae.eval()
+    return losses
+
+
+@torch.no_grad()
+def fit_scaling_factor(vae, seed: int = 1, batches: int = 4) -> float:
+    """1 / std of the latents, so the diffusion model sees unit-variance inputs (SDXL's 0.13025 analogue)."""
+    rng = random.Random(f"shapes-vae-scale-{seed}")
+    device = next(vae.parameters()).device
+    latents = torch.cat([vae.encode(vae_batch(rng, 64).to(device)).latent_dist.mean for _ in range(batches)])
+    return float(1.0 / latents.std())
+
+
+# ---------------------------------------------------------------------- 2. UNet + text encoders
+def base_batch(rng: random.Random, size: int, subjects) -> tuple[torch.Tensor, list[str]]:
+    from .world import caption_for
+
+    images, captions = [], []
+    for _ in range(size):
+        subject = rng.choice(subjects)
+        background, position = rng.choice(list(BACKGROUNDS)), rng.choice(list(POSITIONS))
+        images.append(render(target_scene(subject, background, position)))
+        captions.append(caption_for(subject, background, position))
+    return _to_tensor(images), captions
+
+
+def train_base(pipe, steps: int, batch_size: int = 32, lr: float = 5e-4, seed: int = 0, subjects=None,
+               device: str = "cpu") -> list[float]:
+    """Epsilon-prediction training of the UNet and both text encoders on captioned target renders."""
+    from diffusers import DDPMScheduler
+
+    from .world import subjects_in
+
+    subjects = subjects or subjects_in("held-in")
+    rng = random.Random(f"shapes-base-{seed}")
+    gen = torch.Generator().manual_seed(seed)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    modules = [pipe.unet, pipe.text_encoder, pipe.text_encoder_2]
+    params = [p for m in modules for p in m.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 200))
+    pipe.to(device)
+    for m in modules:
+        m.train()
+    pipe.vae.requires_grad_(False)
+    side = pipe.vae.config.sample_size
+    time_ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=torch.float32, device=device).expand(batch_size, -1)
+    losses, started = [], time.perf_counter()
+    for step in range(steps):
+        pixels, captions = base_batch(rng, batch_size, subjects)
+        with torch.no_grad():
+            latents = pipe.vae.encode(pixels.to(device)).latent_dist.mean * pipe.vae.config.scaling_factor
+        embeds, _, pooled, _ = pipe.encode_prompt(captions, device=device, do_classifier_free_guidance=False)
+        # captions dropped 10% of the time, so classifier-free guidance has an unconditional branch to use
+        keep = (torch.rand(batch_size, generator=gen) > 0.1).float().to(device)
+        if keep.min() < 1:
+            empty, _, empty_pooled, _ = pipe.encode_prompt([""] * batch_size, device=device, do_classifier_free_guidance=False)
+            embeds = keep[:, None, None] * embeds + (1 - keep[:, None, None]) * empty
+            pooled = keep[:, None] * pooled + (1 - keep[:, None]) * empty_pooled
+        noise = torch.randn(latents.shape, generator=gen).to(device)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=gen).to(device)
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+        pred = pipe.unet(noisy, t, encoder_hidden_states=embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        loss = F.mse_loss(pred, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        if (step + 1) % 100 == 0:
+            logger.info("base step %d/%d loss %.4f (%.0fs)", step + 1, steps, sum(losses[-100:]) / 100, time.perf_counter() - started)
+    for m in modules:
+        m.eval()
+    return losses
+
+
+def build_base_model(out: str | Path, vae_steps: int, base_steps: int, batch_size: int = 32, seed: int = 0,
+                     device: str = "cpu") -> Path:
+    """Train the VAE, then the UNet + text encoders; save an SDXL folder (written elsewhere, then renamed)."""
+    out = Path(out)
+    pipe = build_pipeline(seed)
+    vae_losses = train_vae(pipe.vae, vae_steps, batch_size, seed=seed, device=device)
+    pipe.vae.register_to_config(scaling_factor=fit_scaling_factor(pipe.vae))
+    base_losses = train_base(pipe, base_steps, batch_size, seed=seed, device=device)
+    pipe.to("cpu")
+    tmp = out.with_name(f".{out.name}.tmp")
+    pipe.save_pretrained(tmp)
+    (tmp / "training.json").write_text(json.dumps({
+        "vae_steps": vae_steps, "base_steps": base_steps, "batch_size": batch_size, "seed": seed,
+        "vae_final_loss": sum(vae_losses[-50:]) / max(1, len(vae_losses[-50:])),
+        "base_final_loss": sum(base_losses[-50:]) / max(1, len(base_losses[-50:])),
+        "scaling_factor": pipe.vae.config.scaling_factor,
+    }, indent=1))
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.replace(out)
+    return out

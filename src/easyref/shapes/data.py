@@ -1,0 +1,62 @@
+"""Write the shapes world to disk in the training data formats, so `easyref train` reads it unchanged.
+
+One folder holds the images and four record files, all over held-in subjects only:
+- `base.jsonl`: target renders with full captions (subject named), for the base model's pretraining;
+- `pairs.jsonl`: stage 1, the target is its own reference, the text is the group's prompt;
+- `faces.jsonl`: stage 2, the "face" box is the subject's box in the target;
+- `groups.jsonl`: stage 3, references + target + prompt (the MRBench-style groups).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+from .world import IMAGE_SIZE, Group, caption_for, make_groups, render
+
+logger = logging.getLogger(__name__)
+
+
+def subject_box(group: Group, side: int = IMAGE_SIZE) -> list[int]:
+    """The subject's bounding box in the target, in pixels (the stage-2 "face")."""
+    p = group.target.subject
+    half = p.size * side / 2
+    return [round(p.cx * side - half), round(p.cy * side - half), round(p.cx * side + half), round(p.cy * side + half)]
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(path)
+
+
+def write_training_data(root: str | Path, groups: int = 2000, min_refs: int = 2, max_refs: int = 5,
+                        distractors: tuple[int, ...] = (0, 1, 2), seed: int = 0) -> dict[str, Path]:
+    """Render `groups` held-in groups (reference counts and distractor counts varied) with their records."""
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"shapes-training-{seed}")
+    base, pairs, faces, stage3 = [], [], [], []
+    per_setting = max(1, groups // (len(distractors) * (max_refs - min_refs + 1)))
+    for d in distractors:
+        for n in range(min_refs, max_refs + 1):
+            for group in make_groups("held-in", per_setting, n, d, seed=rng.randrange(2**31)):
+                target = f"images/{group.id}-{n}-{d}-target.png"
+                render(group.target).save(root / target)
+                refs = []
+                for i, scene in enumerate(group.references):
+                    name = f"images/{group.id}-{n}-{d}-ref{i}.png"
+                    render(scene).save(root / name)
+                    refs.append(name)
+                caption = caption_for(group.subject, group.background, group.position)
+                base.append({"image_file": target, "text": caption, "target": target})
+                pairs.append({"image_file": target, "text": group.prompt, "target": target})
+                faces.append({"face": [[[*subject_box(group), 1.0]]], "text": group.prompt, "target": target})
+                stage3.append({"image_file": refs, "text": group.prompt, "target": target})
+    paths = {name: root / f"{name}.jsonl" for name in ("base", "pairs", "faces", "groups")}
+    for name, records in zip(paths, (base, pairs, faces, stage3)):
+        _write_jsonl(paths[name], records)
+    logger.info("wrote %d groups under %s", len(stage3), root)
+    return paths

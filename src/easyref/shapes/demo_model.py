@@ -1,0 +1,134 @@
+"""`python -m easyref.shapes.demo_model OUT`: train the bundled default model from nothing.
+
+1. render the shapes world's training split to disk (`shapes.data`);
+2. pretrain the base text-to-image model, our SDXL stand-in (`shapes.base`);
+3. run EasyRef's three stages through `easyref.train.Trainer`, exactly as `easyref train` does;
+4. package `sdxl/`, `qwen2vl/`, `adapter/` into OUT: the layout `easyref generate` loads by default.
+
+`--preset smoke` runs every step for a handful of iterations (a check of the recipe, minutes on CPU);
+`--preset full` is the recipe behind the shipped weights (recorded in OUT/recipe.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Recipe:
+    groups: int
+    vae_steps: int
+    base_steps: int
+    stage_steps: tuple[int, int, int]
+    batch_size: int
+    stage_lr: tuple[float, float, float] = (1e-3, 3e-4, 2e-4)
+    lora_rank: int = 8
+    reference_image_size: int = 112
+    seed: int = 0
+
+
+PRESETS = {
+    "smoke": Recipe(groups=48, vae_steps=3, base_steps=3, stage_steps=(2, 2, 2), batch_size=4),
+    "full": Recipe(groups=3000, vae_steps=3000, base_steps=8000, stage_steps=(1500, 1500, 3000), batch_size=32),
+}
+
+
+def stage_config(recipe: Recipe, stage: int, work: Path, device_cpu: bool):
+    from ..train.config import TrainConfig
+
+    data = work / "data"
+    files = {1: "pairs.jsonl", 2: "faces.jsonl", 3: "groups.jsonl"}
+    return TrainConfig(
+        stage=stage,
+        base=str(work / "base"),
+        mllm=str(work / "qwen2vl"),
+        init_from=str(work / f"stage{stage - 1}" / "final") if stage > 1 else None,
+        output_dir=str(work / f"stage{stage}"),
+        data=str(data / files[stage]),
+        data_root=str(data),
+        resolution=64,
+        crop="center",
+        bucket_stride=16,
+        max_references=8,
+        truncate_rate=0.4 if stage == 3 else 0.0,
+        reference_image_size=recipe.reference_image_size,
+        lora_rank=recipe.lora_rank,
+        learning_rate=recipe.stage_lr[stage - 1],
+        batch_size=recipe.batch_size,
+        max_steps=recipe.stage_steps[stage - 1],
+        checkpoint_every=max(1, recipe.stage_steps[stage - 1] // 3),
+        keep_checkpoints=1,
+        log_every=max(1, min(50, recipe.stage_steps[stage - 1])),
+        mixed_precision="no",
+        gradient_checkpointing=False,
+        num_workers=2,
+        tensorboard=False,
+        seed=recipe.seed,
+    )
+
+
+def build(out: Path, recipe: Recipe, work: Path, cpu: bool) -> Path:
+    from ..tiny import save_tiny_qwen2vl
+    from ..train.trainer import Trainer
+    from .base import build_base_model
+    from .data import write_training_data
+
+    started = time.perf_counter()
+    timings = {}
+    write_training_data(work / "data", groups=recipe.groups, seed=recipe.seed)
+    timings["data_s"] = time.perf_counter() - started
+    device = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
+    build_base_model(work / "base", recipe.vae_steps, recipe.base_steps, recipe.batch_size, seed=recipe.seed, device=device)
+    timings["base_s"] = time.perf_counter() - started - sum(timings.values())
+    save_tiny_qwen2vl(work / "qwen2vl", seed=recipe.seed + 1, for_training=True)
+    for stage in (1, 2, 3):
+        Trainer(stage_config(recipe, stage, work, cpu), cpu=cpu).train()
+        timings[f"stage{stage}_s"] = time.perf_counter() - started - sum(timings.values())
+    package(work, out, recipe, timings)
+    return out
+
+
+def package(work: Path, out: Path, recipe: Recipe, timings: dict) -> None:
+    """The three folders the CLI loads, weights in float16 where that halves the size."""
+    from diffusers import StableDiffusionXLPipeline
+
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe = StableDiffusionXLPipeline.from_pretrained(work / "base")
+    pipe.unet.to(torch.float16)
+    pipe.save_pretrained(tmp / "sdxl")
+    shutil.copytree(work / "qwen2vl", tmp / "qwen2vl")
+    shutil.copytree(work / "stage3" / "final", tmp / "adapter")
+    (tmp / "recipe.json").write_text(json.dumps({"recipe": asdict(recipe), "timings_s": timings}, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.replace(out)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    logger.info("packaged %s (%.1f MB)", out, size / 1e6)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path, help="output folder (sdxl/, qwen2vl/, adapter/)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    parser.add_argument("--work", type=Path, help="working folder (default: OUT.work)")
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    work = args.work or args.out.with_name(args.out.name + ".work")
+    build(args.out, PRESETS[args.preset], work, args.cpu)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
