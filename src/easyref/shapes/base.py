@@ -119,33 +119,47 @@ def _to_tensor(images) -> torch.Tensor:
     return torch.from_numpy(array).permute(0, 3, 1, 2).div(127.5).sub(1.0)
 
 
-def vae_batch(rng: random.Random, size: int) -> torch.Tensor:
-    """Targets and cluttered references alike: the VAE must reconstruct both."""
+def _vae_image(rng: random.Random):
+    """A target or a cluttered reference: the VAE must reconstruct both."""
     subjects = all_subjects()
-    images = []
-    for _ in range(size):
-        subject = rng.choice(subjects)
-        if rng.random() < 0.5:
-            scene = target_scene(subject, rng.choice(list(BACKGROUNDS)), rng.choice(list(POSITIONS)))
-        else:
-            scene = reference_scene(subject, rng.randint(0, 2), rng, subjects)
-        images.append(render(scene))
-    return _to_tensor(images)
+    subject = rng.choice(subjects)
+    if rng.random() < 0.5:
+        return render(target_scene(subject, rng.choice(list(BACKGROUNDS)), rng.choice(list(POSITIONS))))
+    return render(reference_scene(subject, rng.randint(0, 2), rng, subjects))
+
+
+def vae_batch(rng: random.Random, size: int) -> torch.Tensor:
+    return _to_tensor([_vae_image(rng) for _ in range(size)])
+
+
+class _Pool:
+    """Renders made once and drawn from at random: drawing PIL shapes every step would dominate a GPU run."""
+
+    def __init__(self, make, count: int, rng: random.Random, device: str):
+        items = [make() for _ in range(count)]
+        self.images = _to_tensor([image for image, _ in items]).to(device)
+        self.texts = [text for _, text in items]
+        self.gen = torch.Generator().manual_seed(rng.randrange(2**31))
+
+    def sample(self, size: int) -> tuple[torch.Tensor, list[str]]:
+        index = torch.randint(0, len(self.texts), (size,), generator=self.gen)
+        return self.images[index.to(self.images.device)], [self.texts[i] for i in index.tolist()]
 
 
 # ---------------------------------------------------------------------- 1. the VAE
 def train_vae(vae, steps: int, batch_size: int = 32, lr: float = 1e-3, kl_weight: float = 1e-6, seed: int = 0,
-              device: str = "cpu") -> list[float]:
+              device: str = "cpu", pool_size: int = 4096) -> list[float]:
     """Reconstruction (L1 + MSE) with a small KL term; returns the loss curve."""
     rng = random.Random(f"shapes-vae-{seed}")
     torch.manual_seed(seed)
     vae.to(device)
+    pool = _Pool(lambda: (_vae_image(rng), ""), min(pool_size, steps * batch_size), rng, device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     vae.train()
     losses, started = [], time.perf_counter()
     for step in range(steps):
-        x = vae_batch(rng, batch_size).to(device)
+        x, _ = pool.sample(batch_size)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + kl_weight * posterior.kl().mean()
@@ -170,20 +184,16 @@ def fit_scaling_factor(vae, seed: int = 1, batches: int = 4) -> float:
 
 
 # ---------------------------------------------------------------------- 2. UNet + text encoders
-def base_batch(rng: random.Random, size: int, subjects) -> tuple[torch.Tensor, list[str]]:
+def _captioned_target(rng: random.Random, subjects):
     from .world import caption_for
 
-    images, captions = [], []
-    for _ in range(size):
-        subject = rng.choice(subjects)
-        background, position = rng.choice(list(BACKGROUNDS)), rng.choice(list(POSITIONS))
-        images.append(render(target_scene(subject, background, position)))
-        captions.append(caption_for(subject, background, position))
-    return _to_tensor(images), captions
+    subject = rng.choice(subjects)
+    background, position = rng.choice(list(BACKGROUNDS)), rng.choice(list(POSITIONS))
+    return render(target_scene(subject, background, position)), caption_for(subject, background, position)
 
 
 def train_base(pipe, steps: int, batch_size: int = 32, lr: float = 5e-4, seed: int = 0, subjects=None,
-               device: str = "cpu") -> list[float]:
+               device: str = "cpu", pool_size: int = 8192) -> list[float]:
     """Epsilon-prediction training of the UNet and both text encoders on captioned target renders."""
     from diffusers import DDPMScheduler
 
@@ -204,8 +214,9 @@ def train_base(pipe, steps: int, batch_size: int = 32, lr: float = 5e-4, seed: i
     side = pipe.vae.config.sample_size
     time_ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=torch.float32, device=device).expand(batch_size, -1)
     losses, started = [], time.perf_counter()
+    pool = _Pool(lambda: _captioned_target(rng, subjects), min(pool_size, steps * batch_size), rng, device)
     for step in range(steps):
-        pixels, captions = base_batch(rng, batch_size, subjects)
+        pixels, captions = pool.sample(batch_size)
         with torch.no_grad():
             latents = pipe.vae.encode(pixels.to(device)).latent_dist.mean * pipe.vae.config.scaling_factor
         embeds, _, pooled, _ = pipe.encode_prompt(captions, device=device, do_classifier_free_guidance=False)
