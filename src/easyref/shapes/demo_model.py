@@ -34,11 +34,14 @@ class Recipe:
     stage_lr: tuple[float, float, float] = (1e-3, 3e-4, 2e-4)
     lora_rank: int = 8
     reference_image_size: int = 112
+    num_workers: int = 0  # on a 2-core machine worker processes only compete with the training threads
     seed: int = 0
 
 
 PRESETS = {
     "smoke": Recipe(groups=48, vae_steps=3, base_steps=3, stage_steps=(2, 2, 2), batch_size=4),
+    # sized for one lent GPU in under ten minutes; the data loader needs the machine's many cores
+    "gpu": Recipe(groups=3000, vae_steps=1500, base_steps=5000, stage_steps=(600, 600, 1800), batch_size=32, num_workers=12),
     "full": Recipe(groups=3000, vae_steps=3000, base_steps=8000, stage_steps=(1500, 1500, 3000), batch_size=32),
 }
 
@@ -71,7 +74,7 @@ def stage_config(recipe: Recipe, stage: int, work: Path, device_cpu: bool):
         log_every=max(1, min(50, recipe.stage_steps[stage - 1])),
         mixed_precision="no",
         gradient_checkpointing=False,
-        num_workers=2,
+        num_workers=recipe.num_workers,
         tensorboard=False,
         seed=recipe.seed,
     )
@@ -98,18 +101,32 @@ def build(out: Path, recipe: Recipe, work: Path, cpu: bool) -> Path:
     return out
 
 
+def latest_adapter(work: Path) -> tuple[Path, str]:
+    """The most advanced inference checkpoint in a (possibly interrupted) build."""
+    for stage in (3, 2, 1):
+        final = work / f"stage{stage}" / "final"
+        if (final / "easyref.safetensors").is_file():
+            return final, f"stage {stage} final"
+        checkpoints = sorted((work / f"stage{stage}").glob("checkpoint-*/model/easyref.safetensors"))
+        if checkpoints:
+            return checkpoints[-1].parent, f"stage {stage} {checkpoints[-1].parent.parent.name}"
+    raise FileNotFoundError(f"no EasyRef checkpoint under {work}")
+
+
 def package(work: Path, out: Path, recipe: Recipe, timings: dict) -> None:
     """The three folders the CLI loads, weights in float16 where that halves the size."""
     from diffusers import StableDiffusionXLPipeline
 
+    adapter, source = latest_adapter(work)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe = StableDiffusionXLPipeline.from_pretrained(work / "base")
     pipe.unet.to(torch.float16)
     pipe.save_pretrained(tmp / "sdxl")
     shutil.copytree(work / "qwen2vl", tmp / "qwen2vl")
-    shutil.copytree(work / "stage3" / "final", tmp / "adapter")
-    (tmp / "recipe.json").write_text(json.dumps({"recipe": asdict(recipe), "timings_s": timings}, indent=1))
+    shutil.copytree(adapter, tmp / "adapter")
+    info = {"recipe": asdict(recipe), "timings_s": timings, "adapter_from": source}
+    (tmp / "recipe.json").write_text(json.dumps(info, indent=1))
     if out.exists():
         shutil.rmtree(out)
     tmp.replace(out)
@@ -123,10 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
     parser.add_argument("--work", type=Path, help="working folder (default: OUT.work)")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
+    parser.add_argument("--package-only", action="store_true",
+                        help="package the most advanced checkpoint of an existing (maybe interrupted) build")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     work = args.work or args.out.with_name(args.out.name + ".work")
-    build(args.out, PRESETS[args.preset], work, args.cpu)
+    if args.package_only:
+        package(work, args.out, PRESETS[args.preset], {})
+    else:
+        build(args.out, PRESETS[args.preset], work, args.cpu)
     return 0
 
 
