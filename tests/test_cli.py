@@ -39,7 +39,7 @@ def test_generate_end_to_end_with_metadata_and_grid(env, caplog):
     with caplog.at_level("WARNING"):
         code, out = generate(env, "--ref", refs[0], "--refs-dir", str(env / "refs"), "--grid", "--num-images", "2")
     assert code == 0
-    assert "UNTRAINED" in caplog.text
+    assert "bundled default model" in caplog.text
     outputs = [out.with_name("image_0.png"), out.with_name("image_1.png")]
     for index, path in enumerate(outputs):
         with Image.open(path) as image:

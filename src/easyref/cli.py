@@ -192,13 +192,13 @@ def load_pipeline(args):
         base, mllm, adapter = args.base, args.mllm, args.adapter
         _check_local(base, "--base")
     else:  # the bundled default model; `--base default --adapter X` puts another adapter on its parts
-        from .default_model import UNTRAINED_NOTICE, default_model_dir
+        from .default_model import BUNDLED_NOTICE, UNTRAINED_NOTICE, bundled_model_dir, default_model_dir
 
         folder = default_model_dir()
         base, mllm = str(folder / "sdxl"), args.mllm or str(folder / "qwen2vl")
         adapter = args.adapter or str(folder / "adapter")
         if not args.adapter:
-            logger.warning(UNTRAINED_NOTICE)
+            logger.warning(BUNDLED_NOTICE if folder == bundled_model_dir() else UNTRAINED_NOTICE)
     if adapter:
         _check_local(adapter, "--adapter")
     try:

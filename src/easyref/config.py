@@ -17,6 +17,9 @@ DEFAULT_INSTRUCTION = (
 DEFAULT_NEGATIVE_INSTRUCTION = DEFAULT_INSTRUCTION.format(prompt="")
 DEFAULT_NEGATIVE_PROMPT = "A collage of images, monochrome, lowres, bad anatomy, worst quality, low quality"
 ATTENTION_MODES = ("official", "bidirectional")
+# joint: EasyRef, the MLLM reads the whole group at once. mean / concat: the baselines of the paper's
+# comparison, each reference read alone, then the token sets averaged (IP-Adapter style) or concatenated.
+REFERENCE_MODES = ("joint", "mean", "concat")
 PATCH_FACTOR = 28  # Qwen2-VL: 14 px patches merged 2x2
 
 
@@ -33,6 +36,7 @@ class EasyRefConfig:
     negative_image_size: int = 512
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
     attention_mode: str = "official"
+    reference_mode: str = "joint"
     mllm_hidden_size: int = 1536
     cross_attention_dim: int = 2048
     lora_rank: int = 0
@@ -47,6 +51,8 @@ class EasyRefConfig:
             raise ValueError(f"lora_rank must be >= 0 (0 = no UNet LoRA), got {self.lora_rank}")
         if self.reference_image_size < 2 * PATCH_FACTOR:
             raise ValueError(f"reference_image_size must be >= {2 * PATCH_FACTOR}, got {self.reference_image_size}")
+        if self.reference_mode not in REFERENCE_MODES:
+            raise ValueError(f"reference_mode must be one of {REFERENCE_MODES}, got {self.reference_mode!r}")
         if self.attention_mode not in ATTENTION_MODES:
             raise ValueError(f"attention_mode must be one of {ATTENTION_MODES}, got {self.attention_mode!r}")
         if "{prompt}" not in self.instruction:

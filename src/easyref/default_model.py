@@ -1,8 +1,10 @@
-"""The bundled default model: until a trained demo model ships, a tiny *untrained* EasyRef.
+"""The bundled default model.
 
-It is built deterministically from configs (`easyref.tiny`) into a cache folder once, then loaded
-through the same `from_pretrained` code as real weights. Its images are noise-like by design: it
-shows the whole path running end to end, not the method's quality.
+When the package ships trained weights (`assets/default_model/`: a tiny EasyRef trained on the
+shapes world by `python -m easyref.shapes.demo_model`), those are used. Otherwise a tiny *untrained*
+EasyRef is built deterministically from configs (`easyref.tiny`) into a cache folder once; its
+images are noise-like by design and only show the whole path running end to end.
+Either way the folders load through the same `from_pretrained` code as real weights.
 """
 
 from __future__ import annotations
@@ -20,7 +22,12 @@ from .config import EasyRefConfig
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "tiny-untrained-v1"
+BUNDLED_DIR = Path(__file__).parent / "assets" / "default_model"
 UNTRAINED_NOTICE = "using the bundled default model: a tiny UNTRAINED EasyRef (outputs are not meaningful)"
+BUNDLED_NOTICE = (
+    "using the bundled default model: a tiny EasyRef trained on the synthetic shapes world "
+    "(64 px; references of one coloured, patterned shape; prompts like 'an object on a white background, at the top left')"
+)
 
 
 def cache_root() -> Path:
@@ -31,8 +38,18 @@ def tiny_config(mllm: str) -> EasyRefConfig:
     return EasyRefConfig(mllm=mllm, mllm_hidden_size=64, cross_attention_dim=64, reference_image_size=56, lora_rank=4)
 
 
+def bundled_model_dir() -> Path | None:
+    """The trained weights shipped with the package, if this copy has them."""
+    return BUNDLED_DIR if (BUNDLED_DIR / "adapter" / "easyref_config.json").is_file() else None
+
+
 def default_model_dir() -> Path:
-    """Folder with `sdxl/`, `qwen2vl/`, `adapter/`; built on first use (atomically: temp dir, then rename)."""
+    """Folder with `sdxl/`, `qwen2vl/`, `adapter/`: the shipped trained model, else the untrained one."""
+    return bundled_model_dir() or untrained_model_dir()
+
+
+def untrained_model_dir() -> Path:
+    """The untrained fallback, built on first use (atomically: temp dir, then rename)."""
     target = cache_root() / DEFAULT_MODEL_NAME
     if (target / "adapter" / "easyref_config.json").is_file():
         return target

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import EasyRefConfig
-from .prompting import MLLMInputs, build_inputs, negative_image
+from .prompting import MLLMInputs, build_inputs, negative_image, prepare_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -122,8 +122,7 @@ class ReferenceEncoder(nn.Module):
                 raise ValueError(
                     f"reference group {i} has {len(group)} images; 1 to {self.config.max_references} are allowed"
                 )
-        instructions = [self.config.format_instruction(p) for p in prompts]
-        return build_inputs(groups, instructions, self.tokenizer, self.image_processor, self.config)
+        return prepare_inputs(groups, prompts, self.tokenizer, self.image_processor, self.config)
 
     def forward(
         self,
@@ -140,7 +139,8 @@ class ReferenceEncoder(nn.Module):
         hidden = self._embed(inputs)  # (B, L, D)
         positions = _sequential_positions(mask)  # release quirk: plain 1-D positions, no M-RoPE grid
         hidden = self.norm(self._run(self.layers, hidden, mask, positions, causal=True))  # normed trunk output
-        return self._aggregate(hidden, mask, positions)
+        tokens = self._aggregate(hidden, mask, positions)
+        return tokens if inputs.group_sizes is None else combine_per_reference(tokens, inputs.group_sizes, self.config.reference_mode)
 
     def _embed(self, inputs: MLLMInputs) -> torch.Tensor:
         hidden = self.embed_tokens(inputs.input_ids)
@@ -189,6 +189,22 @@ class ReferenceEncoder(nn.Module):
             self.config,
         )
         return self(inputs=inputs)  # through forward, so offload hooks move the module first
+
+
+def combine_per_reference(tokens: torch.Tensor, group_sizes: list[int], mode: str) -> torch.Tensor:
+    """Per-reference token sets (sum n, T, D) -> per-group (B, T, D) by mean, or (B, n_max * T, D) by concat.
+
+    A concat batch of groups of unequal sizes repeats each smaller group's references cyclically up to
+    the largest, since decoupled cross-attention has no mask for padding tokens.
+    """
+    parts = tokens.split(group_sizes)
+    if mode == "mean":
+        return torch.stack([part.mean(0) for part in parts])
+    if mode != "concat":
+        raise ValueError(f"unknown reference mode {mode!r}")
+    longest = max(group_sizes)
+    rows = [part[torch.arange(longest, device=part.device) % len(part)].flatten(0, 1) for part in parts]
+    return torch.stack(rows)
 
 
 def _sequential_positions(mask: torch.Tensor) -> torch.LongTensor:

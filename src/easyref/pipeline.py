@@ -241,6 +241,8 @@ class EasyRefPipeline(DiffusionPipeline):
         embeds = tokens
         if guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None:
             negative = self.negative_reference_tokens().to(tokens.device, tokens.dtype)
+            # concat mode holds n token sets per group: the negative is n black references' tokens
+            negative = negative.repeat(1, tokens.shape[1] // negative.shape[1], 1)
             embeds = torch.cat([negative.expand_as(tokens), tokens])
         # 4. denoise with the diffusers base pipeline
         self.set_scale(scale)
@@ -341,6 +343,9 @@ def _check_scale(scale) -> None:
 
 def _check_embeds(embeds, count: int, config: EasyRefConfig) -> None:
     expected = (count, config.num_reference_tokens, config.mllm_hidden_size)
+    if config.reference_mode == "concat" and isinstance(embeds, torch.Tensor) and embeds.ndim == 3:
+        # n references' token sets side by side
+        expected = (count, embeds.shape[1] - embeds.shape[1] % config.num_reference_tokens or -1, config.mllm_hidden_size)
     if not isinstance(embeds, torch.Tensor) or tuple(embeds.shape) != expected:
         shape = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
         raise ValueError(f"reference_embeds must have shape {expected} (one row per prompt), got {shape}")

@@ -24,9 +24,11 @@ class MLLMInputs:
     attention_mask: torch.LongTensor  # (B, L)
     pixel_values: torch.Tensor  # (sum of patches, C * T * P * P)
     image_grid_thw: torch.LongTensor  # (num images, 3)
+    group_sizes: list[int] | None = None  # mean/concat modes: rows are single references, this many per group
 
     def to(self, device: torch.device) -> "MLLMInputs":
-        return MLLMInputs(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.pixel_values, self.image_grid_thw)))
+        tensors = (self.input_ids, self.attention_mask, self.pixel_values, self.image_grid_thw)
+        return MLLMInputs(*(t.to(device) for t in tensors), group_sizes=self.group_sizes)
 
 
 def normalize_image(image: Image.Image) -> Image.Image:
@@ -82,6 +84,22 @@ def build_inputs(groups, instructions, tokenizer, image_processor, config: EasyR
         start += n
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     return MLLMInputs(*_right_pad(ids, tokenizer.pad_token_id or 0), vision["pixel_values"], grid)
+
+
+def prepare_inputs(groups, prompts, tokenizer, image_processor, config: EasyRefConfig) -> MLLMInputs:
+    """MLLM inputs for groups and their prompts, in the config's reference mode.
+
+    joint: one row per group. mean / concat: one row per reference (with its group's prompt);
+    `group_sizes` tells the encoder how to put the rows back together.
+    """
+    instructions = [config.format_instruction(p) for p in prompts]
+    if config.reference_mode == "joint":
+        return build_inputs(groups, instructions, tokenizer, image_processor, config)
+    singles = [[image] for group in groups for image in group]
+    repeated = [text for group, text in zip(groups, instructions) for _ in group]
+    inputs = build_inputs(singles, repeated, tokenizer, image_processor, config)
+    inputs.group_sizes = [len(group) for group in groups]
+    return inputs
 
 
 def _right_pad(ids: list[list[int]], pad_id: int) -> tuple[torch.LongTensor, torch.LongTensor]:

@@ -60,3 +60,18 @@ def write_training_data(root: str | Path, groups: int = 2000, min_refs: int = 2,
         _write_jsonl(paths[name], records)
     logger.info("wrote %d groups under %s", len(stage3), root)
     return paths
+
+
+def write_reference_images(folder: str | Path, subject, count: int = 3, distractors: int = 2, seed: int = 0) -> list[Path]:
+    """A group's references alone (e.g. the README's demo group in `examples/refs`)."""
+    from .world import all_subjects, reference_scene
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"shapes-example-refs-{subject.key}-{seed}")
+    paths = []
+    for i in range(count):
+        path = folder / f"{i + 1}.png"
+        render(reference_scene(subject, distractors, rng, all_subjects())).save(path)
+        paths.append(path)
+    return paths

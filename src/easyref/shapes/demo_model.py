@@ -127,6 +127,7 @@ def package(work: Path, out: Path, recipe: Recipe, timings: dict) -> None:
     pipe.save_pretrained(tmp / "sdxl")
     shutil.copytree(work / "qwen2vl", tmp / "qwen2vl")
     shutil.copytree(adapter, tmp / "adapter")
+    _portable_config(tmp / "adapter" / "easyref_config.json")
     info = {"recipe": asdict(recipe), "timings_s": timings, "adapter_from": source}
     (tmp / "recipe.json").write_text(json.dumps(info, indent=1))
     if out.exists():
@@ -134,6 +135,14 @@ def package(work: Path, out: Path, recipe: Recipe, timings: dict) -> None:
     tmp.replace(out)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     logger.info("packaged %s (%.1f MB)", out, size / 1e6)
+
+
+def _portable_config(path: Path) -> None:
+    """Name the MLLM by its folder (not this build's path) and use an empty text negative prompt:
+    the world's word-level tokenizer has no words for SDXL's default negative prompt."""
+    config = json.loads(path.read_text())
+    config.update(mllm="qwen2vl", negative_prompt="")
+    path.write_text(json.dumps(config, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,6 +49,7 @@ class TrainConfig:
     num_reference_tokens: int = 64
     reference_image_size: int = 336
     lora_rank: int = 0
+    reference_mode: str = "joint"  # joint = EasyRef; mean / concat = the per-reference baselines
     # optimisation
     learning_rate: float = 1e-4
     weight_decay: float = 0.0
@@ -88,6 +89,10 @@ class TrainConfig:
             _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         _require(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         _require(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm}")
+        from ..config import REFERENCE_MODES
+
+        if self.reference_mode not in REFERENCE_MODES:
+            raise ConfigError(f"reference_mode must be one of {', '.join(REFERENCE_MODES)}, got {self.reference_mode!r}")
         if self.stage > 1 and self.init_from is None:
             raise ConfigError(f"stage {self.stage} starts from the previous stage's checkpoint: set init_from")
         if self.validation_every and not self.validation_references:

@@ -13,7 +13,7 @@ from ..adapter import LORA_ADAPTER_NAME, adapter_state_dict, install_adapter, re
 from ..checkpoint import CheckpointError, apply_checkpoint, read_checkpoint, split_groups, trunk_state_dict
 from ..config import EasyRefConfig
 from ..encoder import ReferenceEncoder
-from ..prompting import MLLMInputs, build_inputs
+from ..prompting import MLLMInputs, prepare_inputs
 from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ def _model_config(config: TrainConfig, mllm_path: str, previous: EasyRefConfig |
             num_reference_tokens=config.num_reference_tokens,
             reference_image_size=config.reference_image_size,
             max_references=max(EasyRefConfig.max_references, config.max_references),
+            reference_mode=config.reference_mode,
             lora_rank=config.lora_rank if config.trains_trunk else 0,
             has_trunk=config.trains_trunk,
         )
@@ -74,6 +75,7 @@ def _model_config(config: TrainConfig, mllm_path: str, previous: EasyRefConfig |
         previous,
         mllm=config.mllm,
         max_references=max(previous.max_references, config.max_references),
+        reference_mode=config.reference_mode,
         lora_rank=lora_rank,
         has_trunk=config.trains_trunk or previous.has_trunk,
     )
@@ -159,5 +161,4 @@ class MLLMInputBuilder:
         self.image_processor = encoder.image_processor
 
     def __call__(self, groups, texts) -> MLLMInputs:
-        instructions = [self.config.format_instruction(t) for t in texts]
-        return build_inputs(groups, instructions, self.tokenizer, self.image_processor, self.config)
+        return prepare_inputs(groups, texts, self.tokenizer, self.image_processor, self.config)
