@@ -37,7 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.command import add_train_parser
 
     add_train_parser(sub)
+    _add_bench(sub)
     return parser
+
+
+def _add_bench(sub) -> None:
+    from .shapes.command import add_shapes_parser
+
+    p = sub.add_parser("bench", help="benchmarks of reference-conditioned generation", description="Benchmarks.")
+    bench_sub = p.add_subparsers(dest="bench_command", required=True)
+    add_shapes_parser(bench_sub)
 
 
 def _add_generate(sub) -> None:

@@ -115,11 +115,11 @@ def latest_adapter(work: Path) -> tuple[Path, str]:
     raise FileNotFoundError(f"no EasyRef checkpoint under {work}")
 
 
-def package(work: Path, out: Path, recipe: Recipe, timings: dict) -> None:
+def package(work: Path, out: Path, recipe: Recipe, timings: dict, adapter: Path | None = None) -> None:
     """The three folders the CLI loads, weights in float16 where that halves the size."""
     from diffusers import StableDiffusionXLPipeline
 
-    adapter, source = latest_adapter(work)
+    adapter, source = (adapter, str(adapter)) if adapter else latest_adapter(work)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe = StableDiffusionXLPipeline.from_pretrained(work / "base")
