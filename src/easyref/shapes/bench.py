@@ -164,7 +164,7 @@ def plot_by_references(summary: dict, path: Path, metric: str = "identity") -> N
 
 # ---------------------------------------------------------------------- the command
 def run(out: Path, preset: str = "cpu", groups: int = 64, steps: int = 30, work: Path | None = None,
-        cpu: bool = True) -> dict:
+        cpu: bool = True, seed: int = 0) -> dict:
     """From nothing: the demo-model build (base + stages 1-3), the two baselines' stage 3, the evaluation."""
     from .demo_model import PRESETS, build
 
@@ -173,7 +173,7 @@ def run(out: Path, preset: str = "cpu", groups: int = 64, steps: int = 30, work:
     if not (work / "stage2" / "final" / "easyref.safetensors").is_file():
         build(out / "model-demo", recipe, work, cpu)
     folders = train_methods(work, recipe, cpu)
-    summary = evaluate_methods(folders, out, groups=groups, steps=steps)
+    summary = evaluate_methods(folders, out, groups=groups, steps=steps, seed=seed)
     if work == out / "work":
         shutil.rmtree(work / "data", ignore_errors=True)  # thousands of renders, easy to make again
     return summary

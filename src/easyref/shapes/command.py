@@ -25,6 +25,8 @@ def add_shapes_parser(bench_sub) -> None:
     p.add_argument("--groups", type=int, default=64, help="groups per cell (default 64)")
     p.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", type=Path, help="training folder to create or reuse (default OUT/work); "
+                   "a finished demo-model build's work folder skips straight to the baselines")
     p.set_defaults(func=cmd_shapes)
 
 
@@ -44,7 +46,7 @@ def cmd_shapes(args) -> int:
             raise UserError(f"--models-dir: no model folder {missing[0]} (expected model-easyref/, model-mean/, model-concat/)")
         evaluate_methods(folders, args.out, groups=args.groups, steps=args.steps, seed=args.seed)
     else:
-        run(args.out, preset=args.preset, groups=args.groups, steps=args.steps)
+        run(args.out, preset=args.preset, groups=args.groups, steps=args.steps, work=args.work, seed=args.seed)
     logger.info("wrote %s", args.out / "summary.md")
     print((args.out / "summary.md").read_text(), end="")
     return 0
