@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # A CPU machine gets the CPU wheel of torch; a bare `torch` would pull a multi-GB CUDA build.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: setup demo test bench train-demo clean
+.PHONY: setup demo test bench train-demo demo-model bench-shapes clean
 
 setup: $(VENV)/.installed
 
@@ -17,8 +17,17 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: setup
-	$(BIN)/easyref generate --refs-dir examples/refs --prompt "a red circle on a blue background" \
-		--out outputs/demo.png --grid --seed 0
+	$(BIN)/easyref generate --refs-dir examples/refs --prompt "an object on a white background, at the top left" \
+		--out outputs/demo.png --grid --seed 0 --num-images 4
+
+# retrain the bundled default model from nothing (shapes world; about 70 min on 2 cores)
+demo-model: setup
+	$(BIN)/python -m easyref.shapes.demo_model runs/demo-model --preset cpu --work runs/demo-model.work
+	rm -rf src/easyref/assets/default_model && cp -r runs/demo-model src/easyref/assets/default_model
+
+# the miniature MRBench (EasyRef vs mean vs concat) from nothing; reuses a demo-model build if present
+bench-shapes: setup
+	$(BIN)/easyref bench shapes --preset cpu --out runs/bench-shapes --work runs/demo-model.work
 
 test: setup
 	$(BIN)/python -m pytest
