@@ -154,3 +154,19 @@ def test_help_of_the_installed_command():
     for argv in (["--help"], ["generate", "--help"], ["convert", "--help"], ["train", "--help"]):
         result = subprocess.run([sys.executable, "-m", "easyref.cli", *argv], capture_output=True, text=True)
         assert result.returncode == 0 and "usage: easyref" in result.stdout
+
+
+def test_shipped_weights_take_precedence_over_the_untrained_model(env, easyref_home, monkeypatch, caplog):
+    """When assets/default_model/ holds a model, it is the default (here a copy of the untrained one)."""
+    import shutil
+
+    from easyref import default_model
+
+    shipped = env / "assets" / "default_model"
+    shutil.copytree(default_model.untrained_model_dir(), shipped)
+    monkeypatch.setattr(default_model, "BUNDLED_DIR", shipped)
+    assert default_model.default_model_dir() == shipped
+    with caplog.at_level("WARNING"):
+        code, out = generate(env, "--refs-dir", str(env / "refs"))
+    assert code == 0 and out.is_file()
+    assert default_model.BUNDLED_NOTICE in caplog.text and "UNTRAINED" not in caplog.text
