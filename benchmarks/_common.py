@@ -351,3 +351,18 @@ def sdxl_text_configs(vocab_size: int, scale_down: bool = False) -> tuple[dict, 
         two.update(num_hidden_layers=2)
     common = dict(vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1)
     return {**one, **common}, {**two, **common}
+
+
+def qwen2vl_2b_with_tiny_tokenizer(num_hidden_layers: int = 28, vision_depth: int = 32):
+    """(tokenizer, config): the tiny byte-level tokenizer with a chat template, and the 2B architecture
+    whose special-token ids are that tokenizer's (so prompts built with it are valid inputs)."""
+    from easyref.tiny import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS, tiny_qwen_tokenizer
+
+    tokenizer = tiny_qwen_tokenizer()
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
+        ("bos_token_id", QWEN_SPECIAL_TOKENS[0]), ("eos_token_id", "<|im_end|>"), ("pad_token_id", QWEN_SPECIAL_TOKENS[0]),
+    )}
+    return tokenizer, qwen2vl_2b_config(ids, num_hidden_layers=num_hidden_layers, vision_depth=vision_depth)

@@ -180,16 +180,8 @@ def build_real(args, device, dtype):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from easyref import EasyRefConfig, ReferenceEncoder
-    from easyref.tiny import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS, tiny_qwen_tokenizer
 
-    tokenizer = tiny_qwen_tokenizer()
-    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
-    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
-        ("bos_token_id", QWEN_SPECIAL_TOKENS[0]), ("eos_token_id", "<|im_end|>"), ("pad_token_id", QWEN_SPECIAL_TOKENS[0]),
-    )}
-    mllm_config = _common.qwen2vl_2b_config(ids, num_hidden_layers=args.num_layers, vision_depth=args.vision_depth)
+    tokenizer, mllm_config = _common.qwen2vl_2b_with_tiny_tokenizer(args.num_layers, args.vision_depth)
     logger.info("building Qwen2-VL-2B architecture (%d text layers, vision depth %d) with random %s weights on %s",
                 args.num_layers, args.vision_depth, dtype, device)
     torch.manual_seed(args.seed)

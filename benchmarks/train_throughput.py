@@ -105,17 +105,10 @@ def build_real_models(scale_down: bool, device: torch.device, lora_rank: int, nu
 
     from easyref import EasyRefConfig, ReferenceEncoder
     from easyref.adapter import install_adapter
-    from easyref.tiny import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS, tiny_clip_tokenizer, tiny_qwen_tokenizer
+    from easyref.tiny import tiny_clip_tokenizer
     from easyref.train.models import StageModels
 
-    tokenizer = tiny_qwen_tokenizer()
-    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
-    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
-        ("bos_token_id", QWEN_SPECIAL_TOKENS[0]), ("eos_token_id", "<|im_end|>"), ("pad_token_id", QWEN_SPECIAL_TOKENS[0]),
-    )}
-    mllm_config = _common.qwen2vl_2b_config(ids, num_hidden_layers=num_layers, vision_depth=vision_depth)
+    tokenizer, mllm_config = _common.qwen2vl_2b_with_tiny_tokenizer(num_layers, vision_depth)
     clip_tok = tiny_clip_tokenizer()
     one, two = _common.sdxl_text_configs(len(clip_tok), scale_down)
     torch.manual_seed(0)

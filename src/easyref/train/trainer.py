@@ -93,11 +93,12 @@ class Trainer:
         self.model_class = model_class
         self.trainables = select_trainables(self.models, config.stage)
         self.state = TrainState()
-        if resume:
-            self._load_model_state(resolve_resume(self.output_dir, resume))
+        checkpoint = resolve_resume(self.output_dir, resume) if resume else None
+        if checkpoint:
+            self._load_model_state(checkpoint)
         self._prepare()
-        if resume:
-            self._load_optimizer_state(resolve_resume(self.output_dir, resume))
+        if checkpoint:
+            self._load_optimizer_state(checkpoint)
 
     # ------------------------------------------------------------------ set-up
     def _dataset(self) -> TrainDataset:
