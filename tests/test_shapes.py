@@ -117,6 +117,9 @@ def test_base_model_trains_and_loads_as_an_sdxl_folder(tmp_path):
     pipe = StableDiffusionXLPipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.vae.config.scaling_factor != 0.18215  # fitted to the world's latents
+    with torch.no_grad():
+        posterior = pipe.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist
+    assert posterior.std.max() < 1e-2  # the saved VAE's posterior is sharpened
     image = pipe("a red solid circle on a white background, in the center", num_inference_steps=2,
                  height=64, width=64, output_type="pil").images[0]
     assert image.size == (64, 64)
@@ -127,6 +130,19 @@ def test_vae_training_lowers_reconstruction_loss():
 
     losses = train_vae(build_pipeline(0).vae, steps=30, batch_size=4, lr=3e-3)
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+
+
+def test_sharpened_posterior_keeps_the_mean_and_drops_the_noise():
+    from easyref.shapes.base import build_pipeline, sharpen_posterior
+
+    vae = build_pipeline(0).vae.eval()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        before = vae.encode(x).latent_dist
+        sharpen_posterior(vae)
+        after = vae.encode(x).latent_dist
+    assert torch.equal(before.mean, after.mean)
+    assert before.std.mean() > 0.1 and after.std.max() < 1e-2
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -90,17 +90,29 @@ def build(out: Path, recipe: Recipe, work: Path, cpu: bool) -> Path:
     from .base import build_base_model
     from .data import write_training_data
 
-    started = time.perf_counter()
     timings = {}
-    write_training_data(work / "data", groups=recipe.groups, seed=recipe.seed)
-    timings["data_s"] = time.perf_counter() - started
     device = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
-    build_base_model(work / "base", recipe.vae_steps, recipe.base_steps, recipe.batch_size, seed=recipe.seed, device=device)
-    timings["base_s"] = time.perf_counter() - started - sum(timings.values())
-    save_tiny_qwen2vl(work / "qwen2vl", seed=recipe.seed + 1, for_training=True)
+    # each phase is skipped when an earlier (interrupted) build already finished it: a phase's
+    # output appears only once it is complete, so a half-done phase simply runs again
+    phases = [
+        ("data", work / "data" / "groups.jsonl",
+         lambda: write_training_data(work / "data", groups=recipe.groups, seed=recipe.seed)),
+        ("base", work / "base" / "model_index.json",
+         lambda: build_base_model(work / "base", recipe.vae_steps, recipe.base_steps, recipe.batch_size,
+                                  seed=recipe.seed, device=device)),
+        ("qwen2vl", work / "qwen2vl" / "config.json",
+         lambda: save_tiny_qwen2vl(work / "qwen2vl", seed=recipe.seed + 1, for_training=True)),
+    ]
     for stage in (1, 2, 3):
-        Trainer(stage_config(recipe, stage, work, cpu), cpu=cpu).train()
-        timings[f"stage{stage}_s"] = time.perf_counter() - started - sum(timings.values())
+        phases.append((f"stage{stage}", work / f"stage{stage}" / "final" / "easyref.safetensors",
+                       lambda stage=stage: Trainer(stage_config(recipe, stage, work, cpu), cpu=cpu).train()))
+    for name, done, run in phases:
+        if done.exists():
+            logger.info("%s: already built (%s), skipped", name, done)
+            continue
+        started = time.perf_counter()
+        run()
+        timings[f"{name}_s"] = time.perf_counter() - started
     package(work, out, recipe, timings)
     return out
 
