@@ -2,11 +2,12 @@
 
 1. render the shapes world's training split to disk (`shapes.data`);
 2. pretrain the base text-to-image model, our SDXL stand-in (`shapes.base`);
-3. run EasyRef's three stages through `easyref.train.Trainer`, exactly as `easyref train` does;
-4. package `sdxl/`, `qwen2vl/`, `adapter/` into OUT: the layout `easyref generate` loads by default.
+3. caption-pretrain a tiny Qwen2-VL, our stand-in for the pretrained MLLM (`shapes.mllm`);
+4. run EasyRef's three stages through `easyref.train.Trainer`, exactly as `easyref train` does;
+5. package `sdxl/`, `qwen2vl/`, `adapter/` into OUT: the layout `easyref generate` loads by default.
 
 `--preset smoke` runs every step for a handful of iterations (a check of the recipe, minutes on CPU);
-`--preset full` is the recipe behind the shipped weights (recorded in OUT/recipe.json).
+`--preset cpu` is the recipe behind the shipped weights (recorded in OUT/recipe.json).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class Recipe:
     groups: int
     vae_steps: int
     base_steps: int
+    mllm_steps: int
     stage_steps: tuple[int, int, int]
     batch_size: int
     stage_lr: tuple[float, float, float] = (1e-3, 3e-4, 2e-4)
@@ -39,14 +41,17 @@ class Recipe:
 
 
 PRESETS = {
-    "smoke": Recipe(groups=48, vae_steps=3, base_steps=3, stage_steps=(2, 2, 2), batch_size=4),
+    "smoke": Recipe(groups=48, vae_steps=3, base_steps=3, mllm_steps=3, stage_steps=(2, 2, 2), batch_size=4),
     # sized for one lent GPU in under ten minutes; the data loader needs the machine's many cores
-    "gpu": Recipe(groups=3000, vae_steps=1500, base_steps=5000, stage_steps=(600, 600, 1800), batch_size=32, num_workers=12),
+    "gpu": Recipe(groups=3000, vae_steps=1500, base_steps=5000, mllm_steps=1500,
+                  stage_steps=(600, 1200, 1800), batch_size=32, num_workers=12),
     # about 70 minutes on this project's 2-core CPU machine. 600 VAE + 2500 base steps were too few
     # (VAE MSE 0.054, colours washed out; the base drew the captioned subject 1 time in 16); these
     # 4000 + 6000 reached VAE MSE 0.014 and 10/32 subjects (24/32 shapes) from captions alone
-    "cpu": Recipe(groups=1500, vae_steps=4000, base_steps=6000, stage_steps=(400, 400, 1200), batch_size=16),
-    "full": Recipe(groups=3000, vae_steps=3000, base_steps=8000, stage_steps=(1500, 1500, 3000), batch_size=32),
+    "cpu": Recipe(groups=1500, vae_steps=4000, base_steps=6000, mllm_steps=1500, stage_steps=(400, 800, 1500),
+                 batch_size=16),
+    "full": Recipe(groups=3000, vae_steps=3000, base_steps=8000, mllm_steps=3000,
+                  stage_steps=(1500, 1500, 3000), batch_size=32),
 }
 
 
@@ -85,10 +90,10 @@ def stage_config(recipe: Recipe, stage: int, work: Path, device_cpu: bool):
 
 
 def build(out: Path, recipe: Recipe, work: Path, cpu: bool) -> Path:
-    from ..tiny import save_tiny_qwen2vl
     from ..train.trainer import Trainer
     from .base import build_base_model
     from .data import write_training_data
+    from .mllm import build_mllm
 
     timings = {}
     device = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
@@ -101,7 +106,8 @@ def build(out: Path, recipe: Recipe, work: Path, cpu: bool) -> Path:
          lambda: build_base_model(work / "base", recipe.vae_steps, recipe.base_steps, recipe.batch_size,
                                   seed=recipe.seed, device=device)),
         ("qwen2vl", work / "qwen2vl" / "config.json",
-         lambda: save_tiny_qwen2vl(work / "qwen2vl", seed=recipe.seed + 1, for_training=True)),
+         lambda: build_mllm(work / "qwen2vl", recipe.mllm_steps, 32, seed=recipe.seed,
+                            reference_image_size=recipe.reference_image_size, device=device)),
     ]
     for stage in (1, 2, 3):
         phases.append((f"stage{stage}", work / f"stage{stage}" / "final" / "easyref.safetensors",

@@ -1,0 +1,147 @@
+"""Teach the tiny Qwen2-VL to see the shapes world before EasyRef's stages: our stand-in for the
+vision-language pretraining a real Qwen2-VL arrives with.
+
+EasyRef's stage 1 freezes the MLLM trunk and trains only the final layer, reference tokens and
+adapter; that presumes a trunk whose visual tokens already carry shape, colour and pattern. A
+randomly initialised tiny Qwen2-VL does not, and stage 1 then learns nothing about the subject.
+So the model first learns to caption single reference renders, every object in them, left to right
+("a red striped star and a blue solid circle on a tan background"), with the ordinary
+next-token loss on the caption, through the same chat template and image preprocessing EasyRef uses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import EasyRefConfig
+from ..prompting import chat_prompt, expand_image_tokens, normalize_image
+from .world import Scene, reference_scene, render, subjects_in
+
+logger = logging.getLogger(__name__)
+
+INSTRUCTION = "Describe the image."
+IGNORE = -100
+
+
+def scene_caption(scene: Scene) -> str:
+    """Every object, left to right, with its attributes, then the background."""
+    objects = sorted([scene.subject, *scene.distractors], key=lambda p: (p.cx, p.cy))
+    names = " and ".join(f"a {p.subject.key}" for p in objects)
+    return f"{names} on a {scene.background} background"
+
+
+def random_scene(rng: random.Random, subjects, max_distractors: int = 2) -> Scene:
+    return reference_scene(rng.choice(subjects), rng.randint(0, max_distractors), rng, subjects)
+
+
+def load(folder: str | Path):
+    """Model, tokenizer and PIL image processor, as `ReferenceEncoder.from_pretrained` loads them
+    (AutoProcessor would also want the video processor, which needs torchvision)."""
+    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(folder)
+    return model, AutoTokenizer.from_pretrained(folder), Qwen2VLImageProcessorPil.from_pretrained(folder)
+
+
+def caption_batch(scenes: list[Scene], tokenizer, image_processor, config: EasyRefConfig) -> dict[str, torch.Tensor]:
+    """Chat prompt (image + instruction) followed by the caption; the loss sees only the caption."""
+    images = [normalize_image(render(scene)) for scene in scenes]
+    vision = image_processor(
+        images, return_tensors="pt", size={"shortest_edge": config.min_pixels, "longest_edge": config.max_pixels}
+    )
+    merge = image_processor.merge_size**2
+    counts = (vision["image_grid_thw"].prod(-1) // merge).tolist()
+    rows, labels = [], []
+    for scene, count in zip(scenes, counts):
+        prompt = expand_image_tokens(chat_prompt(tokenizer, 1, INSTRUCTION), [count])
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(scene_caption(scene) + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        rows.append(prompt_ids + answer_ids)
+        labels.append([IGNORE] * len(prompt_ids) + answer_ids)
+    length = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id or 0
+    input_ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows])
+    label_ids = torch.tensor([r + [IGNORE] * (length - len(r)) for r in labels])
+    mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows])
+    # plain 1-D positions, as EasyRef's encoder feeds the trunk (the release's quirk), not M-RoPE
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": label_ids, "position_ids": positions,
+            "pixel_values": vision["pixel_values"], "image_grid_thw": vision["image_grid_thw"]}
+
+
+def pretrain_mllm(folder: str | Path, steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
+                  reference_image_size: int = 112, device: str = "cpu") -> list[float]:
+    """Train the Qwen2-VL folder's weights in place; returns the loss curve."""
+    model, tokenizer, image_processor = load(folder)
+    model.to(device).train()
+    config = EasyRefConfig(reference_image_size=reference_image_size)
+    subjects = subjects_in("held-in")
+    rng = random.Random(f"shapes-mllm-{seed}")
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    # warm up, then decay linearly to 5%: the caption loss plateaus early at a constant rate
+    warmup = max(1, min(100, steps // 10))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / max(1, steps)))
+    losses, started = [], time.perf_counter()
+    for step in range(steps):
+        scenes = [random_scene(rng, subjects) for _ in range(batch_size)]
+        batch = caption_batch(scenes, tokenizer, image_processor, config)
+        loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if (step + 1) % 100 == 0:
+            logger.info("mllm step %d/%d loss %.4f (%.0fs)", step + 1, steps, sum(losses[-100:]) / 100,
+                        time.perf_counter() - started)
+    model.to("cpu").save_pretrained(folder)
+    return losses
+
+
+def build_mllm(out: str | Path, steps: int, batch_size: int = 32, seed: int = 0, reference_image_size: int = 112,
+               device: str = "cpu") -> Path:
+    """A tiny Qwen2-VL-Instruct folder, caption-pretrained on the world (written aside, then renamed)."""
+    from ..tiny import save_tiny_qwen2vl
+
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_tiny_qwen2vl(tmp, seed=seed + 1, for_training=True)
+    losses = pretrain_mllm(tmp, steps, batch_size, seed=seed, reference_image_size=reference_image_size, device=device)
+    accuracy = caption_accuracy(tmp, reference_image_size=reference_image_size) if steps else 0.0
+    logger.info("mllm caption accuracy (every token right) %.1f%%", 100 * accuracy)
+    (tmp / "training.json").write_text(json.dumps({
+        "steps": steps, "batch_size": batch_size, "seed": seed,
+        "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])), "caption_accuracy": accuracy,
+    }, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)
+    return out
+
+
+@torch.no_grad()
+def caption_accuracy(folder: str | Path, count: int = 64, seed: int = 1, reference_image_size: int = 112) -> float:
+    """Share of held-in scenes (0-2 objects beside the subject) whose every caption token the model
+    predicts right from the tokens before it: a check that the pretraining took."""
+    model, tokenizer, image_processor = load(folder)
+    model.eval()
+    config = EasyRefConfig(reference_image_size=reference_image_size)
+    rng = random.Random(f"shapes-mllm-check-{seed}")
+    scenes = [random_scene(rng, subjects_in("held-in")) for _ in range(count)]
+    batch = caption_batch(scenes, tokenizer, image_processor, config)
+    labels = batch.pop("labels")
+    predicted = model(**batch).logits[:, :-1].argmax(-1)
+    target = labels[:, 1:]
+    right = ((predicted == target) | (target == IGNORE)).all(-1)
+    return float(right.float().mean())

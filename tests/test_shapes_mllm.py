@@ -1,0 +1,55 @@
+"""The tiny Qwen2-VL's caption pretraining on the shapes world."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import torch
+
+from easyref.config import EasyRefConfig
+from easyref.shapes.mllm import IGNORE, build_mllm, caption_batch, load, pretrain_mllm, random_scene, scene_caption
+from easyref.shapes.world import Placement, Scene, Subject, subjects_in
+from easyref.tiny import save_tiny_qwen2vl
+
+
+def test_caption_names_every_object_left_to_right():
+    star, circle = Subject("star", "red", "striped"), Subject("circle", "blue", "solid")
+    scene = Scene("tan", Placement(star, 0.7, 0.5, 0.4), [Placement(circle, 0.2, 0.3, 0.2)])
+    assert scene_caption(scene) == "a blue solid circle and a red striped star on a tan background"
+
+
+def test_caption_batch_scores_only_the_caption(tmp_path):
+    save_tiny_qwen2vl(tmp_path, seed=0, for_training=True)
+    _, tokenizer, image_processor = load(tmp_path)
+    rng = random.Random(0)
+    scenes = [random_scene(rng, subjects_in("held-in")) for _ in range(3)]
+    batch = caption_batch(scenes, tokenizer, image_processor, EasyRefConfig(reference_image_size=56))
+    for row, scene in enumerate(scenes):
+        answer = batch["labels"][row][batch["labels"][row] != IGNORE]
+        assert tokenizer.decode(answer) == scene_caption(scene) + "<|im_end|>"
+        real = batch["attention_mask"][row].bool()
+        assert batch["position_ids"][row][real].tolist() == list(range(int(real.sum())))
+    assert batch["image_grid_thw"].shape[0] == 3
+
+
+def test_pretraining_lowers_the_caption_loss_and_keeps_a_loadable_folder(tmp_path):
+    from easyref.encoder import ReferenceEncoder
+
+    save_tiny_qwen2vl(tmp_path, seed=0, for_training=True)
+    losses = pretrain_mllm(tmp_path, steps=30, batch_size=4, reference_image_size=56)
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+    encoder = ReferenceEncoder.from_pretrained(tmp_path)  # the folder EasyRef's stages start from
+    assert encoder.config.mllm_hidden_size == 64
+
+
+def test_build_mllm_writes_its_record_and_replaces_atomically(tmp_path):
+    out = build_mllm(tmp_path / "qwen2vl", steps=2, batch_size=2, reference_image_size=56)
+    record = json.loads((out / "training.json").read_text())
+    assert record["steps"] == 2 and 0.0 <= record["caption_accuracy"] <= 1.0
+    assert not (tmp_path / ".qwen2vl.tmp").exists()
+    before = (out / "model.safetensors").read_bytes()
+    torch.manual_seed(1)
+    build_mllm(tmp_path / "qwen2vl", steps=2, batch_size=2, seed=5, reference_image_size=56)
+    assert (out / "model.safetensors").read_bytes() != before
