@@ -1,4 +1,4 @@
-"""`easyref` command line: generate, train, convert.
+"""`easyref` command line: generate, train, convert, bench.
 
     easyref generate --ref a.png --ref b.png --prompt "..." --out out.png
     easyref train --config stage1 --set data=pairs.json data_root=images
@@ -42,10 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_bench(sub) -> None:
+    from .bench.command import add_bench_parsers
     from .shapes.command import add_shapes_parser
 
-    p = sub.add_parser("bench", help="benchmarks of reference-conditioned generation", description="Benchmarks.")
+    p = sub.add_parser("bench", help="benchmarks of reference-conditioned generation",
+                       description="MRBench-style benchmarks: `run`/`score`/`convert` for real models, "
+                       "`shapes` for the miniature one on the synthetic shapes world.")
     bench_sub = p.add_subparsers(dest="bench_command", required=True)
+    add_bench_parsers(bench_sub)
     add_shapes_parser(bench_sub)
 
 

@@ -1,0 +1,436 @@
+"""Benchmark manifests: groups of reference images with prompts, as JSON Lines under a root folder.
+
+One group per line::
+
+    {"id": "cat-01", "domain": "character", "split": "held-out",
+     "references": ["cat-01/a.png", "cat-01/b.png"], "target": "cat-01/target.png",
+     "prompts": ["a cat on the beach", "a cat in the snow"]}
+
+`domain` defaults to "default", `split` to "held-in", `target` is optional and a single `prompt` string
+may stand in for `prompts`. Paths are relative to the root (the manifest's folder unless given) and may
+not resolve outside it unless the caller allows it.
+
+Besides loading and writing, two converters build manifests from common layouts: a folder of group
+folders (`manifest_from_folders`) and COCO captions with one reference per item, the paper's Table 2
+protocol (`manifest_from_coco`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("held-in", "held-out")
+DEFAULT_DOMAIN = "default"
+DEFAULT_SPLIT = "held-in"
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+TARGET_STEM = "target"
+PROMPTS_FILE = "prompts.txt"
+
+_KNOWN_KEYS = frozenset({"id", "domain", "split", "references", "target", "prompts", "prompt"})
+# Beyond this many lines the message stops being readable; the count in the summary still says all.
+_MAX_LISTED_PROBLEMS = 20
+
+
+@dataclass(frozen=True)
+class BenchItem:
+    """One benchmark group: absolute, resolved reference paths, an optional target and its prompts."""
+
+    id: str
+    domain: str
+    split: str
+    references: tuple[Path, ...]
+    target: Path | None
+    prompts: tuple[str, ...]
+
+
+class ManifestError(ValueError):
+    """A manifest (or a layout being converted to one) has problems; `problems` lists every one."""
+
+    def __init__(self, source: str | os.PathLike, problems: Sequence[str]):
+        self.source = str(source)
+        self.problems = list(problems)
+        super().__init__(_format_problems(self.source, self.problems))
+
+
+def _format_problems(source: str, problems: Sequence[str]) -> str:
+    count = len(problems)
+    lines = [f"manifest {source}: {count} problem{'' if count == 1 else 's'}"]
+    lines += [f"  {p}" for p in problems[:_MAX_LISTED_PROBLEMS]]
+    if count > _MAX_LISTED_PROBLEMS:
+        lines.append(f"  ... and {count - _MAX_LISTED_PROBLEMS} more")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- paths
+
+
+def _resolve_inside(
+    raw: str, root: Path, allow_outside_root: bool, check_files: bool
+) -> tuple[Path | None, str | None]:
+    """(resolved path, None) or (None, why not). `root` must already be resolved."""
+    if not raw:
+        return None, "empty path"
+    try:
+        candidate = Path(raw)
+        resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
+    except (OSError, ValueError, RuntimeError) as err:
+        return None, f"unusable path {raw!r}: {err}"
+    # Checked before touching the file, so that a manifest cannot make us stat arbitrary locations.
+    if not allow_outside_root and not resolved.is_relative_to(root):
+        return None, f"path {raw!r} resolves outside the root {root}"
+    if check_files and not resolved.is_file():
+        return None, f"image file not found: {raw!r} ({resolved})"
+    return resolved, None
+
+
+def _relative_text(path: Path, root: Path) -> str:
+    """Root-relative POSIX text so manifests move between machines; absolute only if outside root."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+# ------------------------------------------------------------------------------------------ load / write
+
+
+def _check_text(record: dict, key: str, default: str, problems: list[str], where: str) -> str:
+    value = record.get(key, default)
+    if not isinstance(value, str) or not value.strip():
+        problems.append(f"{where}: {key!r} must be a non-empty string, got {value!r}")
+        return default
+    return value
+
+
+def _check_prompts(record: dict, problems: list[str], where: str) -> tuple[str, ...]:
+    if "prompt" in record and "prompts" in record:
+        problems.append(f"{where}: give either 'prompt' or 'prompts', not both")
+        return ()
+    if "prompt" in record:
+        value = record["prompt"]
+        if not isinstance(value, str) or not value.strip():
+            problems.append(f"{where}: 'prompt' must be a non-empty string, got {value!r}")
+            return ()
+        return (value,)
+    value = record.get("prompts")
+    if value is None:
+        problems.append(f"{where}: missing 'prompts' (or 'prompt')")
+        return ()
+    if not isinstance(value, list) or not value:
+        problems.append(f"{where}: 'prompts' must be a non-empty list of strings, got {value!r}")
+        return ()
+    bad = [p for p in value if not isinstance(p, str) or not p.strip()]
+    if bad:
+        problems.append(f"{where}: 'prompts' entries must be non-empty strings, got {bad!r}")
+        return ()
+    return tuple(value)
+
+
+def _check_paths(
+    record: dict, root: Path, allow_outside_root: bool, check_files: bool, problems: list[str], where: str
+) -> tuple[tuple[Path, ...], Path | None]:
+    references: list[Path] = []
+    value = record.get("references")
+    if value is None:
+        problems.append(f"{where}: missing 'references'")
+    elif not isinstance(value, list) or not value:
+        problems.append(f"{where}: 'references' must be a non-empty list of paths, got {value!r}")
+    else:
+        for i, raw in enumerate(value):
+            if not isinstance(raw, str):
+                problems.append(f"{where}: references[{i}] must be a string path, got {raw!r}")
+                continue
+            path, why = _resolve_inside(raw, root, allow_outside_root, check_files)
+            if why:
+                problems.append(f"{where}: references[{i}]: {why}")
+            else:
+                references.append(path)
+    target = None
+    raw_target = record.get("target")
+    if raw_target is not None:
+        if not isinstance(raw_target, str):
+            problems.append(f"{where}: 'target' must be a string path or null, got {raw_target!r}")
+        else:
+            target, why = _resolve_inside(raw_target, root, allow_outside_root, check_files)
+            if why:
+                problems.append(f"{where}: target: {why}")
+    return tuple(references), target
+
+
+def _parse_record(
+    record: dict, root: Path, allow_outside_root: bool, check_files: bool, problems: list[str], where: str
+) -> BenchItem | None:
+    before = len(problems)
+    unknown = sorted(set(record) - _KNOWN_KEYS)
+    if unknown:
+        problems.append(f"{where}: unknown key(s) {unknown}; allowed: {sorted(_KNOWN_KEYS)}")
+    item_id = record.get("id")
+    if not isinstance(item_id, str) or not item_id.strip():
+        problems.append(f"{where}: 'id' must be a non-empty string, got {item_id!r}")
+    domain = _check_text(record, "domain", DEFAULT_DOMAIN, problems, where)
+    split = record.get("split", DEFAULT_SPLIT)
+    if split not in SPLITS:
+        problems.append(f"{where}: 'split' must be one of {list(SPLITS)}, got {split!r}")
+    references, target = _check_paths(record, root, allow_outside_root, check_files, problems, where)
+    prompts = _check_prompts(record, problems, where)
+    if len(problems) > before:
+        return None
+    return BenchItem(item_id, domain, split, references, target, prompts)
+
+
+def load_manifest(
+    path: str | os.PathLike,
+    root: str | os.PathLike | None = None,
+    allow_outside_root: bool = False,
+    check_files: bool = True,
+) -> list[BenchItem]:
+    """Read and fully validate a JSON Lines manifest; every problem is reported in one ManifestError.
+
+    `root` defaults to the manifest's folder. `check_files=False` skips the existence checks (paths are
+    still resolved and kept inside the root), for manifests of images not fetched yet.
+    """
+    path = Path(path)
+    root = (Path(root) if root is not None else path.parent).resolve()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ManifestError(path, [f"{path}: not UTF-8 text: {err}"]) from None
+    problems: list[str] = []
+    items: list[BenchItem] = []
+    first_line_of: dict[str, int] = {}
+    # split("\n") rather than splitlines(): JSON strings may hold U+2028 and friends, which are not lines.
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            problems.append(f"{where}: invalid JSON: {err.msg} (column {err.colno})")
+            continue
+        if not isinstance(record, dict):
+            problems.append(f"{where}: expected a JSON object, got {type(record).__name__}")
+            continue
+        item_id = record.get("id")
+        if isinstance(item_id, str) and item_id.strip():
+            if item_id in first_line_of:
+                problems.append(f"{where}: duplicate id {item_id!r} (first on line {first_line_of[item_id]})")
+            else:
+                first_line_of[item_id] = lineno
+        item = _parse_record(record, root, allow_outside_root, check_files, problems, where)
+        if item is not None:
+            items.append(item)
+    if not problems and not items:
+        problems.append(f"{path}: the manifest has no groups")
+    if problems:
+        raise ManifestError(path, problems)
+    logger.info("Loaded %d groups from %s (root %s)", len(items), path, root)
+    return items
+
+
+def _item_record(item: BenchItem, root: Path) -> dict:
+    record = {
+        "id": item.id,
+        "domain": item.domain,
+        "split": item.split,
+        "references": [_relative_text(p, root) for p in item.references],
+    }
+    if item.target is not None:
+        record["target"] = _relative_text(item.target, root)
+    record["prompts"] = list(item.prompts)
+    return record
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Readers never see a half-written manifest: write beside the destination, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def write_manifest(items: Iterable[BenchItem], path: str | os.PathLike, root: str | os.PathLike) -> Path:
+    """Write `items` as JSON Lines with paths relative to `root` (absolute where outside it)."""
+    path, root = Path(path), Path(root).resolve()
+    items = list(items)
+    counts = Counter(item.id for item in items)
+    duplicates = sorted(item_id for item_id, count in counts.items() if count > 1)
+    # Caught here rather than on the next load, while the caller still knows where the items came from.
+    if duplicates:
+        raise ManifestError(path, [f"duplicate id {d!r}" for d in duplicates])
+    lines = [json.dumps(_item_record(item, root), ensure_ascii=False) for item in items]
+    _atomic_write_text(path, "".join(line + "\n" for line in lines))
+    logger.info("Wrote %d groups to %s (root %s)", len(items), path, root)
+    return path
+
+
+# ------------------------------------------------------------------------------------ folder converter
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _read_prompts_file(path: Path) -> list[str]:
+    lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def _visible_subfolders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _group_from_folder(folder: Path, root: Path, split: str, domain: str, problems: list[str]) -> BenchItem | None:
+    if not folder.resolve().is_relative_to(root):
+        problems.append(f"{folder}: resolves outside the root {root}")
+        return None
+    before = len(problems)
+    references: list[Path] = []
+    targets: list[Path] = []
+    for file in sorted(folder.iterdir(), key=lambda p: p.name):
+        if not _is_image(file):
+            continue
+        resolved = file.resolve()
+        # A symlinked image may point anywhere; the benchmark must stay inside its root.
+        if not resolved.is_relative_to(root):
+            problems.append(f"{file}: resolves outside the root {root}")
+            continue
+        (targets if file.stem.lower() == TARGET_STEM else references).append(resolved)
+    if not references:
+        problems.append(f"{folder}: no reference images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    if len(targets) > 1:
+        problems.append(f"{folder}: several target images: {[t.name for t in targets]}")
+    prompts_path = folder / PROMPTS_FILE
+    prompts: list[str] = []
+    if not prompts_path.is_file():
+        problems.append(f"{folder}: missing {PROMPTS_FILE}")
+    else:
+        prompts = _read_prompts_file(prompts_path)
+        if not prompts:
+            problems.append(f"{prompts_path}: no prompts (blank and '#' lines are ignored)")
+    if len(problems) > before:
+        return None
+    return BenchItem(folder.name, domain, split, tuple(references), targets[0] if targets else None, tuple(prompts))
+
+
+def _split_folders(root: Path, split: str, problems: list[str]) -> list[tuple[Path, str]]:
+    """(group folder, split) pairs: one level of held-in/held-out folders if present, else `split`."""
+    subfolders = _visible_subfolders(root)
+    split_level = [p for p in subfolders if p.name in SPLITS]
+    if not split_level:
+        return [(group, split) for group in subfolders]
+    # Mixing split folders with group folders is ambiguous, so it is refused rather than guessed at.
+    for stray in (p for p in subfolders if p.name not in SPLITS):
+        problems.append(f"{stray}: beside {[p.name for p in split_level]}, only split folders are allowed")
+    return [(group, level.name) for level in split_level for group in _visible_subfolders(level)]
+
+
+def manifest_from_folders(
+    root: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    split: str = DEFAULT_SPLIT,
+    domain: str | None = None,
+) -> list[BenchItem]:
+    """Build a manifest from `root/<group>/{*.png, target.png, prompts.txt}` (optionally under
+    `root/held-in/` and `root/held-out/`, which then give the split). Written to `out` if given, with paths
+    relative to `root`.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise ManifestError(root, [f"{root}: not a folder"])
+    domain = domain or DEFAULT_DOMAIN
+    problems: list[str] = []
+    items: list[BenchItem] = []
+    first_folder_of: dict[str, Path] = {}
+    for folder, group_split in _split_folders(root, split, problems):
+        if folder.name in first_folder_of:
+            problems.append(f"{folder}: duplicate id {folder.name!r} (also {first_folder_of[folder.name]})")
+            continue
+        first_folder_of[folder.name] = folder
+        item = _group_from_folder(folder, root, group_split, domain, problems)
+        if item is not None:
+            items.append(item)
+    if not problems and not items:
+        problems.append(f"{root}: no group folders")
+    if problems:
+        raise ManifestError(root, problems)
+    logger.info("Found %d groups under %s", len(items), root)
+    if out is not None:
+        write_manifest(items, out, root)
+    return items
+
+
+# -------------------------------------------------------------------------------------- COCO converter
+
+
+def _read_coco(captions_json: Path) -> tuple[dict[int, str], dict[int, list[str]]]:
+    try:
+        data = json.loads(captions_json.read_text(encoding="utf-8"))
+        files = {int(image["id"]): str(image["file_name"]) for image in data["images"]}
+        captions: dict[int, list[str]] = {}
+        for annotation in data["annotations"]:
+            captions.setdefault(int(annotation["image_id"]), []).append(str(annotation["caption"]).strip())
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ManifestError(
+            captions_json, [f"{captions_json}: not a COCO captions file: {type(err).__name__}: {err}"]
+        ) from None
+    return files, captions
+
+
+def manifest_from_coco(
+    captions_json: str | os.PathLike,
+    images_dir: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    limit: int | None = None,
+    captions_per_image: int = 1,
+) -> list[BenchItem]:
+    """Single-reference items from COCO captions (e.g. `captions_val2017.json`): the image is both the
+    reference and the target, its first `captions_per_image` captions the prompts. Sorted by image id;
+    `limit` keeps the first N. Written to `out` if given, with paths relative to `images_dir`.
+    """
+    if captions_per_image < 1:
+        raise ValueError(f"captions_per_image must be at least 1, got {captions_per_image}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be non-negative, got {limit}")
+    captions_json = Path(captions_json)
+    root = Path(images_dir).resolve()
+    files, captions = _read_coco(captions_json)
+    image_ids = sorted(files)[:limit]
+    problems: list[str] = []
+    items: list[BenchItem] = []
+    for image_id in image_ids:
+        where = f"{captions_json}: image {image_id}"
+        path, why = _resolve_inside(files[image_id], root, allow_outside_root=False, check_files=True)
+        if why:
+            problems.append(f"{where}: {why}")
+        prompts = [c for c in captions.get(image_id, []) if c][:captions_per_image]
+        if not prompts:
+            problems.append(f"{where}: no captions")
+        if path is not None and prompts:
+            items.append(BenchItem(str(image_id), "coco", "held-in", (path,), path, tuple(prompts)))
+    if not problems and not items:
+        problems.append(f"{captions_json}: no images")
+    if problems:
+        raise ManifestError(captions_json, problems)
+    logger.info("Built %d COCO items from %s", len(items), captions_json)
+    if out is not None:
+        write_manifest(items, out, root)
+    return items
