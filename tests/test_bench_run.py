@@ -181,6 +181,16 @@ def test_cli_run_easyref_then_score_the_images_elsewhere(manifest, tmp_path, tin
     rescored = tmp_path / "rescored"
     assert main(["bench", "score", "--manifest", str(manifest), "--images", str(out / "images"),
                  "--out", str(rescored), "--method-name", "easyref", *metrics]) == 0
+    assert main(["bench", "table", str(out), str(tmp_path / "sdxl-floor"), "--out", str(tmp_path / "t.md")]) == 2
+    assert main(["bench", "run", "--manifest", str(manifest), "--method", "sdxl", "--base", str(tiny_dirs["sdxl"]),
+                 "--steps", "2", "--height", "64", "--width", "64", "--out", str(tmp_path / "sdxl-floor"), *metrics]) == 0
+    capsys.readouterr()
+    assert main(["bench", "table", str(out), str(tmp_path / "sdxl-floor"), "--out", str(tmp_path / "t.md")]) == 0
+    merged = (tmp_path / "t.md").read_text()
+    assert capsys.readouterr().out == merged
+    assert "| easyref | held-out | 1 | 1 |" in merged and "| sdxl | held-out | 1 | 1 |" in merged
+    assert (tmp_path / "t.csv").is_file()
+
     original, again = _rows(out), _rows(rescored)
     assert [r["images"] for r in again] == [r["images"] for r in original]
     for a, b in zip(original, again):

@@ -5,6 +5,7 @@
     easyref bench run --manifest M.jsonl --method easyref --base SDXL --mllm QWEN --adapter CKPT --out runs/er
     easyref bench run --manifest M.jsonl --method ip-adapter-mean --base SDXL --out runs/ipa-mean
     easyref bench score --manifest M.jsonl --images OTHER_TOOL_OUT --out runs/other
+    easyref bench table runs/er runs/ipa-mean runs/other                # the methods side by side
     accelerate launch -m easyref bench run ...                    # one share of the groups per process
 """
 
@@ -20,6 +21,7 @@ logger = logging.getLogger("easyref")
 def add_bench_parsers(bench_sub) -> None:
     _add_run(bench_sub)
     _add_score(bench_sub)
+    _add_table(bench_sub)
     _add_convert(bench_sub)
 
 
@@ -83,6 +85,14 @@ def _add_score(bench_sub) -> None:
     p.add_argument("--method-name", default="external", help="label for the summary's method column")
     _add_metric_args(p)
     p.set_defaults(func=cmd_score)
+
+
+def _add_table(bench_sub) -> None:
+    p = bench_sub.add_parser("table", help="one table of several runs (methods side by side, per split)",
+                             description="Merge the records of several run folders into the paper's table.")
+    p.add_argument("runs", type=Path, nargs="+", help="run folders written by `bench run` or `bench score`")
+    p.add_argument("--out", type=Path, help="also write the table here (.md; a .csv beside it)")
+    p.set_defaults(func=cmd_table)
 
 
 def _add_convert(bench_sub) -> None:
@@ -215,6 +225,25 @@ def _finish(out: Path, state, scored: bool) -> int:
     if state.is_main_process and scored:
         write_summary(out)
         print((out / "summary.md").read_text(), end="")
+    return 0
+
+
+def cmd_table(args) -> int:
+    from ..cli import UserError
+    from .runner import read_records, summarize, summary_tables
+
+    records = []
+    for run in args.runs:
+        found = read_records(run) if run.is_dir() else {}
+        if not found:
+            raise UserError(f"{run}: no records (not a `bench run` folder, or nothing finished yet)")
+        records.extend(found.values())
+    markdown, table = summary_tables(summarize(records))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(markdown)
+        args.out.with_suffix(".csv").write_text(table)
+    print(markdown, end="")
     return 0
 
 
