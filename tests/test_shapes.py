@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -130,6 +131,45 @@ def test_vae_training_lowers_reconstruction_loss():
 
     losses = train_vae(build_pipeline(0).vae, steps=30, batch_size=4, lr=3e-3)
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+
+
+def test_a_base_continues_where_it_stopped_and_stale_stages_go(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from easyref.shapes.demo_model import PRESETS, _continue_base
+    from easyref.shapes.base import build_base_model, continue_base_model
+
+    work = tmp_path / "work"
+    build_base_model(work / "base", vae_steps=1, base_steps=2, batch_size=2)
+    unet_file = next((work / "base" / "unet").glob("*.safetensors"))
+    vae_file = next((work / "base" / "vae").glob("*.safetensors"))
+    unet_before, vae_before = load_file(unet_file), load_file(vae_file)
+    (work / "stage1" / "final").mkdir(parents=True)
+    (work / "model-mean").mkdir()
+    recipe = dataclasses.replace(PRESETS["smoke"], base_steps=4, batch_size=2)
+    _continue_base(work, recipe, "cpu")
+    record = json.loads((work / "base" / "training.json").read_text())
+    assert record["base_steps"] == 4 and record["base_runs"] == [2, 2]
+    assert not (work / "stage1").exists() and not (work / "model-mean").exists()
+    unet_after = load_file(next((work / "base" / "unet").glob("*.safetensors")))
+    assert any(not torch.equal(unet_before[k], unet_after[k]) for k in unet_before)
+    assert all(torch.equal(v, load_file(vae_file)[k]) for k, v in vae_before.items())  # the VAE is kept
+    (work / "stage1").mkdir()
+    continue_base_model(work / "base", 3, batch_size=2)  # already past 3 steps: nothing happens
+    _continue_base(work, recipe, "cpu")
+    assert (work / "stage1").exists()
+
+
+def test_base_captions_sometimes_leave_the_subject_out():
+    from easyref.shapes.base import _captioned_target
+    from easyref.shapes.world import subjects_in
+
+    rng = random.Random(0)
+    captions = [_captioned_target(rng, subjects_in("held-in"))[1] for _ in range(200)]
+    subjectless = sum(c.startswith("an object") for c in captions)
+    assert 30 < subjectless < 90  # about 30%, the form of EasyRef's prompts
 
 
 def test_sharpened_posterior_keeps_the_mean_and_drops_the_noise():

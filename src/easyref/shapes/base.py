@@ -202,12 +202,19 @@ def sharpen_posterior(vae, log_std: float = -7.0) -> None:
 
 
 # ---------------------------------------------------------------------- 2. UNet + text encoders
-def _captioned_target(rng: random.Random, subjects):
-    from .world import caption_for
+# Share of captions that leave the subject out ("an object on a tan background, at the top left"):
+# EasyRef's prompts take exactly that form, and a base that has never seen it placed the subject
+# and chose the background poorly when the references had to supply the rest.
+SUBJECTLESS_SHARE = 0.3
+
+
+def _captioned_target(rng: random.Random, subjects, subjectless: float = SUBJECTLESS_SHARE):
+    from .world import caption_for, prompt_for
 
     subject = rng.choice(subjects)
     background, position = rng.choice(list(BACKGROUNDS)), rng.choice(list(POSITIONS))
-    return render(target_scene(subject, background, position)), caption_for(subject, background, position)
+    describe = prompt_for if rng.random() < subjectless else lambda bg, pos: caption_for(subject, bg, pos)
+    return render(target_scene(subject, background, position)), describe(background, position)
 
 
 def train_base(pipe, steps: int, batch_size: int = 32, lr: float = 5e-4, seed: int = 0, subjects=None,
@@ -265,24 +272,50 @@ def train_base(pipe, steps: int, batch_size: int = 32, lr: float = 5e-4, seed: i
 def build_base_model(out: str | Path, vae_steps: int, base_steps: int, batch_size: int = 32, seed: int = 0,
                      device: str = "cpu") -> Path:
     """Train the VAE, then the UNet + text encoders; save an SDXL folder (written elsewhere, then renamed)."""
-    out = Path(out)
     pipe = build_pipeline(seed)
     vae_losses = train_vae(pipe.vae, vae_steps, batch_size, seed=seed, device=device)
     sharpen_posterior(pipe.vae)
     pipe.vae.register_to_config(scaling_factor=fit_scaling_factor(pipe.vae))
     base_losses = train_base(pipe, base_steps, batch_size, seed=seed, device=device)
+    record = {"vae_steps": vae_steps, "base_steps": base_steps, "batch_size": batch_size, "seed": seed,
+              "vae_final_loss": _tail_mean(vae_losses), "base_final_loss": _tail_mean(base_losses),
+              "scaling_factor": pipe.vae.config.scaling_factor}
+    return _save_base(pipe, Path(out), record)
+
+
+def continue_base_model(folder: str | Path, base_steps: int, batch_size: int = 32, device: str = "cpu") -> Path:
+    """Train a saved base's UNet + text encoders on until `base_steps` in all (the VAE stays as it is).
+
+    The optimizer starts afresh (with its warm-up); the data stream is seeded by the steps already
+    done, so a continuation never replays the batches of the run before it.
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    folder = Path(folder)
+    record = json.loads((folder / "training.json").read_text())
+    done = record["base_steps"]
+    if base_steps <= done:
+        return folder
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    losses = train_base(pipe, base_steps - done, batch_size, seed=record["seed"] + done, device=device)
+    record.setdefault("base_runs", [done]).append(base_steps - done)
+    record.update(base_steps=base_steps, base_final_loss=_tail_mean(losses), subjectless_share=SUBJECTLESS_SHARE)
+    return _save_base(pipe, folder, record)
+
+
+def _tail_mean(losses: list[float], n: int = 50) -> float:
+    return sum(losses[-n:]) / max(1, len(losses[-n:]))
+
+
+def _save_base(pipe, out: Path, record: dict) -> Path:
+    import shutil
+
     pipe.to("cpu")
     tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)
-    (tmp / "training.json").write_text(json.dumps({
-        "vae_steps": vae_steps, "base_steps": base_steps, "batch_size": batch_size, "seed": seed,
-        "vae_final_loss": sum(vae_losses[-50:]) / max(1, len(vae_losses[-50:])),
-        "base_final_loss": sum(base_losses[-50:]) / max(1, len(base_losses[-50:])),
-        "scaling_factor": pipe.vae.config.scaling_factor,
-    }, indent=1))
+    (tmp / "training.json").write_text(json.dumps(record, indent=1))
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     tmp.replace(out)
     return out

@@ -99,6 +99,7 @@ def build(out: Path, recipe: Recipe, work: Path, cpu: bool) -> Path:
     device = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
     # each phase is skipped when an earlier (interrupted) build already finished it: a phase's
     # output appears only once it is complete, so a half-done phase simply runs again
+    _continue_base(work, recipe, device)
     phases = [
         ("data", work / "data" / "groups.jsonl",
          lambda: write_training_data(work / "data", groups=recipe.groups, seed=recipe.seed)),
@@ -121,6 +122,20 @@ def build(out: Path, recipe: Recipe, work: Path, cpu: bool) -> Path:
         timings[f"{name}_s"] = time.perf_counter() - started
     package(work, out, recipe, timings)
     return out
+
+
+def _continue_base(work: Path, recipe: Recipe, device: str) -> None:
+    """A finished base with fewer steps than the recipe asks trains on, so builds accumulate across
+    sessions; everything trained on the old base is then stale and goes."""
+    from .base import continue_base_model
+
+    record = work / "base" / "training.json"
+    if not record.is_file() or json.loads(record.read_text())["base_steps"] >= recipe.base_steps:
+        return
+    logger.info("base: continuing to %d steps", recipe.base_steps)
+    continue_base_model(work / "base", recipe.base_steps, recipe.batch_size, device=device)
+    for stale in [*work.glob("stage[123]*"), *work.glob("model-*")]:
+        shutil.rmtree(stale)
 
 
 def latest_adapter(work: Path) -> tuple[Path, str]:
