@@ -43,7 +43,7 @@ def test_bench_shapes_runs_end_to_end_on_the_smoke_recipe(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert {c["method"] for c in summary["cells"]} == {"easyref", "mean", "concat"}
     assert len(summary["cells"]) == 3 * 10  # 6 distractor cells + 5 reference cells, one shared
-    assert (out / "by_references.png").is_file() and (out / "summary.md").read_text().count("| easyref |") == 11
+    assert (out / "by_references.png").is_file() and (out / "by_references_colour.png").is_file() and (out / "summary.md").read_text().count("| easyref |") == 11
     assert "By number of references" in capsys.readouterr().out
     configs = {m: json.loads((out / "work" / f"model-{m}" / "adapter" / "easyref_config.json").read_text())
                for m in ("easyref", "mean", "concat")}

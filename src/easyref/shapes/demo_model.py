@@ -45,10 +45,11 @@ PRESETS = {
     # sized for one lent GPU in under ten minutes; the data loader needs the machine's many cores
     "gpu": Recipe(groups=3000, vae_steps=1500, base_steps=5000, mllm_steps=1500,
                   stage_steps=(600, 1200, 1800), batch_size=32, num_workers=12),
-    # about 70 minutes on this project's 2-core CPU machine. 600 VAE + 2500 base steps were too few
-    # (VAE MSE 0.054, colours washed out; the base drew the captioned subject 1 time in 16); these
-    # 4000 + 6000 reached VAE MSE 0.014 and 10/32 subjects (24/32 shapes) from captions alone
-    "cpu": Recipe(groups=1500, vae_steps=4000, base_steps=6000, mllm_steps=1500, stage_steps=(400, 800, 1500),
+    # about 2 hours on this project's 2-core CPU machine. 600 VAE + 2500 base steps were too few
+    # (VAE MSE 0.054, colours washed out; the base drew the captioned subject 1 time in 16); 4000 +
+    # 6000 reached VAE MSE 0.014 and 10/32 subjects (24/32 shapes) from captions alone, still too weak
+    # a base for the reference path to show (see the issue notes); a finished base trains on to more
+    "cpu": Recipe(groups=1500, vae_steps=4000, base_steps=11000, mllm_steps=1500, stage_steps=(400, 800, 1500),
                  batch_size=16),
     "full": Recipe(groups=3000, vae_steps=3000, base_steps=8000, mllm_steps=3000,
                   stage_steps=(1500, 1500, 3000), batch_size=32),
