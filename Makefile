@@ -20,7 +20,7 @@ demo: setup
 	$(BIN)/easyref generate --refs-dir examples/refs --prompt "an object on a white background, at the top left" \
 		--out outputs/demo.png --grid --seed 0 --num-images 4
 
-# retrain the bundled default model from nothing (shapes world; about 70 min on 2 cores)
+# retrain the bundled default model from nothing (shapes world; about 2 h on 2 cores; an earlier build in runs/ is continued)
 demo-model: setup
 	$(BIN)/python -m easyref.shapes.demo_model runs/demo-model --preset cpu --work runs/demo-model.work
 	rm -rf src/easyref/assets/default_model && cp -r runs/demo-model src/easyref/assets/default_model

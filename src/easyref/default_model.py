@@ -25,8 +25,9 @@ DEFAULT_MODEL_NAME = "tiny-untrained-v1"
 BUNDLED_DIR = Path(__file__).parent / "assets" / "default_model"
 UNTRAINED_NOTICE = "using the bundled default model: a tiny UNTRAINED EasyRef (outputs are not meaningful)"
 BUNDLED_NOTICE = (
-    "using the bundled default model: a tiny EasyRef trained on the synthetic shapes world "
-    "(64 px; references of one coloured, patterned shape; prompts like 'an object on a white background, at the top left')"
+    "using the bundled default model: a tiny EasyRef trained on CPU on the synthetic shapes world "
+    "(64 px; references of one coloured, patterned shape; prompts like 'an object on a white background, at the top left'). "
+    "It keeps the references' colour, not yet their shape (see README, Status)"
 )
 
 
