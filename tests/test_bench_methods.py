@@ -29,13 +29,7 @@ SETTINGS = GenerationSettings(steps=2, guidance=5.0, height=32, width=48, negati
 PROMPTS, SEEDS = ["a cat", "a dog on grass"], [3, 4]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: a second intra-op thread only waits on a busy core (70x slower under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -33,13 +33,7 @@ from easyref.shapes.oracle import (
 TEST_SEED = 99
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """This small net ran several times slower on two contended CPU threads than on one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -368,14 +368,8 @@ def manifest_from_folders(
         item = _group_from_folder(folder, root, group_split, domain, problems)
         if item is not None:
             items.append(item)
-    if not problems and not items:
-        problems.append(f"{root}: no group folders")
-    if problems:
-        raise ManifestError(root, problems)
     logger.info("Found %d groups under %s", len(items), root)
-    if out is not None:
-        write_manifest(items, out, root)
-    return items
+    return _finish_conversion(items, problems, root, f"{root}: no group folders", out, root)
 
 
 # -------------------------------------------------------------------------------------- COCO converter
@@ -426,11 +420,17 @@ def manifest_from_coco(
             problems.append(f"{where}: no captions")
         if path is not None and prompts:
             items.append(BenchItem(str(image_id), "coco", "held-in", (path,), path, tuple(prompts)))
-    if not problems and not items:
-        problems.append(f"{captions_json}: no images")
-    if problems:
-        raise ManifestError(captions_json, problems)
     logger.info("Built %d COCO items from %s", len(items), captions_json)
+    return _finish_conversion(items, problems, captions_json, f"{captions_json}: no images", out, root)
+
+
+def _finish_conversion(items: list[BenchItem], problems: list[str], source, empty: str,
+                       out: str | os.PathLike | None, root: Path) -> list[BenchItem]:
+    """What every converter ends with: report all problems (an empty result is one), else write and return."""
+    if not problems and not items:
+        problems.append(empty)
+    if problems:
+        raise ManifestError(source, problems)
     if out is not None:
         write_manifest(items, out, root)
     return items
