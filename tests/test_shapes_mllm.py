@@ -1,4 +1,4 @@
-"""The tiny Qwen2-VL's caption pretraining on the shapes world."""
+"""The tiny Qwen2-VL's pretraining on the shapes world: vision tower, then captions."""
 
 from __future__ import annotations
 
@@ -9,7 +9,17 @@ import numpy as np
 import torch
 
 from easyref.config import EasyRefConfig
-from easyref.shapes.mllm import IGNORE, build_mllm, caption_batch, load, pretrain_mllm, random_scene, scene_caption
+from easyref.shapes.mllm import (
+    IGNORE,
+    VISION_ATTRIBUTES,
+    build_mllm,
+    caption_batch,
+    load,
+    pretrain_mllm,
+    pretrain_vision,
+    random_scene,
+    scene_caption,
+)
 from easyref.shapes.world import Placement, Scene, Subject, subjects_in
 from easyref.tiny import save_tiny_qwen2vl
 
@@ -53,3 +63,47 @@ def test_build_mllm_writes_its_record_and_replaces_atomically(tmp_path):
     torch.manual_seed(1)
     build_mllm(tmp_path / "qwen2vl", steps=2, batch_size=2, seed=5, reference_image_size=56)
     assert (out / "model.safetensors").read_bytes() != before
+
+
+def test_vision_pretraining_trains_the_vision_tower_alone_and_drops_its_heads(tmp_path):
+    from safetensors.torch import load_file
+
+    save_tiny_qwen2vl(tmp_path, seed=0, for_training=True)
+    before = load_file(tmp_path / "model.safetensors")
+    losses, accuracy = pretrain_vision(tmp_path, steps=40, batch_size=8, reference_image_size=56)
+    after = load_file(tmp_path / "model.safetensors")
+    assert after.keys() == before.keys()  # the attribute heads are not saved into the MLLM
+    vision = [k for k in before if ".visual." in k or k.startswith("visual.")]
+    assert vision and all(not torch.equal(before[k], after[k]) for k in vision if k.endswith("weight"))
+    assert all(torch.equal(before[k], after[k]) for k in before if k not in vision)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    assert set(accuracy) == set(VISION_ATTRIBUTES) and all(0.0 <= v <= 1.0 for v in accuracy.values())
+
+
+def test_build_mllm_sizes_the_vision_tower_and_records_both_phases(tmp_path):
+    from transformers import AutoConfig
+
+    out = build_mllm(tmp_path / "qwen2vl", steps=2, batch_size=2, reference_image_size=56, vision_steps=2,
+                     vision_width=48, vision_depth=1)
+    config = AutoConfig.from_pretrained(out)
+    assert (config.vision_config.embed_dim, config.vision_config.depth) == (48, 1)
+    record = json.loads((out / "training.json").read_text())
+    assert (record["vision_steps"], record["vision_width"], record["vision_depth"]) == (2, 48, 1)
+    assert set(record["vision_held_out_accuracy"]) == set(VISION_ATTRIBUTES)
+
+
+def test_an_mllm_built_to_another_recipe_is_dropped_with_its_stages(tmp_path):
+    import dataclasses
+
+    from easyref.shapes.demo_model import PRESETS, _drop_stale_mllm
+
+    recipe = PRESETS["smoke"]
+    (tmp_path / "qwen2vl").mkdir()
+    (tmp_path / "stage2").mkdir()
+    record = {"steps": recipe.mllm_steps, "vision_steps": recipe.vision_steps,
+              "vision_width": recipe.vision_width, "vision_depth": recipe.vision_depth}
+    (tmp_path / "qwen2vl" / "training.json").write_text(json.dumps(record))
+    _drop_stale_mllm(tmp_path, recipe)
+    assert (tmp_path / "qwen2vl").exists() and (tmp_path / "stage2").exists()
+    _drop_stale_mllm(tmp_path, dataclasses.replace(recipe, vision_steps=recipe.vision_steps + 1))
+    assert not (tmp_path / "qwen2vl").exists() and not (tmp_path / "stage2").exists()

@@ -36,23 +36,30 @@ class Recipe:
     stage_lr: tuple[float, float, float] = (1e-3, 3e-4, 2e-4)
     lora_rank: int = 8
     reference_image_size: int = 112
+    # the MLLM's vision-tower pretraining (shapes.mllm phase 1); a width-32, 2-layer ViT did not
+    # learn shape in the CPU budget, width 64 with 3 layers names 72% of held-out shapes at 6,000 steps
+    vision_steps: int = 0
+    vision_width: int = 32
+    vision_depth: int = 2
     num_workers: int = 0  # on a 2-core machine worker processes only compete with the training threads
     seed: int = 0
 
 
 PRESETS = {
-    "smoke": Recipe(groups=48, vae_steps=3, base_steps=3, mllm_steps=3, stage_steps=(2, 2, 2), batch_size=4),
+    "smoke": Recipe(groups=48, vae_steps=3, base_steps=3, mllm_steps=3, stage_steps=(2, 2, 2), batch_size=4,
+                    vision_steps=3),
     # sized for one lent GPU in under ten minutes; the data loader needs the machine's many cores
     "gpu": Recipe(groups=3000, vae_steps=1500, base_steps=5000, mllm_steps=1500,
-                  stage_steps=(600, 1200, 1800), batch_size=32, num_workers=12),
+                  stage_steps=(600, 1200, 1800), batch_size=32, num_workers=12,
+                  vision_steps=12000, vision_width=64, vision_depth=3),
     # about 2 hours on this project's 2-core CPU machine. 600 VAE + 2500 base steps were too few
     # (VAE MSE 0.054, colours washed out; the base drew the captioned subject 1 time in 16); 4000 +
     # 6000 reached VAE MSE 0.014 and 10/32 subjects (24/32 shapes) from captions alone, still too weak
     # a base for the reference path to show (see the issue notes); a finished base trains on to more
     "cpu": Recipe(groups=1500, vae_steps=4000, base_steps=11000, mllm_steps=1500, stage_steps=(400, 800, 1500),
-                 batch_size=16),
+                 batch_size=16, vision_steps=9000, vision_width=64, vision_depth=3),
     "full": Recipe(groups=3000, vae_steps=3000, base_steps=8000, mllm_steps=3000,
-                  stage_steps=(1500, 1500, 3000), batch_size=32),
+                  stage_steps=(1500, 1500, 3000), batch_size=32, vision_steps=20000, vision_width=64, vision_depth=3),
 }
 
 
@@ -101,6 +108,7 @@ def build(out: Path, recipe: Recipe, work: Path, cpu: bool) -> Path:
     # each phase is skipped when an earlier (interrupted) build already finished it: a phase's
     # output appears only once it is complete, so a half-done phase simply runs again
     _continue_base(work, recipe, device)
+    _drop_stale_mllm(work, recipe)
     phases = [
         ("data", work / "data" / "groups.jsonl",
          lambda: write_training_data(work / "data", groups=recipe.groups, seed=recipe.seed)),
@@ -109,7 +117,9 @@ def build(out: Path, recipe: Recipe, work: Path, cpu: bool) -> Path:
                                   seed=recipe.seed, device=device)),
         ("qwen2vl", work / "qwen2vl" / "config.json",
          lambda: build_mllm(work / "qwen2vl", recipe.mllm_steps, 32, seed=recipe.seed,
-                            reference_image_size=recipe.reference_image_size, device=device)),
+                            reference_image_size=recipe.reference_image_size, device=device,
+                            vision_steps=recipe.vision_steps, vision_width=recipe.vision_width,
+                            vision_depth=recipe.vision_depth)),
     ]
     for stage in (1, 2, 3):
         phases.append((f"stage{stage}", work / f"stage{stage}" / "final" / "easyref.safetensors",
@@ -136,6 +146,22 @@ def _continue_base(work: Path, recipe: Recipe, device: str) -> None:
     logger.info("base: continuing to %d steps", recipe.base_steps)
     continue_base_model(work / "base", recipe.base_steps, recipe.batch_size, device=device)
     for stale in [*work.glob("stage[123]*"), *work.glob("model-*")]:
+        shutil.rmtree(stale)
+
+
+def _drop_stale_mllm(work: Path, recipe: Recipe) -> None:
+    """An MLLM built to another recipe is rebuilt, and the stages trained on it go with it."""
+    record = work / "qwen2vl" / "training.json"
+    if not record.is_file():
+        return
+    built = json.loads(record.read_text())
+    wanted = {"steps": recipe.mllm_steps, "vision_steps": recipe.vision_steps,
+              "vision_width": recipe.vision_width, "vision_depth": recipe.vision_depth}
+    older = {"vision_steps": 0, "vision_width": 32, "vision_depth": 2}  # records from before phase 1 existed
+    if all(built.get(key, older.get(key)) == value for key, value in wanted.items()):
+        return
+    logger.info("qwen2vl: built to another recipe (%s), rebuilding it and the stages", record)
+    for stale in [work / "qwen2vl", *work.glob("stage[123]*"), *work.glob("model-*")]:
         shutil.rmtree(stale)
 
 
