@@ -107,3 +107,15 @@ def test_an_mllm_built_to_another_recipe_is_dropped_with_its_stages(tmp_path):
     assert (tmp_path / "qwen2vl").exists() and (tmp_path / "stage2").exists()
     _drop_stale_mllm(tmp_path, dataclasses.replace(recipe, vision_steps=recipe.vision_steps + 1))
     assert not (tmp_path / "qwen2vl").exists() and not (tmp_path / "stage2").exists()
+
+
+def test_caption_pretraining_can_keep_a_pretrained_vision_tower(tmp_path):
+    from safetensors.torch import load_file
+
+    save_tiny_qwen2vl(tmp_path, seed=0, for_training=True)
+    before = load_file(tmp_path / "model.safetensors")
+    pretrain_mllm(tmp_path, steps=3, batch_size=2, reference_image_size=56, freeze_vision=True)
+    after = load_file(tmp_path / "model.safetensors")
+    vision = [k for k in before if ".visual." in k or k.startswith("visual.")]
+    assert all(torch.equal(before[k], after[k]) for k in vision)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k not in vision)
