@@ -119,3 +119,28 @@ def test_caption_pretraining_can_keep_a_pretrained_vision_tower(tmp_path):
     vision = [k for k in before if ".visual." in k or k.startswith("visual.")]
     assert all(torch.equal(before[k], after[k]) for k in vision)
     assert any(not torch.equal(before[k], after[k]) for k in before if k not in vision)
+
+
+def test_caption_attribute_accuracy_reads_each_word(tmp_path, monkeypatch):
+    """A model whose every prediction is the next label scores 1 everywhere; one that is always
+    wrong scores 0: the per-word bookkeeping, checked through a stand-in model."""
+    import easyref.shapes.mllm as mllm
+
+    save_tiny_qwen2vl(tmp_path, seed=0, for_training=True)
+    model, tokenizer, processor = load(tmp_path)
+
+    class Oracle(torch.nn.Module):
+        def __init__(self, shift):
+            super().__init__()
+            self.shift = shift
+
+        def forward(self, input_ids, **_):
+            logits = torch.zeros(*input_ids.shape, len(tokenizer))
+            following = torch.roll(input_ids, -1, dims=1)  # the next token, i.e. the label
+            logits.scatter_(-1, ((following + self.shift) % len(tokenizer)).unsqueeze(-1), 1.0)
+            return type("Out", (), {"logits": logits})()
+
+    for shift, expected in ((0, 1.0), (1, 0.0)):
+        monkeypatch.setattr(mllm, "load", lambda folder, s=shift: (Oracle(s), tokenizer, processor))
+        scores = mllm.caption_attribute_accuracy(tmp_path, count=4, reference_image_size=56)
+        assert scores == dict.fromkeys(VISION_ATTRIBUTES, expected)
