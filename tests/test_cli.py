@@ -170,3 +170,12 @@ def test_shipped_weights_take_precedence_over_the_untrained_model(env, easyref_h
         code, out = generate(env, "--refs-dir", str(env / "refs"))
     assert code == 0 and out.is_file()
     assert default_model.BUNDLED_NOTICE in caplog.text and "UNTRAINED" not in caplog.text
+
+
+def test_the_shipped_model_fits_its_size_budget():
+    """The issue's budget for the weights that ship inside the package: 15 MB in all."""
+    from easyref import default_model
+
+    files = [f for f in default_model.BUNDLED_DIR.rglob("*") if f.is_file()]
+    assert any(f.name.endswith(".safetensors") for f in files)
+    assert sum(f.stat().st_size for f in files) <= 15_000_000

@@ -2,7 +2,8 @@
 
 1. render the shapes world's training split to disk (`shapes.data`);
 2. pretrain the base text-to-image model, our SDXL stand-in (`shapes.base`);
-3. caption-pretrain a tiny Qwen2-VL, our stand-in for the pretrained MLLM (`shapes.mllm`);
+3. pretrain a tiny Qwen2-VL, our stand-in for the pretrained MLLM: its vision tower on the subjects'
+   attributes, then its language model on captions (`shapes.mllm`);
 4. run EasyRef's three stages through `easyref.train.Trainer`, exactly as `easyref train` does;
 5. package `sdxl/`, `qwen2vl/`, `adapter/` into OUT: the layout `easyref generate` loads by default.
 
