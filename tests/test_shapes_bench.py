@@ -43,6 +43,7 @@ def test_bench_shapes_runs_end_to_end_on_the_smoke_recipe(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert {c["method"] for c in summary["cells"]} == {"easyref", "mean", "concat"}
     assert len(summary["cells"]) == 3 * 10  # 6 distractor cells + 5 reference cells, one shared
+    assert [r["baseline"] for r in summary["paired"]] == ["mean"] * 11 + ["concat"] * 11  # 10 cells + pooled
     assert (out / "by_references.png").is_file() and (out / "by_references_colour.png").is_file() and (out / "summary.md").read_text().count("| easyref |") == 11
     assert "By number of references" in capsys.readouterr().out
     configs = {m: json.loads((out / "work" / f"model-{m}" / "adapter" / "easyref_config.json").read_text())
@@ -58,3 +59,35 @@ def test_bench_shapes_rejects_bad_input(tmp_path, capsys):
     assert main(["bench", "shapes", "--preset", "huge"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert all(line.startswith("easyref: error:") for line in err) and len(err) == 2
+
+
+def test_sign_test_against_hand_values():
+    from easyref.shapes.bench import sign_test_p
+
+    assert sign_test_p(0, 0) == 1.0
+    assert sign_test_p(5, 0) == sign_test_p(0, 5) == 2 / 32
+    assert sign_test_p(3, 1) == 2 * (1 + 4) / 16
+    assert sign_test_p(4, 4) == 1.0  # an even split caps at 1
+
+
+def test_paired_identity_counts_groups_one_method_alone_got_right():
+    from easyref.shapes.bench import markdown_tables, paired_identity
+
+    outcomes = {
+        ("easyref", "held-out", 3, 2): [True, True, False, False, True],
+        ("mean", "held-out", 3, 2): [True, False, True, False, False],
+        ("easyref", "held-in", 3, 0): [True, False],
+        ("mean", "held-in", 3, 0): [True, False],
+        ("concat", "held-out", 3, 2): [False] * 5,
+    }
+    rows = paired_identity(outcomes)
+    by = {(r["baseline"], r["cell"]): r for r in rows}
+    assert (by["mean", "held-out, 3 refs, 2 distractors"]["only_method"],
+            by["mean", "held-out, 3 refs, 2 distractors"]["only_baseline"]) == (2, 1)
+    assert (by["mean", "held-in, 3 refs, 0 distractors"]["only_method"],
+            by["mean", "held-in, 3 refs, 0 distractors"]["only_baseline"]) == (0, 0)
+    assert (by["mean", "all cells"]["only_method"], by["mean", "all cells"]["only_baseline"]) == (2, 1)
+    assert by["concat", "all cells"]["only_method"] == 3 and by["concat", "all cells"]["p"] == 2 / 8
+    assert ("concat", "held-in, 3 refs, 0 distractors") not in by  # a cell concat never ran is not compared
+    table = markdown_tables({"cells": [], "paired": rows})
+    assert "| mean | all cells | 2 | 1 | 1.000 |" in table

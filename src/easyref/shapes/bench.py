@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
@@ -72,6 +73,7 @@ def evaluate_methods(folders: dict[str, Path], out: Path, groups: int = 64, step
     oracle = load_oracle()
     cells = list(dict.fromkeys(DISTRACTOR_CELLS + REFERENCE_CELLS))
     summary: dict = {"settings": {"groups": groups, "steps": steps, "guidance": guidance, "seed": seed}, "cells": []}
+    outcomes: dict[tuple, list[bool]] = {}
     with open(out / "items.jsonl", "w") as items:
         for method, folder in folders.items():
             pipe = load_method(folder, device)
@@ -80,6 +82,7 @@ def evaluate_methods(folders: dict[str, Path], out: Path, groups: int = 64, step
                 batch = cell_groups(split, refs, distractors, groups, seed)
                 images = generate_for_groups(pipe, batch, seed=seed, steps=steps, guidance=guidance)
                 scores = score_images(oracle, batch, images)
+                outcomes[(method, split, refs, distractors)] = [s.identity for s in scores]
                 for s in scores:
                     items.write(json.dumps({"method": method, "refs": refs, "distractors": distractors, **dataclasses.asdict(s)}) + "\n")
                 row = {"method": method, "split": split, "refs": refs, "distractors": distractors, **summarize(scores)}
@@ -87,6 +90,8 @@ def evaluate_methods(folders: dict[str, Path], out: Path, groups: int = 64, step
                 logger.info("%s %s refs=%d distractors=%d identity %.3f prompt %.3f (%.0fs)", method, split, refs,
                             distractors, row["identity"], row["prompt"], time.perf_counter() - started)
                 _save_examples(out / "examples" / f"{method}-{split}-{refs}-{distractors}.png", batch[:6], images[:6])
+    if "easyref" in folders and len(folders) > 1:
+        summary["paired"] = paired_identity(outcomes)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "summary.md").write_text(markdown_tables(summary))
     plot_by_references(summary, out / "by_references.png")
@@ -125,7 +130,43 @@ def markdown_tables(summary: dict) -> str:
     for split, refs, d in REFERENCE_CELLS:
         for row in (c for c in cells if (c["split"], c["refs"], c["distractors"]) == (split, refs, d)):
             lines.append(_row([refs, row["method"]], row))
+    if summary.get("paired"):
+        lines += ["", "### EasyRef against each baseline, paired by group (identity)", "",
+                  "Groups only EasyRef drew right, groups only the baseline did, and the exact sign test's p.", "",
+                  "| baseline | cell | only EasyRef | only baseline | p |", "|---|---|---|---|---|"]
+        lines += [f"| {r['baseline']} | {r['cell']} | {r['only_method']} | {r['only_baseline']} | {r['p']:.3f} |"
+                  for r in summary["paired"]]
     return "\n".join(lines) + "\n"
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """Exact two-sided sign test: how likely a split at least this uneven is if neither side is better."""
+    total = wins + losses
+    if total == 0:
+        return 1.0
+    tail = sum(math.comb(total, k) for k in range(min(wins, losses) + 1))
+    return min(1.0, 2 * tail / 2**total)
+
+
+def paired_identity(outcomes: dict[tuple, list[bool]], method: str = "easyref") -> list[dict]:
+    """`method` against each other method, group by group (same group, same seed): per cell and pooled,
+    the groups only one of the two got right, and the sign test's p. Cells are compared by pairs
+    because their groups are shared, which is much less noisy than comparing two accuracies."""
+    rows = []
+    for baseline in dict.fromkeys(key[0] for key in outcomes if key[0] != method):
+        total = [0, 0]
+        for (name, split, refs, distractors), ours in outcomes.items():
+            if name != method or (baseline, split, refs, distractors) not in outcomes:
+                continue
+            theirs = outcomes[(baseline, split, refs, distractors)]
+            wins = sum(a and not b for a, b in zip(ours, theirs))
+            losses = sum(b and not a for a, b in zip(ours, theirs))
+            total = [total[0] + wins, total[1] + losses]
+            rows.append({"baseline": baseline, "cell": f"{split}, {refs} refs, {distractors} distractors",
+                         "only_method": wins, "only_baseline": losses, "p": sign_test_p(wins, losses)})
+        rows.append({"baseline": baseline, "cell": "all cells", "only_method": total[0],
+                     "only_baseline": total[1], "p": sign_test_p(*total)})
+    return rows
 
 
 def _row(keys: list, row: dict) -> str:
