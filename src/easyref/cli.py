@@ -59,7 +59,7 @@ def _add_generate(sub) -> None:
         help="generate images from reference images and a prompt",
         description="Generate images that keep what the reference images share, steered by the prompt. "
         "With no --base/--mllm/--adapter the bundled default model is used: a tiny EasyRef trained on the synthetic "
-        "shapes world (64 px; it keeps the references' colour, not yet their shape).",
+        "shapes world (64 px; it keeps the references' subject about half the time, not yet the asked place).",
     )
     p.add_argument("--ref", action="append", default=[], metavar="IMAGE", help="a reference image (repeatable)")
     p.add_argument("--refs-dir", type=Path, help="use every image file in this folder (sorted by name)")

@@ -27,7 +27,7 @@ UNTRAINED_NOTICE = "using the bundled default model: a tiny UNTRAINED EasyRef (o
 BUNDLED_NOTICE = (
     "using the bundled default model: a tiny EasyRef trained on CPU on the synthetic shapes world "
     "(64 px; references of one coloured, patterned shape; prompts like 'an object on a white background, at the top left'). "
-    "It keeps the references' colour, not yet their shape (see README, Status)"
+    "It keeps the references' subject about half the time, not yet the asked place (see README, Status)"
 )
 
 
