@@ -71,7 +71,7 @@ def test_sign_test_against_hand_values():
 
 
 def test_paired_identity_counts_groups_one_method_alone_got_right():
-    from easyref.shapes.bench import markdown_tables, paired_identity
+    from easyref.shapes.bench import markdown_tables, paired_identity, sign_test_p
 
     outcomes = {
         ("easyref", "held-out", 3, 2): [True, True, False, False, True],
@@ -91,3 +91,6 @@ def test_paired_identity_counts_groups_one_method_alone_got_right():
     assert ("concat", "held-in, 3 refs, 0 distractors") not in by  # a cell concat never ran is not compared
     table = markdown_tables({"cells": [], "paired": rows})
     assert "| mean | all cells | 2 | 1 | 1.000 |" in table
+    assert "| x | all cells | 20 | 0 | < 0.001 |" in markdown_tables(
+        {"cells": [], "paired": [{"baseline": "x", "cell": "all cells", "only_method": 20, "only_baseline": 0,
+                                  "p": sign_test_p(20, 0)}]})

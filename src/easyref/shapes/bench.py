@@ -134,7 +134,7 @@ def markdown_tables(summary: dict) -> str:
         lines += ["", "### EasyRef against each baseline, paired by group (identity)", "",
                   "Groups only EasyRef drew right, groups only the baseline did, and the exact sign test's p.", "",
                   "| baseline | cell | only EasyRef | only baseline | p |", "|---|---|---|---|---|"]
-        lines += [f"| {r['baseline']} | {r['cell']} | {r['only_method']} | {r['only_baseline']} | {r['p']:.3f} |"
+        lines += [f"| {r['baseline']} | {r['cell']} | {r['only_method']} | {r['only_baseline']} | {_p_text(r['p'])} |"
                   for r in summary["paired"]]
     return "\n".join(lines) + "\n"
 
@@ -167,6 +167,10 @@ def paired_identity(outcomes: dict[tuple, list[bool]], method: str = "easyref") 
         rows.append({"baseline": baseline, "cell": "all cells", "only_method": total[0],
                      "only_baseline": total[1], "p": sign_test_p(*total)})
     return rows
+
+
+def _p_text(p: float) -> str:
+    return f"{p:.3f}" if p >= 0.001 else "< 0.001"
 
 
 def _row(keys: list, row: dict) -> str:
