@@ -146,6 +146,11 @@ def _continue_base(work: Path, recipe: Recipe, device: str) -> None:
         return
     logger.info("base: continuing to %d steps", recipe.base_steps)
     continue_base_model(work / "base", recipe.base_steps, recipe.batch_size, device=device)
+    _drop_stages(work)
+
+
+def _drop_stages(work: Path) -> None:
+    """The stages and packaged models, once what they were trained on has changed."""
     for stale in [*work.glob("stage[123]*"), *work.glob("model-*")]:
         shutil.rmtree(stale)
 
@@ -162,8 +167,8 @@ def _drop_stale_mllm(work: Path, recipe: Recipe) -> None:
     if all(built.get(key, older.get(key)) == value for key, value in wanted.items()):
         return
     logger.info("qwen2vl: built to another recipe (%s), rebuilding it and the stages", record)
-    for stale in [work / "qwen2vl", *work.glob("stage[123]*"), *work.glob("model-*")]:
-        shutil.rmtree(stale)
+    shutil.rmtree(work / "qwen2vl")
+    _drop_stages(work)
 
 
 def latest_adapter(work: Path) -> tuple[Path, str]:

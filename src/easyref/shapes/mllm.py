@@ -110,6 +110,23 @@ def _warmup_cosine(optimizer, steps: int):
         1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
 
 
+def _optimise(name: str, steps: int, parameters: list, optimizer, schedule, loss_of_a_batch) -> list[float]:
+    """Both phases' loop: a fresh batch's loss, gradients clipped to norm 1, a step; the loss curve back."""
+    losses, started = [], time.perf_counter()
+    for step in range(steps):
+        loss = loss_of_a_batch()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if (step + 1) % 100 == 0:
+            logger.info("%s step %d/%d loss %.4f (%.0fs)", name, step + 1, steps, sum(losses[-100:]) / 100,
+                        time.perf_counter() - started)
+    return losses
+
+
 def pretrain_vision(folder: str | Path, steps: int, batch_size: int = 32, lr: float = 3e-3, seed: int = 0,
                     reference_image_size: int = 112, device: str = "cpu") -> tuple[list[float], dict[str, float]]:
     """Phase 1: train the folder's vision tower in place on lone subjects; returns the loss curve and
@@ -122,22 +139,15 @@ def pretrain_vision(folder: str | Path, steps: int, batch_size: int = 32, lr: fl
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=0.0)
     schedule = _warmup_cosine(optimizer, steps)
-    losses, started = [], time.perf_counter()
-    for step in range(steps):
+
+    def loss_of_a_batch():
         scenes = [random_scene(rng, subjects, max_distractors=0) for _ in range(batch_size)]
         vision, labels = _pixels(scenes, image_processor, config), _attribute_labels(scenes)
         logits = probe(vision["pixel_values"].to(device), vision["image_grid_thw"].to(device))
-        loss = sum(VISION_WEIGHTS.get(k, 1.0) * torch.nn.functional.cross_entropy(logits[k], labels[k].to(device))
+        return sum(VISION_WEIGHTS.get(k, 1.0) * torch.nn.functional.cross_entropy(logits[k], labels[k].to(device))
                    for k in logits)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(probe.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        if (step + 1) % 100 == 0:
-            logger.info("vision step %d/%d loss %.4f (%.0fs)", step + 1, steps, sum(losses[-100:]) / 100,
-                        time.perf_counter() - started)
+
+    losses = _optimise("vision", steps, list(probe.parameters()), optimizer, schedule, loss_of_a_batch)
     accuracy = vision_accuracy(probe.to("cpu").eval(), image_processor, config)
     logger.info("vision held-out accuracy %s", {k: f"{100 * v:.0f}%" for k, v in accuracy.items()})
     model.to("cpu").save_pretrained(folder)
@@ -199,20 +209,13 @@ def pretrain_mllm(folder: str | Path, steps: int, batch_size: int = 32, lr: floa
     warmup = max(1, min(100, steps // 10))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / max(1, steps)))
-    losses, started = [], time.perf_counter()
-    for step in range(steps):
-        scenes = [random_scene(rng, subjects) for _ in range(batch_size)]
-        batch = caption_batch(scenes, tokenizer, image_processor, config)
-        loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        if (step + 1) % 100 == 0:
-            logger.info("mllm step %d/%d loss %.4f (%.0fs)", step + 1, steps, sum(losses[-100:]) / 100,
-                        time.perf_counter() - started)
+
+    def loss_of_a_batch():
+        batch = caption_batch([random_scene(rng, subjects) for _ in range(batch_size)], tokenizer, image_processor,
+                              config)
+        return model(**{k: v.to(device) for k, v in batch.items()}).loss
+
+    losses = _optimise("mllm", steps, trainable, optimizer, schedule, loss_of_a_batch)
     model.to("cpu").save_pretrained(folder)
     return losses
 
