@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 import logging
 import random
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from .loop import optimise
 from .world import BACKGROUNDS, COLOURS, PATTERNS, POSITIONS, SHAPES, all_subjects, reference_scene, render, target_scene
 
 logger = logging.getLogger(__name__)
@@ -157,19 +157,14 @@ def train_vae(vae, steps: int, batch_size: int = 32, lr: float = 1e-3, kl_weight
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     vae.train()
-    losses, started = [], time.perf_counter()
-    for step in range(steps):
+
+    def loss_of_a_batch():
         x, _ = pool.sample(batch_size)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
-        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + kl_weight * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
-        if (step + 1) % 100 == 0:
-            logger.info("vae step %d/%d loss %.4f (%.0fs)", step + 1, steps, sum(losses[-100:]) / 100, time.perf_counter() - started)
+        return F.l1_loss(recon, x) + F.mse_loss(recon, x) + kl_weight * posterior.kl().mean()
+
+    losses = optimise("vae", steps, list(vae.parameters()), optimizer, scheduler, loss_of_a_batch, clip=None)
     vae.eval()
     return losses
 
@@ -238,9 +233,9 @@ def train_base(pipe, steps: int, batch_size: int = 32, lr: float = 5e-4, seed: i
     pipe.vae.requires_grad_(False)
     side = pipe.vae.config.sample_size
     time_ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=torch.float32, device=device).expand(batch_size, -1)
-    losses, started = [], time.perf_counter()
     pool = _Pool(lambda: _captioned_target(rng, subjects), min(pool_size, steps * batch_size), rng, device)
-    for step in range(steps):
+
+    def loss_of_a_batch():
         pixels, captions = pool.sample(batch_size)
         with torch.no_grad():
             latents = pipe.vae.encode(pixels.to(device)).latent_dist.mean * pipe.vae.config.scaling_factor
@@ -255,15 +250,9 @@ def train_base(pipe, steps: int, batch_size: int = 32, lr: float = 5e-4, seed: i
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=gen).to(device)
         noisy = noise_scheduler.add_noise(latents, noise, t)
         pred = pipe.unet(noisy, t, encoder_hidden_states=embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
-        loss = F.mse_loss(pred, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
-        if (step + 1) % 100 == 0:
-            logger.info("base step %d/%d loss %.4f (%.0fs)", step + 1, steps, sum(losses[-100:]) / 100, time.perf_counter() - started)
+        return F.mse_loss(pred, noise)
+
+    losses = optimise("base", steps, params, optimizer, scheduler, loss_of_a_batch)
     for m in modules:
         m.eval()
     return losses

@@ -24,13 +24,13 @@ import logging
 import math
 import random
 import shutil
-import time
 from pathlib import Path
 
 import torch
 
 from ..config import EasyRefConfig
 from ..prompting import chat_prompt, expand_image_tokens, normalize_image
+from .loop import optimise
 from .world import BACKGROUNDS, COLOURS, PATTERNS, SHAPES, Scene, all_subjects, reference_scene, render, subjects_in
 
 logger = logging.getLogger(__name__)
@@ -110,23 +110,6 @@ def _warmup_cosine(optimizer, steps: int):
         1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
 
 
-def _optimise(name: str, steps: int, parameters: list, optimizer, schedule, loss_of_a_batch) -> list[float]:
-    """Both phases' loop: a fresh batch's loss, gradients clipped to norm 1, a step; the loss curve back."""
-    losses, started = [], time.perf_counter()
-    for step in range(steps):
-        loss = loss_of_a_batch()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        if (step + 1) % 100 == 0:
-            logger.info("%s step %d/%d loss %.4f (%.0fs)", name, step + 1, steps, sum(losses[-100:]) / 100,
-                        time.perf_counter() - started)
-    return losses
-
-
 def pretrain_vision(folder: str | Path, steps: int, batch_size: int = 32, lr: float = 3e-3, seed: int = 0,
                     reference_image_size: int = 112, device: str = "cpu") -> tuple[list[float], dict[str, float]]:
     """Phase 1: train the folder's vision tower in place on lone subjects; returns the loss curve and
@@ -147,7 +130,7 @@ def pretrain_vision(folder: str | Path, steps: int, batch_size: int = 32, lr: fl
         return sum(VISION_WEIGHTS.get(k, 1.0) * torch.nn.functional.cross_entropy(logits[k], labels[k].to(device))
                    for k in logits)
 
-    losses = _optimise("vision", steps, list(probe.parameters()), optimizer, schedule, loss_of_a_batch)
+    losses = optimise("vision", steps, list(probe.parameters()), optimizer, schedule, loss_of_a_batch)
     accuracy = vision_accuracy(probe.to("cpu").eval(), image_processor, config)
     logger.info("vision held-out accuracy %s", {k: f"{100 * v:.0f}%" for k, v in accuracy.items()})
     model.to("cpu").save_pretrained(folder)
@@ -215,7 +198,7 @@ def pretrain_mllm(folder: str | Path, steps: int, batch_size: int = 32, lr: floa
                               config)
         return model(**{k: v.to(device) for k, v in batch.items()}).loss
 
-    losses = _optimise("mllm", steps, trainable, optimizer, schedule, loss_of_a_batch)
+    losses = optimise("mllm", steps, trainable, optimizer, schedule, loss_of_a_batch)
     model.to("cpu").save_pretrained(folder)
     return losses
 
