@@ -1,0 +1,121 @@
+"""Image files -> the upright RGB pictures every part of easyref sees (generate, train, bench, sheets).
+
+One decoding rule everywhere, so a reference means the same pixels to the CLI, the trainer and the
+benchmark:
+- only regular files are opened (a FIFO or device would block or stream forever);
+- the file is decoded in full, so a truncated file fails here and not halfway through a run;
+- the EXIF orientation is applied (phones store portraits sideways);
+- 16-bit and float greyscale are scaled to 8 bits (PIL's own conversion clips them to white);
+- transparency is composited on white, as the release's Qwen2-VL preprocessing did.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+class ImageFileError(ValueError):
+    """An image file that cannot be used; the message is one line and names the file."""
+
+
+def open_regular(path: str | Path):
+    """A binary file object for `path`, refusing anything that is not a regular file without blocking."""
+    path = Path(path)
+    try:
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise ImageFileError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ImageFileError(f"{path} is a folder, not an image file") from None
+    except OSError as err:
+        raise ImageFileError(f"{path}: cannot open ({err.strerror or err})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ImageFileError(f"{path} is not a regular file (a pipe, device or socket)")
+    if hasattr(os, "O_NONBLOCK"):
+        os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Decode an image file completely -> upright RGB (see the module docstring for the rule)."""
+    path = Path(path)
+    with open_regular(path) as handle:
+        image = _decode(handle, path)
+    return to_rgb(upright(image))
+
+
+def _decode(handle, path: Path) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(handle) as image:
+                image.load()
+                return image.copy()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageFileError(
+            f"{path} is too large (decompression bomb guard: more than {Image.MAX_IMAGE_PIXELS} pixels)"
+        ) from None
+    except UnidentifiedImageError:
+        raise ImageFileError(f"{path} is not an image PIL can read") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise ImageFileError(f"{path} is damaged or truncated ({_one_line(err)})") from None
+
+
+def verify_image(path: str | Path) -> None:
+    """Cheap check that a file is a complete, readable image (header + PIL's verify, no full decode)."""
+    path = Path(path)
+    with open_regular(path) as handle:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(handle) as image:
+                    image.verify()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageFileError(f"{path} is too large (decompression bomb guard)") from None
+        except UnidentifiedImageError:
+            raise ImageFileError(f"{path} is not an image PIL can read") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as err:
+            raise ImageFileError(f"{path} is damaged or truncated ({_one_line(err)})") from None
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation (a no-op for images without one, and for already-upright ones)."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError, TypeError, KeyError):
+        return image  # a broken EXIF block: keep the pixels as stored
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB from any PIL mode: 16-bit and float data scaled to 8 bits, transparency composited on white."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        image = _high_depth_to_l(image)
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _high_depth_to_l(image: Image.Image) -> Image.Image:
+    # 16-bit containers hold 0..65535; an "I" image whose values all fit 8 bits is taken as 8-bit data,
+    # and float ("F") images are taken as 0..255 (PIL's convention for them).
+    values = np.asarray(image, dtype=np.float64)
+    values = np.nan_to_num(values, nan=0.0, posinf=255.0, neginf=0.0)
+    if image.mode.startswith("I;16") or (image.mode == "I" and values.size and values.max() > 255):
+        values = values / 257.0
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
