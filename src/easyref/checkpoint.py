@@ -86,10 +86,20 @@ def read_checkpoint(path: str | Path) -> tuple[EasyRefConfig, dict[str, torch.Te
             config = EasyRefConfig.load(path)
         except (TypeError, ValueError) as err:
             raise CheckpointError(f"{path / CONFIG_NAME}: {err}") from None
-        return config, _load_safetensors(path / WEIGHTS_NAME)
-    from .release import import_release
+        tensors = _load_safetensors(path / WEIGHTS_NAME)
+    else:
+        from .release import import_release
 
-    return import_release(path)
+        config, tensors = import_release(path)
+    check_finite(tensors, path)
+    return config, tensors
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str | Path) -> None:
+    """A NaN or Inf in any weight turns every image black: refuse it at load, naming the tensor."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{source}: tensor {key} holds NaN or Inf values; the checkpoint is damaged")
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:

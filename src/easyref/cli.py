@@ -10,13 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, PngImagePlugin
+
+from .images import to_rgb
+from .safe_io import current_umask, describe_os_error
 
 logger = logging.getLogger("easyref")
 
@@ -26,6 +29,10 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 class UserError(Exception):
     """A mistake in what the user asked for: reported as one line, exit code 2."""
+
+
+class RunFailure(Exception):
+    """A run that failed for a reason outside the arguments (disk full, numbers overflowed): one line, exit 1."""
 
 
 # ---------------------------------------------------------------------------- parser
@@ -99,27 +106,12 @@ def _add_convert(sub) -> None:
 def cmd_generate(args) -> int:
     _check_generate_args(args)
     paths = reference_paths(args.ref, args.refs_dir)
+    outputs = planned_outputs(args.out, args.num_images, args.grid)
+    check_outputs(outputs, inputs=paths)
     references = [load_image(p) for p in paths]
     pipe, sources = load_pipeline(args)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
-    import torch
-
-    generator = torch.Generator("cpu").manual_seed(seed)
-    try:
-        result = pipe(
-            references,
-            args.prompt,
-            negative_prompt=args.negative_prompt,
-            scale=args.scale,
-            num_images_per_prompt=args.num_images,
-            guidance_scale=args.guidance,
-            num_inference_steps=args.steps,
-            generator=generator,
-            height=args.height,
-            width=args.width,
-        )
-    except ValueError as err:
-        raise UserError(str(err)) from None
+    result = _generate(pipe, references, args, seed)
     params = {
         "prompt": args.prompt,
         "negative_prompt": args.negative_prompt or pipe.easyref_config.negative_prompt,
@@ -136,20 +128,87 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _generate(pipe, references, args, seed: int):
+    import torch
+
+    from .pipeline import NonFiniteOutputError
+
+    generator = torch.Generator("cpu").manual_seed(seed)
+    try:
+        return pipe(
+            references,
+            args.prompt,
+            negative_prompt=args.negative_prompt,
+            scale=args.scale,
+            num_images_per_prompt=args.num_images,
+            guidance_scale=args.guidance,
+            num_inference_steps=args.steps,
+            generator=generator,
+            height=args.height,
+            width=args.width,
+        )
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    except NonFiniteOutputError as err:
+        raise RunFailure(str(err)) from None
+
+
+# Bounds checked before anything loads. They keep one command within a machine's memory (a 100 kB
+# prompt or 10^6 images would otherwise run until the kernel kills it) and are far above real use.
+MAX_STEPS = 1000  # SDXL's scheduler has 1000 training timesteps
+MAX_IMAGES = 16
+MAX_SIDE = 4096
+MAX_PIXELS = 2048 * 2048  # one image
+MAX_BATCH_PIXELS = 16 * 1024 * 1024  # all images of one call
+MAX_GUIDANCE = 100.0
+MAX_SCALE = 10.0
+MAX_SEED = 2**63 - 1
+MAX_REFERENCES = 64  # the largest max_references a checkpoint may declare
+# A cheap bound before any tokenizer loads; the exact limit (MAX_PROMPT_TOKENS) is checked on tokens.
+MAX_PROMPT_CHARS = 16 * 1024
+
+
 def _check_generate_args(args) -> None:
+    from .prompting import MAX_PROMPT_TOKENS
+
     if args.out.suffix.lower() != ".png":
         raise UserError(f"--out must end in .png, got {args.out}")
-    for name in ("steps", "num_images"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    _check_range("--steps", args.steps, 1, MAX_STEPS)
+    _check_range("--num-images", args.num_images, 1, MAX_IMAGES)
     for name in ("height", "width"):
         value = getattr(args, name)
-        if value is not None and (value < 8 or value % 8):
-            raise UserError(f"--{name} must be a positive multiple of 8, got {value}")
-    if args.scale < 0:
-        raise UserError("--scale must be >= 0")
+        if value is not None and (value < 8 or value % 8 or value > MAX_SIDE):
+            raise UserError(f"--{name} must be a multiple of 8 between 8 and {MAX_SIDE}, got {value}")
+    height, width = args.height or 1024, args.width or 1024  # the real model's default; the bundled one is smaller
+    if args.height and args.width and height * width > MAX_PIXELS:
+        raise UserError(f"--height x --width is {height * width} pixels; at most {MAX_PIXELS} (2048 x 2048) are allowed")
+    if (args.height or args.width) and height * width * args.num_images > MAX_BATCH_PIXELS:
+        raise UserError(
+            f"--num-images {args.num_images} at {height} x {width} is {height * width * args.num_images} pixels; "
+            f"at most {MAX_BATCH_PIXELS} per command"
+        )
+    _check_finite_range("--guidance", args.guidance, 0.0, MAX_GUIDANCE)
+    _check_finite_range("--scale", args.scale, 0.0, MAX_SCALE)
+    if args.seed is not None:
+        _check_range("--seed", args.seed, 0, MAX_SEED)
+    for flag, text in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt)):
+        if text is not None and len(text) > MAX_PROMPT_CHARS:
+            raise UserError(
+                f"{flag} is {len(text)} characters long; at most {MAX_PROMPT_CHARS} characters "
+                f"({MAX_PROMPT_TOKENS} tokens) are read"
+            )
     if (args.mllm or args.adapter) and not args.base:
         raise UserError("--base is required when --mllm or --adapter is given")
+
+
+def _check_range(flag: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise UserError(f"{flag} must be between {low} and {high}, got {value}")
+
+
+def _check_finite_range(flag: str, value: float, low: float, high: float) -> None:
+    if not math.isfinite(value) or not low <= value <= high:
+        raise UserError(f"{flag} must be a finite number between {low:g} and {high:g}, got {value}")
 
 
 def reference_paths(refs: list[str], refs_dir: Path | None) -> list[Path]:
@@ -160,25 +219,19 @@ def reference_paths(refs: list[str], refs_dir: Path | None) -> list[Path]:
         paths += sorted(p for p in refs_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not paths:
         raise UserError("no reference images: give --ref IMAGE (repeatable) or --refs-dir DIR")
+    if len(paths) > MAX_REFERENCES:
+        raise UserError(f"{len(paths)} reference images given; at most {MAX_REFERENCES} are accepted")
     return paths
 
 
 def load_image(path: Path) -> Image.Image:
-    """Open and fully decode an image; every way a file can be unusable is a UserError."""
-    if not path.is_file():
-        raise UserError(f"reference image not found: {path}")
+    """A reference through the library's one decoding rule; every way a file can be unusable is a UserError."""
+    from .images import ImageFileError, open_image
+
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                im.load()
-                return im.copy()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UserError(f"{path} is too large (decompression bomb guard: > {Image.MAX_IMAGE_PIXELS} pixels)") from None
-    except UnidentifiedImageError:
-        raise UserError(f"{path} is not an image PIL can read") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise UserError(f"{path} is damaged or truncated ({err})") from None
+        return open_image(path)
+    except ImageFileError as err:
+        raise UserError(str(err)) from None
 
 
 def resolve_device(name: str, dtype_name: str):
@@ -236,43 +289,101 @@ def _check_local(value: str, flag: str) -> None:
 
 
 # ---------------------------------------------------------------------------- outputs
+# Outputs that exist are replaced, as diffusers' `image.save` and ImageMagick do; a path that is one
+# of the inputs (by name, symlink or hard link) is refused before any work, whichever derived name hits it.
 def output_paths(out: Path, count: int) -> list[Path]:
     if count == 1:
         return [out]
     return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(count)]
 
 
+def grid_path(out: Path) -> Path:
+    return out.with_name(f"{out.stem}_grid{out.suffix}")
+
+
+def planned_outputs(out: Path, count: int, grid: bool) -> list[Path]:
+    return output_paths(out, count) + ([grid_path(out)] if grid else [])
+
+
+def check_outputs(outputs: list[Path], inputs: list[Path]) -> None:
+    """Refuse, up front, outputs that would replace an input or cannot be written at all."""
+    for path in outputs:
+        for source in inputs:
+            if _same_file(path, source):
+                raise UserError(f"output {path} would overwrite the reference {source}; choose another --out")
+        if path.is_dir():
+            raise UserError(f"output {path} is a folder; --out needs a file name ending in .png")
+    _check_writable_folder(outputs[0].parent)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return a.exists() and b.exists() and a.samefile(b)
+    except OSError:
+        return False
+
+
+def _check_writable_folder(folder: Path) -> None:
+    """The output folder, or the nearest existing folder above it (created later), must take a new file."""
+    existing = folder if str(folder) else Path(".")
+    while not existing.exists():
+        if existing.is_symlink():
+            raise UserError(f"output folder {existing} is a broken symlink")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot write under {folder}: {existing} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".easyref-probe.", suffix=".tmp", dir=existing)
+    except OSError as err:
+        raise UserError(f"cannot write to the folder {existing} ({describe_os_error(err)})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def write_outputs(images, references, out: Path, params: dict, grid: bool) -> list[Path]:
-    """Every file is written to a temporary name first and renamed, so no partial PNG is ever left."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    written = []
-    for index, (image, path) in enumerate(zip(images, output_paths(out, len(images)))):
-        save_png(image, path, {**params, "index": index, "width": image.width, "height": image.height})
-        written.append(path)
+    """All outputs or none: every file is written to a temporary name first, then all are renamed."""
+    planned = [(image, path, {**params, "index": i, "width": image.width, "height": image.height})
+               for i, (image, path) in enumerate(zip(images, output_paths(out, len(images))))]
     if grid:
-        path = out.with_name(f"{out.stem}_grid{out.suffix}")
-        save_png(contact_sheet(references, images), path, params)
-        written.append(path)
-    return written
+        planned.append((contact_sheet(references, images), grid_path(out), params))
+    staged: list[tuple[str, Path]] = []
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for image, path, info in planned:
+            staged.append((_stage_png(image, path, info), path))
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except OSError as err:
+        raise RunFailure(f"no image was written: {describe_os_error(err)}") from None
+    finally:
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
+    return [path for _, path, _ in planned]
 
 
 def save_png(image: Image.Image, path: Path, params: dict) -> None:
-    info = PngImagePlugin.PngInfo()
-    info.add_text("easyref", json.dumps(params, sort_keys=True))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _stage_png(image, path, params)
     try:
-        image.save(tmp, format="PNG", pnginfo=info)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get ordinary permissions
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _stage_png(image: Image.Image, path: Path, params: dict) -> str:
+    """Write a PNG with its settings as text metadata to a unique temporary name beside `path`."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("easyref", json.dumps(params, sort_keys=True))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            image.save(handle, format="PNG", pnginfo=info)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; outputs get ordinary permissions
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
 
 
 def contact_sheet(references, outputs, cell: int | None = None) -> Image.Image:
@@ -282,7 +393,7 @@ def contact_sheet(references, outputs, cell: int | None = None) -> Image.Image:
     sheet = Image.new("RGB", (cols * cell, 2 * cell), "white")
     for row, images in enumerate((references, outputs)):
         for col, image in enumerate(images):
-            thumb = image.convert("RGB")
+            thumb = to_rgb(image)
             thumb.thumbnail((cell, cell))
             sheet.paste(thumb, (col * cell + (cell - thumb.width) // 2, row * cell + (cell - thumb.height) // 2))
     return sheet
@@ -331,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"easyref: error: {err}", file=sys.stderr)
         return 2
+    except RunFailure as err:
+        print(f"easyref: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .safe_io import load_json
 
 CONFIG_NAME = "easyref_config.json"
 
@@ -21,6 +24,20 @@ ATTENTION_MODES = ("official", "bidirectional")
 # comparison, each reference read alone, then the token sets averaged (IP-Adapter style) or concatenated.
 REFERENCE_MODES = ("joint", "mean", "concat")
 PATCH_FACTOR = 28  # Qwen2-VL: 14 px patches merged 2x2
+MAX_INSTRUCTION_CHARS = 4096
+# Bounds of every integer field: a config is a file a user may hand in, and these sizes decide how
+# much memory is allocated before anything else can go wrong (the release uses 64 tokens, 336 px
+# references, 512 px negatives, widths 1536 / 2048, LoRA rank 128).
+_INT_BOUNDS = {
+    "num_reference_tokens": (1, 1024),
+    "reference_image_size": (2 * PATCH_FACTOR, 2048),
+    "max_references": (1, 64),
+    "negative_image_size": (PATCH_FACTOR, 2048),
+    "mllm_hidden_size": (1, 16384),
+    "cross_attention_dim": (1, 16384),
+    "lora_rank": (0, 1024),
+    "version": (1, 1),
+}
 
 
 @dataclass
@@ -45,24 +62,22 @@ class EasyRefConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self._check_positive("num_reference_tokens", "max_references", "mllm_hidden_size", "cross_attention_dim")
-        self._check_positive("negative_image_size")
-        if self.lora_rank < 0:
-            raise ValueError(f"lora_rank must be >= 0 (0 = no UNet LoRA), got {self.lora_rank}")
-        if self.reference_image_size < 2 * PATCH_FACTOR:
-            raise ValueError(f"reference_image_size must be >= {2 * PATCH_FACTOR}, got {self.reference_image_size}")
+        for name, (low, high) in _INT_BOUNDS.items():
+            _check_int(name, getattr(self, name), low, high)
+        for name in ("mllm", "instruction", "negative_instruction", "negative_prompt", "attention_mode", "reference_mode"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if not isinstance(self.has_trunk, bool):
+            raise ValueError(f"has_trunk must be true or false, got {self.has_trunk!r}")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"extra must be a JSON object, got {type(self.extra).__name__}")
         if self.reference_mode not in REFERENCE_MODES:
             raise ValueError(f"reference_mode must be one of {REFERENCE_MODES}, got {self.reference_mode!r}")
         if self.attention_mode not in ATTENTION_MODES:
             raise ValueError(f"attention_mode must be one of {ATTENTION_MODES}, got {self.attention_mode!r}")
-        if "{prompt}" not in self.instruction:
-            raise ValueError("instruction must contain the placeholder '{prompt}'")
-
-    def _check_positive(self, *names: str) -> None:
-        for name in names:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        _check_instruction(self.instruction)
+        if len(self.negative_instruction) > MAX_INSTRUCTION_CHARS or len(self.negative_prompt) > MAX_INSTRUCTION_CHARS:
+            raise ValueError(f"negative_instruction and negative_prompt must be at most {MAX_INSTRUCTION_CHARS} characters")
 
     @property
     def min_pixels(self) -> int:
@@ -106,10 +121,31 @@ class EasyRefConfig:
     @classmethod
     def load(cls, directory: str | Path) -> "EasyRefConfig":
         path = Path(directory) / CONFIG_NAME
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from None
+        data = load_json(path, "EasyRef config")
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a JSON object")
         return cls.from_dict(data)
+
+
+def _check_int(name: str, value, low: int, high: int) -> None:
+    # bool is an int subclass and 112.0 is not an int: both are refused, a JSON file must say 112
+    if type(value) is not int:
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+
+
+def _check_instruction(template: str) -> None:
+    """The instruction may hold literal text and `{prompt}` fields only (no other names, specs or conversions)."""
+    if len(template) > MAX_INSTRUCTION_CHARS:
+        raise ValueError(f"instruction must be at most {MAX_INSTRUCTION_CHARS} characters")
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:
+        raise ValueError(f"instruction is not a valid template ({err}); write literal braces as '{{{{' and '}}}}'") from None
+    if not fields:
+        raise ValueError("instruction must contain the placeholder '{prompt}'")
+    for name, spec, conv in fields:
+        if name != "prompt" or spec or conv:
+            field_text = "{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+            raise ValueError(f"instruction may only use the field '{{prompt}}', found {field_text!r}")

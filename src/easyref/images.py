@@ -33,7 +33,7 @@ def open_regular(path: str | Path):
         # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
-        raise ImageFileError(f"{path}: no such file") from None
+        raise ImageFileError(f"{path}: file not found") from None
     except IsADirectoryError:
         raise ImageFileError(f"{path} is a folder, not an image file") from None
     except OSError as err:

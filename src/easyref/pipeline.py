@@ -26,6 +26,7 @@ from .adapter import install_adapter, is_installed, set_scale, unload_adapter
 from .checkpoint import CheckpointError, apply_checkpoint, read_checkpoint, save_checkpoint
 from .config import EasyRefConfig
 from .encoder import ReferenceEncoder
+from .prompting import check_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +184,7 @@ class EasyRefPipeline(DiffusionPipeline):
         reference_embeds,
         generator,
         seed,
+        guidance_scale: float = 5.0,
     ) -> tuple[list[list[Image.Image]] | None, list[str], list[str]]:
         """Normalise and validate everything the EasyRef layer adds; one clear ValueError per mistake."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
@@ -194,6 +196,8 @@ class EasyRefPipeline(DiffusionPipeline):
                 raise ValueError("pass either references or reference_embeds, not both")
             _check_embeds(reference_embeds, len(prompts), self.easyref_config)
         else:
+            for i, text in enumerate(prompts):
+                check_prompt(text, self.reference_encoder.tokenizer, "prompt" if len(prompts) == 1 else f"prompt {i}")
             groups = _as_groups(references)
             groups, prompts = _broadcast(groups, prompts)
             for i, group in enumerate(groups):
@@ -204,6 +208,8 @@ class EasyRefPipeline(DiffusionPipeline):
                     )
         negatives = _negatives(negative_prompt, len(prompts), self.easyref_config.negative_prompt)
         _check_scale(scale)
+        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
         if generator is not None and seed is not None:
@@ -231,7 +237,8 @@ class EasyRefPipeline(DiffusionPipeline):
         """Generate images that keep what each reference group shares, steered by its prompt."""
         # 1. inputs
         groups, prompts, negatives = self.check_inputs(
-            references, prompt, negative_prompt, scale, num_images_per_prompt, reference_embeds, generator, seed
+            references, prompt, negative_prompt, scale, num_images_per_prompt, reference_embeds, generator, seed,
+            guidance_scale,
         )
         # 2. reference tokens: once per call, all groups in one pass
         tokens = reference_embeds if reference_embeds is not None else self.encode_references(groups, prompts)
@@ -262,10 +269,15 @@ class EasyRefPipeline(DiffusionPipeline):
             generator=generator,
             height=height,
             width=width,
-            output_type=output_type,
+            # PIL conversion would turn NaN into black pixels: take arrays, check them, convert after
+            output_type="np" if output_type == "pil" else output_type,
             **pipeline_kwargs,
         )
-        return EasyRefPipelineOutput(images=result.images, reference_embeds=tokens[::n].detach())
+        images = result.images
+        _check_finite_images(images)
+        if output_type == "pil":
+            images = base.image_processor.numpy_to_pil(images)
+        return EasyRefPipelineOutput(images=images, reference_embeds=tokens[::n].detach())
 
     def _base_pipeline(self):
         """The diffusers pipeline over this pipeline's own modules (built per call, nothing copied)."""
@@ -339,6 +351,19 @@ def _check_scale(scale) -> None:
         return
     if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
         raise ValueError(f"scale must be a finite number >= 0 or a per-block dict, got {scale!r}")
+
+
+class NonFiniteOutputError(RuntimeError):
+    """Generation produced NaN or Inf (overflowing weights or dtype): no image is returned."""
+
+
+def _check_finite_images(images) -> None:
+    array = torch.as_tensor(images) if not isinstance(images, torch.Tensor) else images
+    if not bool(torch.isfinite(array).all()):
+        raise NonFiniteOutputError(
+            "generation produced NaN/Inf values (the model overflowed; try --dtype float32 or bfloat16); "
+            "no image was written"
+        )
 
 
 def _check_embeds(embeds, count: int, config: EasyRefConfig) -> None:

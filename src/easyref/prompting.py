@@ -5,15 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from .config import PATCH_FACTOR, EasyRefConfig
+from .images import to_rgb, upright
 
 # qwen_vl_utils' defaults, which the release ran every image through before the processor.
 _PRE_MIN_PIXELS = 4 * PATCH_FACTOR**2
 _PRE_MAX_PIXELS = 16384 * PATCH_FACTOR**2
 IMAGE_PAD = "<|image_pad|>"
+# The longest prompt the MLLM is given. Beyond it a prompt costs quadratic memory in the dense
+# attention masks and says nothing SDXL's 77-token text encoders could follow anyway.
+MAX_PROMPT_TOKENS = 1024
 
 
 @dataclass
@@ -33,13 +37,34 @@ class MLLMInputs:
 
 def normalize_image(image: Image.Image) -> Image.Image:
     """EXIF-upright RGB, rounded to multiples of 28 px as the release's qwen_vl_utils step did."""
-    image = ImageOps.exif_transpose(image).convert("RGB")
+    image = to_rgb(upright(image))
     height, width = smart_resize(
         image.height, image.width, factor=PATCH_FACTOR, min_pixels=_PRE_MIN_PIXELS, max_pixels=_PRE_MAX_PIXELS
     )
     if (width, height) != image.size:
         image = image.resize((width, height), Image.Resampling.BICUBIC)
     return image
+
+
+def check_prompt(prompt: str, tokenizer, what: str = "prompt") -> None:
+    """Refuse a prompt the MLLM cannot read as plain text: its control tokens, or more than MAX_PROMPT_TOKENS.
+
+    Control tokens such as `<|image_pad|>` would be read as structure (an image slot with no image),
+    so they are refused rather than silently dropped or escaped.
+    """
+    found = sorted(t for t in special_token_strings(tokenizer) if t and t in prompt)
+    if found:
+        raise ValueError(f"{what} contains the MLLM control token {found[0]!r}; remove it")
+    count = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if count > MAX_PROMPT_TOKENS:
+        raise ValueError(f"{what} is {count} tokens long; at most {MAX_PROMPT_TOKENS} are allowed")
+
+
+def special_token_strings(tokenizer) -> set[str]:
+    """Every string the tokenizer turns into a control token (special and added tokens)."""
+    tokens = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    tokens.update(getattr(tokenizer, "added_tokens_encoder", {}) or {})
+    return tokens
 
 
 def negative_image(config: EasyRefConfig) -> Image.Image:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, write_checkpoint
-from .config import EasyRefConfig
+from .checkpoint import WEIGHTS_NAME, CheckpointError, check_finite, write_checkpoint
+from .config import CONFIG_NAME, EasyRefConfig
 
 logger = logging.getLogger(__name__)
 
@@ -145,8 +145,20 @@ def log_ignored(ignored: dict[str, str]) -> None:
 def convert_release(src: str | Path, dst: str | Path, mllm: str = EasyRefConfig.mllm) -> tuple[EasyRefConfig, dict[str, str]]:
     """`easyref convert`: release file -> our checkpoint folder. Returns the config and what was ignored."""
     source = find_release_file(Path(src))
-    config, tensors, ignored = convert_release_tensors(read_release_tensors(source), mllm)
     dst = Path(dst)
+    _check_not_overwriting(source, dst)
+    config, tensors, ignored = convert_release_tensors(read_release_tensors(source), mllm)
+    check_finite(tensors, source)
     dst.mkdir(parents=True, exist_ok=True)
     write_checkpoint(dst, config, {k: v.contiguous() for k, v in tensors.items()})
     return config, ignored
+
+
+def _check_not_overwriting(source: Path, dst: Path) -> None:
+    """The converted files may replace an earlier conversion, never the release file being read."""
+    if dst.exists() and not dst.is_dir():
+        raise CheckpointError(f"output {dst} exists and is not a folder")
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        target = dst / name
+        if target.exists() and target.samefile(source):
+            raise CheckpointError(f"output {target} is the release file being converted; choose another output folder")
