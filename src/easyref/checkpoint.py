@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from .adapter import _check_keys, adapter_state_dict, load_adapter_state_dict
 from .config import CONFIG_NAME, EasyRefConfig
+from .safe_io import JSONFileError
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ def read_checkpoint(path: str | Path) -> tuple[EasyRefConfig, dict[str, torch.Te
     if is_easyref_checkpoint(path):
         try:
             config = EasyRefConfig.load(path)
+        except JSONFileError as err:  # already names the file
+            raise CheckpointError(str(err)) from None
         except (TypeError, ValueError) as err:
             raise CheckpointError(f"{path / CONFIG_NAME}: {err}") from None
         tensors = _load_safetensors(path / WEIGHTS_NAME)

@@ -72,17 +72,18 @@ def _add_generate(sub) -> None:
     p.add_argument("--refs-dir", type=Path, help="use every image file in this folder (sorted by name)")
     p.add_argument("--prompt", required=True, help="text prompt")
     p.add_argument("--negative-prompt", help="negative text prompt (default: the checkpoint's)")
-    p.add_argument("--out", type=Path, required=True, help="output PNG (with --num-images N: OUT_0.png ...)")
+    p.add_argument("--out", type=Path, required=True, help="output PNG (with --num-images N: OUT_0.png ...); existing outputs are replaced, "
+                   "a name that is one of the references is refused")
     p.add_argument("--base", help="SDXL folder or hub id ('default': the bundled model's, with its Qwen2-VL)")
     p.add_argument("--mllm", help="Qwen2-VL-Instruct folder or hub id (default: the checkpoint's)")
     p.add_argument("--adapter", help="EasyRef checkpoint folder (ours or the authors' release)")
-    p.add_argument("--scale", type=float, default=1.0, help="reference strength (default 1.0)")
-    p.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5.0)")
-    p.add_argument("--seed", type=int, help="random seed (default: random, recorded in the PNG)")
-    p.add_argument("--num-images", type=int, default=1, help="images to generate (default 1)")
-    p.add_argument("--height", type=int, help="output height in px (multiple of 8; default: the model's)")
-    p.add_argument("--width", type=int, help="output width in px (multiple of 8; default: the model's)")
+    p.add_argument("--scale", type=float, default=1.0, help="reference strength, 0 to 10 (default 1.0)")
+    p.add_argument("--steps", type=int, default=30, help="denoising steps, 1 to 1000 (default 30)")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale, 0 to 100 (default 5.0)")
+    p.add_argument("--seed", type=int, help="random seed, 0 to 2^63-1 (default: random, recorded in the PNG)")
+    p.add_argument("--num-images", type=int, default=1, help="images to generate, 1 to 16 (default 1)")
+    p.add_argument("--height", type=int, help="output height in px (multiple of 8, at most 4096; default: the model's)")
+    p.add_argument("--width", type=int, help="output width in px (multiple of 8, at most 4096; default: the model's)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="default: float16 on GPU, float32 on CPU")
     p.add_argument("--grid", action="store_true", help="also write OUT_grid.png: references on top, outputs below")
@@ -169,7 +170,7 @@ MAX_PROMPT_CHARS = 16 * 1024
 
 
 def _check_generate_args(args) -> None:
-    from .prompting import MAX_PROMPT_TOKENS
+    from .config import MAX_PROMPT_TOKENS
 
     if args.out.suffix.lower() != ".png":
         raise UserError(f"--out must end in .png, got {args.out}")
@@ -179,14 +180,15 @@ def _check_generate_args(args) -> None:
         value = getattr(args, name)
         if value is not None and (value < 8 or value % 8 or value > MAX_SIDE):
             raise UserError(f"--{name} must be a multiple of 8 between 8 and {MAX_SIDE}, got {value}")
-    height, width = args.height or 1024, args.width or 1024  # the real model's default; the bundled one is smaller
-    if args.height and args.width and height * width > MAX_PIXELS:
-        raise UserError(f"--height x --width is {height * width} pixels; at most {MAX_PIXELS} (2048 x 2048) are allowed")
-    if (args.height or args.width) and height * width * args.num_images > MAX_BATCH_PIXELS:
-        raise UserError(
-            f"--num-images {args.num_images} at {height} x {width} is {height * width * args.num_images} pixels; "
-            f"at most {MAX_BATCH_PIXELS} per command"
-        )
+    if args.height and args.width:  # with one side given the other is the model's default, known only once loaded
+        pixels = args.height * args.width
+        if pixels > MAX_PIXELS:
+            raise UserError(f"--height x --width is {pixels} pixels; at most {MAX_PIXELS} (2048 x 2048) are allowed")
+        if pixels * args.num_images > MAX_BATCH_PIXELS:
+            raise UserError(
+                f"--num-images {args.num_images} at {args.height} x {args.width} is {pixels * args.num_images} "
+                f"pixels; at most {MAX_BATCH_PIXELS} per command"
+            )
     _check_finite_range("--guidance", args.guidance, 0.0, MAX_GUIDANCE)
     _check_finite_range("--scale", args.scale, 0.0, MAX_SCALE)
     if args.seed is not None:

@@ -25,6 +25,9 @@ ATTENTION_MODES = ("official", "bidirectional")
 REFERENCE_MODES = ("joint", "mean", "concat")
 PATCH_FACTOR = 28  # Qwen2-VL: 14 px patches merged 2x2
 MAX_INSTRUCTION_CHARS = 4096
+# The longest prompt the MLLM is given. Beyond it a prompt costs quadratic memory in the dense
+# attention masks and says nothing SDXL's 77-token text encoders could follow anyway.
+MAX_PROMPT_TOKENS = 1024
 # Bounds of every integer field: a config is a file a user may hand in, and these sizes decide how
 # much memory is allocated before anything else can go wrong (the release uses 64 tokens, 336 px
 # references, 512 px negatives, widths 1536 / 2048, LoRA rank 128).

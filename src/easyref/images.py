@@ -38,8 +38,11 @@ def open_regular(path: str | Path):
         raise ImageFileError(f"{path} is a folder, not an image file") from None
     except OSError as err:
         raise ImageFileError(f"{path}: cannot open ({err.strerror or err})") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
         os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise ImageFileError(f"{path} is a folder, not an image file")
         raise ImageFileError(f"{path} is not a regular file (a pipe, device or socket)")
     if hasattr(os, "O_NONBLOCK"):
         os.set_blocking(fd, True)

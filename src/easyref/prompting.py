@@ -8,16 +8,13 @@ import torch
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-from .config import PATCH_FACTOR, EasyRefConfig
+from .config import MAX_PROMPT_TOKENS, PATCH_FACTOR, EasyRefConfig
 from .images import to_rgb, upright
 
 # qwen_vl_utils' defaults, which the release ran every image through before the processor.
 _PRE_MIN_PIXELS = 4 * PATCH_FACTOR**2
 _PRE_MAX_PIXELS = 16384 * PATCH_FACTOR**2
 IMAGE_PAD = "<|image_pad|>"
-# The longest prompt the MLLM is given. Beyond it a prompt costs quadratic memory in the dense
-# attention masks and says nothing SDXL's 77-token text encoders could follow anyway.
-MAX_PROMPT_TOKENS = 1024
 
 
 @dataclass
