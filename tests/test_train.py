@@ -257,7 +257,7 @@ def test_bad_images_are_reported_or_fatal(tiny_dirs, example_data, tmp_path, cap
         (["data=nowhere.json"], "nowhere.json"),
         (["learning_rate=0"], "learning_rate"),
         (["batch_size=100"], "global batch"),
-        (["validation_every=5", "validation_references=[nowhere.png]"], "validation_references: [Errno 2]"),
+        (["validation_every=5", "validation_references=[nowhere.png]"], "validation_references: nowhere.png"),
         (["stage=2", "init_from=/no/such/checkpoint"], "pairs.json: record index 0 (target 'images/000_0.png'): stage 2 needs"),
         (["stage=2", "init_from=/no/such/checkpoint", "data=FACES"], "/no/such/checkpoint"),
     ],

@@ -35,6 +35,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--output-dir", help="where checkpoints and logs go (overrides the config's output_dir)")
     p.add_argument("--max-steps", type=int, help="optimizer steps to reach (overrides max_steps)")
     p.add_argument("--resume", metavar="latest|DIR", help="continue exactly from a checkpoint of this run")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="let data paths leave data_root (absolute, .., symlinks out); = --set allow_outside_root=true")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
     p.add_argument("--write-example-data", metavar="DIR", help="write a small synthetic dataset (all three formats) and exit")
     p.add_argument("--show-recipe", metavar="NAME", help="print a shipped recipe (stage1/2/3, deepspeed_zero2) and exit")
@@ -42,21 +44,31 @@ def add_train_parser(sub) -> None:
 
 
 def cmd_train(args) -> int:
+    """Every user mistake is one `easyref: error:` line and exit code 2; a failed write (disk full) is exit code 1."""
     from ..checkpoint import CheckpointError
-    from ..cli import UserError
+    from ..cli import RunFailure, UserError
+    from ..safe_io import LockedError
     from .config import RECIPES, ConfigError, load_config, parse_overrides
+    from .trainer import OutputWriteError
 
     if args.write_example_data:
         from .example import write_example_data
 
-        paths = write_example_data(args.write_example_data, size=64)
+        try:
+            paths = write_example_data(args.write_example_data, size=64)
+        except ValueError as err:  # a file in the way, a symlink in the folder
+            raise UserError(_one_line(err)) from None
+        except OSError as err:
+            from ..safe_io import describe_os_error
+
+            raise RunFailure(describe_os_error(err)) from None
         logger.info("wrote %s", ", ".join(str(p) for p in paths.values()))
         return 0
     if args.show_recipe:
-        path = RECIPES / f"{args.show_recipe}.yaml"
-        if not path.is_file():
-            raise UserError(f"no recipe {args.show_recipe!r} (known: {', '.join(sorted(p.stem for p in RECIPES.glob('*.yaml')))})")
-        print(path.read_text(), end="")
+        known = sorted(p.stem for p in RECIPES.glob("*.yaml"))
+        if args.show_recipe not in known:  # a name, never a path out of the recipes folder
+            raise UserError(f"no recipe {args.show_recipe!r} (known: {', '.join(known)})")
+        print((RECIPES / f"{args.show_recipe}.yaml").read_text(), end="")
         return 0
     if not args.config:
         raise UserError("--config is required (a recipe name such as stage1 or example-stage1, or a YAML/JSON file)")
@@ -66,16 +78,26 @@ def cmd_train(args) -> int:
             overrides["output_dir"] = args.output_dir
         if args.max_steps is not None:
             overrides["max_steps"] = args.max_steps
+        if args.allow_outside_root:
+            overrides["allow_outside_root"] = True
         config = load_config(args.config, overrides)
         final = _run(config, args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as err:
-        raise UserError(str(err)) from None
-    except ValueError as err:  # data errors and settings that do not fit the data
-        raise UserError(str(err)) from None
+    except OutputWriteError as err:  # not the user's input: the disk (full, quota, permissions) -> exit 1
+        raise RunFailure(_one_line(err)) from None
+    except (ConfigError, CheckpointError, FileNotFoundError, LockedError) as err:
+        raise UserError(_one_line(err)) from None
+    except ValueError as err:  # data errors, unsafe paths and settings that do not fit the data
+        raise UserError(_one_line(err)) from None
     except OSError as err:  # a model folder or hub id that cannot be loaded
-        raise UserError(f"cannot load a model: {str(err).splitlines()[0]}") from None
+        raise UserError(f"cannot load a model: {_one_line(err)}") from None
     logger.info("done: %s", final)
     return 0
+
+
+def _one_line(err: BaseException) -> str:
+    """The first line of a message, whitespace collapsed (libraries put whole tracebacks in some)."""
+    lines = str(err).strip().splitlines()
+    return " ".join(lines[0].split()) if lines else type(err).__name__
 
 
 def _run(config, args):

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from ..safe_io import JSONFileError, atomic_write_text, parse_json
 
 RECIPES = Path(__file__).with_name("recipes")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -33,6 +37,11 @@ class TrainConfig:
     data_root: str = "."
     allow_outside_root: bool = False
     fail_on_bad_data: bool = False
+    # Missing or unreadable images are skipped, but a run stops (exit 2, no final/) once more than this
+    # share of an epoch's samples is skipped (judged as soon as that is certain, when all of the epoch's
+    # first max(16, global batch) samples failed, and on the samples seen when the run ends mid-epoch).
+    # 0 = stop at the first skipped sample; 1 = never stop for skipped samples.
+    max_skip_fraction: float = 0.1
     resolution: int = 1024
     crop: str = "random"
     keep_aspect: bool = False
@@ -79,6 +88,7 @@ class TrainConfig:
     validation_guidance: float = 5.0
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.stage not in STAGE_NAMES:
             raise ConfigError(f"stage must be 1, 2 or 3, got {self.stage!r}")
         if self.mixed_precision not in MIXED_PRECISION:
@@ -89,6 +99,10 @@ class TrainConfig:
             _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         _require(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         _require(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm}")
+        _require(
+            0.0 <= self.max_skip_fraction <= 1.0,
+            f"max_skip_fraction must be in [0, 1] (0 = stop at the first skipped sample), got {self.max_skip_fraction}",
+        )
         from ..config import REFERENCE_MODES
 
         if self.reference_mode not in REFERENCE_MODES:
@@ -127,6 +141,48 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+_SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _check_types(config: "TrainConfig") -> None:
+    """Each setting has its annotated type (YAML reads `2024-01-01` as a date, `[` as a list, ...)."""
+    if config.mixed_precision is False:  # YAML 1.1 reads an unquoted `no` as false
+        config.mixed_precision = "no"
+    for f in dataclasses.fields(config):
+        value, kind = getattr(config, f.name), str(f.type)
+        if kind == "float" and isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            try:
+                value = float(value)
+                setattr(config, f.name, value)
+            except ValueError:
+                pass
+        optional = kind.endswith(" | None")
+        kind = kind.removesuffix(" | None")
+        if value is None and optional:
+            continue
+        if kind == "list[str]":
+            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+            want = "a list of strings"
+        elif kind == "float":
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            want = "a finite number"
+        elif kind == "int":
+            ok = isinstance(value, int) and not isinstance(value, bool)
+            want = "an integer"
+        elif kind in _SCALARS:
+            ok = isinstance(value, _SCALARS[kind])
+            want = {"str": "a string", "bool": "true or false"}[kind]
+        else:
+            continue
+        if not ok:
+            raise ConfigError(f"{f.name} must be {want}, got {_short(value)}")
+
+
+def _short(value) -> str:
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def recipe_path(name: str) -> Path:
     """`stage1` / `stage2` / `stage3` name the shipped recipes; anything else is a file path."""
     candidate = RECIPES / f"{name}.yaml"
@@ -135,16 +191,35 @@ def recipe_path(name: str) -> Path:
 
 def read_config_file(path: str | Path) -> dict:
     path = recipe_path(str(path))
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"config file {path} does not exist (or name a recipe: stage1, stage2, stage3)")
     try:
-        text = path.read_text()
-        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror or err}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a pipe, device or socket)"
+        raise ConfigError(f"config file {path} is {kind}")
+    try:
+        text = path.read_text(encoding="utf-8")
+        values = parse_json(text, str(path)) if path.suffix == ".json" else yaml.safe_load(text)
+    except JSONFileError as err:
+        raise ConfigError(_first_line(err)) from None
+    except RecursionError:  # PyYAML's composer recurses once per nesting level
+        raise ConfigError(f"cannot read {path}: nested too deeply") from None
     except (OSError, ValueError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"cannot read {path}: {_first_line(err)}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of settings")
+    bad = [k for k in values if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"{path}: setting names must be strings, got {_short(bad[0])}")
     return values
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return " ".join(lines[0].split()) if lines else type(err).__name__
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -154,7 +229,12 @@ def parse_overrides(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except RecursionError:
+            raise ConfigError(f"--set {key.strip()}: value nested too deeply") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {key.strip()}: the value is not valid YAML ({_first_line(err)})") from None
     return out
 
 
@@ -164,5 +244,6 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
     return TrainConfig.from_dict(values, source=str(path))
 
 
-def save_config(config: TrainConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+def save_config(config: TrainConfig, path: Path, root: Path | None = None) -> None:
+    """Atomically; a symlink at `path` (or between `root` and it) is refused, not written through."""
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False), root=root)

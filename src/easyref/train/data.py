@@ -9,6 +9,12 @@ line of the file. Inside a `TrainDataset` a record is named by its 0-based `inde
 Every random choice of a sample comes from `sample_rng(seed, epoch, index)`, never from a global RNG,
 so a sample is a pure function of its key: resuming, worker count and process count cannot change it.
 Face boxes are taken in the coordinates of the upright image (after the EXIF orientation is applied).
+
+Image files are decoded by `easyref.images.open_image`, the one rule shared with `generate` and the
+benchmarks; only regular files are ever opened (a FIFO in the data folder cannot hang a run), and a
+sample's files are checked against the data root again when they are opened, so a symlink swapped in
+after start-up is refused for that sample (it is skipped with the reason, or fatal with
+`fail_on_bad_data`).
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from ..images import ImageFileError, open_image, open_regular, to_rgb  # noqa: F401  (to_rgb: re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +66,16 @@ def load_records(path: str | Path) -> list[dict]:
     suffix = path.suffix.lower()
     if suffix not in (".json", ".jsonl"):
         raise DataError(f"{path}: unsupported data file type {suffix or '(none)'!r}; use .json or .jsonl")
+    if not path.exists():
+        raise DataError(f"{path}: data file not found")
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not a data file")
     try:
-        text = path.read_text(encoding="utf-8-sig")  # utf-8-sig: tolerate a byte-order mark from editors
-    except FileNotFoundError:
-        raise DataError(f"{path}: data file not found") from None
+        with open_regular(path) as handle:  # a FIFO or device would block or stream forever
+            raw = handle.read()
+        text = raw.decode("utf-8-sig")  # utf-8-sig: tolerate a byte-order mark from editors
+    except ImageFileError as exc:
+        raise DataError(f"cannot read the data file: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read data file ({_one_line(exc)})") from None
     records = _parse_json_list(path, text) if suffix == ".json" else _parse_jsonl(path, text)
@@ -75,6 +89,8 @@ def _parse_json_list(path: Path, text: str) -> list[dict]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path} line {exc.lineno}: invalid JSON ({exc.msg})") from None
+    except RecursionError:  # a few thousand nested brackets (safe_io.parse_json's wording)
+        raise DataError(f"{path}: JSON nested too deeply") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
     for number, record in enumerate(data, start=1):
@@ -92,6 +108,8 @@ def _parse_jsonl(path: Path, text: str) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{where}: invalid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise DataError(f"{where}: JSON nested too deeply") from None
         check_record(record, where)
         records.append(record)
     return records
@@ -170,7 +188,10 @@ def resolve_path(root: Path, relative: str, allow_outside: bool = False) -> Path
     except (OSError, RuntimeError) as exc:  # symlink loops
         raise DataError(f"path {relative!r} under {root} cannot be resolved ({_one_line(exc)})") from None
     if escapes:
-        raise DataError(f"path {relative!r} escapes the data root {root}; pass --allow-outside-root to permit")
+        raise DataError(
+            f"path {relative!r} escapes the data root {root}; pass --allow-outside-root "
+            "(or set allow_outside_root: true) to permit"
+        )
     return root / candidate
 
 
@@ -353,44 +374,29 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 # Image files
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Decode fully (so truncated files fail here), apply the EXIF orientation, return RGB."""
-    with Image.open(path) as image:
-        image.load()
-        upright = ImageOps.exif_transpose(image)
-    return to_rgb(upright)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB from any PIL mode: transparency is composited on white, 16-bit and float data scaled to 8 bits."""
-    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
-        image = _high_depth_to_l(image)
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def _high_depth_to_l(image: Image.Image) -> Image.Image:
-    # PIL's own conversion clips 16-bit values at 255 (mostly white images); scale instead.
-    values = np.asarray(image, dtype=np.float64)
-    if image.mode.startswith("I;16") or (image.mode == "I" and values.size and values.max() > 255):
-        values = values / 257.0
-    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+# The one decoding rule (regular files only, full decode, EXIF upright, 16-bit scaled, alpha on white),
+# kept under the names other modules import from here.
+load_image = open_image
 
 
 def _upright_size(path: Path) -> tuple[int, int]:
-    # Header only: PIL opens lazily, so this does not decode pixels.
-    with Image.open(path) as image:
+    # Header only: PIL opens lazily, so this does not decode pixels. open_regular: never block on a FIFO.
+    with open_regular(path) as handle, Image.open(handle) as image:
         width, height = image.size
         orientation = image.getexif().get(_ORIENTATION_TAG)
     return (height, width) if orientation in _TRANSPOSED_ORIENTATIONS else (width, height)
 
 
-def _failure_reason(path: Path, exc: BaseException) -> str:
+def _failure_reason(path: Path, exc: BaseException, opened: Path | None = None) -> str:
     if isinstance(exc, FileNotFoundError) or not path.exists():
         return "file not found"
+    if isinstance(exc, ImageFileError):
+        # Its message starts with the file, which the Skipped record carries already: keep the rest.
+        text = _one_line(exc)
+        for name in {str(path), str(opened or path)}:
+            if text.startswith(name):
+                return text[len(name):].lstrip(":").strip().removeprefix("is ") or text
+        return text
     return f"unreadable image ({type(exc).__name__}: {_one_line(exc)})"
 
 
@@ -446,6 +452,7 @@ class TrainDataset(torch.utils.data.Dataset):
         self.settings = settings
         self.strict = strict
         self.allow_outside_root = allow_outside_root
+        self._real_root = None if allow_outside_root else (_resolved(self.root) or self.root)
         self.buckets = bucket_sizes(settings.resolution, settings.bucket_stride) if settings.keep_aspect else []
         self._entries = [self._entry(index, record) for index, record in enumerate(records)]
         self._sizes: dict[int, tuple[int, int] | None] = {}
@@ -475,10 +482,32 @@ class TrainDataset(torch.utils.data.Dataset):
         """Upright (width, height) of the target from its header (cached), or None if unreadable."""
         if index not in self._sizes:
             try:
-                self._sizes[index] = _upright_size(self._entries[index].target)
-            except _IMAGE_ERRORS:
+                self._sizes[index] = _upright_size(self._contained(self._entries[index].target))
+            except (_SampleFailed, *_IMAGE_ERRORS):
                 self._sizes[index] = None
         return self._sizes[index]
+
+    def _contained(self, path: Path) -> Path:
+        """The real path to open: the containment check of start-up, repeated when the file is opened.
+
+        A symlink swapped in after start-up that now leads out of the data root fails this sample.
+        Opening the resolved path keeps the window between this check and the open small.
+        """
+        if self._real_root is None:
+            return path
+        real = _resolved(path)
+        if real is None:
+            raise _SampleFailed(path, "cannot be resolved (a symlink loop)")
+        if not _is_within(real, self._real_root):
+            raise _SampleFailed(path, f"now leads outside the data root {self.root} (a symlink changed after start-up)")
+        return real
+
+    def _load(self, path: Path) -> Image.Image:
+        real = self._contained(path)
+        try:
+            return load_image(real)
+        except _IMAGE_ERRORS as exc:
+            raise _SampleFailed(path, _failure_reason(path, exc, real)) from None
 
     def bucket_of(self, index: int) -> tuple[int, int]:
         """(width, height) of this record's training crop; unreadable targets fall in the square bucket."""
@@ -501,7 +530,7 @@ class TrainDataset(torch.utils.data.Dataset):
     def _build(self, epoch: int, index: int) -> TrainSample:
         settings, entry = self.settings, self._entries[index]
         rng = sample_rng(settings.seed, epoch, index)
-        raw = _load(entry.target)
+        raw = self._load(entry.target)
         width, height = self.bucket_of(index)
         target, (top, left) = crop_target(raw, (width, height), rng, settings.crop)
         # All random draws happen before reference files are read, so a dropped image costs no I/O.
@@ -532,7 +561,7 @@ class TrainDataset(torch.utils.data.Dataset):
             flip = rng.random() < settings.flip_rate
             return lambda: [_face_crop(raw, box, flip)]
         paths = choose_references(entry.references, rng, settings.max_references, settings.truncate_rate)
-        return lambda: [_load(path) for path in paths]
+        return lambda: [self._load(path) for path in paths]
 
 
 def _face_crop(raw: Image.Image, box: tuple[int, int, int, int], flip: bool) -> Image.Image:
@@ -540,11 +569,11 @@ def _face_crop(raw: Image.Image, box: tuple[int, int, int, int], flip: bool) -> 
     return ImageOps.mirror(crop) if flip else crop
 
 
-def _load(path: Path) -> Image.Image:
+def _resolved(path: Path) -> Path | None:
     try:
-        return load_image(path)
-    except _IMAGE_ERRORS as exc:
-        raise _SampleFailed(path, _failure_reason(path, exc)) from None
+        return Path(path).resolve()
+    except (OSError, RuntimeError):  # symlink loops
+        return None
 
 
 def _check_key(key: Any, length: int) -> Key:

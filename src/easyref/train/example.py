@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
 import random
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from ..safe_io import atomic_write_bytes, check_no_symlink
+
+
+class ExampleDataError(ValueError):
+    """The example data cannot be written where asked (one line)."""
 
 COLOURS = ["red", "blue", "green", "orange", "purple", "teal"]
 BACKGROUNDS = ["white", "lightgray", "beige", "lavender"]
@@ -30,10 +37,36 @@ def draw_subject(shape: str, colour: str, background: str, size: int, rng: rando
 
 
 def write_example_data(root: str | Path, subjects: int = 6, per_subject: int = 4, size: int = 64, seed: int = 0) -> dict[str, Path]:
-    """Images under root/images and pairs.json (stage 1), faces.json (stage 2), groups.jsonl (stage 3)."""
+    """Images under root/images and pairs.json (stage 1), faces.json (stage 2), groups.jsonl (stage 3).
+
+    The data is deterministic, so writing it again into the same folder changes nothing; a file there
+    that holds anything else (the user's own pairs.json, say) is refused, never overwritten.
+    """
     root = Path(root)
-    (root / "images").mkdir(parents=True, exist_ok=True)
+    files = _example_files(subjects, per_subject, size, seed)
+    _check_targets(root, files)
+    for name, data in files.items():
+        atomic_write_bytes(root / name, data, root=root, fsync=False)
+    return {"pairs": root / "pairs.json", "faces": root / "faces.json", "groups": root / "groups.jsonl"}
+
+
+def _check_targets(root: Path, files: dict[str, bytes]) -> None:
+    if root.exists() and not root.is_dir():
+        raise ExampleDataError(f"{root} exists and is not a folder")
+    for name, data in files.items():
+        path = root / name
+        check_no_symlink(path, root)
+        if not path.exists():
+            continue
+        if not path.is_file() or path.stat().st_size != len(data) or path.read_bytes() != data:
+            raise ExampleDataError(
+                f"{path} exists and is not this example data; refusing to overwrite it (choose a new or empty folder)"
+            )
+
+
+def _example_files(subjects: int, per_subject: int, size: int, seed: int) -> dict[str, bytes]:
     rng = random.Random(seed)
+    out: dict[str, bytes] = {}
     pairs, faces, groups = [], [], []
     for s in range(subjects):
         shape, colour = SHAPES[s % len(SHAPES)], COLOURS[s % len(COLOURS)]
@@ -42,7 +75,9 @@ def write_example_data(root: str | Path, subjects: int = 6, per_subject: int = 4
             background = rng.choice(BACKGROUNDS)
             image, box = draw_subject(shape, colour, background, size, rng)
             name = f"images/{s:03d}_{i}.png"
-            image.save(root / name)
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            out[name] = buffer.getvalue()
             files.append(name)
             caption = f"a {colour} {shape} on a {background} background"
             pairs.append({"image_file": name, "text": [caption], "target": name})
@@ -50,8 +85,7 @@ def write_example_data(root: str | Path, subjects: int = 6, per_subject: int = 4
         for i, target in enumerate(files):
             refs = [f for f in files if f != target]
             groups.append({"image_file": refs, "text": [f"a picture, variant {i}"], "target": target})
-    paths = {"pairs": root / "pairs.json", "faces": root / "faces.json", "groups": root / "groups.jsonl"}
-    paths["pairs"].write_text(json.dumps(pairs, indent=1))
-    paths["faces"].write_text(json.dumps(faces, indent=1))
-    paths["groups"].write_text("".join(json.dumps(g) + "\n" for g in groups))
-    return paths
+    out["pairs.json"] = json.dumps(pairs, indent=1).encode()
+    out["faces.json"] = json.dumps(faces, indent=1).encode()
+    out["groups.jsonl"] = "".join(json.dumps(g) + "\n" for g in groups).encode()
+    return out

@@ -3,18 +3,32 @@
 Every random draw is a function of (seed, epoch, sample index): augmentation in the dataset, noise,
 timestep and VAE sample here. So a resumed run repeats the uninterrupted one, and N processes with
 batch B see the same samples, noise and update as one process with batch N * B.
+
+Bad input ends in one line, before the expensive work wherever it can be seen up front: the output
+folder (symlinks planted where the trainer writes, files where folders belong), the data, the
+validation images and a `--resume` checkpoint (every pickle in it must load with
+`weights_only=True`) are all checked before the models are loaded. Everything written into the
+output folder refuses symlinks and goes through a temporary name; temporary files a killed run left
+behind are removed by the next one. A run whose share of skipped (missing, unreadable) samples
+exceeds `max_skip_fraction` stops without writing `final/`. A full disk is one line, exit code 1.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
 import logging
 import math
 import os
+import pickle
 import random
+import re
 import resource
 import shutil
+import stat
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,8 +36,19 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import DistributedType
 
-from ..checkpoint import WEIGHTS_NAME, apply_checkpoint, read_checkpoint, save_checkpoint
-from .config import STAGE_NAMES, TrainConfig, save_config
+from ..checkpoint import WEIGHTS_NAME, CheckpointError, apply_checkpoint, read_checkpoint, save_checkpoint
+from ..safe_io import (
+    LOCK_NAME,
+    JSONFileError,
+    RunLock,
+    UnsafePathError,
+    check_no_symlink,
+    clean_stale_temps,
+    describe_os_error,
+    is_disk_error,
+    load_json,
+)
+from .config import STAGE_NAMES, ConfigError, TrainConfig, save_config
 from .data import DataError, DataSettings, RankBatchSampler, TrainDataset, collate, global_batches, load_records
 from .models import MLLMInputBuilder, StageModels, TrainingModel, cast_frozen, load_stage_models, select_trainables
 
@@ -32,7 +57,18 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"
 FINAL_NAME = "final"
 STATE_NAME = "trainer_state.json"
+CONFIG_FILE = "train_config.yaml"
+METRICS_FILE = "metrics.jsonl"
+VALIDATION_DIR = "validation"
+TRACKER_DIR = "easyref"  # accelerate's tensorboard run folder (init_trackers("easyref"))
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SKIP_WINDOW = 16  # the first samples of an epoch that may not all fail (at least one global batch)
+SKIP_REASONS_SHOWN = 3
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".bin")
+
+
+class OutputWriteError(Exception):
+    """Writing into the output folder failed (disk full, quota, permissions): one line, exit code 1."""
 
 
 @dataclass
@@ -43,7 +79,20 @@ class TrainState:
     epoch: int = 0
     batch: int = 0
     samples: int = 0
-    skipped: int = 0
+    skipped: int = 0  # samples of the current epoch skipped so far, over all processes
+
+
+@dataclass
+class ResumePoint:
+    """A checkpoint read and checked in full before any model is loaded."""
+
+    folder: Path
+    state: TrainState
+    saved_config: dict
+    model: tuple  # (EasyRefConfig, tensors)
+    optimizer: dict | None  # None: DeepSpeed's state lives in folder/accelerate
+    scheduler: dict | None
+    rng: dict | None  # this process's global generators
 
 
 class CollateForTraining:
@@ -87,18 +136,30 @@ class Trainer:
             cpu=bool(cpu),  # otherwise accelerate decides (and a DeepSpeed launch stays DeepSpeed)
         )
         set_seed(config.seed)
+        self.state = TrainState()
+        self._skip_reasons: list[str] = []
+        self._epoch_sizes: dict[int, int] = {}
+        self._resumed_step: int | None = None
+        # everything that can be checked without the models, before loading them
+        check_output_dir(self.output_dir)
+        _check_init_from(config, self.output_dir)
         self.dataset = self._dataset()
-        _check_validation_references(config)
+        self._check_data()
+        self.validation_references = _check_validation_references(config)
+        point = read_resume_point(self.output_dir, resume, self.accelerator.process_index) if resume else None
+        if point and point.state.step > config.max_steps:
+            raise ConfigError(
+                f"--resume {point.folder}: the checkpoint is at step {point.state.step}, past max_steps "
+                f"{config.max_steps}; raise max_steps (--max-steps N)"
+            )
         self.models = models or load_stage_models(config)
         self.model_class = model_class
         self.trainables = select_trainables(self.models, config.stage)
-        self.state = TrainState()
-        checkpoint = resolve_resume(self.output_dir, resume) if resume else None
-        if checkpoint:
-            self._load_model_state(checkpoint)
+        if point:
+            self._load_model_state(point)
         self._prepare()
-        if checkpoint:
-            self._load_optimizer_state(checkpoint)
+        if point:
+            self._load_optimizer_state(point)
 
     # ------------------------------------------------------------------ set-up
     def _dataset(self) -> TrainDataset:
@@ -119,8 +180,14 @@ class Trainer:
             seed=c.seed,
         )
         records = load_records(c.data)
+        root = Path(c.data_root)
+        if not root.is_dir():
+            what = "does not exist" if not root.exists() else "is not a folder"
+            raise DataError(f"data_root {root} {what}")
         try:
-            return TrainDataset(records, c.data_root, settings, c.allow_outside_root, strict=c.fail_on_bad_data)
+            # never strict here: fail_on_bad_data is applied in this process (see _count_skips), since an
+            # error raised in a data-loader worker would arrive wrapped in a multi-line traceback
+            return TrainDataset(records, root, settings, c.allow_outside_root, strict=False)
         except DataError as err:
             raise DataError(f"{c.data}: {err}") from None
 
@@ -166,18 +233,46 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> Path:
-        self.fit(self.config.max_steps)
-        final = self._save_final()
+        """Train to max_steps, then write OUTPUT_DIR/final (only if the run succeeded)."""
+        with self._output_lock():
+            if self.accelerator.is_main_process:
+                self._clean_stale_temps()
+            self.fit(self.config.max_steps)
+            final = self._save_final()
         self.accelerator.end_training()
         return final
+
+    @contextmanager
+    def _output_lock(self):
+        """One training process per output folder (the main process holds the lock)."""
+        if not self.accelerator.is_main_process:
+            yield
+            return
+        lock = RunLock(self.output_dir, "training output folder")
+        with _writing(self.output_dir):
+            lock.__enter__()
+        try:
+            yield
+        finally:
+            lock.__exit__(None, None, None)
+
+    def _clean_stale_temps(self) -> None:
+        """Temporary files and folders a killed run left (mid-checkpoint, mid-final) are removed."""
+        out = self.output_dir
+        folders = [out, out / FINAL_NAME, out / VALIDATION_DIR]
+        for checkpoint in out.glob(f"{CHECKPOINT_PREFIX}*"):
+            folders += [checkpoint, checkpoint / "model"]
+        for folder in folders:
+            if folder.is_dir() and not folder.is_symlink():
+                clean_stale_temps(folder)
 
     def fit(self, max_steps: int) -> None:
         """Optimizer steps until `max_steps` (checkpoints, logs and validation on their schedules)."""
         c, acc = self.config, self.accelerator
-        self._check_data()
         if acc.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(c, self.output_dir / "train_config.yaml")
+            with _writing(self.output_dir):
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                save_config(c, self.output_dir / CONFIG_FILE, root=self.output_dir)
             logger.info(
                 "stage %d (%s): %d records, %d trainable tensors (%s parameters), global batch %d x %d accumulation",
                 c.stage, STAGE_NAMES[c.stage], len(self.dataset), len(self.trainables),
@@ -185,26 +280,35 @@ class Trainer:
             )
         progress = _progress(max_steps, self.state.step, acc.is_main_process)
         meter = _Meter()
-        while self.state.step < max_steps:
-            for batch, data_time in self._epoch_batches():
-                meter.add_data_time(data_time)
-                loss = self._micro_step(batch)
-                meter.add(loss, len(batch))
-                self.state.batch += 1
-                self.state.samples += len(batch) * acc.num_processes
-                self.state.skipped += len(batch.skipped)
-                if acc.sync_gradients:
-                    self.state.step += 1
-                    progress.update(1)
-                    self._after_step(meter, progress)
-                    if self.state.step >= max_steps:
-                        break
-            else:
-                self._end_epoch()
-        progress.close()
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        # log lines (epoch summaries) above the bar, not glued to it; the bar is closed on errors too,
+        # so the one error line starts a line of its own
+        with logging_redirect_tqdm(), _closing(progress):
+            while self.state.step < max_steps:
+                for batch, data_time in self._epoch_batches():
+                    meter.add_data_time(data_time)
+                    loss = self._micro_step(batch)
+                    if len(batch):  # a batch of only skipped samples trained nothing: no loss to report
+                        meter.add(loss, len(batch))
+                    self.state.batch += 1
+                    self.state.samples += len(batch) * acc.num_processes
+                    self._count_skips(batch)
+                    self._judge_skips(finished=False)
+                    if acc.sync_gradients:
+                        self.state.step += 1
+                        progress.update(1)
+                        self._after_step(meter, progress)
+                        if self.state.step >= max_steps:
+                            break
+                else:
+                    self._end_epoch()
+        if self.state.batch:  # the run ends inside an epoch: summarise and judge what it saw
+            self._log_skips()
+            self._judge_skips(finished=True)
 
     def _check_data(self) -> None:
-        count = sum(len(b) for b in global_batches(self.dataset, self.global_batch, self.config.seed, 0))
+        count = self._epoch_size(0)
         if count == 0:
             raise ValueError(
                 f"{self.config.data}: {len(self.dataset)} records do not fill one global batch of {self.global_batch}"
@@ -229,15 +333,68 @@ class Trainer:
             yield batch, time.perf_counter() - started
             started = time.perf_counter()
 
+    def _epoch_size(self, epoch: int) -> int:
+        """Samples in one epoch (all processes): whole global batches, per target-size bucket."""
+        if epoch not in self._epoch_sizes:
+            batches = global_batches(self.dataset, self.global_batch, self.config.seed, epoch)
+            self._epoch_sizes[epoch] = sum(len(b) for b in batches)
+        return self._epoch_sizes[epoch]
+
     def _end_epoch(self) -> None:
-        if self.state.skipped:
-            logger.warning(
-                "epoch %d: %d samples skipped (missing or unreadable images; fail_on_bad_data stops instead)",
-                self.state.epoch, self.state.skipped,
-            )
+        self._log_skips()
+        self._judge_skips(finished=True)
         self.state.epoch += 1
         self.state.batch = 0
         self.state.skipped = 0
+        self._skip_reasons = []
+
+    # ------------------------------------------------------------------ skipped samples
+    def _count_skips(self, batch) -> None:
+        """Add this micro-batch's skipped samples (summed over processes, so every process judges alike)."""
+        acc = self.accelerator
+        skipped = len(batch.skipped)
+        if acc.num_processes > 1:
+            skipped = int(acc.reduce(torch.tensor([skipped], device=acc.device), reduction="sum").item())
+        self.state.skipped += skipped
+        for item in batch.skipped:
+            if len(self._skip_reasons) < SKIP_REASONS_SHOWN:
+                self._skip_reasons.append(_one_line(f"{item.path}: {item.reason}"))
+        if skipped and self.config.fail_on_bad_data:
+            where = (
+                f"{batch.skipped[0].path} (record index {batch.skipped[0].key[1]}): {batch.skipped[0].reason}"
+                if batch.skipped
+                else "a sample on another process"
+            )
+            raise DataError(_one_line(f"{where}; fail_on_bad_data is set, so the run stops"))
+
+    def _seen(self) -> int:
+        return min(self.state.batch * self.global_batch, self._epoch_size(self.state.epoch))
+
+    def _skip_summary(self) -> str:
+        state, seen, size = self.state, self._seen(), self._epoch_size(self.state.epoch)
+        span = f"epoch {state.epoch}" if seen >= size else f"epoch {state.epoch} (first {seen} of {size} samples)"
+        share = state.skipped / seen if seen else 0.0
+        text = (
+            f"{span}: {state.skipped} samples skipped of {seen} ({share:.1%}; "
+            f"max_skip_fraction {self.config.max_skip_fraction:g})"
+        )
+        if self._skip_reasons:
+            text += "; first: " + "; ".join(self._skip_reasons)
+        return text
+
+    def _log_skips(self) -> None:
+        if self.accelerator.is_main_process:
+            logger.log(logging.WARNING if self.state.skipped else logging.INFO, "%s", self._skip_summary())
+
+    def _judge_skips(self, finished: bool) -> None:
+        size = self._epoch_size(self.state.epoch)
+        window = min(size, max(SKIP_WINDOW, self.global_batch))
+        why = skip_verdict(self.state.skipped, self._seen(), size, self.config.max_skip_fraction, window, finished)
+        if why:
+            raise DataError(
+                f"too many samples skipped ({why}): {self._skip_summary()}; fix or remove those records, or "
+                "allow more with --set max_skip_fraction=X (1 = never stop); no final checkpoint was written"
+            )
 
     def _micro_step(self, batch) -> float:
         acc = self.accelerator  # skipped samples were already logged, one line each, by `collate`
@@ -317,11 +474,13 @@ class Trainer:
         metrics.update(step=self.state.step, lr=self.lr_scheduler.get_last_lr()[0], peak_memory_gib=_peak_memory_gib())
         if not acc.is_main_process:
             return
-        progress.set_postfix(loss=f"{metrics['loss']:.4f}", sps=f"{metrics['samples_per_s']:.2f}")
-        with open(self.output_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        loss = metrics["loss"]
+        progress.set_postfix(loss="n/a" if loss is None else f"{loss:.4f}", sps=f"{metrics['samples_per_s']:.2f}")
+        path = self.output_dir / METRICS_FILE
+        with _writing(path):
+            append_line(path, json.dumps(metrics) + "\n", self.output_dir)
         if acc.log_with:
-            acc.log({k: v for k, v in metrics.items() if k != "step"}, step=self.state.step)
+            acc.log({k: v for k, v in metrics.items() if k != "step" and v is not None}, step=self.state.step)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
@@ -332,66 +491,99 @@ class Trainer:
         temp = self.output_dir / f".{final.name}.tmp"
         acc.wait_for_everyone()
         if acc.is_main_process:
-            shutil.rmtree(temp, ignore_errors=True)
-            temp.mkdir(parents=True)
+            check_no_symlink(final, self.output_dir)
+            check_no_symlink(temp, self.output_dir)
+            with _writing(temp):
+                shutil.rmtree(temp, ignore_errors=True)
+                temp.mkdir(parents=True)
         acc.wait_for_everyone()
-        if acc.distributed_type == DistributedType.DEEPSPEED:  # ZeRO shards optimizer state across processes
-            acc.save_state(str(temp / "accelerate"))
-        torch.save(_rng_state(), temp / f"rng-{acc.process_index}.pt")
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            self._write_checkpoint_files(temp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(temp, final)
-            self._prune_checkpoints()
-            logger.info("saved %s", final)
+        try:
+            if acc.distributed_type == DistributedType.DEEPSPEED:  # ZeRO shards optimizer state across processes
+                with _writing(temp / "accelerate"):
+                    acc.save_state(str(temp / "accelerate"))
+            _torch_save(_rng_state(), temp / f"rng-{acc.process_index}.pt")
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                self._write_checkpoint_files(temp)
+                with _writing(final):
+                    replace_folder(temp, final)
+                self._prune_checkpoints()
+                logger.info("saved %s", final)
+        finally:
+            if acc.is_main_process:  # nothing half-written stays behind (a folder that was renamed is gone)
+                shutil.rmtree(temp, ignore_errors=True)
         acc.wait_for_everyone()
         return final
 
     def _write_checkpoint_files(self, folder: Path) -> None:
         models = self.models
-        save_checkpoint(folder / "model", models.model_config, models.encoder, models.unet)
+        with _writing(folder / "model"):
+            save_checkpoint(folder / "model", models.model_config, models.encoder, models.unet)
         if self.accelerator.distributed_type != DistributedType.DEEPSPEED:
-            torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
-        torch.save(self.lr_scheduler.state_dict(), folder / "scheduler.pt")
-        (folder / STATE_NAME).write_text(json.dumps({"state": asdict(self.state), "config": self.config.to_dict()}))
+            _torch_save(self.optimizer.state_dict(), folder / "optimizer.pt")
+        _torch_save(self.lr_scheduler.state_dict(), folder / "scheduler.pt")
+        with _writing(folder / STATE_NAME):
+            (folder / STATE_NAME).write_text(json.dumps({"state": asdict(self.state), "config": self.config.to_dict()}))
 
     def _prune_checkpoints(self) -> None:
         keep = self.config.keep_checkpoints
         if keep == 0:
             return
         for old in list_checkpoints(self.output_dir)[:-keep]:
-            shutil.rmtree(old)
+            check_no_symlink(old, self.output_dir)
+            with _writing(old):
+                shutil.rmtree(old)
 
     def _save_final(self) -> Path:
         acc = self.accelerator
         final = self.output_dir / FINAL_NAME
-        self.save_checkpoint()  # the full training state at the end too, so a run can be extended
+        here = self.output_dir / f"{CHECKPOINT_PREFIX}{self.state.step:07d}"
+        if not (self._resumed_step == self.state.step and (here / "model" / WEIGHTS_NAME).is_file()):
+            self.save_checkpoint()  # the full training state at the end too, so a run can be extended
         if acc.is_main_process:
-            save_checkpoint(final, self.models.model_config, self.models.encoder, self.models.unet)
+            temp = self.output_dir / f".{FINAL_NAME}.tmp"
+            check_no_symlink(final, self.output_dir)
+            check_no_symlink(temp, self.output_dir)
+            try:  # built beside it and renamed: a crash never leaves half a final/
+                with _writing(final):
+                    shutil.rmtree(temp, ignore_errors=True)
+                    save_checkpoint(temp, self.models.model_config, self.models.encoder, self.models.unet)
+                    replace_folder(temp, final)
+            finally:
+                shutil.rmtree(temp, ignore_errors=True)
             logger.info("inference checkpoint: %s (load with `easyref generate --adapter %s`)", final, final)
         acc.wait_for_everyone()
         return final
 
-    def _load_model_state(self, folder: Path) -> None:
-        config, tensors = read_checkpoint(folder / "model")
+    def _load_model_state(self, point: ResumePoint) -> None:
+        config, tensors = point.model
         apply_checkpoint(config, tensors, self.models.encoder, self.models.unet)
-        saved = json.loads((folder / STATE_NAME).read_text())
-        self.state = TrainState(**saved["state"])
-        _warn_config_changes(saved["config"], self.config)
-        logger.info("resuming from %s at step %d (epoch %d, batch %d)", folder, self.state.step, self.state.epoch, self.state.batch)
+        point.model = None  # the tensors now live in the modules
+        self.state = point.state
+        self._resumed_step = point.state.step
+        _warn_config_changes(point.saved_config, self.config)
+        logger.info(
+            "resuming from %s at step %d (epoch %d, batch %d)",
+            point.folder, self.state.step, self.state.epoch, self.state.batch,
+        )
 
-    def _load_optimizer_state(self, folder: Path) -> None:
-        if (folder / "accelerate").is_dir():
-            self.accelerator.load_state(str(folder / "accelerate"))
-        else:
-            # written by this trainer, still read without unpickling arbitrary objects
-            self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu"))
-        self.lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-        rng = folder / f"rng-{self.accelerator.process_index}.pt"
-        if rng.is_file():
-            _set_rng_state(torch.load(rng, weights_only=True))
+    def _load_optimizer_state(self, point: ResumePoint) -> None:
+        folder = point.folder
+        try:
+            if point.optimizer is None:  # DeepSpeed: its files were checked by read_resume_point
+                self.accelerator.load_state(str(folder / "accelerate"))
+            else:
+                self.optimizer.load_state_dict(point.optimizer)
+            if point.scheduler is not None:
+                self.lr_scheduler.load_state_dict(point.scheduler)
+            if point.rng is not None:
+                _set_rng_state(point.rng)
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as err:
+            raise CheckpointError(
+                f"--resume {folder}: the saved optimizer, scheduler or generator state does not fit this run "
+                f"({_one_line(err)})"
+            ) from None
+        point.optimizer = point.scheduler = point.rng = None
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> Path | None:
@@ -402,15 +594,21 @@ class Trainer:
             return None
         self.model.eval()
         try:
-            with self.accelerator.autocast():
-                return write_validation_grid(self.models, self.config, self.output_dir, self.state.step)
+            with self.accelerator.autocast(), _writing(self.output_dir / VALIDATION_DIR):
+                return write_validation_grid(
+                    self.models, self.config, self.output_dir, self.state.step, references=self.validation_references
+                )
         finally:
             self.model.train()
 
 
 # ---------------------------------------------------------------------- helpers
 def list_checkpoints(output_dir: Path) -> list[Path]:
-    found = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / "model" / WEIGHTS_NAME).is_file()]
+    found = [
+        p
+        for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*")
+        if p.name.removeprefix(CHECKPOINT_PREFIX).isdigit() and (p / "model" / WEIGHTS_NAME).is_file()
+    ]
     return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
 
 
@@ -425,6 +623,230 @@ def resolve_resume(output_dir: Path, resume: str) -> Path:
     if not (folder / STATE_NAME).is_file():
         raise FileNotFoundError(f"--resume {resume}: not a training checkpoint (no {STATE_NAME})")
     return folder
+
+
+# ---------------------------------------------------------------------- the output folder
+@contextmanager
+def _writing(path: Path):
+    """A failed write (disk full, quota, permissions, I/O) -> OutputWriteError, one line naming `path`."""
+    try:
+        yield
+    except OutputWriteError:
+        raise
+    except OSError as err:
+        raise OutputWriteError(describe_os_error(err, err.filename or path)) from None
+    except Exception as err:  # torch's and safetensors' writers report a full disk in their own words
+        text = str(err)
+        if is_disk_error(err) or "No space left" in text or "StorageFull" in text or "os error 28" in text:
+            raise OutputWriteError(f"no space left on the device writing {path}") from None
+        raise
+
+
+def _torch_save(obj, path: Path) -> None:
+    """torch.save for our own state files; a failure of torch's writer itself is a write error (exit 1)."""
+    with _writing(path):
+        try:
+            torch.save(obj, path)
+        except RuntimeError as err:  # PytorchStreamWriter: "file write failed", "unexpected pos", iostream errors
+            if is_disk_error(err) or _nearly_full(path.parent):
+                raise OutputWriteError(f"no space left on the device writing {path}") from None
+            raise OutputWriteError(f"writing {path} failed ({_one_line(err)})") from None
+
+
+def _nearly_full(folder: Path) -> bool:
+    """torch reports a full disk as "unexpected pos N vs M" as often as anything else: ask the disk."""
+    try:
+        return shutil.disk_usage(folder).free < 16 * 2**20
+    except OSError:
+        return False
+
+
+def append_line(path: Path, text: str, root: Path) -> None:
+    """Append to a log file in the output folder, never through a symlink and never into a pipe."""
+    check_no_symlink(path, root)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.ENXIO):  # a symlink planted since the check; a FIFO without reader
+            raise UnsafePathError(f"{path} is a symlink or a pipe in {root}; refusing to write through it (remove it first)") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UnsafePathError(f"{path} is not a regular file; refusing to write to it (remove it first)")
+        data = text.encode("utf-8")
+        while data:
+            data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)
+
+
+def replace_folder(new: Path, dest: Path) -> None:
+    """Put the finished folder `new` at `dest`; an existing `dest` is moved aside first, then removed."""
+    if dest.exists():
+        old = dest.parent / f".{dest.name}.old.tmp"  # .tmp: removed by the next run if we die in between
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dest, old)
+        os.replace(new, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, dest)
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """Before anything is loaded: the output folder is a folder, and nothing the trainer writes in it
+    (files, checkpoint folders, final/, validation/, logs) is a symlink or a file of the wrong kind."""
+    if output_dir.is_symlink() and not output_dir.exists():
+        raise ConfigError(f"output_dir {output_dir} is a symlink to nothing")
+    if not output_dir.exists():
+        return
+    if not output_dir.is_dir():
+        raise ConfigError(f"output_dir {output_dir} exists and is not a folder")
+    files = [output_dir / CONFIG_FILE, output_dir / METRICS_FILE, output_dir / LOCK_NAME]
+    folders = [output_dir / FINAL_NAME, output_dir / VALIDATION_DIR, output_dir / TRACKER_DIR]
+    folders += sorted(output_dir.glob(f"{CHECKPOINT_PREFIX}*"))
+    temps = sorted(output_dir.glob(f".{CHECKPOINT_PREFIX}*.tmp")) + sorted(output_dir.glob(f".{FINAL_NAME}*.tmp"))
+    for path in files + folders + temps:
+        check_no_symlink(path, output_dir)
+    validation = output_dir / VALIDATION_DIR
+    if validation.is_dir():
+        for path in validation.iterdir():
+            check_no_symlink(path, output_dir)
+    for path in files:
+        if path.exists() and not path.is_file():
+            raise ConfigError(f"{path} is in the way: the trainer writes a file there, and it is not one (remove it)")
+    for path in folders:
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{path} is in the way: the trainer writes a folder there, and it is not one (remove it)")
+
+
+def _check_init_from(config: TrainConfig, output_dir: Path) -> None:
+    """The previous stage's checkpoint must not be one this run replaces (its final/ or a checkpoint-N)."""
+    if not config.init_from:
+        return
+    source = Path(config.init_from).resolve()
+    out = output_dir.resolve()
+    for replaced in [out / FINAL_NAME, *out.glob(f"{CHECKPOINT_PREFIX}*")]:
+        if source == replaced or replaced in source.parents:
+            raise ConfigError(
+                f"init_from {config.init_from} is inside output_dir {output_dir}, whose final/ and checkpoints "
+                "this run replaces; choose another output_dir (--output-dir)"
+            )
+
+
+# ---------------------------------------------------------------------- reading a checkpoint to resume
+def read_resume_point(output_dir: Path, resume: str, process_index: int) -> ResumePoint:
+    """Read and check a whole training checkpoint before any model is loaded.
+
+    Every pickle-based file in it must load with torch.load(weights_only=True) (accelerate's numpy
+    allowance for its own files): one that does not (a planted object, a damaged file) is refused
+    with one line, never skipped. Symlinks and non-regular files inside are refused too.
+    DeepSpeed's own shard folder (accelerate/pytorch_model*) is read by DeepSpeed and not checked here.
+    """
+    folder = resolve_resume(output_dir, resume)
+    where = f"--resume {folder}"
+    loaded = _check_checkpoint_files(folder, where)
+    try:
+        saved = load_json(folder / STATE_NAME, "trainer state")
+    except JSONFileError as err:
+        raise CheckpointError(f"{where}: {err}") from None
+    state, config = _parse_trainer_state(saved, f"{where}: {folder / STATE_NAME}")
+    try:
+        model = read_checkpoint(folder / "model")
+    except CheckpointError as err:
+        raise CheckpointError(f"{where}: {_one_line(err)}") from None
+    except (ValueError, TypeError, OSError, RecursionError) as err:
+        raise CheckpointError(f"{where}: cannot read {folder / 'model'} ({_one_line(err)})") from None
+    deepspeed = (folder / "accelerate").is_dir()
+    optimizer = None if deepspeed else loaded.get("optimizer.pt")
+    if not deepspeed and optimizer is None:
+        raise CheckpointError(f"{where}: optimizer.pt is missing")
+    for name in ("optimizer.pt", "scheduler.pt"):
+        if name in loaded and not isinstance(loaded[name], dict):
+            raise CheckpointError(f"{where}: {name} does not hold a state dict")
+    rng = loaded.get(f"rng-{process_index}.pt")
+    if rng is not None and not (
+        isinstance(rng, dict) and isinstance(rng.get("python"), tuple) and isinstance(rng.get("torch"), torch.Tensor)
+    ):
+        raise CheckpointError(f"{where}: rng-{process_index}.pt does not hold generator states")
+    return ResumePoint(folder, state, config, model, optimizer, loaded.get("scheduler.pt"), rng)
+
+
+def _check_checkpoint_files(folder: Path, where: str) -> dict:
+    """Refuse symlinks, odd files and any pickle that weights_only loading refuses; return the
+    top-level files' contents (optimizer.pt, scheduler.pt, rng-R.pt), so each is read once."""
+    from accelerate.utils import load as accelerate_load
+
+    loaded = {}
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        here = Path(dirpath)
+        relative = here.relative_to(folder).parts
+        for name in sorted(dirnames + filenames):
+            path = here / name
+            if path.is_symlink():
+                raise CheckpointError(f"{where}: {path} is a symlink; a checkpoint is read only from its own files")
+            if name in filenames and not path.is_file():
+                raise CheckpointError(f"{where}: {path} is not a regular file")
+        deepspeed_shards = len(relative) >= 2 and relative[0] == "accelerate"
+        for name in sorted(filenames):
+            if not name.endswith(PICKLE_SUFFIXES) or deepspeed_shards:
+                continue
+            path = here / name
+            try:
+                if relative and relative[0] == "accelerate":
+                    value = accelerate_load(path, map_location="cpu")
+                else:
+                    value = torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as err:
+                wanted = re.search(r"GLOBAL ([\w.]+)", str(err))
+                if wanted:  # a pickle that imports something: what torch.load(weights_only=True) exists to stop
+                    raise CheckpointError(
+                        f"{where}: {path} holds objects other than tensors (it asks for {wanted.group(1)}), which "
+                        "torch.load(weights_only=True) refuses; not loading it (this trainer never writes any)"
+                    ) from None
+                raise CheckpointError(f"{where}: {path} is damaged or not a torch file") from None
+            except Exception as err:  # damaged zip archives, truncated files, ... raise many types
+                raise CheckpointError(f"{where}: {path} is damaged or not a torch file ({_one_line(err)})") from None
+            if not relative:
+                loaded[name] = value
+    return loaded
+
+
+def _parse_trainer_state(saved, where: str) -> tuple[TrainState, dict]:
+    fields = {f.name for f in dataclasses.fields(TrainState)}
+    ok = isinstance(saved, dict) and isinstance(saved.get("state"), dict) and isinstance(saved.get("config"), dict)
+    if ok:
+        values = saved["state"]
+        ok = set(values) <= fields and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values.values()
+        )
+    if not ok:
+        raise CheckpointError(f"{where}: not a trainer state written by easyref train")
+    return TrainState(**saved["state"]), saved["config"]
+
+
+def skip_verdict(skipped: int, seen: int, epoch_size: int, fraction: float, window: int, finished: bool) -> str | None:
+    """Why a run must stop for its skipped samples, or None.
+
+    - at any time: more than `fraction` of the whole epoch is already skipped (so it cannot end below);
+    - every one of the epoch's first `window` samples failed (or all seen so far, when the run ends);
+    - when the run ends mid-epoch after at least `window` samples: more than `fraction` of those seen.
+    `fraction` 1 never stops; 0 stops at the first skipped sample.
+    """
+    if skipped == 0 or fraction >= 1:
+        return None
+    if skipped > fraction * epoch_size:
+        return f"more than max_skip_fraction {fraction:g} of the epoch's {epoch_size} samples"
+    if skipped >= seen and (seen >= window or finished):
+        return f"all of the first {seen} samples of the epoch failed"
+    if finished and seen >= window and skipped > fraction * seen:
+        return f"more than max_skip_fraction {fraction:g} of the {seen} samples seen"
+    return None
+
+
+def _one_line(value) -> str:
+    lines = str(value).strip().splitlines()
+    return " ".join(" ".join(lines[:1]).split()) or type(value).__name__
 
 
 def _rng_state() -> dict:
@@ -443,16 +865,16 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _check_validation_references(config: TrainConfig) -> None:
-    """Fail at start-up, not at the first validation hours later."""
+def _check_validation_references(config: TrainConfig):
+    """Fail at start-up, not at the first validation hours later; the images are kept for every validation."""
     if not config.validation_every:
-        return
-    from .config import ConfigError
+        return None
+    from ..images import ImageFileError
     from .validation import load_validation_references
 
     try:
-        load_validation_references(config.validation_references)
-    except OSError as err:
+        return load_validation_references(config.validation_references)
+    except ImageFileError as err:
         raise ConfigError(f"validation_references: {err}") from None
 
 
@@ -503,6 +925,14 @@ def _peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+@contextmanager
+def _closing(progress):
+    try:
+        yield progress
+    finally:
+        progress.close()
+
+
 def _progress(total: int, done: int, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -528,11 +958,12 @@ class _Meter:
     def flush(self, accelerator) -> dict:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         out = {
-            "loss": sum(self.losses) / max(len(self.losses), 1),
+            # None when every sample since the last line was skipped: nothing was trained, no loss to show
+            "loss": sum(self.losses) / len(self.losses) if self.losses else None,
             "samples_per_s": self.samples * accelerator.num_processes / elapsed,
             "data_time_share": self.data_time / elapsed,
         }
-        if not math.isfinite(out["loss"]):
+        if out["loss"] is not None and not math.isfinite(out["loss"]):
             logger.warning("loss is %s", out["loss"])
         self._reset()
         return out

@@ -6,23 +6,25 @@ import logging
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
+from ..images import open_image
+from ..safe_io import check_no_symlink
 from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
 
 def load_validation_references(paths: list[str]) -> list[Image.Image]:
-    images = []
-    for path in paths:
-        with Image.open(path) as image:
-            images.append(ImageOps.exif_transpose(image).convert("RGB"))
-    return images
+    """The fixed validation group, decoded by the one rule (`easyref.images.open_image`): ImageFileError if unusable."""
+    return [open_image(path) for path in paths]
 
 
-def write_validation_grid(models, config: TrainConfig, output_dir: Path, step: int, seeds=(0, 1)) -> Path:
-    """References on the top row, one generated image per seed below; written atomically."""
+def write_validation_grid(
+    models, config: TrainConfig, output_dir: Path, step: int, seeds=(0, 1), references: list[Image.Image] | None = None
+) -> Path:
+    """References on the top row, one generated image per seed below; written atomically, never through a
+    symlink in `output_dir`. `references`: the group loaded at start-up (read again from its files if None)."""
     from diffusers import EulerDiscreteScheduler
 
     from ..cli import contact_sheet, save_png
@@ -39,7 +41,8 @@ def write_validation_grid(models, config: TrainConfig, output_dir: Path, step: i
         scheduler=EulerDiscreteScheduler.from_config(models.noise_scheduler.config),
     )
     pipe.set_progress_bar_config(disable=True)
-    references = load_validation_references(config.validation_references)
+    if references is None:
+        references = load_validation_references(config.validation_references)
     size = config.resolution
     with torch.no_grad():
         images = [
@@ -55,6 +58,7 @@ def write_validation_grid(models, config: TrainConfig, output_dir: Path, step: i
             for seed in seeds
         ]
     path = output_dir / "validation" / f"step-{step:07d}.png"
+    check_no_symlink(path, output_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_png(contact_sheet(references, images, cell=size), path, {"step": step, "prompt": config.validation_prompt})
     logger.info("validation grid: %s", path)
