@@ -139,11 +139,14 @@ def test_an_interrupted_run_resumes_to_the_same_summary(manifest, tmp_path, sdxl
     with open(next(interrupted.glob("records-*.jsonl")), "a") as f:
         f.write('{"key": "torn')  # the crash cut a line short
     resumed = Crashing(sdxl_method, crash_at=0)
-    assert run_bench(items, resumed, SETTINGS, interrupted, scorer=scorer, progress=False) == 2  # g2 and odd/id; not g1 again
-    assert resumed.calls == 2
+    # one image per call: g1's second image, g2 and odd/id; not g1's first again
+    assert run_bench(items, resumed, SETTINGS, interrupted, scorer=scorer, progress=False) == 3
+    assert resumed.calls == 3
     assert write_summary(interrupted) == write_summary(whole)
+    # the half-finished group resumes to the very pixels of the uninterrupted run
     for key, record in read_records(whole).items():
         assert Image.open(whole / record["image"]).tobytes() == Image.open(interrupted / record["image"]).tobytes()
+    assert all(line.endswith("}") for line in next(interrupted.glob("records-*.jsonl")).read_text().splitlines())
 
 
 def test_two_processes_give_the_same_summary_as_one(manifest, tmp_path, sdxl_method, scorer):

@@ -12,7 +12,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 logger = logging.getLogger("easyref")
@@ -114,37 +116,181 @@ def _add_convert(bench_sub) -> None:
     p.set_defaults(func=cmd_convert)
 
 
+# ---------------------------------------------------------------------- limits and errors
+# Checked before anything loads; the bounds of `easyref generate` (cli.py), and one of the bench's own:
+# 10^6 samples per prompt would plan 10^6 images before the first one is made.
+MAX_SAMPLES = 100
+
+
+def _failure(message: str) -> Exception:
+    """An error that is not the user's (disk full, numbers overflowed): one line, exit 1."""
+    from ..cli import RunFailure
+
+    return RunFailure(message)
+
+
+# paths the user gave or can fix (permissions, a file where a folder belongs ...): exit 2; the rest
+# (a full disk, an I/O error) is not their mistake: exit 1
+_USER_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EEXIST,
+                          errno.ENAMETOOLONG, errno.ENOENT, errno.ELOOP})
+
+
+def _os_error(err: OSError) -> Exception:
+    from ..cli import UserError
+    from ..safe_io import describe_os_error
+
+    if err.errno in _USER_ERRNOS:
+        return UserError(describe_os_error(err))
+    return _failure(describe_os_error(err))
+
+
+@contextmanager
+def _one_line_errors(generating: bool = False):
+    """The bench modules' one-line errors as the command line's: a user's mistake exits 2, the rest 1."""
+    from ..cli import UserError
+    from ..images import ImageFileError
+    from ..safe_io import UnsafePathError
+    from .manifest import ManifestError
+    from .runner import RunError
+    from .sources import SourceError
+
+    try:
+        yield
+    except ManifestError as err:
+        raise UserError(err.one_line()) from None
+    except (RunError, ImageFileError, UnsafePathError, SourceError) as err:
+        raise UserError(" ".join(str(err).split())) from None
+    except OSError as err:
+        failure = _os_error(err)
+        if generating:  # the images made so far are kept: say so
+            failure = type(failure)(f"{failure}; run the same command again to resume where it stopped")
+        raise failure from None
+    except ValueError as err:
+        if not generating:
+            raise
+        # what the method refused although the up-front checks passed (its own rules): one line
+        raise UserError(f"generation refused: {_first_line(err)}") from None
+    except RuntimeError as err:
+        if type(err).__name__ != "NonFiniteOutputError":
+            raise
+        raise _failure(_first_line(err)) from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _check_device(name: str | None) -> None:
+    from ..cli import UserError
+
+    if name is None:
+        return
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"unknown --device {name!r} (use e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} asked for, but no CUDA GPU is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def _check_run_args(args) -> None:
+    """The settings, with the bounds and words of `easyref generate`."""
+    from ..cli import (
+        MAX_GUIDANCE,
+        MAX_PIXELS,
+        MAX_PROMPT_CHARS,
+        MAX_SCALE,
+        MAX_SEED,
+        MAX_SIDE,
+        MAX_STEPS,
+        UserError,
+        _check_finite_range,
+        _check_range,
+    )
+
+    _check_range("--steps", args.steps, 1, MAX_STEPS)
+    _check_range("--samples", args.samples, 1, MAX_SAMPLES)
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and (value % 8 or not 8 <= value <= MAX_SIDE):
+            raise UserError(f"{flag} must be a multiple of 8 between 8 and {MAX_SIDE}, got {value}")
+    if args.height and args.width and args.height * args.width > MAX_PIXELS:
+        raise UserError(f"--height x --width is {args.height * args.width} pixels; at most {MAX_PIXELS} "
+                        "(2048 x 2048) are allowed")
+    _check_finite_range("--guidance", args.guidance, 0.0, MAX_GUIDANCE)
+    _check_finite_range("--scale", args.scale, 0.0, MAX_SCALE)
+    _check_range("--seed", args.seed, 0, MAX_SEED)
+    if args.negative_prompt is not None and len(args.negative_prompt) > MAX_PROMPT_CHARS:
+        raise UserError(f"--negative-prompt is {len(args.negative_prompt)} characters long; "
+                        f"at most {MAX_PROMPT_CHARS} characters are read")
+    _check_device(args.device)
+
+
 # ---------------------------------------------------------------------- commands
 def _load_items(args):
     from ..cli import UserError
-    from .manifest import ManifestError, load_manifest
+    from .manifest import ManifestError, check_images, load_manifest
 
+    if args.limit is not None and args.limit < 1:
+        raise UserError("--limit must be >= 1")
     try:
         items = load_manifest(args.manifest, root=args.root, allow_outside_root=args.allow_outside_root)
     except FileNotFoundError:
         raise UserError(f"--manifest: no such file {args.manifest}") from None
     except ManifestError as err:
-        raise UserError(str(err)) from None
+        raise UserError(err.one_line()) from None
     if args.split:
         items = [i for i in items if i.split == args.split]
     if args.limit is not None:
-        if args.limit < 1:
-            raise UserError("--limit must be >= 1")
         items = items[: args.limit]
     if not items:
         raise UserError(f"no groups in {args.manifest}" + (f" with split {args.split}" if args.split else ""))
+    with _one_line_errors():
+        check_images(items, args.manifest)  # the images of the groups to be used: before any model loads
     return items
 
 
-def _scorer(args, state):
+def _check_sources(args, scoring: bool) -> dict:
+    """Every model folder or hub id of this command, before any loads (a hub that cannot be reached
+    fails here at once, not after a minute of retries)."""
+    from ..cli import UserError
+    from .sources import check_source
+
+    sources = {}
+    with _one_line_errors():
+        if getattr(args, "base", None) is not None:
+            sources["base"] = check_source(args.base, "--base", "model_index.json")
+            if args.method == "easyref":
+                if args.mllm:
+                    sources["mllm"] = check_source(args.mllm, "--mllm")
+                if args.adapter and not Path(args.adapter).expanduser().exists():
+                    raise UserError(f"--adapter {args.adapter}: no such file or folder")
+            elif args.method.startswith("ip-adapter"):
+                weights = "/".join(x for x in (args.ip_adapter_subfolder, args.ip_adapter_weights) if x)
+                sources["ip_adapter"] = check_source(args.ip_adapter, "--ip-adapter", weights)
+        if scoring:
+            sources["clip"] = check_source(args.clip, "--clip")
+            sources["dino"] = check_source(args.dino, "--dino")
+    return sources
+
+
+def _scorer(args, state, sources: dict):
     from ..cli import UserError
     from .metrics import FeatureModels
 
+    # folders and cached hub ids load without the network: no update checks, nothing to retry
+    offline = {"local_files_only": True} if sources["clip"].offline_ok and sources["dino"].offline_ok else {}
     try:
-        return FeatureModels.from_pretrained(clip=args.clip, dino=args.dino, device=args.device or state.device)
-    except OSError as err:
+        return FeatureModels.from_pretrained(clip=args.clip, dino=args.dino, device=args.device or state.device,
+                                             **offline)
+    except Exception as err:  # a folder that is not the model: OSError, ValueError, KeyError ... one line
         raise UserError(f"could not load the metric models (--clip {args.clip}, --dino {args.dino}): "
-                        f"{str(err).splitlines()[0]}") from None
+                        f"{_first_line(err)}") from None
 
 
 def _method(args, device):
@@ -160,62 +306,163 @@ def _method(args, device):
                        weight_name=args.ip_adapter_weights, scale=args.scale)
     try:
         return load_method(args.method, **options)
-    except (OSError, ValueError) as err:
-        raise UserError(f"could not load {args.method}: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # a folder that is not the model: OSError, ValueError, KeyError ... one line
+        raise UserError(f"could not load {args.method}: {_first_line(err)}") from None
+
+
+def _check_groups(method, items, manifest) -> None:
+    """What the method would refuse mid-run (the MLLM's control tokens in a prompt, too many
+    references), refused before the first image: the rules and words of `easyref generate`."""
+    from ..cli import UserError
+    from .manifest import image_size
+    from .methods import check_group
+
+    for item in items:
+        try:
+            sizes = [image_size(p) for p in item.references]
+            check_group(method, sizes, item.prompts, f"group {item.id!r}")
+        except ValueError as err:
+            raise UserError(f"manifest {manifest}: {_first_line(err)}") from None
 
 
 def _settings(args):
-    from ..cli import UserError
     from ..config import DEFAULT_NEGATIVE_PROMPT
     from .methods import GenerationSettings
 
-    if args.steps < 1 or args.samples < 1:
-        raise UserError("--steps and --samples must be >= 1")
     negative = DEFAULT_NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt
     return GenerationSettings(steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
                               seed=args.seed, negative_prompt=negative)
 
 
+@contextmanager
+def _locked_run_folder(out: Path, main_process: bool):
+    """Hold the run folder for the whole command (the main process; the others follow its barrier).
+
+    A second command on the same folder is refused at once (exit 2: two commands writing one folder is
+    the user's mistake to fix). Temporary files a killed run left are removed under the lock. A folder
+    this command created is removed again if it fails before writing anything but the lock.
+    """
+    from ..cli import UserError
+    from ..safe_io import LockedError, RunLock, UnsafePathError
+    from .runner import clean_run_temps
+
+    if not main_process:
+        yield
+        return
+    created = [p for p in (out, *out.parents) if not p.exists()]
+    lock = RunLock(out, "run folder")
+    try:
+        lock.__enter__()
+    except LockedError as err:
+        raise UserError(f"{err}; wait for it to finish, or use another --out") from None
+    except UnsafePathError as err:
+        raise UserError(str(err)) from None
+    except OSError as err:
+        raise UserError(f"cannot use --out {out}: {_first_line(_os_error(err))}") from None
+    try:
+        clean_run_temps(out)
+        yield
+    except BaseException:
+        if created:
+            _remove_if_untouched(out, created)
+        raise
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _remove_if_untouched(out: Path, created: list[Path]) -> None:
+    from ..safe_io import LOCK_NAME
+
+    try:
+        if {p.name for p in out.iterdir()} <= {LOCK_NAME}:
+            (out / LOCK_NAME).unlink(missing_ok=True)
+            for folder in created:  # innermost first
+                folder.rmdir()
+    except OSError:
+        pass  # someone else put something there meanwhile: leave it
+
+
 def cmd_run(args) -> int:
     from accelerate import PartialState
 
-    from ..cli import UserError
-    from .runner import RunError, run_bench, settings_header, start_run
+    from .runner import (
+        check_item_names,
+        check_run_folder,
+        check_run_header,
+        check_run_paths,
+        plan,
+        run_bench,
+        settings_header,
+        shard,
+        start_run,
+    )
 
-    state = PartialState()
+    _check_run_args(args)
+    state = PartialState(cpu=args.device == "cpu")  # `--device cpu` under torchrun: gloo on the CPU
     items = _load_items(args)
     settings = _settings(args)
-    method = _method(args, args.device or state.device)
-    try:
-        start_run(args.out, settings_header(method, settings, args.manifest, args.samples), state.is_main_process)
-    except RunError as err:
-        raise UserError(str(err)) from None
-    state.wait_for_everyone()
-    scorer = None if args.no_score else _scorer(args, state)
-    made = run_bench(items, method, settings, args.out, args.samples, scorer, state.process_index,
-                     state.num_processes, progress=state.is_local_main_process)
-    logger.info("process %d made %d images", state.process_index, made)
-    return _finish(args.out, state, scored=scorer is not None)
+    sources = _check_sources(args, scoring=not args.no_score)
+    out, rank, world = args.out, state.process_index, state.num_processes
+    with _one_line_errors():
+        check_item_names(items)
+        check_run_folder(out)
+        units = [u for units in shard(plan(items, args.samples, settings.seed), rank, world) for u in units]
+        check_run_paths(out, units, rank, world)
+        # a damaged run.json, or one of other settings, is refused before anything loads
+        check_run_header(out, settings_header(None, settings, args.manifest, args.samples))
+    with _locked_run_folder(out, state.is_main_process):
+        method = _method(args, args.device or state.device)
+        _check_groups(method, items, args.manifest)
+        scorer = None if args.no_score else _scorer(args, state, sources)
+        with _one_line_errors():
+            start_run(out, settings_header(method, settings, args.manifest, args.samples), state.is_main_process)
+        state.wait_for_everyone()
+        with _one_line_errors(generating=True):
+            made = run_bench(items, method, settings, out, args.samples, scorer, rank, world,
+                             progress=state.is_local_main_process)
+        logger.info("process %d made %d images", rank, made)
+        return _finish(out, state, scored=scorer is not None)
 
 
 def cmd_score(args) -> int:
     from accelerate import PartialState
 
     from ..cli import UserError
-    from .runner import RunError, score_folder
+    from .manifest import image_problem
+    from .runner import (
+        check_item_names,
+        check_run_folder,
+        check_run_paths,
+        discover_images,
+        score_folder,
+        shard,
+        source_image,
+    )
 
-    state = PartialState()
+    _check_device(args.device)
+    state = PartialState(cpu=args.device == "cpu")  # `--device cpu` under torchrun: gloo on the CPU
     items = _load_items(args)
     if not args.images.is_dir():
         raise UserError(f"--images: no such folder {args.images}")
-    scorer = _scorer(args, state)
-    args.out.mkdir(parents=True, exist_ok=True)
-    try:
-        score_folder(items, args.images, args.out, scorer, args.method_name, state.process_index,
-                     state.num_processes, progress=state.is_local_main_process)
-    except RunError as err:
-        raise UserError(str(err)) from None
-    return _finish(args.out, state, scored=True)
+    out, rank, world = args.out, state.process_index, state.num_processes
+    with _one_line_errors():
+        check_item_names(items)
+        found = discover_images(items, args.images)
+        mine = shard(found, rank, world)
+        bad = [why for why in (image_problem(source_image(args.images, u)) for u in mine) if why]
+        if bad:
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise UserError(f"--images: {bad[0]}{more}")
+        check_run_folder(out)
+        check_run_paths(out, mine, rank, world, sheets=False)
+    sources = _check_sources(args, scoring=True)
+    with _locked_run_folder(out, state.is_main_process):
+        scorer = _scorer(args, state, sources)
+        state.wait_for_everyone()
+        with _one_line_errors():
+            score_folder(items, args.images, out, scorer, args.method_name, rank, world,
+                         progress=state.is_local_main_process, found=found)
+        return _finish(out, state, scored=True)
 
 
 def _finish(out: Path, state, scored: bool) -> int:
@@ -223,34 +470,49 @@ def _finish(out: Path, state, scored: bool) -> int:
 
     state.wait_for_everyone()
     if state.is_main_process and scored:
-        write_summary(out)
+        with _one_line_errors():
+            write_summary(out)
         print((out / "summary.md").read_text(), end="")
     return 0
 
 
 def cmd_table(args) -> int:
     from ..cli import UserError
+    from ..safe_io import atomic_write_text
     from .runner import read_records, summarize, summary_tables
 
+    if args.out is not None:
+        if args.out.suffix.lower() != ".md":
+            raise UserError(f"--out must end in .md (a .csv is written beside it), got {args.out}")
+        for path in (args.out, args.out.with_suffix(".csv")):
+            if path.is_dir():
+                raise UserError(f"--out: {path} is a folder; give a file name")
     records = []
     for run in args.runs:
-        found = read_records(run) if run.is_dir() else {}
+        with _one_line_errors():
+            found = read_records(run) if run.is_dir() else {}
         if not found:
             raise UserError(f"{run}: no records (not a `bench run` folder, or nothing finished yet)")
         records.extend(found.values())
     markdown, table = summary_tables(summarize(records))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(markdown)
-        args.out.with_suffix(".csv").write_text(table)
+        with _one_line_errors():
+            atomic_write_text(args.out, markdown)
+            atomic_write_text(args.out.with_suffix(".csv"), table)
     print(markdown, end="")
     return 0
 
 
 def cmd_convert(args) -> int:
     from ..cli import UserError
+    from ..safe_io import UnsafePathError
     from .manifest import ManifestError, manifest_from_coco, manifest_from_folders
 
+    if args.kind == "coco":
+        if args.limit is not None and args.limit < 1:
+            raise UserError("--limit must be >= 1")
+        if args.captions_per_image < 1:
+            raise UserError("--captions-per-image must be >= 1")
     try:
         if args.kind == "folders":
             items = manifest_from_folders(args.root, out=args.out, split=args.split, domain=args.domain)
@@ -260,6 +522,10 @@ def cmd_convert(args) -> int:
     except FileNotFoundError as err:
         raise UserError(f"no such file or folder: {err.filename}") from None
     except ManifestError as err:
+        raise UserError(err.one_line()) from None
+    except UnsafePathError as err:
         raise UserError(str(err)) from None
+    except OSError as err:  # writing OUT: a folder in the way, permissions, a full disk
+        raise _os_error(err) from None
     logger.info("wrote %d groups to %s", len(items), args.out)
     return 0

@@ -20,11 +20,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..images import ImageFileError, open_image, open_regular, verify_image
+from ..safe_io import JSONFileError, atomic_write_text, parse_json
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +40,13 @@ PROMPTS_FILE = "prompts.txt"
 _KNOWN_KEYS = frozenset({"id", "domain", "split", "references", "target", "prompts", "prompt"})
 # Beyond this many lines the message stops being readable; the count in the summary still says all.
 _MAX_LISTED_PROBLEMS = 20
+# The one-line form (what the command line prints) lists fewer.
+_MAX_INLINE_PROBLEMS = 5
+# Values quoted in messages are cut to this many characters (a manifest may hold megabytes in one field).
+_MAX_QUOTED = 80
+# Formats whose PIL `verify` reads the whole file (PNG checks every chunk's CRC; WebP decodes on open);
+# any other format is decoded in full by `check_images` to find truncation.
+_VERIFY_READS_ALL = frozenset({"PNG", "WEBP"})
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,31 @@ class ManifestError(ValueError):
         self.source = str(source)
         self.problems = list(problems)
         super().__init__(_format_problems(self.source, self.problems))
+
+    def one_line(self) -> str:
+        """The same report on one line (the command line's rule: one line per error), shortened."""
+        count = len(self.problems)
+        shown = "; ".join(" ".join(p.split()) for p in self.problems[:_MAX_INLINE_PROBLEMS])
+        more = f"; ... and {count - _MAX_INLINE_PROBLEMS} more" if count > _MAX_INLINE_PROBLEMS else ""
+        return f"manifest {self.source}: {count} problem{'' if count == 1 else 's'}: {shown}{more}"
+
+
+def _is_text(value) -> bool:
+    """A non-empty string of valid Unicode (JSON's \\ud800 escapes can make lone surrogates, which no
+    file, tokenizer or UTF-8 writer accepts)."""
+    if not isinstance(value, str) or not value.strip():
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _short(value) -> str:
+    """repr of a value from a user's file, cut to a readable length."""
+    text = repr(value)
+    return text if len(text) <= _MAX_QUOTED else text[: _MAX_QUOTED - 3] + "..."
 
 
 def _format_problems(source: str, problems: Sequence[str]) -> str:
@@ -83,12 +117,21 @@ def _resolve_inside(
         candidate = Path(raw)
         resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
     except (OSError, ValueError, RuntimeError) as err:
-        return None, f"unusable path {raw!r}: {err}"
+        return None, f"unusable path {_short(raw)}: {err}"
     # Checked before touching the file, so that a manifest cannot make us stat arbitrary locations.
     if not allow_outside_root and not resolved.is_relative_to(root):
-        return None, f"path {raw!r} resolves outside the root {root}"
-    if check_files and not resolved.is_file():
-        return None, f"image file not found: {raw!r} ({resolved})"
+        return None, f"path {_short(raw)} resolves outside the root {root}"
+    if check_files:
+        try:
+            found = resolved.is_file()
+        except OSError as err:  # a name too long for the file system, and the like
+            return None, f"unusable path {_short(raw)}: {err.strerror or err}"
+        if not found:
+            if resolved.is_dir():
+                return None, f"{_short(raw)} is a folder, not an image file ({resolved})"
+            if resolved.exists():
+                return None, f"{_short(raw)} is not a regular file (a pipe, device or socket: {resolved})"
+            return None, f"image file not found: {_short(raw)} ({resolved})"
     return resolved, None
 
 
@@ -105,8 +148,8 @@ def _relative_text(path: Path, root: Path) -> str:
 
 def _check_text(record: dict, key: str, default: str, problems: list[str], where: str) -> str:
     value = record.get(key, default)
-    if not isinstance(value, str) or not value.strip():
-        problems.append(f"{where}: {key!r} must be a non-empty string, got {value!r}")
+    if not _is_text(value):
+        problems.append(f"{where}: {key!r} must be a non-empty string of valid Unicode, got {_short(value)}")
         return default
     return value
 
@@ -117,8 +160,8 @@ def _check_prompts(record: dict, problems: list[str], where: str) -> tuple[str, 
         return ()
     if "prompt" in record:
         value = record["prompt"]
-        if not isinstance(value, str) or not value.strip():
-            problems.append(f"{where}: 'prompt' must be a non-empty string, got {value!r}")
+        if not _is_text(value):
+            problems.append(f"{where}: 'prompt' must be a non-empty string of valid Unicode, got {_short(value)}")
             return ()
         return (value,)
     value = record.get("prompts")
@@ -126,11 +169,11 @@ def _check_prompts(record: dict, problems: list[str], where: str) -> tuple[str, 
         problems.append(f"{where}: missing 'prompts' (or 'prompt')")
         return ()
     if not isinstance(value, list) or not value:
-        problems.append(f"{where}: 'prompts' must be a non-empty list of strings, got {value!r}")
+        problems.append(f"{where}: 'prompts' must be a non-empty list of strings, got {_short(value)}")
         return ()
-    bad = [p for p in value if not isinstance(p, str) or not p.strip()]
+    bad = [p for p in value if not _is_text(p)]
     if bad:
-        problems.append(f"{where}: 'prompts' entries must be non-empty strings, got {bad!r}")
+        problems.append(f"{where}: 'prompts' entries must be non-empty strings of valid Unicode, got {_short(bad)}")
         return ()
     return tuple(value)
 
@@ -143,11 +186,11 @@ def _check_paths(
     if value is None:
         problems.append(f"{where}: missing 'references'")
     elif not isinstance(value, list) or not value:
-        problems.append(f"{where}: 'references' must be a non-empty list of paths, got {value!r}")
+        problems.append(f"{where}: 'references' must be a non-empty list of paths, got {_short(value)}")
     else:
         for i, raw in enumerate(value):
             if not isinstance(raw, str):
-                problems.append(f"{where}: references[{i}] must be a string path, got {raw!r}")
+                problems.append(f"{where}: references[{i}] must be a string path, got {_short(raw)}")
                 continue
             path, why = _resolve_inside(raw, root, allow_outside_root, check_files)
             if why:
@@ -158,7 +201,7 @@ def _check_paths(
     raw_target = record.get("target")
     if raw_target is not None:
         if not isinstance(raw_target, str):
-            problems.append(f"{where}: 'target' must be a string path or null, got {raw_target!r}")
+            problems.append(f"{where}: 'target' must be a string path or null, got {_short(raw_target)}")
         else:
             target, why = _resolve_inside(raw_target, root, allow_outside_root, check_files)
             if why:
@@ -172,14 +215,14 @@ def _parse_record(
     before = len(problems)
     unknown = sorted(set(record) - _KNOWN_KEYS)
     if unknown:
-        problems.append(f"{where}: unknown key(s) {unknown}; allowed: {sorted(_KNOWN_KEYS)}")
+        problems.append(f"{where}: unknown key(s) {_short(unknown)}; allowed: {sorted(_KNOWN_KEYS)}")
     item_id = record.get("id")
-    if not isinstance(item_id, str) or not item_id.strip():
-        problems.append(f"{where}: 'id' must be a non-empty string, got {item_id!r}")
+    if not _is_text(item_id):
+        problems.append(f"{where}: 'id' must be a non-empty string of valid Unicode, got {_short(item_id)}")
     domain = _check_text(record, "domain", DEFAULT_DOMAIN, problems, where)
     split = record.get("split", DEFAULT_SPLIT)
     if split not in SPLITS:
-        problems.append(f"{where}: 'split' must be one of {list(SPLITS)}, got {split!r}")
+        problems.append(f"{where}: 'split' must be one of {list(SPLITS)}, got {_short(split)}")
     references, target = _check_paths(record, root, allow_outside_root, check_files, problems, where)
     prompts = _check_prompts(record, problems, where)
     if len(problems) > before:
@@ -200,10 +243,7 @@ def load_manifest(
     """
     path = Path(path)
     root = (Path(root) if root is not None else path.parent).resolve()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ManifestError(path, [f"{path}: not UTF-8 text: {err}"]) from None
+    text = read_text_file(path, "manifest")
     problems: list[str] = []
     items: list[BenchItem] = []
     first_line_of: dict[str, int] = {}
@@ -216,6 +256,9 @@ def load_manifest(
             record = json.loads(line)
         except json.JSONDecodeError as err:
             problems.append(f"{where}: invalid JSON: {err.msg} (column {err.colno})")
+            continue
+        except RecursionError:
+            problems.append(f"{where}: invalid JSON: nested too deeply")
             continue
         if not isinstance(record, dict):
             problems.append(f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -233,8 +276,86 @@ def load_manifest(
         problems.append(f"{path}: the manifest has no groups")
     if problems:
         raise ManifestError(path, problems)
-    logger.info("Loaded %d groups from %s (root %s)", len(items), path, root)
+    logger.debug("Loaded %d groups from %s (root %s)", len(items), path, root)
     return items
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """A user's UTF-8 text file (a BOM is allowed); anything else, a pipe or a folder included, is a
+    one-problem ManifestError, never a hang. FileNotFoundError passes through for the caller to word."""
+    path = Path(path)
+    try:
+        missing = not path.exists() and not path.is_symlink()
+    except OSError as err:  # a name too long for the file system, and the like
+        raise ManifestError(path, [f"{path}: cannot read the {what} ({err.strerror or err})"]) from None
+    if missing:
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+    try:
+        with open_regular(path) as handle:
+            data = handle.read()
+    except ImageFileError as err:  # open_regular's one-line reasons (not a regular file, cannot open)
+        raise ManifestError(path, [str(err).replace(" an image file", " a file")]) from None
+    except OSError as err:
+        raise ManifestError(path, [f"{path}: cannot read the {what} ({err.strerror or err})"]) from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        why = f"{path}: the {what} is not UTF-8 text ({err.reason} at byte {err.start})"
+        raise ManifestError(path, [why]) from None
+
+
+def check_images(items: Sequence[BenchItem], source: str | os.PathLike) -> None:
+    """Every reference and target must be an image that decodes: refused up front, before any model loads.
+
+    Cheap: PIL's `verify` for PNG and WebP (it reads the whole file); other formats (JPEG, BMP, ...),
+    whose `verify` reads only the header, are decoded in full (a few ms each).
+    """
+    problems: list[str] = []
+    seen: set[Path] = set()
+    for item in items:
+        for path in (*item.references, *((item.target,) if item.target else ())):
+            if path in seen:
+                continue
+            seen.add(path)
+            why = image_problem(path)
+            if why:
+                problems.append(f"group {_short(item.id)}: {why}")
+    if problems:
+        raise ManifestError(source, problems)
+
+
+def image_problem(path: Path) -> str | None:
+    """None if `path` is a complete image file, else why not (one line naming the file)."""
+    try:
+        verify_image(path)
+        if _format(path) not in _VERIFY_READS_ALL:
+            open_image(path)
+    except ImageFileError as err:
+        return str(err)
+    return None
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) as stored, from the header alone (an EXIF turn swaps them; ratios do not care)."""
+    from PIL import Image
+
+    try:
+        with open_regular(path) as handle, Image.open(handle) as image:
+            return image.size
+    except ImageFileError:
+        raise
+    except Exception as err:  # PIL's many exception types for a header it cannot read
+        raise ImageFileError(f"{path} is not an image PIL can read ({type(err).__name__})") from None
+
+
+def _format(path: Path) -> str | None:
+    from PIL import Image
+
+    try:
+        with open_regular(path) as handle, Image.open(handle) as image:
+            return image.format
+    except Exception:  # verify_image has just read it; a file that changed since is decoded in full
+        return None
 
 
 def _item_record(item: BenchItem, root: Path) -> dict:
@@ -250,21 +371,6 @@ def _item_record(item: BenchItem, root: Path) -> dict:
     return record
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Readers never see a half-written manifest: write beside the destination, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
 def write_manifest(items: Iterable[BenchItem], path: str | os.PathLike, root: str | os.PathLike) -> Path:
     """Write `items` as JSON Lines with paths relative to `root` (absolute where outside it)."""
     path, root = Path(path), Path(root).resolve()
@@ -275,7 +381,8 @@ def write_manifest(items: Iterable[BenchItem], path: str | os.PathLike, root: st
     if duplicates:
         raise ManifestError(path, [f"duplicate id {d!r}" for d in duplicates])
     lines = [json.dumps(_item_record(item, root), ensure_ascii=False) for item in items]
-    _atomic_write_text(path, "".join(line + "\n" for line in lines))
+    # readers never see a half-written manifest: a unique temporary name beside it, then a rename
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
     logger.info("Wrote %d groups to %s (root %s)", len(items), path, root)
     return path
 
@@ -288,7 +395,7 @@ def _is_image(path: Path) -> bool:
 
 
 def _read_prompts_file(path: Path) -> list[str]:
-    lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+    lines = (line.strip() for line in read_text_file(path, "prompts file").splitlines())
     return [line for line in lines if line and not line.startswith("#")]
 
 
@@ -321,7 +428,11 @@ def _group_from_folder(folder: Path, root: Path, split: str, domain: str, proble
     if not prompts_path.is_file():
         problems.append(f"{folder}: missing {PROMPTS_FILE}")
     else:
-        prompts = _read_prompts_file(prompts_path)
+        try:
+            prompts = _read_prompts_file(prompts_path)
+        except ManifestError as err:
+            problems.extend(err.problems)
+            return None
         if not prompts:
             problems.append(f"{prompts_path}: no prompts (blank and '#' lines are ignored)")
     if len(problems) > before:
@@ -359,32 +470,39 @@ def manifest_from_folders(
     domain = domain or DEFAULT_DOMAIN
     problems: list[str] = []
     items: list[BenchItem] = []
+    inputs: list[Path] = []
     first_folder_of: dict[str, Path] = {}
     for folder, group_split in _split_folders(root, split, problems):
         if folder.name in first_folder_of:
             problems.append(f"{folder}: duplicate id {folder.name!r} (also {first_folder_of[folder.name]})")
             continue
         first_folder_of[folder.name] = folder
+        inputs.append(folder / PROMPTS_FILE)
         item = _group_from_folder(folder, root, group_split, domain, problems)
         if item is not None:
             items.append(item)
-    logger.info("Found %d groups under %s", len(items), root)
-    return _finish_conversion(items, problems, root, f"{root}: no group folders", out, root)
+    logger.debug("Found %d groups under %s", len(items), root)
+    return _finish_conversion(items, problems, root, f"{root}: no group folders", out, root, inputs)
 
 
 # -------------------------------------------------------------------------------------- COCO converter
 
 
 def _read_coco(captions_json: Path) -> tuple[dict[int, str], dict[int, list[str]]]:
+    text = read_text_file(captions_json, "captions file")
     try:
-        data = json.loads(captions_json.read_text(encoding="utf-8"))
+        data = parse_json(text, str(captions_json))
+    except JSONFileError as err:
+        raise ManifestError(captions_json, [str(err)]) from None
+    try:
         files = {int(image["id"]): str(image["file_name"]) for image in data["images"]}
         captions: dict[int, list[str]] = {}
         for annotation in data["annotations"]:
             captions.setdefault(int(annotation["image_id"]), []).append(str(annotation["caption"]).strip())
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as err:
+        detail = " ".join(str(err).split())[:_MAX_QUOTED]
         raise ManifestError(
-            captions_json, [f"{captions_json}: not a COCO captions file: {type(err).__name__}: {err}"]
+            captions_json, [f"{captions_json}: not a COCO captions file: {type(err).__name__}: {detail}"]
         ) from None
     return files, captions
 
@@ -415,20 +533,43 @@ def manifest_from_coco(
         path, why = _resolve_inside(files[image_id], root, allow_outside_root=False, check_files=True)
         if why:
             problems.append(f"{where}: {why}")
-        prompts = [c for c in captions.get(image_id, []) if c][:captions_per_image]
+        prompts = [c for c in captions.get(image_id, []) if _is_text(c)][:captions_per_image]
         if not prompts:
             problems.append(f"{where}: no captions")
         if path is not None and prompts:
             items.append(BenchItem(str(image_id), "coco", "held-in", (path,), path, tuple(prompts)))
-    logger.info("Built %d COCO items from %s", len(items), captions_json)
-    return _finish_conversion(items, problems, captions_json, f"{captions_json}: no images", out, root)
+    logger.debug("Built %d COCO items from %s", len(items), captions_json)
+    return _finish_conversion(items, problems, captions_json, f"{captions_json}: no images", out, root,
+                              [captions_json])
+
+
+def _item_files(item: BenchItem) -> tuple[Path, ...]:
+    return (*item.references, *((item.target,) if item.target else ()))
+
+
+def _output_problems(out: Path, inputs: Sequence[Path]) -> list[str]:
+    if out.is_dir():
+        return [f"{out} is a folder; give the manifest's file name"]
+    if not out.exists():
+        return []
+    for source in inputs:
+        try:
+            if out.samefile(source):
+                return [f"{out} is one of the inputs ({source}); writing the manifest there would destroy it"]
+        except OSError:
+            continue
+    return []
 
 
 def _finish_conversion(items: list[BenchItem], problems: list[str], source, empty: str,
-                       out: str | os.PathLike | None, root: Path) -> list[BenchItem]:
-    """What every converter ends with: report all problems (an empty result is one), else write and return."""
+                       out: str | os.PathLike | None, root: Path, inputs: Sequence[Path] = ()) -> list[BenchItem]:
+    """What every converter ends with: report all problems (an empty result is one), else write and return.
+
+    The output may replace an older manifest, never one of the files it was built from."""
     if not problems and not items:
         problems.append(empty)
+    if out is not None:
+        problems.extend(_output_problems(Path(out), [*inputs, *(p for i in items for p in _item_files(i))]))
     if problems:
         raise ManifestError(source, problems)
     if out is not None:

@@ -35,6 +35,7 @@ from . import (  # noqa: F401  (METHOD_NAMES is part of this module's interface)
 logger = logging.getLogger(__name__)
 
 IP_ADAPTER_MODES = ("mean", "concat")
+UNTRAINED_SEED = 0  # the random reference path of `easyref` without an adapter checkpoint
 
 
 @dataclass
@@ -166,9 +167,13 @@ class EasyRefMethod:
         self.base, self.mllm, self.adapter, self.scale = str(base), mllm, adapter, float(scale)
         if adapter is None:
             logger.warning("easyref method without an adapter checkpoint: its reference path is untrained")
-        pipe = EasyRefPipeline.from_pretrained(
-            base, mllm=mllm, adapter=adapter, dtype=self.dtype, config_overrides=config_overrides
-        )
+        # without a checkpoint the reference path starts from random weights: drawn from a fixed seed, so
+        # every process of a sharded or resumed run has the same ones (the global RNG is left as it was)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(UNTRAINED_SEED)
+            pipe = EasyRefPipeline.from_pretrained(
+                base, mllm=mllm, adapter=adapter, dtype=self.dtype, config_overrides=config_overrides
+            )
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(self.device)
         logger.info("loaded easyref from %s (mllm %s, adapter %s)", base, self.pipe.easyref_config.mllm, adapter)
@@ -184,6 +189,29 @@ class EasyRefMethod:
             "dtype": str(self.dtype).removeprefix("torch."),
             "easyref_config": self.pipe.easyref_config.to_dict(),
         }
+
+    def check_group(self, reference_sizes: Sequence[tuple[int, int]], prompts: Sequence[str],
+                    what: str = "group") -> None:
+        """Refuse, before anything is generated, a group the pipeline would refuse mid-run: a prompt with
+        the MLLM's control tokens or too many tokens (`prompting.check_prompt`, as `generate` does), more
+        references than the checkpoint allows, or a reference Qwen2-VL cannot resize (aspect ratio past
+        200:1). One ValueError, one line."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        from ..config import PATCH_FACTOR
+        from ..prompting import check_prompt
+
+        tokenizer = self.pipe.reference_encoder.tokenizer
+        for i, prompt in enumerate(prompts):
+            check_prompt(prompt, tokenizer, f"{what} prompt {i}")
+        limit = self.pipe.easyref_config.max_references
+        if len(reference_sizes) > limit:
+            raise ValueError(f"{what} has {len(reference_sizes)} reference images; at most {limit} are allowed")
+        for i, (width, height) in enumerate(reference_sizes):
+            try:
+                smart_resize(height, width, factor=PATCH_FACTOR)  # the resize rule of `prompting.normalize_image`
+            except ValueError as err:
+                raise ValueError(f"{what} reference {i} ({width} x {height} px): {err}") from None
 
     def generate(self, references, prompts, seeds, settings: GenerationSettings) -> list[Image.Image]:
         references, prompts, seeds = check_request(references, prompts, seeds)
@@ -350,6 +378,15 @@ def _clip_processor(size: int):
     from transformers import CLIPImageProcessorPil
 
     return CLIPImageProcessorPil(size=size, crop_size=size)
+
+
+def check_group(method, reference_sizes: Sequence[tuple[int, int]], prompts: Sequence[str],
+                what: str = "group") -> None:
+    """What `method` would refuse in a group (references as (width, height)), refused before any
+    generation; methods without such limits pass everything."""
+    check = getattr(method, "check_group", None)
+    if check is not None:
+        check(reference_sizes, prompts, what)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from easyref.train.data import load_image, to_rgb
+from easyref.images import open_image, to_rgb
 
 from . import DEFAULT_CLIP, DEFAULT_DINO
 
@@ -201,13 +201,13 @@ class FeatureModels:
 
     def embed_image_files(self, paths: Sequence[str | Path]) -> ImageEmbeddings:
         """Embeddings of image files, cached by resolved path so a group's references (and targets)
-        are embedded once however many methods and seeds are scored against them."""
+        are embedded once however many methods and seeds are scored against them; each file alone."""
         keys = [str(Path(p).resolve()) for p in paths]
         missing = list(dict.fromkeys(k for k in keys if k not in self._reference_cache))
-        if missing:
-            fresh = self.embed_images([load_image(k) for k in missing])
-            for i, key in enumerate(missing):
-                self._reference_cache[key] = ImageEmbeddings(fresh.clip[i : i + 1], fresh.dino[i : i + 1])
+        for key in missing:
+            # one file per call: an embedding depends on its image only, not on which other files happened
+            # to be missing with it (else a resumed run, which starts with another cache, scores differently)
+            self._reference_cache[key] = self.embed_images([open_image(key)])
         rows = [self._reference_cache[k] for k in keys]
         return ImageEmbeddings(torch.cat([r.clip for r in rows]), torch.cat([r.dino for r in rows]))
 

@@ -8,9 +8,17 @@ A run folder holds:
 - `summary.md`, `summary.csv`, `summary.json`: the paper's table, one row per split.
 
 Resuming: an image counts as done when its record exists and its file is there, so a crash at any
-point costs at most the group in flight. Sharding: process r of w takes items r, r+w, ...; every
-process reads every records file, so the merged summary does not depend on how the work was split.
-Seeds come from (seed, item id, prompt, sample), the same for every method and every split of work.
+point costs at most the image in flight. Every image is generated alone (one prompt and seed per call),
+so it depends on its seed, prompt and references only, never on which others shared its batch: a
+resumed run makes exactly the pixels an uninterrupted one would. Sharding: process r of w takes items
+r, r+w, ...; every process reads every records file, so the merged summary does not depend on how
+the work was split. Seeds come from (seed, item id, prompt, sample), the same for every method and
+every split of work.
+
+Safety: one process per run folder (the command holds `safe_io.RunLock`); every file is written under
+a unique temporary name and renamed (temporary files of a killed run are removed by the next one);
+nothing is written through a symlink planted in the folder; a run folder's `run.json` that cannot be
+read is refused, never replaced.
 """
 
 from __future__ import annotations
@@ -29,6 +37,17 @@ from typing import Iterable, Sequence
 
 from PIL import Image
 
+from ..images import ImageFileError, open_image, open_regular, to_rgb
+from ..safe_io import (
+    LOCK_NAME,
+    TEMP_SUFFIX,
+    JSONFileError,
+    atomic_write_bytes,
+    atomic_write_text,
+    check_no_symlink,
+    clean_stale_temps,
+    parse_json,
+)
 from .manifest import BenchItem
 
 logger = logging.getLogger(__name__)
@@ -38,6 +57,12 @@ METRIC_COLUMNS = (
     ("clip_i_target", "CLIP-I (target)"), ("dino_i_target", "DINO-I (target)"),
 )
 SHEET_TILE = 192
+RUN_FILE = "run.json"
+SUMMARY_FILES = ("summary.md", "summary.csv", "summary.json")
+_RECORDS = re.compile(r"records-r\d+w\d+\.jsonl")
+# the top-level names a run folder may hold besides records files and temporary files
+_RUN_NAMES = frozenset({RUN_FILE, "images", "sheets", LOCK_NAME, *SUMMARY_FILES})
+_IMAGE_PATH = re.compile(r"images/[A-Za-z0-9_-][A-Za-z0-9._-]*/p\d+-s\d+\.png")  # as `Unit.image` makes them
 
 
 class RunError(ValueError):
@@ -94,21 +119,53 @@ def shard(groups: Sequence, rank: int, world: int) -> list:
 
 # ---------------------------------------------------------------------- records
 def read_records(out: Path) -> dict[str, dict]:
-    """Every finished image's record from every process's file; a torn last line is ignored."""
+    """Every finished image's record from every process's file; lines that are not whole records
+    (a line cut short by a crash, or anything else) are ignored, so their images are simply made again."""
     records = {}
     for path in sorted(out.glob("records-*.jsonl")):
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash: its image is simply made again
-            if (out / record["image"]).is_file():
+        for line in _read_text(path).splitlines():
+            record = _parse_record(line)
+            if record is not None and (out / record["image"]).is_file():
                 records[record["key"]] = record
     return records
 
 
-def append_record(path: Path, record: dict) -> None:
-    with open(path, "a+b") as f:
+def _read_text(path: Path) -> str:
+    try:
+        with open_regular(path) as handle:
+            return handle.read().decode("utf-8", errors="replace")
+    except ImageFileError as err:  # a pipe or a folder where a file should be: never read (it could block)
+        raise RunError(str(err)) from None
+    except OSError as err:
+        raise RunError(f"cannot read {path} ({err.strerror or err})") from None
+
+
+def _parse_record(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, RecursionError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    if not all(isinstance(record.get(k), str) for k in ("key", "image", "item", "split", "method")):
+        return None
+    if not _IMAGE_PATH.fullmatch(record["image"]):  # never a path out of the run folder
+        return None
+    if any(k in record and not _is_number(record[k]) for k, _ in METRIC_COLUMNS):
+        return None
+    return record
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def append_record(path: Path, record: dict, root: Path | None = None) -> None:
+    """One line, fsynced; refuses a symlink at `path` (or between `root` and it)."""
+    check_no_symlink(path, root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    with os.fdopen(fd, "a+b") as f:
         # after a crash mid-line, start a fresh line, or this record would be glued to the torn one
         if f.tell() and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
             f.write(b"\n")
@@ -117,28 +174,132 @@ def append_record(path: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
-def save_image(image: Image.Image, path: Path) -> None:
-    """Written beside and renamed, so a crash never leaves a half-written PNG that looks finished."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+def drop_torn_line(path: Path, root: Path | None = None) -> None:
+    """Cut a last line that a killed process left without its newline (only the writer of `path` may)."""
+    if not path.is_file():
+        return
+    check_no_symlink(path, root)
+    with open(path, "r+b") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+            logger.info("dropped an unfinished last line of %s (its image is made again)", path)
+
+
+def save_image(image: Image.Image, path: Path, root: Path | None = None) -> None:
+    """A unique temporary name beside `path`, then a rename: a crash never leaves a half-written PNG
+    that looks finished, and two processes never share a temporary file."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue(), root=root)
+
+
+def read_run_header(out: Path) -> dict | None:
+    """The saved `run.json`, or None when there is none; one that cannot be read is a RunError."""
+    path = Path(out) / RUN_FILE
+    if not path.exists() and not path.is_symlink():
+        return None
+    check_no_symlink(path, out)
+    try:
+        saved = parse_json(_read_text(path), str(path))
+    except JSONFileError as err:
+        raise RunError(f"{err}; this run folder cannot be resumed: use another --out") from None
+    if not isinstance(saved, dict):
+        raise RunError(f"{path} is not a run description (a JSON object); this run folder cannot be resumed: "
+                       "use another --out")
+    return saved
+
+
+def check_run_header(out: Path, header: dict) -> dict | None:
+    """Refuse a run folder whose `run.json` differs from `header` in any of `header`'s keys (also a
+    part of the header, checked before the method loads); returns the saved header, if any."""
+    out = Path(out)
+    saved = read_run_header(out)
+    if saved is not None:
+        changed = sorted(k for k in header if saved.get(k) != header[k])
+        if changed:
+            raise RunError(f"{out} holds a run with different {', '.join(changed)}; use another --out to start afresh")
+    return saved
 
 
 def start_run(out: Path, header: dict, main_process: bool = True) -> None:
     """Write `run.json`, or check that the existing one describes the same run."""
-    path = out / "run.json"
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        changed = sorted(k for k in header if saved.get(k) != header[k])
-        if changed:
-            raise RunError(f"{out} holds a run with different {', '.join(changed)}; use another --out to start afresh")
+    out = Path(out)
+    if check_run_header(out, header) is not None:
         return
     if main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(".run.json.tmp")
-        tmp.write_text(json.dumps(header, indent=1))
-        os.replace(tmp, path)
+        atomic_write_text(out / RUN_FILE, json.dumps(header, indent=1), root=out)
+
+
+# ---------------------------------------------------------------------- the run folder
+def check_run_folder(out: Path) -> None:
+    """An existing --out must be a run folder (or empty): never fill, say, a home folder with run files."""
+    out = Path(out)
+    if not out.exists():
+        if out.is_symlink():
+            raise RunError(f"--out {out} is a broken symlink")
+        return
+    if not out.is_dir():
+        raise RunError(f"--out {out} is a file, not a folder")
+    names = [entry.name for entry in out.iterdir()]
+    if RUN_FILE in names or any(_RECORDS.fullmatch(n) for n in names):
+        return
+    strange = sorted(n for n in names if n not in _RUN_NAMES and not _is_temp(n))
+    if strange:
+        raise RunError(f"--out {out} already holds files that are not a bench run's (e.g. {strange[0]!r}); "
+                       "use a new or empty folder")
+
+
+def _is_temp(name: str) -> bool:
+    return name.startswith(".") and name.endswith(TEMP_SUFFIX)
+
+
+def check_item_names(items: Sequence[BenchItem]) -> None:
+    """No two items may share an images/ folder (ids that differ only in case, or a crafted id that
+    equals another's hashed name)."""
+    by_name: dict[str, str] = {}
+    for item in items:
+        name = safe_name(item.id).casefold()  # casefold: names one case-insensitive disk would merge
+        if name in by_name:
+            raise RunError(f"groups {by_name[name]!r} and {item.id!r} would share the folder "
+                           f"images/{safe_name(item.id)}; rename one")
+        by_name[name] = item.id
+
+
+def check_run_paths(out: Path, units: Iterable[Unit], rank: int = 0, world: int = 1, sheets: bool = True) -> None:
+    """Before any work: no file this process may write in `out` (run.json, its records, the summaries,
+    the units' images and their groups' sheets) is a symlink or has one on the way, or is a folder."""
+    out = Path(out)
+    paths = [out / RUN_FILE, out / f"records-r{rank}w{world}.jsonl", *(out / n for n in SUMMARY_FILES)]
+    items: dict[str, BenchItem] = {}
+    for unit in units:
+        paths.append(out / unit.image)
+        items.setdefault(unit.item.id, unit.item)
+    if sheets:
+        paths.extend(_sheet_path(out, item) for item in items.values())
+    checked: set[Path] = set()
+    for path in paths:
+        check_no_symlink(path, out)
+        if path.is_dir():
+            raise RunError(f"{path} is a folder where the run writes a file; remove it or use another --out")
+        if path.exists() and not path.is_file():
+            raise RunError(f"{path} is not a regular file (a pipe, device or socket); remove it or use another --out")
+        for folder in path.relative_to(out).parents:
+            folder = out / folder
+            if folder != out and folder not in checked:
+                checked.add(folder)
+                if folder.exists() and not folder.is_dir():
+                    raise RunError(f"{folder} is a file where the run needs a folder; remove it or use another --out")
+
+
+def clean_run_temps(out: Path) -> list[Path]:
+    """Temporary files a killed run left in `out`, `out/sheets` and `out/images/*` (hold the lock)."""
+    out = Path(out)
+    folders = [out, out / "sheets"]
+    images = out / "images"
+    if images.is_dir() and not images.is_symlink():
+        folders += [f for f in sorted(images.iterdir()) if f.is_dir() and not f.is_symlink()]
+    return [removed for folder in folders if not folder.is_symlink() for removed in clean_stale_temps(folder)]
 
 
 # ---------------------------------------------------------------------- generation and scoring
@@ -147,25 +308,25 @@ def run_bench(items: Sequence[BenchItem], method, settings, out: Path, samples: 
     """Make (and score, when `scorer` is given) this process's share of the images; returns how many it made."""
     from tqdm.auto import tqdm
 
-    from ..train.data import load_image
-
     out = Path(out)
     done = read_records(out)
+    # a group whose images are all there may still lack its sheet (a run killed just before it)
     mine = [units for units in shard(plan(items, samples, settings.seed), rank, world)
-            if any(u.key not in done for u in units)]
+            if any(u.key not in done for u in units) or (sheets and not _sheet_path(out, units[0].item).is_file())]
     records_file = out / f"records-r{rank}w{world}.jsonl"
+    drop_torn_line(records_file, out)
     made = 0
     for units in tqdm(mine, desc=f"bench {rank}/{world}", unit="group", disable=not progress):
         item = units[0].item
-        todo = [u for u in units if u.key not in done]
-        references = [load_image(p) for p in item.references]
-        images = method.generate(references, [u.prompt for u in todo], [u.seed for u in todo], settings)
-        for unit, image in zip(todo, images):
-            save_image(image, out / unit.image)
+        references = [open_image(p) for p in item.references]
+        for unit in (u for u in units if u.key not in done):
+            # one image per call: its pixels depend on its seed, never on what shared its batch
+            [image] = method.generate(references, [unit.prompt], [unit.seed], settings)
+            save_image(image, out / unit.image, out)
             record = base_record(unit, getattr(method, "name", "?"))
             if scorer is not None:
                 record.update(score_unit(scorer, unit, image))
-            append_record(records_file, record)
+            append_record(records_file, record, out)
             made += 1
         if sheets:
             write_sheet(out, item, references)
@@ -187,26 +348,32 @@ def score_unit(scorer, unit: Unit, image: Image.Image) -> dict:
 
 
 def score_folder(items: Sequence[BenchItem], images: Path, out: Path, scorer, method: str = "external",
-                 rank: int = 0, world: int = 1, progress: bool = True) -> int:
-    """Score images made elsewhere, laid out as `images/<item>/p<prompt>-s<sample>.png` (as `run` writes them)."""
+                 rank: int = 0, world: int = 1, progress: bool = True, found: Sequence[Unit] | None = None) -> int:
+    """Score images made elsewhere, laid out as `images/<item>/p<prompt>-s<sample>.png` (as `run` writes them).
+
+    `found`: the units of `discover_images(items, images)`, when the caller has already listed (and checked) them.
+    """
     from tqdm.auto import tqdm
 
-    from ..train.data import load_image
-
     images, out = Path(images), Path(out)
-    found = discover_images(items, images)
+    found = discover_images(items, images) if found is None else found
     done = read_records(out)
     records_file = out / f"records-r{rank}w{world}.jsonl"
+    drop_torn_line(records_file, out)
     mine = [u for u in shard(found, rank, world) if u.key not in done]
     for unit in tqdm(mine, desc=f"score {rank}/{world}", unit="image", disable=not progress):
-        source = images / Path(unit.image).relative_to("images")
-        image = load_image(source)
+        image = open_image(source_image(images, unit))
         # the record points at a copy inside the run folder, so the run is self-contained and resumable
-        save_image(image, out / unit.image)
+        save_image(image, out / unit.image, out)
         record = base_record(unit, method)
         record.update(score_unit(scorer, unit, image))
-        append_record(records_file, record)
+        append_record(records_file, record, out)
     return len(mine)
+
+
+def source_image(images: Path, unit: Unit) -> Path:
+    """Where `bench score` reads a unit's image from (`images/<item>/p<prompt>-s<sample>.png`)."""
+    return Path(images) / Path(unit.image).relative_to("images")
 
 
 def discover_images(items: Sequence[BenchItem], images: Path) -> list[Unit]:
@@ -231,20 +398,24 @@ def discover_images(items: Sequence[BenchItem], images: Path) -> list[Unit]:
 
 
 # ---------------------------------------------------------------------- sheets and summaries
+def _sheet_path(out: Path, item: BenchItem) -> Path:
+    return Path(out) / "sheets" / f"{safe_name(item.id)}.png"
+
+
 def write_sheet(out: Path, item: BenchItem, references: Sequence[Image.Image]) -> None:
     """References on the first row, the item's images below (one row per prompt)."""
     made = sorted((out / "images" / safe_name(item.id)).glob("p*-s*.png"))
     rows = [list(references)]
     for p in range(len(item.prompts)):
-        rows.append([Image.open(f) for f in made if f.name.startswith(f"p{p:02d}-")])
+        rows.append([open_image(f) for f in made if f.name.startswith(f"p{p:02d}-")])
     columns = max(len(r) for r in rows)
     sheet = Image.new("RGB", (columns * SHEET_TILE, len(rows) * SHEET_TILE), "white")
     for y, row in enumerate(rows):
         for x, image in enumerate(row):
-            tile = image.convert("RGB")
+            tile = to_rgb(image)
             tile.thumbnail((SHEET_TILE, SHEET_TILE))
             sheet.paste(tile, (x * SHEET_TILE, y * SHEET_TILE))
-    save_image(sheet, out / "sheets" / f"{safe_name(item.id)}.png")
+    save_image(sheet, _sheet_path(out, item), out)
 
 
 def summarize(records: Iterable[dict]) -> list[dict]:
@@ -292,16 +463,17 @@ def write_summary(out: Path) -> list[dict]:
     markdown, table = summary_tables(rows)
     for name, text in (("summary.md", markdown), ("summary.csv", table),
                        ("summary.json", json.dumps({"rows": rows, "images": len(records)}, indent=1))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+        atomic_write_text(out / name, text, root=out)
     if any(math.isnan(v) for r in rows for v in r.values() if isinstance(v, float)):
         logger.warning("some metrics are NaN (an image or prompt the models could not embed?)")
     return rows
 
 
 def settings_header(method, settings, manifest: Path, samples: int) -> dict:
+    """What `run.json` holds; `method` None: all but the method's description (known before it loads)."""
+    header = {"settings": asdict(settings), "manifest": str(Path(manifest).resolve()), "samples": samples}
+    if method is None:
+        return header
     # the device differs between the processes of one sharded run, and may change on resume
     described = {k: v for k, v in method.describe().items() if k != "device"}
-    return {"method": described, "settings": asdict(settings), "manifest": str(Path(manifest).resolve()),
-            "samples": samples}
+    return {"method": described, **header}
