@@ -405,12 +405,12 @@ def test_a_hub_id_fails_at_once_when_the_hub_cannot_be_reached(bench, tmp_path, 
                                                                monkeypatch, no_models):
     from huggingface_hub import constants
 
-    import easyref.bench.sources as sources
+    import easyref.resolve as resolve
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused at once
-    monkeypatch.setattr(sources, "_probe_result", {})
+    monkeypatch.setattr(resolve, "_probe_result", {})
     out = tmp_path / "out"
     code, lines, seconds = cli(run_args(bench / "m.jsonl", out, tiny_dirs, metric_dirs, "sdxl",
                                         "--dino", "facebook/dino-vits16"), capsys)
@@ -432,10 +432,11 @@ def test_a_local_metric_folder_never_touches_the_network(metric_dirs, monkeypatc
     from huggingface_hub import constants
 
     import easyref.bench.sources as sources
+    import easyref.resolve as resolve
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(sources, "_probe", lambda endpoint: pytest.fail("probed the hub for a local folder"))
-    monkeypatch.setattr(sources, "_probe_result", {})
+    monkeypatch.setattr(resolve, "_probe", lambda endpoint: pytest.fail("probed the hub for a local folder"))
+    monkeypatch.setattr(resolve, "_probe_result", {})
     source = sources.check_source(metric_dirs["clip"], "--clip")
     assert source.local and source.offline_ok
 

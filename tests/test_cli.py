@@ -87,12 +87,13 @@ def _bad_inputs(env):
         "zero refs": (["--refs-dir", str(empty)], "no reference images"),
         "too many": (["--refs-dir", str(many)], "at most 28"),
         "bad size": (["--ref", str(env / "refs" / "0.png"), "--height", "30"], "multiple of 8"),
-        "adapter without base": (["--ref", str(env / "refs" / "0.png"), "--adapter", str(mismatched)], "--base is required"),
+        "missing adapter": (["--ref", str(env / "refs" / "0.png"), "--base", "default", "--adapter", str(mismatched)],
+                            "no such file or folder"),
     }
 
 
 @pytest.mark.parametrize(
-    "case", ["missing", "not an image", "truncated", "zero refs", "too many", "bad size", "adapter without base"]
+    "case", ["missing", "not an image", "truncated", "zero refs", "too many", "bad size", "missing adapter"]
 )
 def test_user_mistakes_exit_2_one_line_no_output(env, capsys, case):
     argv, message = _bad_inputs(env)[case]
@@ -137,7 +138,7 @@ def test_base_that_is_not_a_model(env, capsys):
     not_a_model.mkdir()
     code, out = generate(env, "--ref", str(env / "refs" / "0.png"), "--base", str(not_a_model))
     err = capsys.readouterr().err.strip()
-    assert code == 2 and "cannot load the model" in err and len(err.splitlines()) == 1
+    assert code == 2 and "no model_index.json in this folder" in err and len(err.splitlines()) == 1
     assert not out.exists()
 
 

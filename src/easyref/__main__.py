@@ -2,4 +2,5 @@
 
 from .cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # importing easyref.__main__ (tools that scan a package) must not run the CLI
+    raise SystemExit(main())

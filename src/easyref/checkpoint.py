@@ -83,12 +83,7 @@ def read_checkpoint(path: str | Path) -> tuple[EasyRefConfig, dict[str, torch.Te
     """Read our own format, or import the authors' release format transparently."""
     path = Path(path)
     if is_easyref_checkpoint(path):
-        try:
-            config = EasyRefConfig.load(path)
-        except JSONFileError as err:  # already names the file
-            raise CheckpointError(str(err)) from None
-        except (TypeError, ValueError) as err:
-            raise CheckpointError(f"{path / CONFIG_NAME}: {err}") from None
+        config = read_config(path)
         tensors = _load_safetensors(path / WEIGHTS_NAME)
     else:
         from .release import import_release
@@ -96,6 +91,17 @@ def read_checkpoint(path: str | Path) -> tuple[EasyRefConfig, dict[str, torch.Te
         config, tensors = import_release(path)
     check_finite(tensors, path)
     return config, tensors
+
+
+def read_config(path: str | Path) -> EasyRefConfig:
+    """The config of our checkpoint folder alone (no tensors read); every problem is one CheckpointError."""
+    path = Path(path)
+    try:
+        return EasyRefConfig.load(path)
+    except JSONFileError as err:  # already names the file
+        raise CheckpointError(str(err)) from None
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path / CONFIG_NAME}: {err}") from None
 
 
 def check_finite(tensors: dict[str, torch.Tensor], source: str | Path) -> None:

@@ -1,24 +1,32 @@
-"""`easyref` command line: generate, train, convert, bench.
+"""`easyref` command line: generate, info, train, convert, bench.
 
     easyref generate --ref a.png --ref b.png --prompt "..." --out out.png
+    easyref generate --from-metadata out.png --out again.png
+    easyref info [MODEL]
     easyref train --config stage1 --set data=pairs.json data_root=images
     easyref convert RELEASE_DIR_OR_FILE OUT_DIR
+
+Building the parser and checking arguments and files import the standard library and PIL only:
+torch, diffusers and transformers (seconds to import) load after a command's checks have passed,
+so a mistake is reported at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.abc
+import importlib.util
 import json
 import logging
 import math
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from .images import to_rgb
 from .safe_io import current_umask, describe_os_error
 
 logger = logging.getLogger("easyref")
@@ -36,16 +44,39 @@ class RunFailure(Exception):
 
 
 # ---------------------------------------------------------------------------- parser
+class Parser(argparse.ArgumentParser):
+    """argparse with the house rule for mistakes: one `easyref: error:` line and exit code 2 (argparse
+    itself prints the whole usage block first); subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"easyref: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="easyref", description="EasyRef: group image reference for SDXL.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_generate(sub)
-    _add_convert(sub)
     from .train.command import add_train_parser
 
+    parser = Parser(prog="easyref", description="EasyRef: group image reference for SDXL.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    _add_info(sub)
+    _add_convert(sub)
     add_train_parser(sub)
     _add_bench(sub)
+    _add_verbose(parser)
     return parser
+
+
+VERBOSE_HELP = "-v: also show the libraries' warnings and loading bars (hidden by default); -vv: their info lines too"
+
+
+def _add_verbose(parser: argparse.ArgumentParser, top: bool = True) -> None:
+    """-v/--verbose before or after the subcommand: the subcommands' copies default to SUPPRESS so that
+    they do not reset a -v given before them."""
+    parser.add_argument("-v", "--verbose", action="count", help=VERBOSE_HELP, default=0 if top else argparse.SUPPRESS)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in {id(c): c for c in action.choices.values()}.values():  # aliases share a parser
+                _add_verbose(child, top=False)
 
 
 def _add_bench(sub) -> None:
@@ -68,26 +99,59 @@ def _add_generate(sub) -> None:
         "With no --base/--mllm/--adapter the bundled default model is used: a tiny EasyRef trained on the synthetic "
         "shapes world (64 px; it keeps the references' subject about half the time, not yet the asked place).",
     )
+    # Settings default to None here and get their defaults in `_settle_defaults`: with --from-metadata
+    # a flag that was given overrides the record, and one that was not takes the record's value.
     p.add_argument("--ref", action="append", default=[], metavar="IMAGE", help="a reference image (repeatable)")
     p.add_argument("--refs-dir", type=Path, help="use every image file in this folder (sorted by name)")
-    p.add_argument("--prompt", required=True, help="text prompt")
+    p.add_argument("--prompt", help="text prompt (required, unless --from-metadata gives it)")
     p.add_argument("--negative-prompt", help="negative text prompt (default: the checkpoint's)")
-    p.add_argument("--out", type=Path, required=True, help="output PNG (with --num-images N: OUT_0.png ...); existing outputs are replaced, "
-                   "a name that is one of the references is refused")
+    p.add_argument("--out", type=Path, help="output PNG (with --num-images N: OUT_0.png ...); existing outputs are "
+                   "replaced, a name that is one of the references is refused (required, unless --from-metadata: "
+                   "default SOURCE-regen.png beside it)")
+    p.add_argument("--from-metadata", type=Path, metavar="PNG",
+                   help="regenerate the image of a PNG this command wrote, from the settings, references and model "
+                   "recorded in it (the same pixels on the same machine and versions); flags given override them")
     p.add_argument("--base", help="SDXL folder or hub id ('default': the bundled model's, with its Qwen2-VL)")
     p.add_argument("--mllm", help="Qwen2-VL-Instruct folder or hub id (default: the checkpoint's)")
     p.add_argument("--adapter", help="EasyRef checkpoint folder (ours or the authors' release)")
-    p.add_argument("--scale", type=float, default=1.0, help="reference strength, 0 to 10 (default 1.0)")
-    p.add_argument("--steps", type=int, default=30, help="denoising steps, 1 to 1000 (default 30)")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale, 0 to 100 (default 5.0)")
+    p.add_argument("--scale", type=float, help="reference strength, 0 to 10 (default 1.0)")
+    p.add_argument("--steps", type=int, help="denoising steps, 1 to 1000 (default 30)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale, 0 to 100 (default 5.0)")
     p.add_argument("--seed", type=int, help="random seed, 0 to 2^63-1 (default: random, recorded in the PNG)")
-    p.add_argument("--num-images", type=int, default=1, help="images to generate, 1 to 16 (default 1)")
+    p.add_argument("--num-images", type=int, help="images to generate, 1 to 16 (default 1)")
     p.add_argument("--height", type=int, help="output height in px (multiple of 8, at most 4096; default: the model's)")
     p.add_argument("--width", type=int, help="output width in px (multiple of 8, at most 4096; default: the model's)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=DTYPES, help="default: float16 on GPU, float32 on CPU")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=DTYPES, help="default: float16 on GPU, float32 on CPU")
     p.add_argument("--grid", action="store_true", help="also write OUT_grid.png: references on top, outputs below")
     p.set_defaults(func=cmd_generate)
+
+
+GENERATE_DEFAULTS = {"scale": 1.0, "steps": 30, "guidance": 5.0, "num_images": 1, "device": "auto", "dtype": "auto"}
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser(
+        "info",
+        help="what a model folder is: parts, trained size, vocabulary, parameters, files",
+        description="Describe a model without loading it: the bundled default model (no MODEL, or `default`), "
+        "a folder holding sdxl/ + qwen2vl/ + adapter/, an EasyRef adapter folder, an SDXL folder or a Qwen2-VL "
+        "folder (or the hub id of one in the local Hugging Face cache). Parameter counts come from the "
+        "safetensors headers.",
+    )
+    p.add_argument("model", nargs="?", metavar="MODEL", help="default: the bundled model")
+    p.set_defaults(func=cmd_info)
+
+
+def cmd_info(args) -> int:
+    from .info import NotAModelError, describe
+
+    try:
+        lines = describe(args.model)
+    except NotAModelError as err:
+        raise UserError(str(err)) from None
+    print("\n".join(lines))
+    return 0
 
 
 def _add_convert(sub) -> None:
@@ -105,28 +169,41 @@ def _add_convert(sub) -> None:
 
 # ---------------------------------------------------------------------------- generate
 def cmd_generate(args) -> int:
+    record = read_record(args.from_metadata) if args.from_metadata is not None else None
+    if record is not None:
+        apply_record(args, record)
+    _settle_defaults(args)
     _check_generate_args(args)
     paths = reference_paths(args.ref, args.refs_dir)
-    outputs = planned_outputs(args.out, args.num_images, args.grid)
+    keep = getattr(args, "keep_index", None)  # --from-metadata of image i of a batch: make the batch, keep i
+    outputs = planned_outputs(args.out, args.num_images if keep is None else 1, args.grid)
+    if record is not None:
+        _check_not_the_source(outputs, args.from_metadata)
     check_outputs(outputs, inputs=paths)
     references = [load_image(p) for p in paths]
+    if record is not None:
+        _check_recorded_device(args)
     pipe, sources = load_pipeline(args)
+    pipe.set_progress_bar_config(disable=None)  # tqdm's own rule: the denoising bar on a terminal, not in logs
+    warn_about_limits(pipe, args, sources)
+    if record is not None:
+        _warn_if_changed(record, sources, args.from_metadata)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
     result = _generate(pipe, references, args, seed)
-    params = {
-        "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt or pipe.easyref_config.negative_prompt,
-        "references": [str(p) for p in paths],
-        "scale": args.scale,
-        "steps": args.steps,
-        "guidance": args.guidance,
-        "seed": seed,
-        **sources,
-    }
-    written = write_outputs(result.images, references, args.out, params, args.grid)
+    images, indices = list(result.images), list(range(len(result.images)))
+    if keep is not None:
+        images, indices = [images[keep]], [keep]
+    params = generation_record(args, pipe, sources, paths, seed)
+    written = write_outputs(images, references, args.out, params, args.grid, indices)
     for path in written:
         logger.info("wrote %s", path)
     return 0
+
+
+def _settle_defaults(args) -> None:
+    for key, value in GENERATE_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
 
 def _generate(pipe, references, args, seed: int):
@@ -172,6 +249,10 @@ MAX_PROMPT_CHARS = 16 * 1024
 def _check_generate_args(args) -> None:
     from .config import MAX_PROMPT_TOKENS
 
+    if args.prompt is None:
+        raise UserError("--prompt is required (or --from-metadata PNG, to take it from an image easyref made)")
+    if args.out is None:
+        raise UserError("--out is required (the output PNG)")
     if args.out.suffix.lower() != ".png":
         raise UserError(f"--out must end in .png, got {args.out}")
     _check_range("--steps", args.steps, 1, MAX_STEPS)
@@ -199,8 +280,6 @@ def _check_generate_args(args) -> None:
                 f"{flag} is {len(text)} characters long; at most {MAX_PROMPT_CHARS} characters "
                 f"({MAX_PROMPT_TOKENS} tokens) are read"
             )
-    if (args.mllm or args.adapter) and not args.base:
-        raise UserError("--base is required when --mllm or --adapter is given")
 
 
 def _check_range(flag: str, value: int, low: int, high: int) -> None:
@@ -253,41 +332,257 @@ def resolve_device(name: str, dtype_name: str):
 
 
 def load_pipeline(args):
+    """Resolve --base/--mllm/--adapter (`easyref.resolve`: what is not given comes from the adapter's
+    config, else the bundled model), then load; every way a name or checkpoint can be wrong is one line."""
     from .checkpoint import CheckpointError
     from .pipeline import EasyRefPipeline
+    from .resolve import CLI_LABELS, ResolveError, resolve_parts
 
     device, dtype = resolve_device(args.device, args.dtype)
-    if args.base and args.base != "default":
-        base, mllm, adapter = args.base, args.mllm, args.adapter
-        _check_local(base, "--base")
-    else:  # the bundled default model; `--base default --adapter X` puts another adapter on its parts
-        from .default_model import BUNDLED_NOTICE, UNTRAINED_NOTICE, bundled_model_dir, default_model_dir
-
-        folder = default_model_dir()
-        base, mllm = str(folder / "sdxl"), args.mllm or str(folder / "qwen2vl")
-        adapter = args.adapter or str(folder / "adapter")
-        if not args.adapter:
-            logger.warning(BUNDLED_NOTICE if folder == bundled_model_dir() else UNTRAINED_NOTICE)
-    if adapter:
-        _check_local(adapter, "--adapter")
     try:
-        pipe = EasyRefPipeline.from_pretrained(base, mllm=mllm, adapter=adapter, dtype=dtype)
+        parts = resolve_parts(args.base, args.mllm, args.adapter, labels=CLI_LABELS)
+    except (ResolveError, CheckpointError) as err:
+        raise UserError(str(err)) from None
+    if parts.bundled_adapter:
+        from .default_model import BUNDLED_NOTICE, UNTRAINED_NOTICE, bundled_model_dir
+
+        logger.warning(BUNDLED_NOTICE if bundled_model_dir() else UNTRAINED_NOTICE)
+    try:
+        pipe = EasyRefPipeline.from_parts(parts, dtype=dtype)
     except CheckpointError as err:
         raise UserError(str(err)) from None
-    except OSError as err:  # a folder that is not a model, or a hub id that cannot be reached
+    except OSError as err:  # a folder that holds part of a model only
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load the model: {first_line}") from None
     pipe.to(device)
-    sources = {"base": base, "mllm": mllm or pipe.easyref_config.mllm, "adapter": adapter}
-    return pipe, sources
+    return pipe, parts.names()
 
 
-def _check_local(value: str, flag: str) -> None:
-    """A value that looks like a path must exist (hub ids are 'owner/name' and are passed through)."""
-    path = Path(value)
-    looks_local = value.startswith((".", "/", "~")) or path.exists() or value.count("/") != 1
-    if looks_local and not path.expanduser().exists():
-        raise UserError(f"{flag} {value}: no such file or folder")
+def _check_local(value: str, flag: str, kind: str = "model") -> str:
+    """The local path a flag's value names (`default`, a folder or file, a cached or downloaded hub id),
+    or a UserError before anything loads."""
+    from .resolve import ResolveError, resolve
+
+    try:
+        return resolve(value, kind, label=f"{flag} {value}".strip()).path
+    except ResolveError as err:
+        raise UserError(str(err)) from None
+
+
+# ---------------------------------------------------------------------------- what the model cannot follow
+def warn_about_limits(pipe, args, sources: dict) -> None:
+    """One warning line per thing the model will not follow, before it draws something else instead."""
+    bundled = _uses_bundled_base(sources)
+    for text in (args.prompt, args.negative_prompt):
+        if text:
+            _warn_about_words(pipe, text, bundled)
+    if bundled:
+        _warn_about_bundled_limits(pipe, args)
+
+
+def _warn_about_words(pipe, text: str, bundled: bool) -> None:
+    """Words the text encoders' tokenizers do not know (the bundled model's are word-level: 35 words),
+    and the part of a prompt past what they read (diffusers says so only as a library warning)."""
+    unknown, longest, limit = [], 0, None
+    for tokenizer in (pipe.tokenizer, pipe.tokenizer_2):
+        if tokenizer is None:
+            continue
+        try:
+            encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        except (NotImplementedError, TypeError, ValueError):  # a slow tokenizer has no offsets: skip the check
+            continue
+        unk = tokenizer.unk_token_id
+        unknown += [text[a:b] for t, (a, b) in zip(encoding["input_ids"], encoding["offset_mapping"]) if t == unk]
+        longest, limit = max(longest, len(encoding["input_ids"])), tokenizer.model_max_length - 2  # start, end
+    if unknown:
+        words = ", ".join(repr(w) for w in dict.fromkeys(unknown))
+        where = "; `easyref info` lists the words it knows" if bundled else ""
+        logger.warning("the model's text encoders do not know %s (read as unknown tokens)%s", words, where)
+    if limit is not None and longest > limit:
+        logger.warning("%r is %d tokens long; the text encoders read the first %d", _short(text), longest, limit)
+
+
+def _short(text: str, length: int = 60) -> str:
+    return text if len(text) <= length else text[: length - 3] + "..."
+
+
+def _uses_bundled_base(sources: dict) -> bool:
+    from .info import BUNDLED_DIR
+
+    base = sources.get("base") if isinstance(sources, dict) else None
+    if base is None:
+        return False
+    return str(base) == "default" or Path(str(base)).expanduser().resolve() == (BUNDLED_DIR / "sdxl").resolve()
+
+
+def _warn_about_bundled_limits(pipe, args) -> None:
+    """The bundled model saw 64 px images of the shapes world only: other sizes and backgrounds come out
+    as what it knows (a blue background is drawn in one of its four background colours)."""
+    import re
+
+    from .shapes.world import BACKGROUNDS
+
+    side = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    height, width = args.height or side, args.width or side
+    if (height, width) != (side, side):
+        logger.warning("the bundled model was trained at %d x %d px only; at %d x %d px (width x height) it draws "
+                       "outside what it learned", side, side, width, height)
+    asked = [w for w in re.findall(r"(\w+)\s+background", args.prompt) if w not in BACKGROUNDS]
+    if asked:
+        logger.warning("the bundled model knows the backgrounds %s only; %s will come out as one of them",
+                       ", ".join(BACKGROUNDS), ", ".join(f"'{w} background'" for w in dict.fromkeys(asked)))
+
+
+# ---------------------------------------------------------------------------- records (PNG metadata)
+# The `easyref` text chunk of every PNG holds what made it; `--from-metadata` makes it again. One torch
+# generator draws the noise of the whole batch, so image i of --num-images N depends on N: the record
+# keeps num_images and index, and regenerating image i makes the batch again and keeps image i.
+RECORD_TYPES = {
+    "version": str, "prompt": str, "negative_prompt": str, "references": list, "scale": (int, float),
+    "steps": int, "guidance": (int, float), "seed": int, "num_images": int, "index": int, "height": int,
+    "width": int, "device": str, "dtype": str, "model": dict, "grid": bool,
+}
+RECORD_REQUIRED = ("version", "prompt", "references", "scale", "steps", "guidance", "seed", "num_images")
+RECORDED_SETTINGS = ("prompt", "negative_prompt", "scale", "steps", "guidance", "seed", "num_images", "height",
+                     "width", "device", "dtype")
+MODEL_FLAGS = ("base", "mllm", "adapter")
+
+
+def generation_record(args, pipe, sources, paths: list[Path], seed: int) -> dict:
+    """Everything `--from-metadata` needs to make the same pixels again, and what they came from."""
+    negative = pipe.easyref_config.negative_prompt if args.negative_prompt is None else args.negative_prompt
+    return {
+        "version": _version("easyref"),
+        "versions": {name: _version(name) for name in ("torch", "diffusers", "transformers")},
+        "prompt": args.prompt,
+        "negative_prompt": negative,
+        "references": [os.path.abspath(p) for p in paths],  # absolute: the record works from any folder
+        "scale": args.scale,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "seed": seed,
+        "num_images": args.num_images,
+        "device": str(pipe.device),
+        "dtype": str(pipe.dtype).removeprefix("torch."),
+        "model": {flag: _recorded_name(getattr(args, flag)) for flag in MODEL_FLAGS},  # as asked: regenerates
+        "sources": sources,  # as resolved by load_pipeline: what the pixels came from
+    }
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def _recorded_name(value: str | None) -> str | None:
+    """A model flag as given, a local path made absolute (a hub id or `default` stays a name)."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    return str(path.absolute()) if path.exists() else value
+
+
+def read_record(path: Path) -> dict:
+    """The `easyref` record of a PNG that `easyref generate` wrote; one UserError for each way it can be unusable."""
+    flag = f"--from-metadata {path}"
+    if not path.exists():
+        raise UserError(f"{flag}: file not found")
+    if not path.is_file():  # a folder, or a FIFO that would block
+        raise UserError(f"{flag}: not a regular file")
+    try:
+        with Image.open(path) as image:
+            text = image.info.get("easyref")  # written before the pixels: no decoding needed
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        raise UserError(f"{flag}: not an image PIL can read") from None
+    if not isinstance(text, str):
+        raise UserError(f"{flag}: no easyref record in it (not a PNG written by `easyref generate`)")
+    try:
+        record = json.loads(text)
+    except (ValueError, RecursionError):
+        record = None
+    if not isinstance(record, dict):
+        raise UserError(f"{flag}: its easyref record is not a JSON object (damaged)")
+    _check_record(record, flag)
+    return record
+
+
+def _check_record(record: dict, flag: str) -> None:
+    missing = [key for key in RECORD_REQUIRED if key not in record]
+    if missing:
+        raise UserError(f"{flag}: the record lacks {', '.join(missing)} (written by an easyref before "
+                        "--from-metadata existed?); give the settings as flags instead")
+    for key, kind in RECORD_TYPES.items():
+        value = record.get(key)
+        if value is not None and (not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)):
+            raise UserError(f"{flag}: the record's {key} is not a {_kind_name(kind)} (damaged)")
+    if not all(isinstance(r, str) for r in record["references"]):
+        raise UserError(f"{flag}: the record's references are not file names (damaged)")
+    if not all(isinstance(v, (str, type(None))) for v in (record.get("model") or {}).values()):
+        raise UserError(f"{flag}: the record's model names are not text (damaged)")
+    index = record.get("index")
+    if index is not None and not 0 <= index < record["num_images"]:
+        raise UserError(f"{flag}: the record's index {index} is not one of its {record['num_images']} images (damaged)")
+    if record.get("dtype") is not None and record["dtype"] not in DTYPES:
+        raise UserError(f"{flag}: the record's dtype {record['dtype']!r} is not one of {', '.join(DTYPES)} (damaged)")
+
+
+def _kind_name(kind) -> str:
+    return {str: "text", list: "list", int: "whole number", dict: "mapping", bool: "true/false"}.get(kind, "number")
+
+
+def apply_record(args, record: dict) -> None:
+    """The record fills what the command line did not give (flags given win)."""
+    given = {key for key in RECORDED_SETTINGS if getattr(args, key) is not None}
+    for key in RECORDED_SETTINGS:
+        if key not in given and record.get(key) is not None:
+            setattr(args, key, record[key])
+    if not args.ref and args.refs_dir is None:
+        args.ref = list(record["references"])
+    model = record.get("model") or {}
+    for flag in MODEL_FLAGS:
+        if getattr(args, flag) is None:
+            setattr(args, flag, model.get(flag))
+    if args.out is None:
+        args.out = args.from_metadata.with_name(f"{args.from_metadata.stem}-regen.png")
+    args.grid = args.grid or bool(record.get("grid"))
+    index = record.get("index")
+    # one image of a batch: the batch again (its noise is drawn as one), then that image alone
+    args.keep_index = index if index is not None and "num_images" not in given and args.num_images > 1 else None
+    args.device_from_record = "device" not in given and record.get("device") is not None
+
+
+def _check_not_the_source(outputs: list[Path], source: Path) -> None:
+    for path in outputs:
+        if _same_file(path, source):
+            raise UserError(f"output {path} would overwrite --from-metadata {source}; choose another --out")
+
+
+def _check_recorded_device(args) -> None:
+    """A record made on a GPU, read on a machine without one: say so, rather than 'you asked for cuda'."""
+    if not getattr(args, "device_from_record", False) or not str(args.device).startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError(f"{args.from_metadata} was made on {args.device} and this machine has no CUDA GPU; "
+                        "add --device cpu to make it here (the pixels will differ)")
+
+
+def _warn_if_changed(record: dict, sources, source: Path) -> None:
+    """The same record on other versions or another model may not give the same pixels: say which changed."""
+    now = {"easyref": _version("easyref"), **{k: _version(k) for k in ("torch", "diffusers", "transformers")}}
+    then = {"easyref": record.get("version"), **(record.get("versions") or {})}
+    changed = [f"{k} {then.get(k)} -> {v}" for k, v in now.items() if then.get(k) != v]
+    if changed:
+        logger.warning("%s was made with other versions (%s); the pixels may differ", source, ", ".join(changed))
+    resolved = json.loads(json.dumps(sources, default=str))
+    if "sources" in record and record["sources"] != resolved:
+        logger.warning("%s was made with the model %s, now it is %s; the pixels may differ",
+                       source, json.dumps(record["sources"]), json.dumps(resolved))
 
 
 # ---------------------------------------------------------------------------- outputs
@@ -344,12 +639,21 @@ def _check_writable_folder(folder: Path) -> None:
     os.unlink(probe)
 
 
-def write_outputs(images, references, out: Path, params: dict, grid: bool) -> list[Path]:
-    """All outputs or none: every file is written to a temporary name first, then all are renamed."""
+def write_outputs(images, references, out: Path, params: dict, grid: bool,
+                  indices: list[int] | None = None) -> list[Path]:
+    """All outputs or none: every file is written to a temporary name first, then all are renamed.
+
+    `indices`: each image's place in its batch (recorded: regenerating image i makes the batch again).
+    """
+    indices = list(range(len(images))) if indices is None else indices
     planned = [(image, path, {**params, "index": i, "width": image.width, "height": image.height})
-               for i, (image, path) in enumerate(zip(images, output_paths(out, len(images))))]
+               for i, image, path in zip(indices, images, output_paths(out, len(images)))]
     if grid:
-        planned.append((contact_sheet(references, images), grid_path(out), params))
+        size = {"width": images[0].width, "height": images[0].height}
+        sheet = {**params, **size, "grid": True}
+        if len(indices) == 1 and params.get("num_images", 1) > 1:
+            sheet["index"] = indices[0]  # the sheet of one image of a batch (--from-metadata of image i)
+        planned.append((contact_sheet(references, images), grid_path(out), sheet))
     staged: list[tuple[str, Path]] = []
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -376,7 +680,7 @@ def save_png(image: Image.Image, path: Path, params: dict) -> None:
 def _stage_png(image: Image.Image, path: Path, params: dict) -> str:
     """Write a PNG with its settings as text metadata to a unique temporary name beside `path`."""
     info = PngImagePlugin.PngInfo()
-    info.add_text("easyref", json.dumps(params, sort_keys=True))
+    info.add_text("easyref", json.dumps(params, sort_keys=True, default=str))  # default: a Path in `sources`
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -390,6 +694,8 @@ def _stage_png(image: Image.Image, path: Path, params: dict) -> str:
 
 def contact_sheet(references, outputs, cell: int | None = None) -> Image.Image:
     """References in the top row, generated images in the bottom row, all as square cells."""
+    from .images import to_rgb  # numpy: imported when a sheet is made, not for a usage error
+
     cell = cell or max(im.width for im in outputs)
     cols = max(len(references), len(outputs))
     sheet = Image.new("RGB", (cols * cell, 2 * cell), "white")
@@ -403,13 +709,14 @@ def contact_sheet(references, outputs, cell: int | None = None) -> Image.Image:
 
 # ---------------------------------------------------------------------------- convert
 def cmd_convert(args) -> int:
+    """The release file, folder or hub id (`zongzhuofan/EasyRef`) -> our checkpoint folder recording
+    the release's base and MLLM (`--mllm` for a release trained on another one)."""
     from .checkpoint import CheckpointError
     from .release import convert_release, log_ignored
 
-    if not args.src.exists():
-        raise UserError(f"{args.src}: no such file or folder")
+    source = _check_local(str(args.src), "", kind="adapter")
     try:
-        config, ignored = convert_release(args.src, args.dst, mllm=args.mllm)
+        config, ignored = convert_release(source, args.dst, mllm=args.mllm)
     except CheckpointError as err:
         raise UserError(str(err)) from None
     log_ignored(ignored)
@@ -424,21 +731,9 @@ def cmd_convert(args) -> int:
 
 
 # ---------------------------------------------------------------------------- main
-def _quiet_libraries() -> None:
-    import diffusers
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="easyref: %(message)s")
-    _quiet_libraries()
+    configure_output(args.verbose)
     try:
         return args.func(args)
     except UserError as err:
@@ -447,6 +742,103 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailure as err:
         print(f"easyref: error: {err}", file=sys.stderr)
         return 1
+
+
+# ---------------------------------------------------------------------------- what reaches the terminal
+def configure_output(verbose: int) -> None:
+    """easyref's own lines always; the libraries' warnings and loading bars with -v, their info with -vv.
+
+    Nothing is imported here: transformers and diffusers are configured the moment something imports
+    them (`_after_import`), so a command that never loads a model never pays for them.
+    """
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # loading a model must not report to the hub
+    _configure_logging(verbose)
+    _configure_warnings(verbose)
+    for name in ("transformers.utils.logging", "diffusers.utils.logging"):
+        _after_import(name, lambda module: _set_library_output(module, verbose))
+
+
+class _Prefixed(logging.Formatter):
+    """`easyref: message` for our lines; another library's lines (with -v) keep its name."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.prefix = "easyref" if record.name.partition(".")[0] == "easyref" else record.name
+        return super().format(record)
+
+
+_HANDLER: logging.Handler | None = None  # ours, once main() has put it on the root logger
+
+
+def _configure_logging(verbose: int) -> None:
+    global _HANDLER
+    root = logging.getLogger()
+    if root.handlers and root.handlers != [_HANDLER]:
+        return  # embedded (pytest, a notebook, accelerate): the host's handlers stand, and no line is doubled
+    if not root.handlers:
+        _HANDLER = logging.StreamHandler()  # sys.stderr as it is now
+        _HANDLER.setFormatter(_Prefixed("%(prefix)s: %(message)s"))
+        root.addHandler(_HANDLER)
+    # our loggers at INFO; other libraries' propagating loggers (accelerate, huggingface_hub) with -v only
+    root.setLevel({0: logging.ERROR, 1: logging.WARNING}.get(verbose, logging.INFO))
+    logging.getLogger("easyref").setLevel(logging.INFO)
+
+
+def _configure_warnings(verbose: int) -> None:
+    if verbose:
+        warnings.simplefilter("default")  # each library warning once per place, deprecations included
+    else:  # libraries' warnings speak to their developers; a user sees easyref's own
+        warnings.filterwarnings("ignore")
+        warnings.filterwarnings("default", module=r"easyref(\.|$)")
+
+
+def _set_library_output(module, verbose: int) -> None:
+    """transformers' or diffusers' logging module: their log level, and their loading/download bars."""
+    if verbose:
+        module.set_verbosity_info() if verbose > 1 else module.set_verbosity_warning()
+        module.enable_progress_bar()
+    else:
+        module.set_verbosity_error()
+        module.disable_progress_bar()  # transformers' also turns off huggingface_hub's bars, as before
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs `hooks[name](module)` right after `name` is first imported, whoever imports it: a library can
+    be configured without importing it before it is needed (seconds, for torch behind it)."""
+
+    def __init__(self) -> None:
+        self.hooks: dict = {}
+
+    def find_spec(self, name, path=None, target=None):
+        hook = self.hooks.pop(name, None)
+        if hook is None:
+            return None
+        spec = importlib.util.find_spec(name)  # the other finders (this one has no hook for `name` now)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            try:
+                hook(module)
+            except Exception:  # configuring output must never break an import
+                logger.debug("could not configure %s", name, exc_info=True)
+
+        spec.loader.exec_module = exec_module  # this spec's own loader instance
+        return spec
+
+
+_AFTER_IMPORT = _AfterImport()
+
+
+def _after_import(name: str, hook) -> None:
+    module = sys.modules.get(name)
+    if module is not None:
+        hook(module)
+        return
+    _AFTER_IMPORT.hooks[name] = hook
+    if _AFTER_IMPORT not in sys.meta_path:
+        sys.meta_path.insert(0, _AFTER_IMPORT)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ ATTENTION_MODES = ("official", "bidirectional")
 REFERENCE_MODES = ("joint", "mean", "concat")
 PATCH_FACTOR = 28  # Qwen2-VL: 14 px patches merged 2x2
 MAX_INSTRUCTION_CHARS = 4096
+MAX_NAME_CHARS = 4096  # a model name: a hub id ("owner/name[@revision]"), "default" or a path (PATH_MAX)
 # The longest prompt the MLLM is given. Beyond it a prompt costs quadratic memory in the dense
 # attention masks and says nothing SDXL's 77-token text encoders could follow anyway.
 MAX_PROMPT_TOKENS = 1024
@@ -45,9 +46,14 @@ _INT_BOUNDS = {
 
 @dataclass
 class EasyRefConfig:
-    """Configuration of an EasyRef model (paper, Sec. 3; defaults = the released SDXL model)."""
+    """Configuration of an EasyRef model (paper, Sec. 3; defaults = the released SDXL model).
+
+    `base` and `mllm` name the SDXL and Qwen2-VL-Instruct the weights were made with (a hub id,
+    `default` for the bundled model's, or a folder), so a checkpoint alone says what to load it on.
+    """
 
     mllm: str = "Qwen/Qwen2-VL-2B-Instruct"
+    base: str = "stabilityai/stable-diffusion-xl-base-1.0"
     num_reference_tokens: int = 64
     reference_image_size: int = 336
     max_references: int = 28
@@ -67,9 +73,14 @@ class EasyRefConfig:
     def __post_init__(self) -> None:
         for name, (low, high) in _INT_BOUNDS.items():
             _check_int(name, getattr(self, name), low, high)
-        for name in ("mllm", "instruction", "negative_instruction", "negative_prompt", "attention_mode", "reference_mode"):
+        for name in ("mllm", "base", "instruction", "negative_instruction", "negative_prompt", "attention_mode",
+                     "reference_mode"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
+        for name in ("mllm", "base"):
+            if not 1 <= len(getattr(self, name)) <= MAX_NAME_CHARS:
+                raise ValueError(f"{name} must name a model in 1 to {MAX_NAME_CHARS} characters, "
+                                 f"got {len(getattr(self, name))} characters")
         if not isinstance(self.has_trunk, bool):
             raise ValueError(f"has_trunk must be true or false, got {self.has_trunk!r}")
         if not isinstance(self.extra, dict):

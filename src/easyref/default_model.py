@@ -4,7 +4,8 @@ When the package ships trained weights (`assets/default_model/`: a tiny EasyRef 
 shapes world by `python -m easyref.shapes.demo_model`), those are used. Otherwise a tiny *untrained*
 EasyRef is built deterministically from configs (`easyref.tiny`) into a cache folder once; its
 images are noise-like by design and only show the whole path running end to end.
-Either way the folders load through the same `from_pretrained` code as real weights.
+Either way the folders load through the same `from_pretrained` code as real weights, and the
+name `default` means this model (or one of its parts) wherever a model is named (`easyref.resolve`).
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ def cache_root() -> Path:
     return Path(os.environ.get("EASYREF_HOME", Path.home() / ".cache" / "easyref"))
 
 
-def tiny_config(mllm: str) -> EasyRefConfig:
-    return EasyRefConfig(mllm=mllm, mllm_hidden_size=64, cross_attention_dim=64, reference_image_size=56, lora_rank=4)
+def tiny_config(mllm: str, base: str = "sdxl") -> EasyRefConfig:
+    return EasyRefConfig(mllm=mllm, base=base, mllm_hidden_size=64, cross_attention_dim=64, reference_image_size=56,
+                         lora_rank=4)
 
 
 def bundled_model_dir() -> Path | None:
@@ -78,15 +80,8 @@ def _build(folder: Path) -> None:
     save_tiny_sdxl(folder / "sdxl", seed=0)
     save_tiny_qwen2vl(folder / "qwen2vl", seed=1)
     torch.manual_seed(2)
-    # the config records the model by name, so the cached folder can move
+    # the config records the parts by their folder names, taken beside adapter/, so the cached folder can move
     encoder = ReferenceEncoder.from_pretrained(folder / "qwen2vl", tiny_config("qwen2vl"))
     pipe = EasyRefPipeline.from_components(StableDiffusionXLPipeline.from_pretrained(folder / "sdxl"), encoder)
     pipe.save_adapter(folder / "adapter")
 
-
-DEFAULT_NAME = "default"
-
-
-def resolve_part(name: str, part: str) -> str:
-    """`default` names a part (`sdxl` or `qwen2vl`) of the bundled default model; anything else is as given."""
-    return str(default_model_dir() / part) if name == DEFAULT_NAME else name

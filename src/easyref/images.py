@@ -16,7 +16,6 @@ import stat
 import warnings
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -113,6 +112,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def _high_depth_to_l(image: Image.Image) -> Image.Image:
     # 16-bit containers hold 0..65535; an "I" image whose values all fit 8 bits is taken as 8-bit data,
     # and float ("F") images are taken as 0..255 (PIL's convention for them).
+    import numpy as np  # here, not at the top: the CLI checks references before any heavy import
+
     values = np.asarray(image, dtype=np.float64)
     values = np.nan_to_num(values, nan=0.0, posinf=255.0, neginf=0.0)
     if image.mode.startswith("I;16") or (image.mode == "I" and values.size and values.max() > 255):

@@ -89,33 +89,61 @@ class EasyRefPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(
         cls,
-        base: str | Path,
+        base: str | Path | None = None,
         mllm: str | Path | None = None,
         adapter: str | Path | None = None,
         config: EasyRefConfig | None = None,
         dtype: torch.dtype | None = None,
         base_pipeline: str = "StableDiffusionXLPipeline",
         config_overrides: dict | None = None,
+        revision: str | None = None,
         **base_kwargs,
     ) -> "EasyRefPipeline":
-        """SDXL folder/hub id + Qwen2-VL folder/hub id + EasyRef checkpoint (ours or the release's).
+        """An SDXL, a Qwen2-VL-Instruct and an EasyRef checkpoint (ours or the release's), each named
+        by `"default"` (the bundled model's), a folder, or a hub id (`owner/name`, `owner/name@rev`).
 
+        `from_pretrained("default")`, or no names at all, is the bundled model; `adapter=` alone loads
+        the base and MLLM the checkpoint records; names given explicitly win (`easyref.resolve`).
+        Hub ids are read from the Hugging Face cache, and downloaded when not there and the hub
+        answers. `revision`, `cache_dir` and `local_files_only` apply as in diffusers.
         `config_overrides` changes settings that do not shape weights (e.g. `reference_image_size`,
         `instruction`, `max_references`) after the checkpoint's config is read.
         """
+        from .resolve import resolve_parts
+
+        parts = resolve_parts(base, mllm, adapter, config=config, revision=revision,
+                              local_files_only=base_kwargs.pop("local_files_only", False),
+                              cache_dir=base_kwargs.pop("cache_dir", None))
+        return cls.from_parts(parts, config, dtype, base_pipeline, config_overrides, **base_kwargs)
+
+    @classmethod
+    def from_parts(
+        cls,
+        parts,
+        config: EasyRefConfig | None = None,
+        dtype: torch.dtype | None = None,
+        base_pipeline: str = "StableDiffusionXLPipeline",
+        config_overrides: dict | None = None,
+        **base_kwargs,
+    ) -> "EasyRefPipeline":
+        """Load `easyref.resolve.Parts` (names already resolved to local paths)."""
         dtype = base_kwargs.pop("torch_dtype", dtype)  # the older name, still common in user code
-        tensors = None
-        if adapter is not None:
-            config, tensors = read_checkpoint(adapter)
         if base_pipeline not in BASE_PIPELINES:
             raise ValueError(f"base_pipeline must be one of {', '.join(BASE_PIPELINES)}, got {base_pipeline!r}")
-        sdxl = getattr(diffusers, base_pipeline).from_pretrained(base, dtype=dtype, **base_kwargs)
-        mllm = mllm or (config.mllm if config else EasyRefConfig.mllm)
+        tensors = None
+        if parts.adapter is not None:
+            config, tensors = read_checkpoint(parts.adapter.path)
+        if config is not None:
+            check_fit(config, parts)  # a checkpoint for another base or MLLM, refused before their weights load
+        sdxl = getattr(diffusers, base_pipeline).from_pretrained(parts.base.path, dtype=dtype, **base_kwargs)
         if config is None:
-            config = _config_for(mllm, sdxl.unet)
+            config = _config_for(parts, sdxl.unet)
         if config_overrides:
             config = dataclasses.replace(config, **config_overrides)
-        encoder = ReferenceEncoder.from_pretrained(mllm, config, dtype=dtype)
+        try:
+            encoder = ReferenceEncoder.from_pretrained(parts.mllm.path, config, dtype=dtype)
+        except ValueError as err:  # the MLLM's width against the checkpoint's, a tokenizer without chat template
+            raise CheckpointError(f"the EasyRef checkpoint does not fit the MLLM {parts.mllm.name}: {err}") from None
         return cls.from_components(sdxl, encoder, tensors, base_pipeline=base_pipeline)
 
     @classmethod
@@ -295,12 +323,40 @@ def _component_names() -> set[str]:
     return set(params) - {"self", "reference_encoder", "base_pipeline"}
 
 
-def _config_for(mllm, unet) -> EasyRefConfig:
+def _config_for(parts, unet) -> EasyRefConfig:
+    logger.warning("no EasyRef checkpoint given: the reference path starts from random weights")
+    return EasyRefConfig(mllm=parts.mllm.name, base=parts.base.name, mllm_hidden_size=mllm_hidden_size(parts.mllm.path),
+                         cross_attention_dim=unet.config.cross_attention_dim)
+
+
+def mllm_hidden_size(folder) -> int:
+    """The language model's width, from the MLLM's config alone."""
     from transformers import AutoConfig
 
-    hidden = AutoConfig.from_pretrained(mllm).text_config.hidden_size
-    logger.warning("no EasyRef checkpoint given: the reference path starts from random weights")
-    return EasyRefConfig(mllm=str(mllm), mllm_hidden_size=hidden, cross_attention_dim=unet.config.cross_attention_dim)
+    return AutoConfig.from_pretrained(folder).text_config.hidden_size
+
+
+def check_fit(config: EasyRefConfig, parts) -> None:
+    """The widths a checkpoint was made for against the base's and the MLLM's configs (no weights read):
+    one CheckpointError naming the part to change, instead of a failure after gigabytes have loaded."""
+    import json
+
+    unet_config = Path(parts.base.path) / "unet" / "config.json"
+    try:
+        cross = json.loads(unet_config.read_text()).get("cross_attention_dim")
+        hidden = mllm_hidden_size(parts.mllm.path)
+    except (OSError, ValueError, AttributeError):  # not there or unreadable: the loaders will say what is wrong
+        return
+    if isinstance(cross, int) and cross != config.cross_attention_dim:
+        raise CheckpointError(
+            f"the EasyRef checkpoint does not fit the base {parts.base.name}: it was made for cross_attention_dim "
+            f"{config.cross_attention_dim}, the base has {cross} (give the base it was trained on: {config.base})"
+        )
+    if hidden != config.mllm_hidden_size:
+        raise CheckpointError(
+            f"the EasyRef checkpoint does not fit the MLLM {parts.mllm.name}: it was made for mllm_hidden_size "
+            f"{config.mllm_hidden_size}, the MLLM has {hidden} (give the MLLM it was trained on: {config.mllm})"
+        )
 
 
 def _as_groups(references) -> list[list[Image.Image]]:

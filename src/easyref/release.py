@@ -1,15 +1,24 @@
-"""Import of the authors' release format (one `model.safetensors` of the whole training module).
+"""Import of the authors' release format (hub `zongzhuofan/EasyRef`).
 
-Key layout (see EASYREF_FACTS.md, "Release checkpoint layout") -> ours:
+The release is one file, `model.safetensors`, holding the state dict of the authors' whole training
+module (a training run's `.bin`/`.pt` of the same dict is read too, never unpickled). It was trained on SDXL base 1.0
+(`stabilityai/stable-diffusion-xl-base-1.0`) and Qwen2-VL-2B-Instruct (`Qwen/Qwen2-VL-2B-Instruct`),
+which the imported config records as its `base` and `mllm`. Its keys -> ours:
   image_proj_model.proj.{0,2,3}.*                 -> unet.encoder_hid_proj.image_projection_layers.0.{ff.net.0.proj,ff.net.2,norm}.*
-  mllm_final_layer.*                              -> aggregator.*
-  unet.<attn>.processor.to_{k,v}_ip.weight        -> unet.<attn>.processor.to_{k,v}_ip.0.weight
-  unet.<attn>.processor.to_{q,k,v,out}_lora.{down,up}.weight
+                                                     (Linear - GELU - Linear - LayerNorm: diffusers' IPAdapterFullImageProjection)
+  mllm_final_layer.{reference_tokens,layers.0.*,norm.weight}
+                                                  -> aggregator.*  (64 x 1536 reference tokens, the aggregation layer)
+  unet.<attn>.processor.to_{k,v}_ip.weight        -> unet.<attn>.processor.to_{k,v}_ip.0.weight  (every cross-attention)
+  unet.<attn>.processor.to_{q,k,v,out}_lora.{down,up}.weight   (the stage 2-3 UNet LoRA, rank 128, alpha = rank)
                                                   -> unet.lora.<attn>.{to_q,to_k,to_v,to_out.0}.lora_{A,B}.weight
-  multimodal_llm.{model.layers,model.embed_tokens,model.norm,visual}.* (transformers 4.45 names)
+  multimodal_llm.{model.layers,model.embed_tokens,model.norm,visual}.*
                                                   -> trunk.{layers,embed_tokens,norm,visual}.*
-Ignored, and reported: the frozen base UNet (`unet.*` that is not a processor tensor), the
-`adapter_modules.N.*` duplicates of processor tensors, and `multimodal_llm.lm_head.*` (never used).
+The `multimodal_llm.*` tensors are the MLLM trunk the authors finetuned in stages 2-3, under the
+names transformers 4.45 gave them; for the released model they replace the stock Qwen2-VL trunk.
+Because the file saves the whole training module it also holds tensors that are ignored, and
+reported: the frozen base UNet (`unet.*` that is not a processor tensor; SDXL's own copy is used),
+`adapter_modules.N.*` duplicates of the processor tensors (N = position in `unet.attn_processors`;
+some copies have them, some not) and `multimodal_llm.lm_head.*` (never used for reference tokens).
 """
 
 from __future__ import annotations
@@ -25,7 +34,10 @@ from .config import CONFIG_NAME, EasyRefConfig
 
 logger = logging.getLogger(__name__)
 
+RELEASE_REPO = "zongzhuofan/EasyRef"  # the authors' weights on the Hugging Face hub
 RELEASE_NAMES = ("model.safetensors", "easyref.bin", "model.bin", "pytorch_model.bin")
+RELEASE_BASE = EasyRefConfig.base  # what the release was trained on; EasyRefConfig's defaults are the release's
+RELEASE_MLLM = EasyRefConfig.mllm
 _PROJ = {"0": "ff.net.0.proj", "2": "ff.net.2", "3": "norm"}
 _LORA_TARGET = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
 _LORA_SIDE = {"down": "lora_A", "up": "lora_B"}
@@ -66,9 +78,9 @@ def read_release_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def convert_release_tensors(
-    tensors: dict[str, torch.Tensor], mllm: str = EasyRefConfig.mllm
+    tensors: dict[str, torch.Tensor], mllm: str = RELEASE_MLLM, base: str = RELEASE_BASE
 ) -> tuple[EasyRefConfig, dict[str, torch.Tensor], dict[str, str]]:
-    """Release state dict -> (config, our tensors, {ignored key: reason})."""
+    """Release state dict -> (config recording `base` and `mllm`, our tensors, {ignored key: reason})."""
     out: dict[str, torch.Tensor] = {}
     ignored: dict[str, str] = {}
     for key, tensor in tensors.items():
@@ -79,7 +91,7 @@ def convert_release_tensors(
             ignored[key] = reason
         else:
             raise CheckpointError(f"unexpected tensor {key} in the release checkpoint")
-    config = _infer_config(out, mllm)
+    config = _infer_config(out, mllm, base)
     return config, out, ignored
 
 
@@ -107,7 +119,7 @@ def _convert_key(key: str) -> tuple[str | None, str | None]:
     return None, None
 
 
-def _infer_config(tensors: dict[str, torch.Tensor], mllm: str) -> EasyRefConfig:
+def _infer_config(tensors: dict[str, torch.Tensor], mllm: str, base: str) -> EasyRefConfig:
     try:
         tokens = tensors["aggregator.reference_tokens"]
         proj_out = tensors["unet.encoder_hid_proj.image_projection_layers.0.ff.net.2.weight"]
@@ -118,6 +130,7 @@ def _infer_config(tensors: dict[str, torch.Tensor], mllm: str) -> EasyRefConfig:
         raise CheckpointError(f"release checkpoint mixes LoRA ranks {sorted(ranks)}")
     return EasyRefConfig(
         mllm=mllm,
+        base=base,
         num_reference_tokens=tokens.shape[0],
         mllm_hidden_size=tokens.shape[1],
         cross_attention_dim=proj_out.shape[0],
@@ -127,9 +140,11 @@ def _infer_config(tensors: dict[str, torch.Tensor], mllm: str) -> EasyRefConfig:
     )
 
 
-def import_release(path: str | Path, mllm: str = EasyRefConfig.mllm) -> tuple[EasyRefConfig, dict[str, torch.Tensor]]:
+def import_release(
+    path: str | Path, mllm: str = RELEASE_MLLM, base: str = RELEASE_BASE
+) -> tuple[EasyRefConfig, dict[str, torch.Tensor]]:
     source = find_release_file(Path(path))
-    config, tensors, ignored = convert_release_tensors(read_release_tensors(source), mllm)
+    config, tensors, ignored = convert_release_tensors(read_release_tensors(source), mllm, base)
     log_ignored(ignored)
     return config, tensors
 
@@ -142,12 +157,14 @@ def log_ignored(ignored: dict[str, str]) -> None:
         logger.info("ignored %d release tensors: %s", count, reason)
 
 
-def convert_release(src: str | Path, dst: str | Path, mllm: str = EasyRefConfig.mllm) -> tuple[EasyRefConfig, dict[str, str]]:
+def convert_release(
+    src: str | Path, dst: str | Path, mllm: str = RELEASE_MLLM, base: str = RELEASE_BASE
+) -> tuple[EasyRefConfig, dict[str, str]]:
     """`easyref convert`: release file -> our checkpoint folder. Returns the config and what was ignored."""
     source = find_release_file(Path(src))
     dst = Path(dst)
     _check_not_overwriting(source, dst)
-    config, tensors, ignored = convert_release_tensors(read_release_tensors(source), mllm)
+    config, tensors, ignored = convert_release_tensors(read_release_tensors(source), mllm, base)
     check_finite(tensors, source)
     dst.mkdir(parents=True, exist_ok=True)
     write_checkpoint(dst, config, {k: v.contiguous() for k, v in tensors.items()})

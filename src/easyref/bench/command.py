@@ -256,23 +256,27 @@ def _load_items(args):
 
 
 def _check_sources(args, scoring: bool) -> dict:
-    """Every model folder or hub id of this command, before any loads (a hub that cannot be reached
-    fails here at once, not after a minute of retries)."""
+    """Every model name of this command, resolved before any loads (`easyref.resolve`: `default`, a
+    folder, or a hub id; one that is neither cached nor reachable fails here at once, not after a
+    minute of retries)."""
+    from ..checkpoint import CheckpointError
     from ..cli import UserError
+    from ..resolve import CLI_LABELS, resolve_parts
     from .sources import check_source
 
     sources = {}
     with _one_line_errors():
         if getattr(args, "base", None) is not None:
-            sources["base"] = check_source(args.base, "--base", "model_index.json")
-            if args.method == "easyref":
-                if args.mllm:
-                    sources["mllm"] = check_source(args.mllm, "--mllm")
-                if args.adapter and not Path(args.adapter).expanduser().exists():
-                    raise UserError(f"--adapter {args.adapter}: no such file or folder")
-            elif args.method.startswith("ip-adapter"):
+            if args.method == "easyref":  # the base and MLLM the adapter records, unless given
+                try:
+                    sources["parts"] = resolve_parts(args.base, args.mllm, args.adapter, labels=CLI_LABELS)
+                except CheckpointError as err:  # the adapter's config, read for the names it records
+                    raise UserError(str(err)) from None
+            else:
+                sources["base"] = check_source(args.base, "--base", kind="base")
+            if args.method.startswith("ip-adapter"):
                 weights = "/".join(x for x in (args.ip_adapter_subfolder, args.ip_adapter_weights) if x)
-                sources["ip_adapter"] = check_source(args.ip_adapter, "--ip-adapter", weights)
+                sources["ip_adapter"] = check_source(args.ip_adapter, "--ip-adapter", probe=weights)
         if scoring:
             sources["clip"] = check_source(args.clip, "--clip")
             sources["dino"] = check_source(args.dino, "--dino")
@@ -283,10 +287,11 @@ def _scorer(args, state, sources: dict):
     from ..cli import UserError
     from .metrics import FeatureModels
 
-    # folders and cached hub ids load without the network: no update checks, nothing to retry
-    offline = {"local_files_only": True} if sources["clip"].offline_ok and sources["dino"].offline_ok else {}
+    clip, dino = sources["clip"], sources["dino"]
+    # folders and cached hub snapshots load from their paths: no update checks, nothing to retry
+    offline = {"local_files_only": True} if clip.offline_ok and dino.offline_ok else {}
     try:
-        return FeatureModels.from_pretrained(clip=args.clip, dino=args.dino, device=args.device or state.device,
+        return FeatureModels.from_pretrained(clip=clip.path, dino=dino.path, device=args.device or state.device,
                                              **offline)
     except Exception as err:  # a folder that is not the model: OSError, ValueError, KeyError ... one line
         raise UserError(f"could not load the metric models (--clip {args.clip}, --dino {args.dino}): "
@@ -294,6 +299,7 @@ def _scorer(args, state, sources: dict):
 
 
 def _method(args, device):
+    """The method by name; its model names resolve as `_check_sources` already checked them."""
     from ..cli import UserError
     from .methods import load_method
 

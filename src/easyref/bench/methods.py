@@ -135,9 +135,12 @@ def _uses_cfg(pipe, settings: GenerationSettings) -> bool:
 
 
 def _load_sdxl(base, dtype: torch.dtype):
+    """`base`: `default`, a folder or a hub id (`easyref.resolve`)."""
     from diffusers import StableDiffusionXLPipeline
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(base, dtype=dtype)
+    from ..resolve import resolve
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(resolve(base, "base", label=f"--base {base}").path, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -147,13 +150,17 @@ def _load_sdxl(base, dtype: torch.dtype):
 
 
 class EasyRefMethod:
-    """EasyRef: `EasyRefPipeline.from_pretrained(base, mllm=..., adapter=...)`; the MLLM reads the group."""
+    """EasyRef: `EasyRefPipeline.from_pretrained(base, mllm=..., adapter=...)`; the MLLM reads the group.
+
+    Names as everywhere (`easyref.resolve`): `base="default"` alone is the bundled model, an adapter
+    alone brings the base and MLLM its config records.
+    """
 
     name = "easyref"
 
     def __init__(
         self,
-        base: str | Path,
+        base: str | Path | None = None,
         mllm: str | Path | None = None,
         adapter: str | Path | None = None,
         device: str | torch.device | None = None,
@@ -162,28 +169,26 @@ class EasyRefMethod:
         config_overrides: dict | None = None,
     ):
         from ..pipeline import EasyRefPipeline
+        from ..resolve import CLI_LABELS, resolve_parts
 
         self.device, self.dtype = resolve_device_dtype(device, dtype)
-        self.base, self.mllm, self.adapter, self.scale = str(base), mllm, adapter, float(scale)
-        if adapter is None:
+        self.parts = resolve_parts(base, mllm, adapter, labels=CLI_LABELS)
+        self.scale = float(scale)
+        if self.parts.adapter is None:
             logger.warning("easyref method without an adapter checkpoint: its reference path is untrained")
         # without a checkpoint the reference path starts from random weights: drawn from a fixed seed, so
         # every process of a sharded or resumed run has the same ones (the global RNG is left as it was)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(UNTRAINED_SEED)
-            pipe = EasyRefPipeline.from_pretrained(
-                base, mllm=mllm, adapter=adapter, dtype=self.dtype, config_overrides=config_overrides
-            )
+            pipe = EasyRefPipeline.from_parts(self.parts, dtype=self.dtype, config_overrides=config_overrides)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(self.device)
-        logger.info("loaded easyref from %s (mllm %s, adapter %s)", base, self.pipe.easyref_config.mllm, adapter)
+        logger.info("loaded easyref: %s", self.parts.names())
 
     def describe(self) -> dict:
         return {
             "method": self.name,
-            "base": self.base,
-            "mllm": self.pipe.easyref_config.mllm,
-            "adapter": None if self.adapter is None else str(self.adapter),
+            **self.parts.names(),  # base, mllm and adapter as given or as the adapter records them
             "scale": self.scale,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
@@ -268,15 +273,18 @@ class IPAdapterMethod:
         from diffusers.models.embeddings import ImageProjection
         from transformers import CLIPVisionModelWithProjection
 
+        from ..resolve import resolve
+
         pipe = _load_sdxl(self.base, self.dtype)
-        encoder = CLIPVisionModelWithProjection.from_pretrained(
-            self.ip_adapter, subfolder=self.encoder_subfolder, dtype=self.dtype
-        )
+        # a cached hub snapshot loads from its folder: no update checks, nothing to retry
+        weights = "/".join(x for x in (self.subfolder, self.weight_name) if x)
+        root = resolve(self.ip_adapter, label=f"--ip-adapter {self.ip_adapter}", probe=weights).path
+        encoder = CLIPVisionModelWithProjection.from_pretrained(root, subfolder=self.encoder_subfolder, dtype=self.dtype)
         # registered before `load_ip_adapter`, which then loads neither; the processor is the one
         # diffusers would build (CLIP resize + centre crop to the encoder's size), but the PIL
         # backend explicitly, since the default CLIPImageProcessor wants torchvision
         pipe.register_modules(image_encoder=encoder, feature_extractor=_clip_processor(encoder.config.image_size))
-        pipe.load_ip_adapter(self.ip_adapter, subfolder=self.subfolder, weight_name=self.weight_name)
+        pipe.load_ip_adapter(root, subfolder=self.subfolder, weight_name=self.weight_name)
         pipe.set_ip_adapter_scale(self.scale)
         pipe.to(self.device)
         projection = pipe.unet.encoder_hid_proj.image_projection_layers[0]

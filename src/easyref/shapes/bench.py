@@ -30,6 +30,11 @@ METHODS = ("easyref", "mean", "concat")
 MODES = {"easyref": "joint", "mean": "mean", "concat": "concat"}
 DISTRACTOR_CELLS = [(split, 3, d) for split in ("held-in", "held-out") for d in (0, 1, 2)]
 REFERENCE_CELLS = [("held-out", n, 1) for n in (1, 2, 3, 5, 8)]
+CELLS = list(dict.fromkeys(DISTRACTOR_CELLS + REFERENCE_CELLS))  # 10: (held-out, 3, 1) is in both lists
+# scoring sizes per preset, (groups per cell, denoising steps): what --groups / --steps default to.
+# smoke only checks that the chain runs, so its scoring is as small as its training
+# (3 methods x 10 cells x 2 groups x 2 steps; the full sizes were 64 x 30, over 10 minutes on 2 cores)
+EVAL_SIZES = {"smoke": (2, 2), "cpu": (64, 30), "gpu": (64, 30), "full": (64, 30)}
 
 
 # ---------------------------------------------------------------------- training the baselines
@@ -71,7 +76,7 @@ def evaluate_methods(folders: dict[str, Path], out: Path, groups: int = 64, step
 
     out.mkdir(parents=True, exist_ok=True)
     oracle = load_oracle()
-    cells = list(dict.fromkeys(DISTRACTOR_CELLS + REFERENCE_CELLS))
+    cells = CELLS
     summary: dict = {"settings": {"groups": groups, "steps": steps, "guidance": guidance, "seed": seed}, "cells": []}
     outcomes: dict[tuple, list[bool]] = {}
     with open(out / "items.jsonl", "w") as items:
@@ -210,12 +215,15 @@ def plot_by_references(summary: dict, path: Path, metric: str = "identity") -> N
 
 
 # ---------------------------------------------------------------------- the command
-def run(out: Path, preset: str = "cpu", groups: int = 64, steps: int = 30, work: Path | None = None,
-        cpu: bool = True, seed: int = 0) -> dict:
-    """From nothing: the demo-model build (base + stages 1-3), the two baselines' stage 3, the evaluation."""
+def run(out: Path, preset: str = "cpu", groups: int | None = None, steps: int | None = None,
+        work: Path | None = None, cpu: bool = True, seed: int = 0) -> dict:
+    """From nothing: the demo-model build (base + stages 1-3), the two baselines' stage 3, the evaluation.
+    `groups` / `steps` default to the preset's scoring sizes (`EVAL_SIZES`)."""
     from .demo_model import PRESETS, build
 
     recipe = PRESETS[preset]
+    groups = groups or EVAL_SIZES[preset][0]
+    steps = steps or EVAL_SIZES[preset][1]
     work = work or out / "work"
     if not (work / "stage2" / "final" / "easyref.safetensors").is_file():
         build(out / "model-demo", recipe, work, cpu)

@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
-    """Everything one training stage needs; defaults follow the paper's recipe (facts, section 2)."""
+    """Everything one training stage needs; defaults follow the paper's recipe (its implementation details)."""
 
     stage: int = 1
     # models: SDXL folder/hub id, Qwen2-VL folder/hub id, the previous stage's checkpoint

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -32,18 +33,20 @@ class StageModels:
 
 
 def load_stage_models(config: TrainConfig) -> StageModels:
-    """SDXL + Qwen2-VL from their folders/hub ids, the adapter installed, the previous stage loaded."""
+    """SDXL + Qwen2-VL from `default`, folders or hub ids, the adapter installed, the previous stage loaded."""
     from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 
-    from ..default_model import resolve_part
+    from ..resolve import resolve
 
+    # names first: a hub id that is not cached fails here in one line, before any weights load
+    base = resolve(config.base, "base", label=f"base {config.base}")
+    mllm = resolve(config.mllm, "mllm", label=f"mllm {config.mllm}")
     previous = read_checkpoint(config.init_from) if config.init_from else None
-    base, mllm = resolve_part(config.base, "sdxl"), resolve_part(config.mllm, "qwen2vl")
-    sdxl = StableDiffusionXLPipeline.from_pretrained(base)
+    sdxl = StableDiffusionXLPipeline.from_pretrained(base.path)
     sdxl.set_progress_bar_config(disable=True)
-    model_config = _model_config(config, mllm, previous[0] if previous else None, sdxl.unet)
+    model_config = _model_config(config, base, mllm, previous[0] if previous else None, sdxl.unet)
     torch.manual_seed(config.seed)  # reference tokens and LoRA start from the same values on every process
-    encoder = ReferenceEncoder.from_pretrained(mllm, model_config)
+    encoder = ReferenceEncoder.from_pretrained(mllm.path, model_config)
     unet = sdxl.unet
     install_adapter(unet, model_config)
     if previous:
@@ -52,14 +55,29 @@ def load_stage_models(config: TrainConfig) -> StageModels:
     return StageModels(model_config, encoder, unet, sdxl.vae, sdxl, scheduler)
 
 
-def _model_config(config: TrainConfig, mllm_path: str, previous: EasyRefConfig | None, unet) -> EasyRefConfig:
-    """The checkpoint records `config.mllm` as written (a hub id, a folder, or `default`)."""
+def recorded_name(part) -> str:
+    """How a checkpoint names a part it was trained with: `default` and hub ids as given (they mean the
+    same model on any machine, wherever its cache or this package lives); a folder as an absolute path
+    (a relative one would mean nothing from another working folder)."""
+    if part.source == "local":
+        return os.path.abspath(os.path.expanduser(part.name))
+    return part.name
+
+
+def _provenance(base, mllm) -> dict:
+    """The files this run actually read (for hub ids, the snapshot folder names the commit): a record only."""
+    return {"resolved": {"base": os.path.abspath(base.path), "mllm": os.path.abspath(mllm.path)}}
+
+
+def _model_config(config: TrainConfig, base, mllm, previous: EasyRefConfig | None, unet) -> EasyRefConfig:
+    """The checkpoint records the base and MLLM it was trained with (`recorded_name`), and where they were read."""
+    names = {"base": recorded_name(base), "mllm": recorded_name(mllm)}
     if previous is None:
         from transformers import AutoConfig
 
         return EasyRefConfig(
-            mllm=config.mllm,
-            mllm_hidden_size=AutoConfig.from_pretrained(mllm_path).text_config.hidden_size,
+            **names,
+            mllm_hidden_size=AutoConfig.from_pretrained(mllm.path).text_config.hidden_size,
             cross_attention_dim=unet.config.cross_attention_dim,
             num_reference_tokens=config.num_reference_tokens,
             reference_image_size=config.reference_image_size,
@@ -67,17 +85,22 @@ def _model_config(config: TrainConfig, mllm_path: str, previous: EasyRefConfig |
             reference_mode=config.reference_mode,
             lora_rank=config.lora_rank if config.trains_trunk else 0,
             has_trunk=config.trains_trunk,
+            extra=_provenance(base, mllm),
         )
+    for part, name in names.items():
+        if getattr(previous, part) != name:
+            logger.warning("init_from was trained with %s %s; this stage uses %s", part, getattr(previous, part), name)
     lora_rank = previous.lora_rank or (config.lora_rank if config.trains_trunk else 0)
     if previous.lora_rank and config.lora_rank and config.lora_rank != previous.lora_rank:
         logger.warning("lora_rank %d ignored: the previous stage trained rank %d", config.lora_rank, lora_rank)
     return dataclasses.replace(
         previous,
-        mllm=config.mllm,
+        **names,
         max_references=max(previous.max_references, config.max_references),
         reference_mode=config.reference_mode,
         lora_rank=lora_rank,
         has_trunk=config.trains_trunk or previous.has_trunk,
+        extra={**previous.extra, **_provenance(base, mllm)},
     )
 
 
@@ -99,7 +122,9 @@ def load_previous_stage(previous: EasyRefConfig, tensors: dict, model_config: Ea
 
 
 def select_trainables(models: StageModels, stage: int) -> list[tuple[str, nn.Parameter]]:
-    """Freeze everything, then unfreeze what the stage trains (facts, section 2, recipe table)."""
+    """Freeze everything, then unfreeze what the stage trains (the paper's recipe): stage 1 the aggregation
+    layer and reference tokens, the projection and the adapter's k/v; stages 2-3 also the whole MLLM
+    trunk and the UNet LoRA."""
     encoder, unet = models.encoder, models.unet
     for module in (encoder, unet, models.vae, models.text_pipe.text_encoder, models.text_pipe.text_encoder_2):
         module.requires_grad_(False)

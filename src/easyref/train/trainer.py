@@ -25,6 +25,7 @@ import pickle
 import random
 import re
 import resource
+import shlex
 import shutil
 import stat
 import time
@@ -65,6 +66,7 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SKIP_WINDOW = 16  # the first samples of an epoch that may not all fail (at least one global batch)
 SKIP_REASONS_SHOWN = 3
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".bin")
+MAX_HINT_REFERENCES = 3  # references in the `easyref generate` command printed at the end
 
 
 class OutputWriteError(Exception):
@@ -180,6 +182,7 @@ class Trainer:
             seed=c.seed,
         )
         records = load_records(c.data)
+        self._example = records[0] if records else None  # for the command printed at the end
         root = Path(c.data_root)
         if not root.is_dir():
             what = "does not exist" if not root.exists() else "is not a folder"
@@ -551,9 +554,22 @@ class Trainer:
                     replace_folder(temp, final)
             finally:
                 shutil.rmtree(temp, ignore_errors=True)
-            logger.info("inference checkpoint: %s (load with `easyref generate --adapter %s`)", final, final)
+            logger.info("inference checkpoint: %s; try it with: %s", final, self.generate_command(final))
         acc.wait_for_everyone()
         return final
+
+    def generate_command(self, final: Path) -> str:
+        """A command that runs as printed from the folder training ran in: the checkpoint alone names
+        its base and MLLM, the references and prompt are the validation group's or the data's first."""
+        c = self.config
+        if self.validation_references:
+            references, prompt = [str(p) for p in c.validation_references], c.validation_prompt
+        else:
+            references, prompt = _example_group(self._example, Path(c.data_root))
+        words = ["easyref", "generate", "--adapter", str(final)]
+        for reference in references[:MAX_HINT_REFERENCES]:
+            words += ["--ref", reference]
+        return shlex.join(words + ["--prompt", prompt or "a photo", "--out", "generated.png"])
 
     def _load_model_state(self, point: ResumePoint) -> None:
         config, tensors = point.model
@@ -876,6 +892,17 @@ def _check_validation_references(config: TrainConfig):
         return load_validation_references(config.validation_references)
     except ImageFileError as err:
         raise ConfigError(f"validation_references: {err}") from None
+
+
+def _example_group(record: dict | None, root: Path) -> tuple[list[str], str]:
+    """A record's references under the data root (its target when it has none: stages 1-2) and its caption."""
+    if not isinstance(record, dict):
+        return ["IMAGE.png"], "a photo"
+    names = record.get("image_file") or record.get("target")
+    names = [names] if isinstance(names, str) else list(names or [])
+    texts = record.get("text")
+    text = texts if isinstance(texts, str) else (texts or ["a photo"])[0]
+    return [str(root / name) for name in names if isinstance(name, str)] or ["IMAGE.png"], str(text)
 
 
 def _warn_config_changes(saved: dict, config: TrainConfig) -> None:

@@ -1,0 +1,144 @@
+"""A fast, quiet command line: usage errors are found before torch, diffusers or transformers are
+imported (asserted on imports, not on wall time), argparse's mistakes are one line too, the libraries
+say nothing unless -v (configured when imported, not imported to be configured), and a normal run
+with the bundled model neither chatters nor touches the network."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+from conftest import shape_image
+from easyref import cli
+
+HEAVY = ("torch", "diffusers", "transformers", "accelerate")
+
+# main() on argv, then which heavy modules are imported at the moment the error was reported
+PROBE = f"""
+import json, sys
+from easyref.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exit:
+    code = exit.code
+print(json.dumps({{"code": code, "heavy": [m for m in {HEAVY!r} if m in sys.modules]}}))
+"""
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fast")
+    shape_image("red").save(folder / "ref.png")
+    return folder / "ref.png"
+
+
+def usage_errors(ref):
+    generate = ["generate", "--prompt", "x", "--ref", str(ref), "--out", str(ref.with_name("o.png"))]
+    return {
+        "missing reference": (["generate", "--prompt", "x", "--ref", "nope.png", "--out", "o.png"],
+                              "nope.png: file not found"),
+        "bad flag value": ([*generate, "--steps", "abc"], "invalid int value: 'abc'"),
+        "bound violated": ([*generate, "--guidance", "nan"], "--guidance must be a finite number"),
+        "out overwrites a reference": ([*generate[:-1], str(ref)], "would overwrite the reference"),
+        "no prompt": (["generate", "--ref", str(ref), "--out", "o.png"], "--prompt is required"),
+        "missing --from-metadata": (["generate", "--from-metadata", "nope.png"], "file not found"),
+        "info of a non-model": (["info", str(ref.parent)], "is not a model folder"),
+        "no command": ([], "required: command"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing reference", "bad flag value", "bound violated",
+                                  "out overwrites a reference", "no prompt", "missing --from-metadata",
+                                  "info of a non-model", "no command"])
+def test_usage_errors_come_before_the_heavy_imports(ref, case):
+    argv, phrase = usage_errors(ref)[case]
+    result = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=60,
+                            cwd=ref.parent)
+    report = json.loads(result.stdout)
+    assert report == {"code": 2, "heavy": []}, (report, result.stderr)
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("easyref: error:") and phrase in err, err
+
+
+def test_python_dash_m_easyref_usage_error(ref):
+    result = subprocess.run([sys.executable, "-m", "easyref", "generate", "--prompt", "x", "--ref", "nope.png",
+                             "--out", "o.png"], capture_output=True, text=True, timeout=60, cwd=ref.parent)
+    assert result.returncode == 2 and result.stderr == "easyref: error: nope.png: file not found\n"
+
+
+@pytest.mark.parametrize("argv, level", [
+    (["generate", "--prompt", "x"], 0), (["-v", "generate", "--prompt", "x"], 1),
+    (["generate", "--prompt", "x", "-v"], 1), (["generate", "-vv", "--prompt", "x"], 2),
+    (["-vv", "bench", "convert", "folders", "a", "b"], 2), (["bench", "convert", "folders", "a", "b", "-v"], 1),
+    (["info", "--verbose"], 1),
+])
+def test_verbose_before_or_after_the_subcommand(argv, level):
+    assert cli.build_parser().parse_args(argv).verbose == level
+
+
+def test_verbose_turns_the_libraries_up_again():
+    import diffusers
+    import transformers
+
+    try:
+        cli.configure_output(2)
+        assert transformers.utils.logging.get_verbosity() == logging.INFO
+        assert diffusers.utils.logging.is_progress_bar_enabled()
+        cli.configure_output(1)
+        assert diffusers.utils.logging.get_verbosity() == logging.WARNING
+    finally:
+        cli.configure_output(0)
+    assert transformers.utils.logging.get_verbosity() == logging.ERROR
+
+
+def test_library_warnings_hidden_unless_verbose():
+    for verbose, expected in ((0, ["from easyref"]), (1, ["from a library", "from easyref"])):
+        with warnings.catch_warnings(record=True) as caught:
+            cli.configure_output(verbose)
+            warnings.warn_explicit("from a library", UserWarning, "x.py", 1, module="diffusers.schedulers")
+            warnings.warn_explicit("from easyref", UserWarning, "y.py", 1, module="easyref.pipeline")
+        assert [str(w.message) for w in caught] == expected
+
+
+# a normal run: socket use is recorded (and refused), stderr is read line by line, and the libraries'
+# settings are read after it
+QUIET_RUN = """
+import json, socket, sys
+tried = []
+def refuse(*args, **kwargs):
+    tried.append(repr(args[:2]))
+    raise OSError("no network in this test")
+socket.socket.connect = refuse
+socket.getaddrinfo = refuse
+from easyref.cli import main
+code = main(sys.argv[1:])
+# configured when the run imported them (main imports neither): quiet, no loading bars
+from diffusers.utils import logging as d
+from transformers.utils import logging as t
+libraries = [t.get_verbosity(), t.is_progress_bar_enabled(), d.get_verbosity(), d.is_progress_bar_enabled()]
+print(json.dumps({"code": code, "tried": tried, "libraries": libraries}))
+"""
+
+
+def test_a_normal_run_is_quiet_and_offline(ref, tmp_path):
+    argv = ["generate", "--ref", str(ref), "--prompt", "an object on a white background, at the top left",
+            "--out", str(tmp_path / "o.png"), "--steps", "1", "--seed", "0", "--grid"]
+    result = subprocess.run([sys.executable, "-c", QUIET_RUN, *argv], capture_output=True, text=True, timeout=300,
+                            env={**_env(), "EASYREF_HOME": str(tmp_path / "home")})
+    report = json.loads(result.stdout)
+    quiet = [logging.ERROR, False, logging.ERROR, False]
+    assert report == {"code": 0, "tried": [], "libraries": quiet}, (report, result.stderr)
+    lines = result.stderr.splitlines()
+    assert all(line.startswith("easyref: ") for line in lines), result.stderr  # no library line, no bar
+    assert len(lines) == len(set(lines)) == 3, result.stderr  # the bundled-model notice, two `wrote` lines
+
+
+def _env() -> dict:
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith(("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"))}

@@ -1,0 +1,122 @@
+"""PNG records that reproduce: what `easyref generate` writes into each PNG, and `--from-metadata`
+making the same pixels again (CPU, the bundled tiny model, 2 steps)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image, PngImagePlugin
+
+from conftest import shape_image
+from easyref import cli
+from easyref.cli import main
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory):
+    """Two images of one batch (image 1's noise depends on the batch), references given by relative path."""
+    root = tmp_path_factory.mktemp("metadata")
+    refs = root / "refs"
+    refs.mkdir()
+    for i, back in enumerate(("white", "gray")):
+        shape_image("red", back).save(refs / f"{i}.png")
+    out = root / "out" / "image.png"
+    argv = ["generate", "--refs-dir", str(refs), "--prompt", "an object on a white background, at the top left",
+            "--out", str(out), "--steps", "2", "--seed", "5", "--num-images", "2", "--negative-prompt", ""]
+    assert main(argv) == 0
+    return root, [out.with_name("image_0.png"), out.with_name("image_1.png")]
+
+
+def record(path: Path) -> dict:
+    with Image.open(path) as image:
+        return json.loads(image.text["easyref"])
+
+
+def pixels(path: Path) -> bytes:
+    with Image.open(path) as image:
+        return image.tobytes()
+
+
+def test_the_record_holds_every_setting_the_model_and_the_versions(batch):
+    root, images = batch
+    params = record(images[1])
+    assert params["prompt"] == "an object on a white background, at the top left"
+    assert params["negative_prompt"] == ""  # as given: "" is not "the checkpoint's default"
+    assert (params["seed"], params["steps"], params["scale"], params["guidance"]) == (5, 2, 1.0, 5.0)
+    assert (params["num_images"], params["index"], params["width"], params["height"]) == (2, 1, 64, 64)
+    assert (params["device"], params["dtype"]) == ("cpu", "float32")
+    assert params["references"] == [str(root / "refs" / "0.png"), str(root / "refs" / "1.png")]
+    assert all(Path(p).is_absolute() for p in params["references"])
+    from importlib.metadata import version
+
+    assert params["version"] == version("easyref") and params["versions"]["torch"] == version("torch")
+    assert params["model"] == {"base": None, "mllm": None, "adapter": None}  # as asked: the bundled model
+    assert params["sources"] and set(params["sources"]) >= {"base", "mllm", "adapter"}  # as load_pipeline resolved
+
+
+def test_one_image_of_a_batch_is_made_again_bit_for_bit(batch, caplog):
+    _, images = batch
+    with caplog.at_level("WARNING"):
+        assert main(["generate", "--from-metadata", str(images[1])]) == 0
+    again = images[1].with_name("image_1-regen.png")  # the default --out, beside the source
+    assert pixels(again) == pixels(images[1])
+    assert record(again) == record(images[1])  # and its record makes it again too
+    assert "may differ" not in caplog.text  # same versions, same model
+
+
+def test_flags_given_override_the_record(batch, tmp_path):
+    _, images = batch
+    out = tmp_path / "one_step.png"
+    assert main(["generate", "--from-metadata", str(images[0]), "--out", str(out), "--steps", "1"]) == 0
+    params = record(out)
+    assert params["steps"] == 1 and params["seed"] == 5 and params["index"] == 0
+    assert pixels(out) != pixels(images[0])
+
+
+def _damaged(tmp_path: Path, text: str | None) -> Path:
+    path = tmp_path / "source.png"
+    info = PngImagePlugin.PngInfo()
+    if text is not None:
+        info.add_text("easyref", text)
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    return path
+
+
+GOOD = {"version": "0.1.0", "prompt": "x", "references": ["/nope.png"], "scale": 1.0, "steps": 2, "guidance": 5.0,
+        "seed": 1, "num_images": 2, "index": 1}
+BAD_RECORDS = {
+    "no file": (None, "file not found"),
+    "not a png record": ("", "not a JSON object"),
+    "not an image": ("junk", "not an image PIL can read"),
+    "no record": ("absent", "no easyref record"),
+    "old record": (json.dumps({"prompt": "x", "seed": 1}), "the record lacks version"),
+    "wrong type": (json.dumps({**GOOD, "steps": "2"}), "steps is not a whole number"),
+    "bool as number": (json.dumps({**GOOD, "seed": True}), "seed is not a whole number"),
+    "index out of range": (json.dumps({**GOOD, "index": 2}), "index 2 is not one of its 2 images"),
+    "unknown dtype": (json.dumps({**GOOD, "dtype": "int8"}), "dtype 'int8'"),
+    "nested": ("[" * 10_000 + "]" * 10_000, "not a JSON object"),
+    "missing reference": (json.dumps(GOOD), "/nope.png: file not found"),
+    "out is the source": (json.dumps(GOOD), "would overwrite --from-metadata"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RECORDS))
+def test_unusable_records_are_one_line_before_any_model_loads(tmp_path, capsys, monkeypatch, case):
+    monkeypatch.setattr(cli, "load_pipeline", lambda args: pytest.fail("the model was loaded"))
+    text, phrase = BAD_RECORDS[case]
+    if case == "no file":
+        source = tmp_path / "missing.png"
+    elif case == "not an image":
+        source = tmp_path / "junk.png"
+        source.write_text(text)
+    else:
+        source = _damaged(tmp_path, None if text == "absent" else text)
+    argv = ["generate", "--from-metadata", str(source)]
+    if case == "out is the source":
+        shape_image("red").save(tmp_path / "ref.png")
+        argv += ["--ref", str(tmp_path / "ref.png"), "--out", str(source)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("easyref: error:") and phrase in err, err

@@ -1,0 +1,45 @@
+"""Size invariants of the shapes presets (not timings), and the `slow` list `make test-fast` relies on."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from conftest import SLOW_TESTS
+
+from easyref.shapes.bench import CELLS, EVAL_SIZES, METHODS
+from easyref.shapes.demo_model import PRESETS
+
+
+def test_every_preset_has_scoring_sizes():
+    assert set(EVAL_SIZES) == set(PRESETS)
+    assert all(groups >= 1 and steps >= 1 for groups, steps in EVAL_SIZES.values())
+
+
+def test_the_smoke_preset_stays_small_in_training_and_scoring():
+    """`bench shapes --preset smoke` is a check of the whole chain that has to finish in about a minute on
+    2 cores. Scoring used to keep the full 64 groups x 30 steps per cell (57,600 image-steps, over
+    10 minutes); training is a handful of steps per phase."""
+    recipe = PRESETS["smoke"]
+    groups, steps = EVAL_SIZES["smoke"]
+    assert len(METHODS) * len(CELLS) * groups * steps <= 500  # denoised image-steps over the whole evaluation
+    assert recipe.groups <= 64 and recipe.batch_size <= 4
+    pretraining = recipe.vae_steps + recipe.base_steps + recipe.mllm_steps + recipe.vision_steps
+    stages = sum(recipe.stage_steps) + 2 * recipe.stage_steps[2]  # the two baselines' stage 3 too
+    assert pretraining + stages <= 40
+    # the other presets are the real ones: the smoke sizes must not leak into them
+    assert all(EVAL_SIZES[name] == (64, 30) for name in PRESETS if name != "smoke")
+
+
+def test_cells_are_the_ten_distinct_settings():
+    assert len(CELLS) == len(set(CELLS)) == 10
+
+
+def test_every_test_marked_slow_still_exists():
+    """A renamed test would silently drop out of the list and make `make test-fast` slow again."""
+    here = Path(__file__).parent
+    for name in sorted(SLOW_TESTS):
+        file, function = name.split("::")
+        tree = ast.parse((here / file).read_text())
+        defined = {node.name for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        assert function in defined, f"{name} (in tests/conftest.py SLOW_TESTS) no longer exists"
