@@ -1,7 +1,7 @@
 # `make demo`: set up .venv from nothing and generate with the bundled default model.
 # `make test`: the same set-up, then the whole offline test suite; `make test-fast` leaves out the slow tests.
-# Times below: a 2-core CPU machine, 2 torch threads, measured while other jobs shared the cores ("busy");
-# torch's two threads slow down many times over when one core is taken, so time on an idle machine.
+# Times below: a nearly idle 2-core CPU machine, 2 torch threads. With another job holding a core, torch's
+# two threads slow down many times over (the smoke build took 114 s instead of 10 s).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -18,14 +18,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"
 	touch $@
 
-# from nothing (clone + set-up + run): 1 min 45 s busy, packages from a local mirror (downloads not counted);
-# once set up: 30 s busy
+# from nothing (clone + set-up + run): 55 s, packages from a local mirror (downloads not counted); once set up: 7 s
 demo: setup
 	$(BIN)/easyref generate --refs-dir examples/refs --prompt "an object on a white background, at the top left" \
 		--out outputs/demo.png --grid --seed 0 --num-images 4
 
 # retrain the bundled default model from nothing (shapes world; an earlier build in runs/ is continued).
-# About 1 h 45 min on 2 cores, estimated from timed fractions: VAE 4,000 steps x 0.29 s, base 11,000 x 0.28 s,
+# About 1 h 45 min on 2 cores, estimated from timed fractions: VAE 4,000 steps x 0.29 s, base 11,000 x 0.27 s,
 # MLLM 750 s and stages 1-3 1,130 s (both as recorded in the shipped model's recipe.json, rates checked)
 demo-model: setup
 	$(BIN)/python -m easyref.shapes.demo_model runs/demo-model --preset cpu --work runs/demo-model.work
@@ -33,19 +32,20 @@ demo-model: setup
 
 # the miniature MRBench (EasyRef vs mean vs concat) from nothing; reuses a demo-model build if present.
 # After `make demo-model` about 35 min on 2 cores: the two baselines' stage 3 (2 x 670 s) and scoring
-# (3 methods x 10 cells x 64 groups x 30 steps, 650 s), estimated from timed fractions; without it 2 h 15 min
+# (3 methods x 10 cells x 64 groups x 30 steps, 610 s), estimated from timed fractions; without it 2 h 15 min.
+# `easyref bench shapes --preset smoke` checks the same chain with tiny models in under 30 s
 bench-shapes: setup
 	$(BIN)/easyref bench shapes --preset cpu --out runs/bench-shapes --work runs/demo-model.work
 
-# the whole offline suite: 2 min 3 s once set up (busy; 163 s CPU)
+# the whole offline suite: 2 min 12 s once set up (175 s CPU)
 test: setup
 	$(BIN)/python -m pytest
 
-# the inner loop, the suite less the tests marked slow in tests/conftest.py: 43 s once set up (busy; 50 s CPU)
+# the inner loop, the suite less the tests marked slow in tests/conftest.py: 46 s once set up (52 s CPU)
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
 
-# the three training stages on the bundled tiny model and synthetic data (40 s once set up, busy)
+# the three training stages on the bundled tiny model and synthetic data (35 s once set up)
 train-demo: setup
 	$(BIN)/easyref train --write-example-data runs/example-data
 	$(BIN)/easyref train --config example-stage1

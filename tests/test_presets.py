@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import ast
+import re
 from pathlib import Path
 
 from conftest import SLOW_TESTS
@@ -40,6 +40,5 @@ def test_every_test_marked_slow_still_exists():
     here = Path(__file__).parent
     for name in sorted(SLOW_TESTS):
         file, function = name.split("::")
-        tree = ast.parse((here / file).read_text())
-        defined = {node.name for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
-        assert function in defined, f"{name} (in tests/conftest.py SLOW_TESTS) no longer exists"
+        assert re.search(rf"^def {function}\(", (here / file).read_text(), re.M), \
+            f"{name} (in tests/conftest.py SLOW_TESTS) no longer exists"

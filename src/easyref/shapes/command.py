@@ -11,7 +11,7 @@ logger = logging.getLogger("easyref")
 # the presets' times on 2 cores (the Makefile's bench-shapes comment has the breakdown)
 PRESET_HELP = ("training and scoring sizes: smoke (a check of the whole chain, under 30 s from nothing; "
                "tiny models, 2 groups x 2 steps per cell), cpu (the default: about 2 h 15 min from nothing, "
-               "35 min with a finished demo-model build as --work, 11 min of it scoring), "
+               "35 min with a finished demo-model build as --work, 10 min of it scoring), "
                "gpu (sized for one GPU), full")
 
 

@@ -54,7 +54,7 @@ PRESETS = {
     "gpu": Recipe(groups=3000, vae_steps=1500, base_steps=5000, mllm_steps=1500,
                   stage_steps=(600, 1200, 1800), batch_size=32, num_workers=12,
                   vision_steps=12000, vision_width=64, vision_depth=3),
-    # about 1 h 45 min on this project's 2-core CPU machine (VAE 4,000 x 0.29 s, base 11,000 x 0.28 s,
+    # about 1 h 45 min on this project's 2-core CPU machine (VAE 4,000 x 0.29 s, base 11,000 x 0.27 s,
     # MLLM 750 s, stages 1-3 1,130 s; the baselines' two stage-3 runs add 2 x 670 s). 600 VAE + 2500 base steps were too few
     # (VAE MSE 0.054, colours washed out; the base drew the captioned subject 1 time in 16); 4000 +
     # 6000 reached VAE MSE 0.014 and 10/32 subjects (24/32 shapes) from captions alone, still too weak
