@@ -25,9 +25,10 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
-from .safe_io import current_umask, describe_os_error
+from .images import contact_sheet, stage_png
+from .safe_io import describe_os_error
 
 logger = logging.getLogger("easyref")
 
@@ -658,7 +659,7 @@ def write_outputs(images, references, out: Path, params: dict, grid: bool,
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         for image, path, info in planned:
-            staged.append((_stage_png(image, path, info), path))
+            staged.append((stage_png(image, path, info), path))
         for tmp, path in staged:
             os.replace(tmp, path)
     except OSError as err:
@@ -667,44 +668,6 @@ def write_outputs(images, references, out: Path, params: dict, grid: bool,
         for tmp, _ in staged:
             Path(tmp).unlink(missing_ok=True)
     return [path for _, path, _ in planned]
-
-
-def save_png(image: Image.Image, path: Path, params: dict) -> None:
-    tmp = _stage_png(image, path, params)
-    try:
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def _stage_png(image: Image.Image, path: Path, params: dict) -> str:
-    """Write a PNG with its settings as text metadata to a unique temporary name beside `path`."""
-    info = PngImagePlugin.PngInfo()
-    info.add_text("easyref", json.dumps(params, sort_keys=True, default=str))  # default: a Path in `sources`
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format="PNG", pnginfo=info)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; outputs get ordinary permissions
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return tmp
-
-
-def contact_sheet(references, outputs, cell: int | None = None) -> Image.Image:
-    """References in the top row, generated images in the bottom row, all as square cells."""
-    from .images import to_rgb  # numpy: imported when a sheet is made, not for a usage error
-
-    cell = cell or max(im.width for im in outputs)
-    cols = max(len(references), len(outputs))
-    sheet = Image.new("RGB", (cols * cell, 2 * cell), "white")
-    for row, images in enumerate((references, outputs)):
-        for col, image in enumerate(images):
-            thumb = to_rgb(image)
-            thumb.thumbnail((cell, cell))
-            sheet.paste(thumb, (col * cell + (cell - thumb.width) // 2, row * cell + (cell - thumb.height) // 2))
-    return sheet
 
 
 # ---------------------------------------------------------------------------- convert

@@ -1,4 +1,4 @@
-"""Image files -> the upright RGB pictures every part of easyref sees (generate, train, bench, sheets).
+"""Image files -> the upright RGB pictures every part of easyref sees; PNGs and contact sheets written from them.
 
 One decoding rule everywhere, so a reference means the same pixels to the CLI, the trainer and the
 benchmark:
@@ -11,12 +11,16 @@ benchmark:
 
 from __future__ import annotations
 
+import json
 import os
 import stat
+import tempfile
 import warnings
 from pathlib import Path
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+
+from .safe_io import current_umask
 
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
@@ -123,3 +127,41 @@ def _high_depth_to_l(image: Image.Image) -> Image.Image:
 
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
+
+
+# ---------------------------------------------------------------------------- writing
+def save_png(image: Image.Image, path: Path, params: dict) -> None:
+    """A PNG with `params` as its `easyref` text chunk, written under a temporary name and renamed."""
+    tmp = stage_png(image, path, params)
+    try:
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def stage_png(image: Image.Image, path: Path, params: dict) -> str:
+    """Write a PNG with its settings as text metadata to a unique temporary name beside `path`."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("easyref", json.dumps(params, sort_keys=True, default=str))  # default: a Path in `sources`
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            image.save(handle, format="PNG", pnginfo=info)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; outputs get ordinary permissions
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def contact_sheet(references, outputs, cell: int | None = None) -> Image.Image:
+    """References in the top row, generated images in the bottom row, all as square cells."""
+    cell = cell or max(im.width for im in outputs)
+    cols = max(len(references), len(outputs))
+    sheet = Image.new("RGB", (cols * cell, 2 * cell), "white")
+    for row, images in enumerate((references, outputs)):
+        for col, image in enumerate(images):
+            thumb = to_rgb(image)
+            thumb.thumbnail((cell, cell))
+            sheet.paste(thumb, (col * cell + (cell - thumb.width) // 2, row * cell + (cell - thumb.height) // 2))
+    return sheet

@@ -17,6 +17,7 @@ import errno
 import json
 import logging
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,31 @@ def atomic_write_bytes(path: str | Path, data: bytes, root: str | Path | None = 
 
 def atomic_write_text(path: str | Path, text: str, root: str | Path | None = None, fsync: bool = True) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"), root=root, fsync=fsync)
+
+
+def append_line(path: str | Path, text: str, root: str | Path | None = None, fsync: bool = False) -> None:
+    """Append one line to a log in a run folder: never through a symlink, never into a pipe, and after
+    a line a killed process left unfinished, on a fresh line rather than glued to it."""
+    path = Path(path)
+    check_no_symlink(path, root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.ENXIO):  # a symlink planted since the check; a FIFO without reader
+            raise UnsafePathError(f"{path} is a symlink or a pipe; refusing to write through it (remove it first)") from None
+        raise
+    with os.fdopen(fd, "r+b") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UnsafePathError(f"{path} is not a regular file; refusing to write to it (remove it first)")
+        data = text.encode("utf-8")
+        if handle.seek(0, os.SEEK_END) and (handle.seek(-1, os.SEEK_END), handle.read(1))[1] != b"\n":
+            data = b"\n" + data
+        handle.write(data if data.endswith(b"\n") else data + b"\n")
+        handle.flush()
+        if fsync:
+            os.fsync(handle.fileno())
 
 
 def current_umask() -> int:

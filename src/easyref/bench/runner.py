@@ -28,7 +28,6 @@ import io
 import json
 import logging
 import math
-import os
 import re
 import zlib
 from dataclasses import asdict, dataclass
@@ -42,6 +41,7 @@ from ..safe_io import (
     LOCK_NAME,
     TEMP_SUFFIX,
     JSONFileError,
+    append_line,
     atomic_write_bytes,
     atomic_write_text,
     check_no_symlink,
@@ -162,16 +162,7 @@ def _is_number(value) -> bool:
 
 def append_record(path: Path, record: dict, root: Path | None = None) -> None:
     """One line, fsynced; refuses a symlink at `path` (or between `root` and it)."""
-    check_no_symlink(path, root)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
-    with os.fdopen(fd, "a+b") as f:
-        # after a crash mid-line, start a fresh line, or this record would be glued to the torn one
-        if f.tell() and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
-            f.write(b"\n")
-        f.write((json.dumps(record) + "\n").encode())
-        f.flush()
-        os.fsync(f.fileno())
+    append_line(path, json.dumps(record) + "\n", root, fsync=True)
 
 
 def drop_torn_line(path: Path, root: Path | None = None) -> None:

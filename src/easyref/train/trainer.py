@@ -16,7 +16,6 @@ exceeds `max_skip_fraction` stops without writing `final/`. A full disk is one l
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import logging
 import math
@@ -27,7 +26,6 @@ import re
 import resource
 import shlex
 import shutil
-import stat
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -41,8 +39,8 @@ from ..checkpoint import WEIGHTS_NAME, CheckpointError, apply_checkpoint, read_c
 from ..safe_io import (
     LOCK_NAME,
     JSONFileError,
+    append_line,
     RunLock,
-    UnsafePathError,
     check_no_symlink,
     clean_stale_temps,
     describe_os_error,
@@ -675,26 +673,6 @@ def _nearly_full(folder: Path) -> bool:
         return shutil.disk_usage(folder).free < 16 * 2**20
     except OSError:
         return False
-
-
-def append_line(path: Path, text: str, root: Path) -> None:
-    """Append to a log file in the output folder, never through a symlink and never into a pipe."""
-    check_no_symlink(path, root)
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-    try:
-        fd = os.open(path, flags, 0o666)
-    except OSError as err:
-        if err.errno in (errno.ELOOP, errno.ENXIO):  # a symlink planted since the check; a FIFO without reader
-            raise UnsafePathError(f"{path} is a symlink or a pipe in {root}; refusing to write through it (remove it first)") from None
-        raise
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise UnsafePathError(f"{path} is not a regular file; refusing to write to it (remove it first)")
-        data = text.encode("utf-8")
-        while data:
-            data = data[os.write(fd, data):]
-    finally:
-        os.close(fd)
 
 
 def replace_folder(new: Path, dest: Path) -> None:

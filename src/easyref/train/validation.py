@@ -27,7 +27,7 @@ def write_validation_grid(
     symlink in `output_dir`. `references`: the group loaded at start-up (read again from its files if None)."""
     from diffusers import EulerDiscreteScheduler
 
-    from ..cli import contact_sheet, save_png
+    from ..images import contact_sheet, save_png
     from ..pipeline import EasyRefPipeline
 
     pipe = EasyRefPipeline(
