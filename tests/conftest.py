@@ -45,6 +45,7 @@ SLOW_TESTS = {
     "test_checkpoint.py::test_save_load_bit_exact",  # 1 s in all
     "test_train.py::test_text_cache_and_bf16_autocast",  # 0.9 s
     "test_cli.py::test_same_seed_same_image",  # 0.8 s
+    "test_readme.py::test_the_readme_commands_run_as_written",  # 6 s: every runnable README command, fake hub
 }
 
 

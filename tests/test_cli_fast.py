@@ -38,6 +38,8 @@ def ref(tmp_path_factory):
 
 
 def usage_errors(ref):
+    data = ref.with_name("pairs.json")
+    data.write_text("[]")
     generate = ["generate", "--prompt", "x", "--ref", str(ref), "--out", str(ref.with_name("o.png"))]
     return {
         "missing reference": (["generate", "--prompt", "x", "--ref", "nope.png", "--out", "o.png"],
@@ -49,12 +51,28 @@ def usage_errors(ref):
         "missing --from-metadata": (["generate", "--from-metadata", "nope.png"], "file not found"),
         "info of a non-model": (["info", str(ref.parent)], "is not a model folder"),
         "no command": ([], "required: command"),
+        "train: no such config": (["train", "--config", "nope.yaml"], "config file nope.yaml does not exist"),
+        "train: unknown setting": (["train", "--config", "example-stage1", "--set", "colour=1"],
+                                   "unknown setting 'colour'"),
+        "train: no data file": (["train", "--config", "example-stage1", "--set", "data=nope.json"],
+                                "nope.json: data file not found"),
+        "train: no data root": (["train", "--config", "example-stage1", "--set", f"data={data}", "data_root=nope"],
+                                "data_root nope does not exist"),
+        "convert: no such release": (["convert", "nope", "out"], "nope: no such file or folder"),
+        "convert: not a release": (["convert", str(ref.parent), "out"], "not an EasyRef checkpoint"),
+        "bench run: no base": (["bench", "run", "--manifest", "m.jsonl", "--method", "sdxl", "--out", "o"],
+                               "--method sdxl needs --base"),
+        "bench run: no manifest": (["bench", "run", "--manifest", "m.jsonl", "--method", "easyref", "--out", "o"],
+                                   "no such file m.jsonl"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing reference", "bad flag value", "bound violated",
                                   "out overwrites a reference", "no prompt", "missing --from-metadata",
-                                  "info of a non-model", "no command"])
+                                  "info of a non-model", "no command", "train: no such config",
+                                  "train: unknown setting", "train: no data file", "train: no data root",
+                                  "convert: no such release", "convert: not a release", "bench run: no base",
+                                  "bench run: no manifest"])
 def test_usage_errors_come_before_the_heavy_imports(ref, case):
     argv, phrase = usage_errors(ref)[case]
     result = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=60,

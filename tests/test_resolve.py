@@ -15,68 +15,25 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
-from safetensors.torch import save_file
 
-from conftest import randomize_adapter, shape_image, tiny_config
-from easyref import EasyRefConfig, EasyRefPipeline, ReferenceEncoder
+from conftest import shape_image
+from fake_hub import COMMIT, QWEN_ID, RELEASE_ID, SDXL_ID, build_hub, into_cache, release_pipeline
+from easyref import EasyRefConfig, EasyRefPipeline
 from easyref.bench.sources import check_source
 from easyref.cli import main
 from easyref.resolve import ResolveError, download_command, resolve, resolve_parts
 
-SDXL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
-QWEN_ID = "Qwen/Qwen2-VL-2B-Instruct"
-RELEASE_ID = "zongzhuofan/EasyRef"
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
 # the tiny Qwen2-VL's vision tower is cheap at the release's 336 px references, but not free
 TINY_RELEASE = {"reference_image_size": 56}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-# ---------------------------------------------------------------------- a Hugging Face cache on disk
-def into_cache(folder: Path, cache: Path, repo_id: str, commit: str = COMMIT, ref: str = "main") -> Path:
-    """Lay `folder` out as huggingface_hub's cache does: content-addressed blobs, a snapshot of
-    relative symlinks to them, and refs/<ref> holding the commit hash."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    snapshot = repo / "snapshots" / commit
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        data = path.read_bytes()
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        link = snapshot / path.relative_to(folder)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / ref).write_text(commit)
-    return snapshot
-
-
 @pytest.fixture(scope="module")
 def hub(tiny_dirs, tmp_path_factory):
     """HF_HUB_CACHE with the tiny SDXL, Qwen2-VL and a release-format EasyRef under the real hub ids."""
-    from test_checkpoint import to_release_state_dict
-
-    cache = tmp_path_factory.mktemp("hub")
-    into_cache(tiny_dirs["sdxl"], cache, SDXL_ID)
-    into_cache(tiny_dirs["qwen"], cache, QWEN_ID)
-    release = tmp_path_factory.mktemp("release")
-    save_file(to_release_state_dict(_release_pipeline(tiny_dirs)), str(release / "model.safetensors"))
-    into_cache(release, cache, RELEASE_ID)
-    return cache
-
-
-def _release_pipeline(tiny_dirs) -> EasyRefPipeline:
-    from diffusers import StableDiffusionXLPipeline
-
-    torch.manual_seed(0)
-    encoder = ReferenceEncoder.from_pretrained(tiny_dirs["qwen"], tiny_config(tiny_dirs["qwen"], lora_rank=4,
-                                                                               has_trunk=True))
-    pipe = EasyRefPipeline.from_components(StableDiffusionXLPipeline.from_pretrained(tiny_dirs["sdxl"]), encoder)
-    randomize_adapter(pipe.unet, 0)
-    return pipe
+    return build_hub(tmp_path_factory.mktemp("hub"), tmp_path_factory.mktemp("scratch"), tiny_dirs)
 
 
 @pytest.fixture
@@ -127,6 +84,9 @@ def test_generate_by_hub_ids_offline(offline, refs, tmp_path):
     assert generate(out, refs, "--base", SDXL_ID, "--mllm", QWEN_ID, "--adapter", RELEASE_ID) == 0
     params = recorded(out)
     assert (params["base"], params["mllm"], params["adapter"]) == (SDXL_ID, QWEN_ID, RELEASE_ID)
+    with Image.open(out) as image:
+        resolved = json.loads(image.text["easyref"])["resolved"]  # where they were: paths and commits
+    assert {part: r["commit"] for part, r in resolved.items()} == {"base": COMMIT, "mllm": COMMIT, "adapter": COMMIT}
 
 
 def test_release_alone_brings_its_base_and_mllm(offline, refs, tmp_path):
@@ -135,6 +95,9 @@ def test_release_alone_brings_its_base_and_mllm(offline, refs, tmp_path):
     assert generate(out, refs, "--adapter", RELEASE_ID) == 0
     params = recorded(out)
     assert (params["base"], params["mllm"], params["adapter"]) == (SDXL_ID, QWEN_ID, RELEASE_ID)
+    with Image.open(out) as image:
+        resolved = json.loads(image.text["easyref"])["resolved"]  # where they were: paths and commits
+    assert {part: r["commit"] for part, r in resolved.items()} == {"base": COMMIT, "mllm": COMMIT, "adapter": COMMIT}
 
 
 def test_convert_by_hub_id_then_load_the_checkpoint_alone(offline, tmp_path):
@@ -145,16 +108,64 @@ def test_convert_by_hub_id_then_load_the_checkpoint_alone(offline, tmp_path):
     assert pipe.easyref_config.base == SDXL_ID and pipe.unet.config.cross_attention_dim == 64
 
 
-def test_bench_run_by_hub_ids_offline(offline, refs, tmp_path):
+def test_convert_records_the_base_and_mllm_given(offline, tiny_dirs, tmp_path):
+    """A release-format file trained on other models: --base/--mllm name them, and the result loads alone."""
+    out = tmp_path / "converted"
+    assert main(["convert", RELEASE_ID, str(out), "--base", str(tiny_dirs["sdxl"]),
+                 "--mllm", str(tiny_dirs["qwen"])]) == 0
+    config = json.loads((out / "easyref_config.json").read_text())
+    assert (config["base"], config["mllm"]) == (str(tiny_dirs["sdxl"]), str(tiny_dirs["qwen"]))
+    parts = resolve_parts(adapter=out)
+    assert (parts.base.path, parts.mllm.path) == (str(tiny_dirs["sdxl"]), str(tiny_dirs["qwen"]))
+
+
+@pytest.mark.parametrize("base", [[], ["--base", SDXL_ID]], ids=["adapter alone", "base given"])
+def test_bench_run_by_hub_ids_offline_records_what_reproduces_it(offline, refs, tmp_path, base):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"id": "g", "references": [refs[0].name], "prompts": ["a red thing"]}))
     out = tmp_path / "run"
-    assert main(["bench", "run", "--manifest", str(manifest), "--method", "easyref", "--base", SDXL_ID,
-                 "--adapter", RELEASE_ID, "--steps", "2", "--height", "64", "--width", "64", "--device", "cpu",
+    assert main(["bench", "run", "--manifest", str(manifest), "--method", "easyref", *base,
+                 "--adapter", RELEASE_ID, "--steps", "2", "--height", "64", "--device", "cpu",
                  "--no-score", "--out", str(out)]) == 0
-    method = json.loads((out / "run.json").read_text())["method"]
+    header = json.loads((out / "run.json").read_text())
+    method = header["method"]
     assert (method["base"], method["mllm"], method["adapter"]) == (SDXL_ID, QWEN_ID, RELEASE_ID)
-    assert (out / "images" / "g" / "p00-s00.png").is_file()
+    for part, name in (("base", SDXL_ID), ("mllm", QWEN_ID), ("adapter", RELEASE_ID)):
+        resolved = method["resolved"][part]
+        assert resolved["name"] == name and resolved["commit"] == COMMIT
+        assert Path(resolved["path"]).is_absolute() and str(offline) in resolved["path"]
+    side = method["default_size"]  # the tiny SDXL's: what an unset --width comes out at
+    with Image.open(out / "images" / "g" / "p00-s00.png") as image:
+        assert image.size == (side, 64)
+    assert header["image_size"] == {"height": 64, "width": side}
+    assert header["manifest_sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
+    from importlib.metadata import version
+
+    assert header["environment"]["torch"] == version("torch") and header["environment"]["easyref"] == version("easyref")
+
+
+def test_bench_run_resumes_across_versions_but_not_another_manifest(offline, refs, tmp_path, capsys):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "g", "references": [refs[0].name], "prompts": ["a red thing"]}))
+    out = tmp_path / "run"
+    argv = ["bench", "run", "--manifest", str(manifest), "--method", "easyref", "--adapter", RELEASE_ID, "--steps",
+            "1", "--height", "64", "--width", "64", "--device", "cpu", "--no-score", "--out", str(out)]
+    assert main(argv) == 0
+    header = json.loads((out / "run.json").read_text())
+    header["environment"]["torch"] = "0.0.1"  # made before an upgrade: resuming is allowed, the record kept
+    (out / "run.json").write_text(json.dumps(header))
+    assert main(argv) == 0
+    assert json.loads((out / "run.json").read_text())["environment"]["torch"] == "0.0.1"
+    manifest.write_text(json.dumps({"id": "g", "references": [refs[0].name], "prompts": ["a blue thing"]}))
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "different manifest_sha256" in capsys.readouterr().err
+
+
+def test_bench_run_of_a_plain_method_needs_a_base(offline, tmp_path, capsys):
+    assert main(["bench", "run", "--manifest", str(tmp_path / "m.jsonl"), "--method", "ip-adapter-mean",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "--method ip-adapter-mean needs --base" in capsys.readouterr().err
 
 
 def test_an_uncached_hub_id_offline_fails_at_once_naming_the_download(offline, refs, tmp_path, capsys):
@@ -170,7 +181,7 @@ def test_an_uncached_hub_id_offline_fails_at_once_naming_the_download(offline, r
 
 def test_a_checkpoint_naming_an_uncached_base_says_where_the_name_came_from(offline, tiny_dirs, tmp_path):
     adapter = tmp_path / "adapter"
-    _release_pipeline(tiny_dirs).save_adapter(adapter)
+    release_pipeline(tiny_dirs).save_adapter(adapter)
     config = json.loads((adapter / "easyref_config.json").read_text())
     (adapter / "easyref_config.json").write_text(json.dumps({**config, "base": "someone/missing-sdxl@v2"}))
     with pytest.raises(ResolveError) as caught:
@@ -251,6 +262,15 @@ def test_a_revision_picks_its_snapshot(hub, tiny_dirs, monkeypatch):
         resolve("someone/tiny-qwen", "mllm")  # no refs/main
 
 
+def test_a_probe_in_a_subfolder_finds_the_snapshot_root(offline, tmp_path):
+    """h94/IP-Adapter's weights are in sdxl_models/: the repository root is what loaders take."""
+    folder = tmp_path / "ip"
+    (folder / "sdxl_models").mkdir(parents=True)
+    (folder / "sdxl_models" / "w.safetensors").write_bytes(b"x")
+    snapshot = into_cache(folder, offline, "someone/ip-adapter")
+    assert Path(resolve("someone/ip-adapter", probe="sdxl_models/w.safetensors").path) == snapshot
+
+
 def test_the_download_command_is_the_installed_cli():
     from importlib.metadata import entry_points
 
@@ -290,7 +310,7 @@ def test_bench_run_base_default(easyref_home, refs, tmp_path):
 @pytest.fixture
 def own_adapter(tiny_dirs, tmp_path):
     """A checkpoint recording the tiny base and MLLM folders by absolute path, as our trainer does."""
-    pipe = _release_pipeline(tiny_dirs)
+    pipe = release_pipeline(tiny_dirs)
     pipe.reference_encoder.config.base = str(tiny_dirs["sdxl"])
     pipe.save_adapter(tmp_path / "adapter")
     return tmp_path / "adapter"

@@ -13,12 +13,16 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING
 
-from .adapter import _check_keys, adapter_state_dict, load_adapter_state_dict
 from .config import CONFIG_NAME, EasyRefConfig
 from .safe_io import JSONFileError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch, safetensors and the adapter (diffusers) are imported where tensors are handled, so that the
+# names, the config and CheckpointError serve the CLI's up-front checks without loading them.
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +43,8 @@ def trunk_state_dict(encoder) -> dict[str, torch.Tensor]:
 
 
 def state_dict_for_checkpoint(config: EasyRefConfig, encoder, unet) -> dict[str, torch.Tensor]:
+    from .adapter import adapter_state_dict
+
     tensors = {f"aggregator.{k}": v for k, v in encoder.aggregator.state_dict().items()}
     tensors.update({f"unet.{k}": v for k, v in adapter_state_dict(unet).items()})
     if config.has_trunk:
@@ -56,6 +62,8 @@ def save_checkpoint(directory: str | Path, config: EasyRefConfig, encoder, unet)
 
 
 def write_checkpoint(directory: Path, config: EasyRefConfig, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
     weights_tmp = _temp_path(directory, WEIGHTS_NAME)
     config_tmp = _temp_path(directory, CONFIG_NAME)
     try:
@@ -106,12 +114,16 @@ def read_config(path: str | Path) -> EasyRefConfig:
 
 def check_finite(tensors: dict[str, torch.Tensor], source: str | Path) -> None:
     """A NaN or Inf in any weight turns every image black: refuse it at load, naming the tensor."""
+    import torch
+
     for key, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(f"{source}: tensor {key} holds NaN or Inf values; the checkpoint is damaged")
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
     try:
         return load_file(str(path))
     except Exception as err:  # safetensors raises several types for damaged files
@@ -130,6 +142,8 @@ def split_groups(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.
 
 def apply_checkpoint(config: EasyRefConfig, tensors: dict[str, torch.Tensor], encoder, unet) -> None:
     """Load checkpoint tensors into an encoder and an adapted UNet; any mismatch is a one-line error."""
+    from .adapter import load_adapter_state_dict
+
     groups = split_groups(tensors)
     if groups["trunk"] and not config.has_trunk:
         raise CheckpointError("checkpoint has trunk.* tensors but its config says has_trunk=false")
@@ -145,12 +159,18 @@ def apply_checkpoint(config: EasyRefConfig, tensors: dict[str, torch.Tensor], en
 
 
 def _load_strict(module: torch.nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
+    from .adapter import _check_keys
+
     current = module.state_dict()
     _check_keys(current, tensors, what)
     module.load_state_dict({k: v.to(current[k].dtype) for k, v in tensors.items()}, strict=True)
 
 
 def _load_trunk(encoder, tensors: dict[str, torch.Tensor]) -> None:
+    import torch
+
+    from .adapter import _check_keys
+
     expected = trunk_state_dict(encoder)
     _check_keys(expected, tensors, "trunk")
     with torch.no_grad():

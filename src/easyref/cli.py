@@ -156,15 +156,20 @@ def cmd_info(args) -> int:
 
 
 def _add_convert(sub) -> None:
+    from .release import RELEASE_BASE, RELEASE_MLLM, RELEASE_REPO
+
     p = sub.add_parser(
         "convert",
         help="convert the authors' release checkpoint to an easyref checkpoint folder",
         description="Convert the authors' release file (model.safetensors, or a .bin/.pt read with "
         "weights_only=True) into easyref_config.json + easyref.safetensors.",
     )
-    p.add_argument("src", type=Path, help="release file or folder holding model.safetensors")
+    p.add_argument("src", help=f"release file, folder holding model.safetensors, or hub id ({RELEASE_REPO})")
     p.add_argument("dst", type=Path, help="output folder")
-    p.add_argument("--mllm", default="Qwen/Qwen2-VL-2B-Instruct", help="MLLM the checkpoint was trained on")
+    p.add_argument("--base", default=RELEASE_BASE,
+                   help="SDXL base the checkpoint was trained on, recorded in the output (default: %(default)s)")
+    p.add_argument("--mllm", default=RELEASE_MLLM,
+                   help="MLLM the checkpoint was trained on, recorded in the output (default: %(default)s)")
     p.set_defaults(func=cmd_convert)
 
 
@@ -184,7 +189,8 @@ def cmd_generate(args) -> int:
     references = [load_image(p) for p in paths]
     if record is not None:
         _check_recorded_device(args)
-    pipe, sources = load_pipeline(args)
+    pipe, parts = load_pipeline(args)
+    sources = parts.names()
     pipe.set_progress_bar_config(disable=None)  # tqdm's own rule: the denoising bar on a terminal, not in logs
     warn_about_limits(pipe, args, sources)
     if record is not None:
@@ -194,7 +200,7 @@ def cmd_generate(args) -> int:
     images, indices = list(result.images), list(range(len(result.images)))
     if keep is not None:
         images, indices = [images[keep]], [keep]
-    params = generation_record(args, pipe, sources, paths, seed)
+    params = generation_record(args, pipe, parts, paths, seed)
     written = write_outputs(images, references, args.out, params, args.grid, indices)
     for path in written:
         logger.info("wrote %s", path)
@@ -356,7 +362,7 @@ def load_pipeline(args):
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load the model: {first_line}") from None
     pipe.to(device)
-    return pipe, parts.names()
+    return pipe, parts
 
 
 def _check_local(value: str, flag: str, kind: str = "model") -> str:
@@ -421,9 +427,10 @@ def _warn_about_bundled_limits(pipe, args) -> None:
     as what it knows (a blue background is drawn in one of its four background colours)."""
     import re
 
+    from .pipeline import default_size
     from .shapes.world import BACKGROUNDS
 
-    side = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    side = default_size(pipe)
     height, width = args.height or side, args.width or side
     if (height, width) != (side, side):
         logger.warning("the bundled model was trained at %d x %d px only; at %d x %d px (width x height) it draws "
@@ -449,12 +456,14 @@ RECORDED_SETTINGS = ("prompt", "negative_prompt", "scale", "steps", "guidance", 
 MODEL_FLAGS = ("base", "mllm", "adapter")
 
 
-def generation_record(args, pipe, sources, paths: list[Path], seed: int) -> dict:
+def generation_record(args, pipe, parts, paths: list[Path], seed: int) -> dict:
     """Everything `--from-metadata` needs to make the same pixels again, and what they came from."""
+    from .info import package_version, package_versions
+
     negative = pipe.easyref_config.negative_prompt if args.negative_prompt is None else args.negative_prompt
     return {
-        "version": _version("easyref"),
-        "versions": {name: _version(name) for name in ("torch", "diffusers", "transformers")},
+        "version": package_version("easyref"),
+        "versions": package_versions(),
         "prompt": args.prompt,
         "negative_prompt": negative,
         "references": [os.path.abspath(p) for p in paths],  # absolute: the record works from any folder
@@ -466,17 +475,9 @@ def generation_record(args, pipe, sources, paths: list[Path], seed: int) -> dict
         "device": str(pipe.device),
         "dtype": str(pipe.dtype).removeprefix("torch."),
         "model": {flag: _recorded_name(getattr(args, flag)) for flag in MODEL_FLAGS},  # as asked: regenerates
-        "sources": sources,  # as resolved by load_pipeline: what the pixels came from
+        "sources": parts.names(),  # as resolved by load_pipeline: what the pixels came from
+        "resolved": parts.record(),  # and where they were on this machine (absolute paths, hub commits)
     }
-
-
-def _version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
 
 
 def _recorded_name(value: str | None) -> str | None:
@@ -575,7 +576,9 @@ def _check_recorded_device(args) -> None:
 
 def _warn_if_changed(record: dict, sources, source: Path) -> None:
     """The same record on other versions or another model may not give the same pixels: say which changed."""
-    now = {"easyref": _version("easyref"), **{k: _version(k) for k in ("torch", "diffusers", "transformers")}}
+    from .info import package_version, package_versions
+
+    now = {"easyref": package_version("easyref"), **package_versions()}
     then = {"easyref": record.get("version"), **(record.get("versions") or {})}
     changed = [f"{k} {then.get(k)} -> {v}" for k, v in now.items() if then.get(k) != v]
     if changed:
@@ -673,13 +676,13 @@ def write_outputs(images, references, out: Path, params: dict, grid: bool,
 # ---------------------------------------------------------------------------- convert
 def cmd_convert(args) -> int:
     """The release file, folder or hub id (`zongzhuofan/EasyRef`) -> our checkpoint folder recording
-    the release's base and MLLM (`--mllm` for a release trained on another one)."""
+    the release's base and MLLM (`--base`/`--mllm` for a release trained on other ones)."""
     from .checkpoint import CheckpointError
     from .release import convert_release, log_ignored
 
     source = _check_local(str(args.src), "", kind="adapter")
     try:
-        config, ignored = convert_release(source, args.dst, mllm=args.mllm)
+        config, ignored = convert_release(source, args.dst, mllm=args.mllm, base=args.base)
     except CheckpointError as err:
         raise UserError(str(err)) from None
     log_ignored(ignored)

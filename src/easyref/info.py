@@ -26,6 +26,7 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit on it
 # the `tokenizers` Whitespace pre-tokenizer (what the bundled model's word-level tokenizers split on)
 WORD = re.compile(r"\w+|[^\w\s]+")
 QWEN2_VL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+RECORDED_PACKAGES = ("torch", "diffusers", "transformers")  # the ones that decide the pixels
 
 
 class NotAModelError(ValueError):
@@ -352,3 +353,18 @@ def _read_json(path: Path) -> dict:
     if not isinstance(value, dict):
         raise NotAModelError(f"{path}: not a JSON object")
     return value
+
+
+# ---------------------------------------------------------------------- this machine, for records
+def package_version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def package_versions() -> dict[str, str | None]:
+    """{"torch", "diffusers", "transformers"}: what generation records (PNG metadata, a bench run.json) keep."""
+    return {name: package_version(name) for name in RECORDED_PACKAGES}

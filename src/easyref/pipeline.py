@@ -318,6 +318,12 @@ class EasyRefPipeline(DiffusionPipeline):
         return base
 
 
+def default_size(pipe) -> int:
+    """The side, in pixels, of an image made without height/width: diffusers' SDXL rule (the UNet's
+    sample size times the VAE's downscaling), for EasyRefPipeline and diffusers' SDXL pipelines alike."""
+    return pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
 def _component_names() -> set[str]:
     params = inspect.signature(EasyRefPipeline.__init__).parameters
     return set(params) - {"self", "reference_encoder", "base_pipeline"}

@@ -26,11 +26,13 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .checkpoint import WEIGHTS_NAME, CheckpointError, check_finite, write_checkpoint
 from .config import CONFIG_NAME, EasyRefConfig
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +64,8 @@ def find_release_file(path: Path) -> Path:
 
 def read_release_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Read without unpickling anything: safetensors, or torch.load(weights_only=True) for .bin/.pt."""
+    import torch
+
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -20,6 +20,7 @@ An adapter (EasyRef checkpoint) records the base and MLLM it was made with (`Eas
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,20 @@ class Resolved:
     path: str  # a local folder or file; for a hub model of kind "model" not yet cached, the hub id itself
     source: str  # "default" | "local" | "hub"
 
+    @property
+    def commit(self) -> str | None:
+        """The hub commit of a cached snapshot (`.../snapshots/<commit>/...`); None for anything else."""
+        parts = Path(self.path).parts
+        if self.source != "hub" or "snapshots" not in parts:
+            return None
+        after = len(parts) - parts[::-1].index("snapshots")
+        return parts[after] if after < len(parts) else None
+
+    def record(self) -> dict:
+        """What this name meant on this machine, for run records: the absolute path and the hub commit."""
+        local = self.source != "hub" or Path(self.path).exists()
+        return {"name": self.name, "path": os.path.abspath(self.path) if local else self.path, "commit": self.commit}
+
 
 @dataclass(frozen=True)
 class Parts:
@@ -94,6 +109,11 @@ class Parts:
         """{"base", "mllm", "adapter"} as given or recorded (for PNG metadata and run records)."""
         return {"base": self.base.name, "mllm": self.mllm.name,
                 "adapter": None if self.adapter is None else self.adapter.name}
+
+    def record(self) -> dict:
+        """{"base", "mllm", "adapter"}: each part's name, absolute path and hub commit (`Resolved.record`)."""
+        return {"base": self.base.record(), "mllm": self.mllm.record(),
+                "adapter": None if self.adapter is None else self.adapter.record()}
 
 
 API_LABELS = {"base": "base", "mllm": "mllm", "adapter": "adapter"}
@@ -219,7 +239,8 @@ def cached_snapshot(repo_id: str, revision: str | None, probes: tuple[str, ...],
         except ValueError as err:  # HFValidationError: not a valid repo id (nor an existing path)
             raise ResolveError(f"{label}: no such file or folder, and not a valid hub id ({_first_line(err)})") from None
         if isinstance(found, str):  # else None, or the marker of a file known to be absent
-            return Path(found).parent  # snapshots/<commit>/, not the blob the file links to
+            # snapshots/<commit>/ (not the blob the file links to), also for a probe in a subfolder
+            return Path(found).parents[len(Path(probe).parts) - 1]
     return None
 
 

@@ -2,7 +2,7 @@
 
     easyref bench convert folders GROUPS_DIR OUT.jsonl           # one folder per group + prompts.txt
     easyref bench convert coco captions_val2017.json val2017/ OUT.jsonl --limit 1000
-    easyref bench run --manifest M.jsonl --method easyref --base SDXL --mllm QWEN --adapter CKPT --out runs/er
+    easyref bench run --manifest M.jsonl --method easyref --adapter CKPT --out runs/er   # CKPT names its base, MLLM
     easyref bench run --manifest M.jsonl --method ip-adapter-mean --base SDXL --out runs/ipa-mean
     easyref bench score --manifest M.jsonl --images OTHER_TOOL_OUT --out runs/other
     easyref bench table runs/er runs/ipa-mean runs/other                # the methods side by side
@@ -56,9 +56,10 @@ def _add_run(bench_sub) -> None:
     )
     _add_manifest_args(p)
     p.add_argument("--method", choices=METHOD_NAMES, required=True)
-    p.add_argument("--base", required=True, help="SDXL folder or hub id")
-    p.add_argument("--mllm", help="easyref: Qwen2-VL folder or hub id (default: the adapter's config)")
-    p.add_argument("--adapter", help="easyref: EasyRef checkpoint (ours or the release's)")
+    p.add_argument("--base", help="SDXL folder, hub id or `default`; required but for easyref, where the adapter "
+                   "names its own (default: the adapter's, or with no adapter the bundled model)")
+    p.add_argument("--mllm", help="easyref: Qwen2-VL folder or hub id (default: the adapter's)")
+    p.add_argument("--adapter", help="easyref: EasyRef checkpoint (ours, the release's file or zongzhuofan/EasyRef)")
     p.add_argument("--ip-adapter", default=DEFAULT_IP_ADAPTER, help=f"ip-adapter-*: folder or hub id (default {DEFAULT_IP_ADAPTER})")
     p.add_argument("--ip-adapter-subfolder", default=DEFAULT_IP_ADAPTER_SUBFOLDER)
     p.add_argument("--ip-adapter-weights", default=DEFAULT_IP_ADAPTER_WEIGHTS)
@@ -214,6 +215,8 @@ def _check_run_args(args) -> None:
         _check_range,
     )
 
+    if args.base is None and args.method != "easyref":
+        raise UserError(f"--method {args.method} needs --base (an SDXL folder, hub id or `default`)")
     _check_range("--steps", args.steps, 1, MAX_STEPS)
     _check_range("--samples", args.samples, 1, MAX_SAMPLES)
     for flag, value in (("--height", args.height), ("--width", args.width)):
@@ -266,7 +269,7 @@ def _check_sources(args, scoring: bool) -> dict:
 
     sources = {}
     with _one_line_errors():
-        if getattr(args, "base", None) is not None:
+        if getattr(args, "method", None) is not None:  # `bench run`; `bench score` has no models to make images
             if args.method == "easyref":  # the base and MLLM the adapter records, unless given
                 try:
                     sources["parts"] = resolve_parts(args.base, args.mllm, args.adapter, labels=CLI_LABELS)
@@ -389,8 +392,6 @@ def _remove_if_untouched(out: Path, created: list[Path]) -> None:
 
 
 def cmd_run(args) -> int:
-    from accelerate import PartialState
-
     from .runner import (
         check_item_names,
         check_run_folder,
@@ -403,11 +404,14 @@ def cmd_run(args) -> int:
         start_run,
     )
 
+    # the settings, the manifest and the model names first: a mistake in them is reported before torch loads
     _check_run_args(args)
-    state = PartialState(cpu=args.device == "cpu")  # `--device cpu` under torchrun: gloo on the CPU
     items = _load_items(args)
-    settings = _settings(args)
     sources = _check_sources(args, scoring=not args.no_score)
+    from accelerate import PartialState
+
+    state = PartialState(cpu=args.device == "cpu")  # `--device cpu` under torchrun: gloo on the CPU
+    settings = _settings(args)
     out, rank, world = args.out, state.process_index, state.num_processes
     with _one_line_errors():
         check_item_names(items)
@@ -431,8 +435,6 @@ def cmd_run(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from accelerate import PartialState
-
     from ..cli import UserError
     from .manifest import image_problem
     from .runner import (
@@ -446,10 +448,12 @@ def cmd_score(args) -> int:
     )
 
     _check_device(args.device)
-    state = PartialState(cpu=args.device == "cpu")  # `--device cpu` under torchrun: gloo on the CPU
     items = _load_items(args)
     if not args.images.is_dir():
         raise UserError(f"--images: no such folder {args.images}")
+    from accelerate import PartialState
+
+    state = PartialState(cpu=args.device == "cpu")  # `--device cpu` under torchrun: gloo on the CPU
     out, rank, world = args.out, state.process_index, state.num_processes
     with _one_line_errors():
         check_item_names(items)

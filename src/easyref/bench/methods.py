@@ -135,14 +135,23 @@ def _uses_cfg(pipe, settings: GenerationSettings) -> bool:
 
 
 def _load_sdxl(base, dtype: torch.dtype):
-    """`base`: `default`, a folder or a hub id (`easyref.resolve`)."""
+    """`base`: `default`, a folder or a hub id (`easyref.resolve`) -> (pipeline, what the name resolved to)."""
     from diffusers import StableDiffusionXLPipeline
 
     from ..resolve import resolve
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(resolve(base, "base", label=f"--base {base}").path, dtype=dtype)
+    found = resolve(base, "base", label=f"--base {base}")
+    pipe = StableDiffusionXLPipeline.from_pretrained(found.path, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe, found
+
+
+def _described(pipe, device, dtype) -> dict:
+    """What every method's record holds beside its models: where and how it ran, and the image side
+    used when a run sets no height/width."""
+    from ..pipeline import default_size
+
+    return {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "default_size": default_size(pipe)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -189,9 +198,9 @@ class EasyRefMethod:
         return {
             "method": self.name,
             **self.parts.names(),  # base, mllm and adapter as given or as the adapter records them
+            "resolved": self.parts.record(),  # their paths on this machine and hub commits
             "scale": self.scale,
-            "device": str(self.device),
-            "dtype": str(self.dtype).removeprefix("torch."),
+            **_described(self.pipe, self.device, self.dtype),
             "easyref_config": self.pipe.easyref_config.to_dict(),
         }
 
@@ -275,10 +284,11 @@ class IPAdapterMethod:
 
         from ..resolve import resolve
 
-        pipe = _load_sdxl(self.base, self.dtype)
+        pipe, self.resolved_base = _load_sdxl(self.base, self.dtype)
         # a cached hub snapshot loads from its folder: no update checks, nothing to retry
         weights = "/".join(x for x in (self.subfolder, self.weight_name) if x)
-        root = resolve(self.ip_adapter, label=f"--ip-adapter {self.ip_adapter}", probe=weights).path
+        self.resolved_ip_adapter = resolve(self.ip_adapter, label=f"--ip-adapter {self.ip_adapter}", probe=weights)
+        root = self.resolved_ip_adapter.path
         encoder = CLIPVisionModelWithProjection.from_pretrained(root, subfolder=self.encoder_subfolder, dtype=self.dtype)
         # registered before `load_ip_adapter`, which then loads neither; the processor is the one
         # diffusers would build (CLIP resize + centre crop to the encoder's size), but the PIL
@@ -305,8 +315,8 @@ class IPAdapterMethod:
             "image_features": "hidden_states[-2]" if self.hidden_states else "image_embeds",
             "mode": self.mode,
             "scale": self.scale,
-            "device": str(self.device),
-            "dtype": str(self.dtype).removeprefix("torch."),
+            "resolved": {"base": self.resolved_base.record(), "ip_adapter": self.resolved_ip_adapter.record()},
+            **_described(self.pipe, self.device, self.dtype),
         }
 
     @torch.no_grad()
@@ -359,15 +369,16 @@ class PromptOnlyMethod:
     ):
         self.base = str(base)
         self.device, self.dtype = resolve_device_dtype(device, dtype)
-        self.pipe = _load_sdxl(base, self.dtype).to(self.device)
+        pipe, self.resolved_base = _load_sdxl(base, self.dtype)
+        self.pipe = pipe.to(self.device)
         logger.info("loaded prompt-only sdxl from %s", base)
 
     def describe(self) -> dict:
         return {
             "method": self.name,
             "base": self.base,
-            "device": str(self.device),
-            "dtype": str(self.dtype).removeprefix("torch."),
+            "resolved": {"base": self.resolved_base.record()},
+            **_described(self.pipe, self.device, self.dtype),
         }
 
     def generate(self, references, prompts, seeds, settings: GenerationSettings) -> list[Image.Image]:

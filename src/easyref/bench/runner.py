@@ -1,7 +1,9 @@
 """Generate and score a manifest's groups, resumably and in shards; merge the records into tables.
 
 A run folder holds:
-- `run.json`: the method's description, the generation settings, the manifest and sample count;
+- `run.json`: the method's description (model names, their resolved paths and hub commits, dtype), the
+  generation settings, the image size made, the manifest (path and SHA-256), the sample count and the
+  package versions;
 - `images/<item>/p<prompt>-s<sample>.png`: one image per prompt and sample;
 - `records-r<rank>w<world>.jsonl`: one line per image (item, split, domain, prompt, seed, metrics);
 - `sheets/<item>.png`: the references above the item's images;
@@ -58,6 +60,7 @@ METRIC_COLUMNS = (
 )
 SHEET_TILE = 192
 RUN_FILE = "run.json"
+UNCHECKED_KEYS = ("environment",)  # recorded in run.json, not required to match on resume
 SUMMARY_FILES = ("summary.md", "summary.csv", "summary.json")
 _RECORDS = re.compile(r"records-r\d+w\d+\.jsonl")
 # the top-level names a run folder may hold besides records files and temporary files
@@ -207,7 +210,7 @@ def check_run_header(out: Path, header: dict) -> dict | None:
     out = Path(out)
     saved = read_run_header(out)
     if saved is not None:
-        changed = sorted(k for k in header if saved.get(k) != header[k])
+        changed = sorted(k for k in header if k not in UNCHECKED_KEYS and saved.get(k) != header[k])
         if changed:
             raise RunError(f"{out} holds a run with different {', '.join(changed)}; use another --out to start afresh")
     return saved
@@ -461,10 +464,31 @@ def write_summary(out: Path) -> list[dict]:
 
 
 def settings_header(method, settings, manifest: Path, samples: int) -> dict:
-    """What `run.json` holds; `method` None: all but the method's description (known before it loads)."""
-    header = {"settings": asdict(settings), "manifest": str(Path(manifest).resolve()), "samples": samples}
+    """What `run.json` holds; `method` None: all but what the method says of itself (known once it loads).
+
+    A resumed run must match every key but `environment` (package versions: a resume after an upgrade
+    is allowed, and the versions of the first start stay recorded)."""
+    from ..info import package_version, package_versions
+
+    manifest = Path(manifest)
+    header = {"settings": asdict(settings), "manifest": str(manifest.resolve()),
+              "manifest_sha256": file_sha256(manifest), "samples": samples}
     if method is None:
         return header
     # the device differs between the processes of one sharded run, and may change on resume
     described = {k: v for k, v in method.describe().items() if k != "device"}
-    return {"method": described, **header}
+    side = described.get("default_size")
+    size = {"height": settings.height or side, "width": settings.width or side}  # what the images come out at
+    environment = {"easyref": package_version("easyref"), **package_versions()}
+    return {"method": described, **header, "image_size": size, "environment": environment}
+
+
+def file_sha256(path: Path) -> str:
+    """Of the manifest: its paths and prompts decide what a run makes (the images it names are not hashed)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open_regular(path) as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

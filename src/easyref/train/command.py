@@ -44,34 +44,53 @@ def add_train_parser(sub) -> None:
 
 
 def cmd_train(args) -> int:
-    """Every user mistake is one `easyref: error:` line and exit code 2; a failed write (disk full) is exit code 1."""
-    from ..checkpoint import CheckpointError
-    from ..cli import RunFailure, UserError
-    from ..safe_io import LockedError
-    from .config import RECIPES, ConfigError, load_config, parse_overrides
-    from .trainer import OutputWriteError
+    """Every user mistake is one `easyref: error:` line and exit code 2; a failed write (disk full) is exit code 1.
+    The config is read and checked before torch, diffusers or transformers are imported, so a mistake in it
+    is reported at once."""
+    from ..cli import UserError
 
     if args.write_example_data:
-        from .example import write_example_data
-
-        try:
-            paths = write_example_data(args.write_example_data, size=64)
-        except ValueError as err:  # a file in the way, a symlink in the folder
-            raise UserError(_one_line(err)) from None
-        except OSError as err:
-            from ..safe_io import describe_os_error
-
-            raise RunFailure(describe_os_error(err)) from None
-        logger.info("wrote %s", ", ".join(str(p) for p in paths.values()))
-        return 0
+        return _write_example_data(args.write_example_data)
     if args.show_recipe:
-        known = sorted(p.stem for p in RECIPES.glob("*.yaml"))
-        if args.show_recipe not in known:  # a name, never a path out of the recipes folder
-            raise UserError(f"no recipe {args.show_recipe!r} (known: {', '.join(known)})")
-        print((RECIPES / f"{args.show_recipe}.yaml").read_text(), end="")
-        return 0
+        return _show_recipe(args.show_recipe)
     if not args.config:
         raise UserError("--config is required (a recipe name such as stage1 or example-stage1, or a YAML/JSON file)")
+    final = _run(_load(args), args)
+    logger.info("done: %s", final)
+    return 0
+
+
+def _write_example_data(folder: str) -> int:
+    from ..cli import RunFailure, UserError
+    from .example import write_example_data
+
+    try:
+        paths = write_example_data(folder, size=64)
+    except ValueError as err:  # a file in the way, a symlink in the folder
+        raise UserError(_one_line(err)) from None
+    except OSError as err:
+        from ..safe_io import describe_os_error
+
+        raise RunFailure(describe_os_error(err)) from None
+    logger.info("wrote %s", ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _show_recipe(name: str) -> int:
+    from ..cli import UserError
+    from .config import RECIPES
+
+    known = sorted(p.stem for p in RECIPES.glob("*.yaml"))
+    if name not in known:  # a name, never a path out of the recipes folder
+        raise UserError(f"no recipe {name!r} (known: {', '.join(known)})")
+    print((RECIPES / f"{name}.yaml").read_text(), end="")
+    return 0
+
+
+def _load(args):
+    from ..cli import UserError
+    from .config import check_paths, load_config, parse_overrides
+
     try:
         overrides = parse_overrides(args.overrides)
         if args.output_dir:
@@ -81,17 +100,10 @@ def cmd_train(args) -> int:
         if args.allow_outside_root:
             overrides["allow_outside_root"] = True
         config = load_config(args.config, overrides)
-        final = _run(config, args)
-    except OutputWriteError as err:  # not the user's input: the disk (full, quota, permissions) -> exit 1
-        raise RunFailure(_one_line(err)) from None
-    except (ConfigError, CheckpointError, FileNotFoundError, LockedError) as err:
+        check_paths(config)
+        return config
+    except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError
         raise UserError(_one_line(err)) from None
-    except ValueError as err:  # data errors, unsafe paths and settings that do not fit the data
-        raise UserError(_one_line(err)) from None
-    except OSError as err:  # a model folder or hub id that cannot be loaded
-        raise UserError(f"cannot load a model: {_one_line(err)}") from None
-    logger.info("done: %s", final)
-    return 0
 
 
 def _one_line(err: BaseException) -> str:
@@ -101,7 +113,18 @@ def _one_line(err: BaseException) -> str:
 
 
 def _run(config, args):
-    from .trainer import Trainer
+    from ..checkpoint import CheckpointError
+    from ..cli import RunFailure, UserError
+    from ..safe_io import LockedError
+    from .trainer import OutputWriteError, Trainer
 
-    trainer = Trainer(config, resume=args.resume, cpu=True if args.cpu else None)
-    return trainer.train()
+    try:
+        return Trainer(config, resume=args.resume, cpu=True if args.cpu else None).train()
+    except OutputWriteError as err:  # not the user's input: the disk (full, quota, permissions) -> exit 1
+        raise RunFailure(_one_line(err)) from None
+    except (CheckpointError, FileNotFoundError, LockedError) as err:
+        raise UserError(_one_line(err)) from None
+    except ValueError as err:  # data errors, unsafe paths and settings that do not fit the data
+        raise UserError(_one_line(err)) from None
+    except OSError as err:  # a model folder or hub id that cannot be loaded
+        raise UserError(f"cannot load a model: {_one_line(err)}") from None

@@ -136,6 +136,31 @@ class TrainConfig:
             raise ConfigError(f"{source}: {err}") from None
 
 
+def check_data_file(path: str | Path) -> None:
+    """The data file's name and kind, checked without reading it (and without importing torch)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".jsonl"):
+        raise ConfigError(f"{path}: unsupported data file type {suffix or '(none)'!r}; use .json or .jsonl")
+    if not path.exists():
+        raise ConfigError(f"{path}: data file not found")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a data file")
+
+
+def check_data_root(root: str | Path) -> None:
+    root = Path(root)
+    if not root.is_dir():
+        what = "does not exist" if not root.exists() else "is not a folder"
+        raise ConfigError(f"data_root {root} {what}")
+
+
+def check_paths(config: "TrainConfig") -> None:
+    """The files a run needs first, checked before the heavy imports so that a typo is reported at once."""
+    check_data_file(config.data)
+    check_data_root(config.data_root)
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)

@@ -36,6 +36,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ..images import ImageFileError, open_image, open_regular, to_rgb  # noqa: F401  (to_rgb: re-exported)
+from .config import check_data_file
 
 logger = logging.getLogger(__name__)
 
@@ -63,13 +64,10 @@ class DataError(ValueError):
 def load_records(path: str | Path) -> list[dict]:
     """Read and validate every record of a `.json` list or a `.jsonl` file, before any training."""
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in (".json", ".jsonl"):
-        raise DataError(f"{path}: unsupported data file type {suffix or '(none)'!r}; use .json or .jsonl")
-    if not path.exists():
-        raise DataError(f"{path}: data file not found")
-    if path.is_dir():
-        raise DataError(f"{path}: is a folder, not a data file")
+    try:
+        check_data_file(path)
+    except ValueError as err:  # the same words whether the trainer's up-front check or this call finds it
+        raise DataError(str(err)) from None
     try:
         with open_regular(path) as handle:  # a FIFO or device would block or stream forever
             raw = handle.read()
@@ -78,7 +76,7 @@ def load_records(path: str | Path) -> list[dict]:
         raise DataError(f"cannot read the data file: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read data file ({_one_line(exc)})") from None
-    records = _parse_json_list(path, text) if suffix == ".json" else _parse_jsonl(path, text)
+    records = _parse_json_list(path, text) if path.suffix.lower() == ".json" else _parse_jsonl(path, text)
     if not records:
         raise DataError(f"{path}: contains no records")
     return records

@@ -47,7 +47,7 @@ from ..safe_io import (
     is_disk_error,
     load_json,
 )
-from .config import STAGE_NAMES, ConfigError, TrainConfig, save_config
+from .config import STAGE_NAMES, ConfigError, TrainConfig, check_data_root, save_config
 from .data import DataError, DataSettings, RankBatchSampler, TrainDataset, collate, global_batches, load_records
 from .models import MLLMInputBuilder, StageModels, TrainingModel, cast_frozen, load_stage_models, select_trainables
 
@@ -182,9 +182,7 @@ class Trainer:
         records = load_records(c.data)
         self._example = records[0] if records else None  # for the command printed at the end
         root = Path(c.data_root)
-        if not root.is_dir():
-            what = "does not exist" if not root.exists() else "is not a folder"
-            raise DataError(f"data_root {root} {what}")
+        check_data_root(root)
         try:
             # never strict here: fail_on_bad_data is applied in this process (see _count_skips), since an
             # error raised in a data-loader worker would arrive wrapped in a multi-line traceback
