@@ -37,11 +37,11 @@ demo-model: setup
 bench-shapes: setup
 	$(BIN)/easyref bench shapes --preset cpu --out runs/bench-shapes --work runs/demo-model.work
 
-# the whole offline suite: 2 min 12 s once set up (175 s CPU)
+# the whole offline suite: 2 min 17 s once set up (167 s CPU)
 test: setup
 	$(BIN)/python -m pytest
 
-# the inner loop, the suite less the tests marked slow in tests/conftest.py: 46 s once set up (52 s CPU)
+# the inner loop, the suite less the tests marked slow in tests/conftest.py: 47 s once set up (49 s CPU)
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
 

@@ -112,9 +112,11 @@ def _add_generate(sub) -> None:
     p.add_argument("--from-metadata", type=Path, metavar="PNG",
                    help="regenerate the image of a PNG this command wrote, from the settings, references and model "
                    "recorded in it (the same pixels on the same machine and versions); flags given override them")
-    p.add_argument("--base", help="SDXL folder or hub id ('default': the bundled model's, with its Qwen2-VL)")
+    p.add_argument("--base", help="SDXL folder or hub id (default: the adapter's; 'default': the bundled model's, "
+                   "with its Qwen2-VL)")
     p.add_argument("--mllm", help="Qwen2-VL-Instruct folder or hub id (default: the checkpoint's)")
-    p.add_argument("--adapter", help="EasyRef checkpoint folder (ours or the authors' release)")
+    p.add_argument("--adapter", help="EasyRef checkpoint: a folder of ours, the authors' release file or folder, "
+                   "or a hub id (zongzhuofan/EasyRef); alone, it brings the base and MLLM it records")
     p.add_argument("--scale", type=float, help="reference strength, 0 to 10 (default 1.0)")
     p.add_argument("--steps", type=int, help="denoising steps, 1 to 1000 (default 30)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale, 0 to 100 (default 5.0)")
