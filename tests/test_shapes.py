@@ -126,6 +126,23 @@ def test_base_model_trains_and_loads_as_an_sdxl_folder(tmp_path):
     assert image.size == (64, 64)
 
 
+def test_a_base_reuses_a_finished_vae_and_trains_in_chunks(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from easyref.shapes.base import build_base_model
+
+    first = build_base_model(tmp_path / "first", vae_steps=1, base_steps=1, batch_size=2, levels=2)
+    second = build_base_model(tmp_path / "second", vae_steps=1, base_steps=2, batch_size=2, vae_from=first, chunk=1)
+    record = json.loads((second / "training.json").read_text())
+    assert (record["levels"], record["base_steps"], record["base_runs"], record["vae_from"]) == (3, 2, [1, 1], str(first))
+    vae = lambda folder: load_file(next((folder / "vae").glob("*.safetensors")))
+    assert all(torch.equal(v, vae(second)[k]) for k, v in vae(first).items())
+    configs = [json.loads((f / "unet" / "config.json").read_text())["down_block_types"] for f in (first, second)]
+    assert [len(c) for c in configs] == [2, 3]  # the third level: 4 x 4 latents, where corners differ
+
+
 def test_vae_training_lowers_reconstruction_loss():
     from easyref.shapes.base import build_pipeline, train_vae
 
@@ -142,7 +159,7 @@ def test_a_base_continues_where_it_stopped_and_stale_stages_go(tmp_path):
     from easyref.shapes.base import build_base_model, continue_base_model
 
     work = tmp_path / "work"
-    build_base_model(work / "base", vae_steps=1, base_steps=2, batch_size=2)
+    build_base_model(work / "base", vae_steps=1, base_steps=2, batch_size=2, levels=PRESETS["smoke"].unet_levels)
     unet_file = next((work / "base" / "unet").glob("*.safetensors"))
     vae_file = next((work / "base" / "vae").glob("*.safetensors"))
     unet_before, vae_before = load_file(unet_file), load_file(vae_file)
@@ -160,6 +177,8 @@ def test_a_base_continues_where_it_stopped_and_stale_stages_go(tmp_path):
     continue_base_model(work / "base", 3, batch_size=2)  # already past 3 steps: nothing happens
     _continue_base(work, recipe, "cpu")
     assert (work / "stage1").exists()
+    _continue_base(work, dataclasses.replace(recipe, unet_levels=2), "cpu")  # another UNet shape: rebuilt
+    assert not (work / "base").exists() and not (work / "stage1").exists()
 
 
 def test_base_captions_sometimes_leave_the_subject_out():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -38,27 +39,71 @@ def test_wrong_subject_or_wrong_place_is_caught(oracle):
 
 
 def test_bench_shapes_runs_end_to_end_on_the_smoke_recipe(tmp_path, capsys):
+    from easyref.shapes.bench import CELLS
+
     out = tmp_path / "bench"
-    assert main(["bench", "shapes", "--preset", "smoke", "--groups", "1", "--steps", "1", "--out", str(out)]) == 0
+    methods = ("easyref", "easyref-bi")  # the four methods differ only in two settings, checked below
+    assert main(["bench", "shapes", "--preset", "smoke", "--groups", "1", "--steps", "1", "--methods", *methods,
+                 "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert {c["method"] for c in summary["cells"]} == {"easyref", "mean", "concat"}
-    assert len(summary["cells"]) == 3 * 10  # 6 distractor cells + 5 reference cells, one shared
-    assert [r["baseline"] for r in summary["paired"]] == ["mean"] * 11 + ["concat"] * 11  # 10 cells + pooled
-    assert (out / "by_references.png").is_file() and (out / "by_references_colour.png").is_file() and (out / "summary.md").read_text().count("| easyref |") == 11
+    assert len(CELLS) == 16  # 6 by distractors + 5 by references (one shared) + 6 by kind
+    assert {(r["method"], r["seed"]) for r in summary["runs"]} == {(m, s) for m in methods for s in (0, 1)}
+    assert len(summary["runs"]) == 2 * 2 * 16 and len(summary["cells"]) == 2 * 16
+    assert all(c["seeds"] == [0, 1] and len(c["identity_by_seed"]) == 2 for c in summary["cells"])
+    assert [r["baseline"] for r in summary["paired"]] == ["easyref-bi"] * 17  # 16 cells + pooled
+    assert all(r["seeds"] == [0, 1] and r["beyond_spread"] in (True, False)
+               for r in summary["paired"] if r["cell"] != "all cells")
+    table = (out / "summary.md").read_text()
+    assert table.count("| easyref |") == 17 and "By group kind" in table and "| pick | held-out | easyref |" in table
+    assert (out / "by_references.png").is_file() and (out / "by_references_colour.png").is_file()
     assert "By number of references" in capsys.readouterr().out
-    configs = {m: json.loads((out / "work" / f"model-{m}" / "adapter" / "easyref_config.json").read_text())
-               for m in ("easyref", "mean", "concat")}
-    assert {m: c["reference_mode"] for m, c in configs.items()} == {"easyref": "joint", "mean": "mean", "concat": "concat"}
+    configs = {(m, s): json.loads((out / "work" / f"model-{m}-s{s}" / "adapter" / "easyref_config.json").read_text())
+               for m in methods for s in (0, 1)}
+    assert {m: (c["reference_mode"], c["attention_mode"]) for (m, _), c in configs.items()} == {
+        "easyref": ("joint", "official"), "easyref-bi": ("joint", "bidirectional")}
+    weights = {key: (out / "work" / f"model-{key[0]}-s{key[1]}" / "adapter" / "easyref.safetensors").read_bytes()
+               for key in configs}
+    assert weights["easyref-bi", 0] != weights["easyref-bi", 1]  # the seeds are separate runs
     # the models are reused: evaluating the trained folders again needs no training
     assert main(["bench", "shapes", "--models-dir", str(out / "work"), "--groups", "1", "--steps", "1",
-                 "--out", str(tmp_path / "again")]) == 0
+                 "--methods", "easyref", "mean", "--seeds", "1", "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert {(r["method"], r["seed"]) for r in again["runs"]} == {("easyref", 1)}  # no mean was trained
+
+
+def test_each_method_trains_stage_3_with_its_modes_and_seed(tmp_path, monkeypatch):
+    from easyref.shapes import bench, demo_model
+
+    trained, packaged = [], []
+
+    class FakeTrainer:
+        def __init__(self, config, cpu):
+            self.config = config
+
+        def train(self):
+            trained.append(self.config)
+
+    monkeypatch.setattr("easyref.train.trainer.Trainer", FakeTrainer)
+    monkeypatch.setattr(demo_model, "package", lambda work, out, recipe, timings, adapter: packaged.append((out, adapter)))
+    folders = bench.train_methods(tmp_path, demo_model.PRESETS["smoke"], methods=bench.METHODS, seeds=(0, 3))
+    modes = {(c.reference_mode, c.attention_mode, c.seed, Path(c.output_dir).name) for c in trained}
+    assert modes == {("joint", "bidirectional", 0, "stage3-easyref-bi-s0"), ("joint", "bidirectional", 3, "stage3-easyref-bi-s3"),
+                     ("mean", "official", 0, "stage3-mean-s0"), ("mean", "official", 3, "stage3-mean-s3"),
+                     ("concat", "official", 0, "stage3-concat-s0"), ("concat", "official", 3, "stage3-concat-s3"),
+                     ("joint", "official", 0, "stage3"),  # the demo build's own stage 3 is EasyRef's at the recipe's seed
+                     ("joint", "official", 3, "stage3-easyref-s3")}
+    assert all(c.init_from.endswith("stage2/final") for c in trained)  # every method from the same stage 2
+    assert sorted(folders) == sorted((m, s) for m in bench.METHODS for s in (0, 3))
+    assert {out.name for out, _ in packaged} == {f"model-{m}-s{s}" for m in bench.METHODS for s in (0, 3)}
 
 
 def test_bench_shapes_rejects_bad_input(tmp_path, capsys):
     assert main(["bench", "shapes", "--models-dir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert main(["bench", "shapes", "--preset", "huge"]) == 2
+    assert main(["bench", "shapes", "--methods", "easyref", "median"]) == 2
+    assert main(["bench", "shapes", "--seeds", "-1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert all(line.startswith("easyref: error:") for line in err) and len(err) == 2
+    assert all(line.startswith("easyref: error:") for line in err) and len(err) == 4
 
 
 def test_sign_test_against_hand_values():
@@ -70,27 +115,37 @@ def test_sign_test_against_hand_values():
     assert sign_test_p(4, 4) == 1.0  # an even split caps at 1
 
 
-def test_paired_identity_counts_groups_one_method_alone_got_right():
-    from easyref.shapes.bench import markdown_tables, paired_identity, sign_test_p
+def test_paired_identity_sums_over_seeds_and_weighs_the_gap_against_seed_spread():
+    from easyref.shapes.bench import aggregate, markdown_tables, paired_identity, sign_test_p
 
+    hard, easy = ("repeat", "held-out", 3, 2), ("plain", "held-in", 3, 0)
     outcomes = {
-        ("easyref", "held-out", 3, 2): [True, True, False, False, True],
-        ("mean", "held-out", 3, 2): [True, False, True, False, False],
-        ("easyref", "held-in", 3, 0): [True, False],
-        ("mean", "held-in", 3, 0): [True, False],
-        ("concat", "held-out", 3, 2): [False] * 5,
+        ("easyref", 0, hard): [True, True, False, False, True],
+        ("easyref", 1, hard): [True, True, True, False, True],
+        ("mean", 0, hard): [True, False, True, False, False],
+        ("mean", 1, hard): [False, False, False, False, True],
+        ("easyref", 0, easy): [True, False],
+        ("mean", 0, easy): [True, False],
+        ("concat", 0, hard): [False] * 5,
+        ("concat", 1, hard): [True] * 5,
     }
-    rows = paired_identity(outcomes)
+    runs = [{"method": m, "seed": s, "kind": c[0], "split": c[1], "refs": c[2], "distractors": c[3], "count": len(v),
+             **{k: sum(v) / len(v) for k in ("identity", "shape", "colour", "pattern", "prompt", "similarity")}}
+            for (m, s, c), v in outcomes.items()]
+    rows = paired_identity(outcomes, aggregate(runs))
     by = {(r["baseline"], r["cell"]): r for r in rows}
-    assert (by["mean", "held-out, 3 refs, 2 distractors"]["only_method"],
-            by["mean", "held-out, 3 refs, 2 distractors"]["only_baseline"]) == (2, 1)
-    assert (by["mean", "held-in, 3 refs, 0 distractors"]["only_method"],
-            by["mean", "held-in, 3 refs, 0 distractors"]["only_baseline"]) == (0, 0)
-    assert (by["mean", "all cells"]["only_method"], by["mean", "all cells"]["only_baseline"]) == (2, 1)
-    assert by["concat", "all cells"]["only_method"] == 3 and by["concat", "all cells"]["p"] == 2 / 8
-    assert ("concat", "held-in, 3 refs, 0 distractors") not in by  # a cell concat never ran is not compared
-    table = markdown_tables({"cells": [], "paired": rows})
-    assert "| mean | all cells | 2 | 1 | 1.000 |" in table
-    assert "| x | all cells | 20 | 0 | < 0.001 |" in markdown_tables(
-        {"cells": [], "paired": [{"baseline": "x", "cell": "all cells", "only_method": 20, "only_baseline": 0,
-                                  "p": sign_test_p(20, 0)}]})
+    mean_hard = by["mean", "repeat, held-out, 3 refs, 2 rivals"]
+    assert (mean_hard["only_method"], mean_hard["only_baseline"], mean_hard["seeds"]) == (2 + 3, 1 + 0, [0, 1])
+    assert mean_hard["p"] == sign_test_p(5, 1)
+    # seed means: easyref 0.7, mean 0.3 (gap 0.4); spreads: easyref 0.2, mean 0.2
+    assert abs(mean_hard["gap"] - 0.4) < 1e-9 and abs(mean_hard["seed_spread"] - 0.2) < 1e-9
+    assert mean_hard["beyond_spread"] is True
+    concat_hard = by["concat", "repeat, held-out, 3 refs, 2 rivals"]  # concat's seeds differ by 100 points
+    assert abs(concat_hard["gap"] - 0.2) < 1e-9 and concat_hard["beyond_spread"] is False
+    one_seed = by["mean", "plain, held-in, 3 refs, 0 distractors"]
+    assert (one_seed["only_method"], one_seed["only_baseline"], one_seed["beyond_spread"]) == (0, 0, None)
+    assert (by["mean", "all cells"]["only_method"], by["mean", "all cells"]["only_baseline"]) == (5, 1)
+    assert ("concat", "plain, held-in, 3 refs, 0 distractors") not in by  # a cell concat never ran is not compared
+    table = markdown_tables({"cells": aggregate(runs), "paired": rows})
+    assert "| mean | repeat, held-out, 3 refs, 2 rivals | 5 | 1 | 0.219 | +40.0 | yes |" in table
+    assert "| repeat | held-out | easyref | 70.0 | 60.0 / 80.0 |" in table

@@ -557,6 +557,7 @@ def test_deeply_nested_input_is_one_line(tiny_dirs, example, tmp_path, capsys, w
         (["data=DATADIR"], "is a folder, not a data file"),
         (["learning_rate=abc"], "learning_rate must be a finite number"),
         (["max_steps=2.5"], "max_steps must be an integer"),
+        (["attention_mode=sideways"], "attention_mode must be one of official, bidirectional"),
         (["lora_rank=["], "not valid YAML"),
         (["stage=2", "init_from=RUN/final"], "is inside output_dir"),  # its final/ would be replaced
     ],

@@ -57,8 +57,15 @@ def shapes_clip_tokenizer():
     )
 
 
-def build_pipeline(seed: int = 0):
-    """Untrained SDXL-architecture components sized for 64 px images."""
+# UNet resolution levels, (down block, up block, channels) each; the third (4 x 4 latents) is what lets the
+# UNet tell corners apart: a 2-level UNet trained 11,000 steps drew "center" right every time but put
+# "top left" objects in a random corner (its convolutions see too little of the image's border)
+UNET_LEVELS = (("DownBlock2D", "UpBlock2D", 64), ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D", 128),
+               ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D", 128))
+
+
+def build_pipeline(seed: int = 0, levels: int = 3):
+    """Untrained SDXL-architecture components sized for 64 px images; `levels` 2 is the earlier base's UNet."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -69,16 +76,17 @@ def build_pipeline(seed: int = 0):
         max_position_embeddings=tokenizer.model_max_length, projection_dim=32, bos_token_id=0, eos_token_id=1,
         pad_token_id=1, hidden_act="gelu",
     )
+    chosen = UNET_LEVELS[:levels]
     unet = UNet2DConditionModel(
         sample_size=16,
         in_channels=4,
         out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(64, 128),
+        down_block_types=tuple(down for down, _, _ in chosen),
+        up_block_types=tuple(up for _, up, _ in reversed(chosen)),
+        block_out_channels=tuple(width for _, _, width in chosen),
         layers_per_block=1,
-        transformer_layers_per_block=(1, 1),
-        attention_head_dim=(4, 8),
+        transformer_layers_per_block=(1,) * levels,
+        attention_head_dim=tuple(width // 16 for _, _, width in chosen),
         use_linear_projection=True,
         cross_attention_dim=64,  # 32 + 32 from the two text encoders, as 768 + 1280 in SDXL
         addition_embed_type="text_time",
@@ -201,15 +209,25 @@ def sharpen_posterior(vae, log_std: float = -7.0) -> None:
 # EasyRef's prompts take exactly that form, and a base that has never seen it placed the subject
 # and chose the background poorly when the references had to supply the rest.
 SUBJECTLESS_SHARE = 0.3
+# Share that names one attribute only ("a striped object on ...", "a star on ..."): the form of the
+# pick groups' prompts, which the base then knows as text before the references must supply the rest.
+PARTIAL_SHARE = 0.2
 
 
-def _captioned_target(rng: random.Random, subjects, subjectless: float = SUBJECTLESS_SHARE):
-    from .world import caption_for, prompt_for
+def _captioned_target(rng: random.Random, subjects, subjectless: float = SUBJECTLESS_SHARE,
+                      partial: float = PARTIAL_SHARE):
+    from .world import PICK_ATTRIBUTES, caption_for, pick_prompt, prompt_for
 
     subject = rng.choice(subjects)
     background, position = rng.choice(list(BACKGROUNDS)), rng.choice(list(POSITIONS))
-    describe = prompt_for if rng.random() < subjectless else lambda bg, pos: caption_for(subject, bg, pos)
-    return render(target_scene(subject, background, position)), describe(background, position)
+    draw = rng.random()
+    if draw < subjectless:
+        text = prompt_for(background, position)
+    elif draw < subjectless + partial:
+        text = pick_prompt(subject, rng.choice(PICK_ATTRIBUTES), background, position)
+    else:
+        text = caption_for(subject, background, position)
+    return render(target_scene(subject, background, position)), text
 
 
 def train_base(pipe, steps: int, batch_size: int = 32, lr: float = 5e-4, seed: int = 0, subjects=None,
@@ -259,17 +277,30 @@ def train_base(pipe, steps: int, batch_size: int = 32, lr: float = 5e-4, seed: i
 
 
 def build_base_model(out: str | Path, vae_steps: int, base_steps: int, batch_size: int = 32, seed: int = 0,
-                     device: str = "cpu") -> Path:
-    """Train the VAE, then the UNet + text encoders; save an SDXL folder (written elsewhere, then renamed)."""
-    pipe = build_pipeline(seed)
-    vae_losses = train_vae(pipe.vae, vae_steps, batch_size, seed=seed, device=device)
-    sharpen_posterior(pipe.vae)
-    pipe.vae.register_to_config(scaling_factor=fit_scaling_factor(pipe.vae))
-    base_losses = train_base(pipe, base_steps, batch_size, seed=seed, device=device)
-    record = {"vae_steps": vae_steps, "base_steps": base_steps, "batch_size": batch_size, "seed": seed,
-              "vae_final_loss": _tail_mean(vae_losses), "base_final_loss": _tail_mean(base_losses),
-              "scaling_factor": pipe.vae.config.scaling_factor}
-    return _save_base(pipe, Path(out), record)
+                     device: str = "cpu", levels: int = 3, vae_from: str | Path | None = None,
+                     chunk: int | None = None) -> Path:
+    """Train the VAE (or take a finished one from the SDXL folder `vae_from`), then the UNet + text
+    encoders; save an SDXL folder (written elsewhere, then renamed). `chunk`: train the UNet in runs of
+    this many steps, each continuing the saved folder (what a build spread over sessions does)."""
+    from diffusers import AutoencoderKL
+
+    pipe = build_pipeline(seed, levels)
+    record = {"vae_steps": vae_steps, "batch_size": batch_size, "seed": seed, "levels": levels}
+    if vae_from:  # already trained, sharpened and scaled
+        pipe.vae = AutoencoderKL.from_pretrained(vae_from, subfolder="vae")
+        record["vae_from"] = str(vae_from)
+    else:
+        record["vae_final_loss"] = _tail_mean(train_vae(pipe.vae, vae_steps, batch_size, seed=seed, device=device))
+        sharpen_posterior(pipe.vae)
+        pipe.vae.register_to_config(scaling_factor=fit_scaling_factor(pipe.vae))
+    first = min(base_steps, chunk or base_steps)
+    base_losses = train_base(pipe, first, batch_size, seed=seed, device=device)
+    record.update(base_steps=first, base_final_loss=_tail_mean(base_losses), scaling_factor=pipe.vae.config.scaling_factor)
+    out = _save_base(pipe, Path(out), record)
+    while first < base_steps:
+        first = min(base_steps, first + chunk)
+        continue_base_model(out, first, batch_size, device=device)
+    return out
 
 
 def continue_base_model(folder: str | Path, base_steps: int, batch_size: int = 32, device: str = "cpu") -> Path:
@@ -288,7 +319,8 @@ def continue_base_model(folder: str | Path, base_steps: int, batch_size: int = 3
     pipe = StableDiffusionXLPipeline.from_pretrained(folder)
     losses = train_base(pipe, base_steps - done, batch_size, seed=record["seed"] + done, device=device)
     record.setdefault("base_runs", [done]).append(base_steps - done)
-    record.update(base_steps=base_steps, base_final_loss=_tail_mean(losses), subjectless_share=SUBJECTLESS_SHARE)
+    record.update(base_steps=base_steps, base_final_loss=_tail_mean(losses), subjectless_share=SUBJECTLESS_SHARE,
+                  partial_share=PARTIAL_SHARE)
     return _save_base(pipe, folder, record)
 
 

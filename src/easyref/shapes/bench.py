@@ -1,12 +1,20 @@
 """The miniature MRBench: EasyRef against the mean and concat baselines on the shapes world.
 
-All three methods share the base model, the MLLM, the data and the first two stages (with one
-reference they are the same computation); only stage 3 differs, trained from the same stage-2
-checkpoint for the same number of steps, with `reference_mode` joint / mean / concat.
+Every method shares the base model, the MLLM, the data and the first two stages (with one reference
+they are the same computation); only stage 3 differs, trained from the same stage-2 checkpoint for the
+same number of steps:
+- `easyref`: the MLLM reads the whole group (`reference_mode` joint), causal aggregation as released;
+- `easyref-bi`: the same with bidirectional aggregation (`attention_mode`), beyond the release;
+- `mean` / `concat`: each reference read alone, its tokens averaged or concatenated.
 
-Cells (each `groups` groups, one image per group, the same seeds for every method):
-- by distractors: held-in and held-out subjects, 3 references, 0 / 1 / 2 distractors per reference;
-- by references: held-out subjects, 1 distractor, 1 / 2 / 3 / 5 / 8 references.
+Each method's stage 3 is trained once per seed (`seeds`: data order, dropout and noise; same data and
+budget), so a method gap can be set against the same method's seed-to-seed gap.
+
+Cells (kind, split, references, distractors; each `groups` groups, one image per group, the same groups
+and noise for every method and seed):
+- plain by distractors: held-in and held-out subjects, 3 references, 0 / 1 / 2 distractors;
+- plain by references: held-out subjects, 1 distractor, 1 / 2 / 3 / 5 / 8 references;
+- by kind: rival and repeat (2 rivals) and pick (no distractor), held-in and held-out, 3 references.
 """
 
 from __future__ import annotations
@@ -22,38 +30,66 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from .evaluate import METRICS, generate_for_groups, score_images, summarize
-from .world import make_groups
+from .world import SPLITS, make_groups
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("easyref", "mean", "concat")
-MODES = {"easyref": "joint", "mean": "mean", "concat": "concat"}
-DISTRACTOR_CELLS = [(split, 3, d) for split in ("held-in", "held-out") for d in (0, 1, 2)]
-REFERENCE_CELLS = [("held-out", n, 1) for n in (1, 2, 3, 5, 8)]
-CELLS = list(dict.fromkeys(DISTRACTOR_CELLS + REFERENCE_CELLS))  # 10: (held-out, 3, 1) is in both lists
+METHODS = ("easyref", "easyref-bi", "mean", "concat")
+# (reference_mode, attention_mode) of each method's stage 3
+MODES = {"easyref": ("joint", "official"), "easyref-bi": ("joint", "bidirectional"),
+         "mean": ("mean", "official"), "concat": ("concat", "official")}
+DEFAULT_SEEDS = (0, 1)
+DISTRACTOR_CELLS = [("plain", split, 3, d) for split in SPLITS for d in (0, 1, 2)]
+REFERENCE_CELLS = [("plain", "held-out", n, 1) for n in (1, 2, 3, 5, 8)]
+KIND_CELLS = [(kind, split, 3, d) for kind, d in (("rival", 2), ("repeat", 2), ("pick", 0)) for split in SPLITS]
+CELLS = list(dict.fromkeys(DISTRACTOR_CELLS + REFERENCE_CELLS + KIND_CELLS))  # 16: one cell is in two lists
 # scoring sizes per preset, (groups per cell, denoising steps): what --groups / --steps default to.
 # smoke only checks that the chain runs, so its scoring is as small as its training
-# (3 methods x 10 cells x 2 groups x 2 steps; the full sizes were 64 x 30, over 10 minutes on 2 cores)
 EVAL_SIZES = {"smoke": (2, 2), "cpu": (64, 30), "gpu": (64, 30), "full": (64, 30)}
 
 
-# ---------------------------------------------------------------------- training the baselines
-def train_methods(work: Path, recipe, cpu: bool = True) -> dict[str, Path]:
-    """Stage 3 once per reference mode from the shared stage-2 checkpoint; returns model folders."""
+def cell_name(cell) -> str:
+    kind, split, refs, distractors = cell
+    return f"{kind}, {split}, {refs} refs, {distractors} {'rivals' if kind in ('rival', 'repeat') else 'distractors'}"
+
+
+# ---------------------------------------------------------------------- training the methods
+def model_folder(work: Path, method: str, seed: int) -> Path:
+    return work / f"model-{method}-s{seed}"
+
+
+def train_methods(work: Path, recipe, cpu: bool = True, methods=METHODS, seeds=DEFAULT_SEEDS) -> dict:
+    """Stage 3 once per method and seed from the shared stage-2 checkpoint; returns {(method, seed): model folder}.
+    A finished stage 3 is reused, so an interrupted benchmark goes on where it stopped."""
     from ..train.trainer import Trainer
     from .demo_model import package, stage_config
 
     folders = {}
-    for method in METHODS:
-        # EasyRef's stage 3 is the demo model's own (work/stage3); the baselines get their own runs
-        stage_dir = work / ("stage3" if method == "easyref" else f"stage3-{method}")
-        if not (stage_dir / "final" / "easyref.safetensors").is_file():
-            config = stage_config(recipe, 3, work, cpu)
-            config = dataclasses.replace(config, output_dir=str(stage_dir), reference_mode=MODES[method])
-            Trainer(config, cpu=cpu).train()
-        folders[method] = work / f"model-{method}"
-        package(work, folders[method], recipe, {}, adapter=stage_dir / "final")
+    for method in methods:
+        reference_mode, attention_mode = MODES[method]
+        for seed in seeds:
+            # the demo model's own stage 3 (work/stage3) is EasyRef's at the recipe's seed
+            own = method == "easyref" and seed == recipe.seed
+            stage_dir = work / ("stage3" if own else f"stage3-{method}-s{seed}")
+            if not (stage_dir / "final" / "easyref.safetensors").is_file():
+                config = dataclasses.replace(stage_config(recipe, 3, work, cpu), output_dir=str(stage_dir), seed=seed,
+                                             reference_mode=reference_mode, attention_mode=attention_mode)
+                Trainer(config, cpu=cpu).train()
+            folders[method, seed] = model_folder(work, method, seed)
+            if not (folders[method, seed] / "adapter").is_dir():
+                package(work, folders[method, seed], recipe, {}, adapter=stage_dir / "final")
     return folders
+
+
+def find_models(folder: Path) -> dict:
+    """{(method, seed): model folder} for the `model-METHOD-sSEED/` folders under `folder`."""
+    found = {}
+    for method in METHODS:
+        for path in sorted(folder.glob(f"model-{method}-s*")):
+            seed = path.name.removeprefix(f"model-{method}-s")
+            if seed.isdigit() and (path / "adapter").is_dir():
+                found[method, int(seed)] = path
+    return found
 
 
 # ---------------------------------------------------------------------- evaluation
@@ -65,44 +101,71 @@ def load_method(folder: Path, device: str = "cpu"):
     return pipe.to(device)
 
 
-def cell_groups(split: str, refs: int, distractors: int, count: int, seed: int):
-    return make_groups(split, count, refs, distractors, seed=seed + 1000)  # never the training seeds
+def cell_groups(cell, count: int, seed: int):
+    kind, split, refs, distractors = cell
+    return make_groups(split, count, refs, distractors, seed=seed + 1000, kind=kind)  # never the training seeds
 
 
-def evaluate_methods(folders: dict[str, Path], out: Path, groups: int = 64, steps: int = 30,
-                     guidance: float = 5.0, seed: int = 0, device: str = "cpu") -> dict:
-    """Generate and score every cell for every method; write items.jsonl, summary.json, table and plot."""
+def evaluate_methods(folders: dict, out: Path, groups: int = 64, steps: int = 30, guidance: float = 5.0,
+                     seed: int = 0, device: str = "cpu") -> dict:
+    """Generate and score every cell for every (method, training seed); write items.jsonl, summary.json,
+    summary.md and the plots."""
     from .oracle import load_oracle
 
     out.mkdir(parents=True, exist_ok=True)
     oracle = load_oracle()
-    cells = CELLS
-    summary: dict = {"settings": {"groups": groups, "steps": steps, "guidance": guidance, "seed": seed}, "cells": []}
-    outcomes: dict[tuple, list[bool]] = {}
+    runs, outcomes = [], {}
     with open(out / "items.jsonl", "w") as items:
-        for method, folder in folders.items():
+        for (method, train_seed), folder in folders.items():
             pipe = load_method(folder, device)
-            for split, refs, distractors in cells:
+            for cell in CELLS:
                 started = time.perf_counter()
-                batch = cell_groups(split, refs, distractors, groups, seed)
+                batch = cell_groups(cell, groups, seed)
                 images = generate_for_groups(pipe, batch, seed=seed, steps=steps, guidance=guidance)
                 scores = score_images(oracle, batch, images)
-                outcomes[(method, split, refs, distractors)] = [s.identity for s in scores]
+                outcomes[method, train_seed, cell] = scores
+                kind, split, refs, distractors = cell
                 for s in scores:
-                    items.write(json.dumps({"method": method, "refs": refs, "distractors": distractors, **dataclasses.asdict(s)}) + "\n")
-                row = {"method": method, "split": split, "refs": refs, "distractors": distractors, **summarize(scores)}
-                summary["cells"].append(row)
-                logger.info("%s %s refs=%d distractors=%d identity %.3f prompt %.3f (%.0fs)", method, split, refs,
-                            distractors, row["identity"], row["prompt"], time.perf_counter() - started)
-                _save_examples(out / "examples" / f"{method}-{split}-{refs}-{distractors}.png", batch[:6], images[:6])
-    if "easyref" in folders and len(folders) > 1:
-        summary["paired"] = paired_identity(outcomes)
+                    items.write(json.dumps({"method": method, "seed": train_seed, "kind": kind, "refs": refs,
+                                            "distractors": distractors, **dataclasses.asdict(s)}) + "\n")
+                row = {"method": method, "seed": train_seed, "kind": kind, "split": split, "refs": refs,
+                       "distractors": distractors, **summarize(scores)}
+                runs.append(row)
+                logger.info("%s seed %d %s: identity %.3f prompt %.3f (%.0fs)", method, train_seed, cell_name(cell),
+                            row["identity"], row["prompt"], time.perf_counter() - started)
+                _save_examples(out / "examples" / f"{method}-s{train_seed}-{kind}-{split}-{refs}-{distractors}.png",
+                               batch[:6], images[:6])
+    summary = {"settings": {"groups": groups, "steps": steps, "guidance": guidance, "seed": seed,
+                            "training_seeds": sorted({s for _, s in folders})},
+               "runs": runs, "cells": aggregate(runs)}
+    if any(m == "easyref" for m, _ in folders) and len({m for m, _ in folders}) > 1:
+        summary["paired"] = paired_identity(outcomes, summary["cells"])
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "summary.md").write_text(markdown_tables(summary))
     plot_by_references(summary, out / "by_references.png")
     # colour is the attribute a weak model gets first: this plot still separates methods when identity is near zero
     plot_by_references(summary, out / "by_references_colour.png", metric="colour")
     return summary
+
+
+def aggregate(runs: list[dict]) -> list[dict]:
+    """One row per (method, cell): each metric's mean over the training seeds, and for identity and
+    prompt the per-seed values and their spread (largest minus smallest)."""
+    rows: dict[tuple, list[dict]] = {}
+    for run in runs:
+        rows.setdefault((run["method"], run["kind"], run["split"], run["refs"], run["distractors"]), []).append(run)
+    out = []
+    for (method, kind, split, refs, distractors), seeds in rows.items():
+        row = {"method": method, "kind": kind, "split": split, "refs": refs, "distractors": distractors,
+               "seeds": [r["seed"] for r in seeds], "count": sum(r["count"] for r in seeds)}
+        for metric in METRICS:
+            row[metric] = sum(r[metric] for r in seeds) / len(seeds)
+        for metric in ("identity", "prompt"):
+            values = [r[metric] for r in seeds]
+            row[f"{metric}_by_seed"] = values
+            row[f"{metric}_spread"] = max(values) - min(values)
+        out.append(row)
+    return out
 
 
 def _save_examples(path: Path, groups, images) -> None:
@@ -121,27 +184,42 @@ def _save_examples(path: Path, groups, images) -> None:
 
 
 # ---------------------------------------------------------------------- reporting
+TABLES = (
+    ("By distractors (plain groups, 3 references)", DISTRACTOR_CELLS, ("split", "distractors")),
+    ("By number of references (plain groups, held-out, 1 distractor)", REFERENCE_CELLS, ("refs",)),
+    ("By group kind (3 references)", KIND_CELLS, ("kind", "split")),
+)
+
+
 def markdown_tables(summary: dict) -> str:
-    cells = summary["cells"]
-    lines = ["### By distractors (3 references)", "",
-             "| split | distractors | method | identity | shape | colour | pattern | prompt | similarity |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for split, refs, d in DISTRACTOR_CELLS:
-        for row in (c for c in cells if (c["split"], c["refs"], c["distractors"]) == (split, refs, d)):
-            lines.append(_row([split, d, row["method"]], row))
-    lines += ["", "### By number of references (held-out, 1 distractor)", "",
-              "| references | method | identity | shape | colour | pattern | prompt | similarity |",
-              "|---|---|---|---|---|---|---|---|"]
-    for split, refs, d in REFERENCE_CELLS:
-        for row in (c for c in cells if (c["split"], c["refs"], c["distractors"]) == (split, refs, d)):
-            lines.append(_row([refs, row["method"]], row))
+    """Seed means of every metric per cell, identity per seed, and the paired comparisons."""
+    cells, lines = summary["cells"], []
+    for title, wanted, keys in TABLES:
+        lines += [f"### {title}", "", "| " + " | ".join([*keys, "method", "identity", "identity by seed",
+                                                      *METRICS[1:]]) + " |",
+                  "|" + "---|" * (len(keys) + 2 + len(METRICS)), ]
+        for cell in wanted:
+            for row in (c for c in cells if _cell_of(c) == cell):
+                by_seed = " / ".join(f"{100 * v:.1f}" for v in row["identity_by_seed"])
+                lines.append(_row([row[k] for k in keys] + [row["method"]], row, by_seed))
+        lines.append("")
     if summary.get("paired"):
-        lines += ["", "### EasyRef against each baseline, paired by group (identity)", "",
-                  "Groups only EasyRef drew right, groups only the baseline did, and the exact sign test's p.", "",
-                  "| baseline | cell | only EasyRef | only baseline | p |", "|---|---|---|---|---|"]
-        lines += [f"| {r['baseline']} | {r['cell']} | {r['only_method']} | {r['only_baseline']} | {_p_text(r['p'])} |"
-                  for r in summary["paired"]]
+        lines += ["### EasyRef against each other method, paired by group (identity)", "",
+                  "Groups only EasyRef drew right and groups only the other method did, summed over the training "
+                  "seeds (each seed's runs compared on the same groups), the exact sign test's p, the gap of the seed "
+                  "means, and whether it is larger than either method's own seed-to-seed spread.", "",
+                  "| method | cell | only EasyRef | only method | p | gap (points) | larger than seed spread |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in summary["paired"]:
+            gap = "" if r.get("gap") is None else f"{100 * r['gap']:+.1f}"
+            beyond = {None: "", True: "yes", False: "no"}[r.get("beyond_spread")]
+            lines.append(f"| {r['baseline']} | {r['cell']} | {r['only_method']} | {r['only_baseline']} | "
+                         f"{_p_text(r['p'])} | {gap} | {beyond} |")
     return "\n".join(lines) + "\n"
+
+
+def _cell_of(row: dict) -> tuple:
+    return row["kind"], row["split"], row["refs"], row["distractors"]
 
 
 def sign_test_p(wins: int, losses: int) -> float:
@@ -153,43 +231,62 @@ def sign_test_p(wins: int, losses: int) -> float:
     return min(1.0, 2 * tail / 2**total)
 
 
-def paired_identity(outcomes: dict[tuple, list[bool]], method: str = "easyref") -> list[dict]:
-    """`method` against each other method, group by group (same group, same seed): per cell and pooled,
-    the groups only one of the two got right, and the sign test's p. Cells are compared by pairs
-    because their groups are shared, which is much less noisy than comparing two accuracies."""
+def paired_identity(outcomes: dict, cells: list[dict] | None = None, method: str = "easyref") -> list[dict]:
+    """`method` against each other method, group by group: for each cell and pooled over cells, the groups
+    only one of the two got right, summed over the training seeds both were run with (the same groups and
+    noise in every run), and the sign test's p. With `cells` (the seed aggregates), also the gap of the seed
+    means and whether it exceeds the larger of the two methods' seed spreads.
+
+    `outcomes`: {(method, seed, cell): [identity bool or ItemScore, ...]}."""
+    means = {(c["method"], _cell_of(c)): c for c in cells or []}
     rows = []
-    for baseline in dict.fromkeys(key[0] for key in outcomes if key[0] != method):
+    others = dict.fromkeys(key[0] for key in outcomes if key[0] != method)
+    for baseline in others:
         total = [0, 0]
-        for (name, split, refs, distractors), ours in outcomes.items():
-            if name != method or (baseline, split, refs, distractors) not in outcomes:
+        for cell in dict.fromkeys(key[2] for key in outcomes):
+            seeds = [s for (m, s, c) in outcomes if m == method and c == cell and (baseline, s, cell) in outcomes]
+            if not seeds:
                 continue
-            theirs = outcomes[(baseline, split, refs, distractors)]
-            wins = sum(a and not b for a, b in zip(ours, theirs))
-            losses = sum(b and not a for a, b in zip(ours, theirs))
+            wins = losses = 0
+            for seed in seeds:
+                ours, theirs = _identities(outcomes[method, seed, cell]), _identities(outcomes[baseline, seed, cell])
+                wins += sum(a and not b for a, b in zip(ours, theirs))
+                losses += sum(b and not a for a, b in zip(ours, theirs))
             total = [total[0] + wins, total[1] + losses]
-            rows.append({"baseline": baseline, "cell": f"{split}, {refs} refs, {distractors} distractors",
-                         "only_method": wins, "only_baseline": losses, "p": sign_test_p(wins, losses)})
+            row = {"baseline": baseline, "cell": cell_name(cell), "seeds": seeds, "only_method": wins,
+                   "only_baseline": losses, "p": sign_test_p(wins, losses)}
+            a, b = means.get((method, cell)), means.get((baseline, cell))
+            if a and b:
+                row["gap"] = a["identity"] - b["identity"]
+                row["seed_spread"] = max(a["identity_spread"], b["identity_spread"])
+                # one seed gives no spread to compare with
+                row["beyond_spread"] = None if len(seeds) < 2 else abs(row["gap"]) > row["seed_spread"]
+            rows.append(row)
         rows.append({"baseline": baseline, "cell": "all cells", "only_method": total[0],
                      "only_baseline": total[1], "p": sign_test_p(*total)})
     return rows
+
+
+def _identities(scores) -> list[bool]:
+    return [s if isinstance(s, bool) else s.identity for s in scores]
 
 
 def _p_text(p: float) -> str:
     return f"{p:.3f}" if p >= 0.001 else "< 0.001"
 
 
-def _row(keys: list, row: dict) -> str:
+def _row(keys: list, row: dict, by_seed: str) -> str:
     values = [f"{100 * row[m]:.1f}" if m != "similarity" else f"{row[m]:.3f}" for m in METRICS]
-    return "| " + " | ".join(str(k) for k in [*keys, *values]) + " |"
+    return "| " + " | ".join(str(k) for k in [*keys, values[0], by_seed, *values[1:]]) + " |"
 
 
 def plot_by_references(summary: dict, path: Path, metric: str = "identity") -> None:
-    """Identity accuracy against the number of references, one line per method (drawn with PIL)."""
-    colours = {"easyref": (200, 40, 40), "mean": (40, 90, 200), "concat": (40, 150, 60)}
+    """Accuracy (seed mean) against the number of references, one line per method (drawn with PIL)."""
+    colours = {"easyref": (200, 40, 40), "easyref-bi": (230, 140, 20), "mean": (40, 90, 200), "concat": (40, 150, 60)}
     width, height, margin = 520, 340, 50
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    xs = [n for _, n, _ in REFERENCE_CELLS]
+    xs = [n for _, _, n, _ in REFERENCE_CELLS]
     to_x = lambda n: margin + (xs.index(n)) * (width - 2 * margin) / (len(xs) - 1)
     to_y = lambda v: height - margin - v * (height - 2 * margin)
     draw.line([(margin, margin), (margin, height - margin), (width - margin, height - margin)], fill="black")
@@ -199,26 +296,25 @@ def plot_by_references(summary: dict, path: Path, metric: str = "identity") -> N
     for n in xs:
         draw.text((to_x(n) - 3, height - margin + 8), str(n), fill="black")
     draw.text((width // 2 - 60, height - 20), "number of references", fill="black")
-    draw.text((margin, 12), f"{metric} accuracy, held-out subjects, 1 distractor", fill="black")
+    draw.text((margin, 12), f"{metric} accuracy, held-out subjects, 1 distractor (mean over seeds)", fill="black")
     for i, method in enumerate(METHODS):
-        rows = {c["refs"]: c[metric] for c in summary["cells"]
-                if c["method"] == method and (c["split"], c["refs"], c["distractors"]) in REFERENCE_CELLS}
+        rows = {c["refs"]: c[metric] for c in summary["cells"] if c["method"] == method and _cell_of(c) in REFERENCE_CELLS}
         if not rows:
             continue
         points = [(to_x(n), to_y(rows[n])) for n in xs if n in rows]
         draw.line(points, fill=colours[method], width=3)
         for x, y in points:
             draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colours[method])
-        draw.text((width - margin - 60, margin + 14 * i), method, fill=colours[method])
+        draw.text((width - margin - 80, margin + 14 * i), method, fill=colours[method])
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
 
 
 # ---------------------------------------------------------------------- the command
 def run(out: Path, preset: str = "cpu", groups: int | None = None, steps: int | None = None,
-        work: Path | None = None, cpu: bool = True, seed: int = 0) -> dict:
-    """From nothing: the demo-model build (base + stages 1-3), the two baselines' stage 3, the evaluation.
-    `groups` / `steps` default to the preset's scoring sizes (`EVAL_SIZES`)."""
+        work: Path | None = None, cpu: bool = True, seed: int = 0, seeds=DEFAULT_SEEDS, methods=METHODS) -> dict:
+    """From nothing: the demo-model build (base + stages 1-3), every method's stage 3 per training seed,
+    the evaluation. `groups` / `steps` default to the preset's scoring sizes (`EVAL_SIZES`)."""
     from .demo_model import PRESETS, build
 
     recipe = PRESETS[preset]
@@ -227,7 +323,7 @@ def run(out: Path, preset: str = "cpu", groups: int | None = None, steps: int | 
     work = work or out / "work"
     if not (work / "stage2" / "final" / "easyref.safetensors").is_file():
         build(out / "model-demo", recipe, work, cpu)
-    folders = train_methods(work, recipe, cpu)
+    folders = train_methods(work, recipe, cpu, methods=methods, seeds=seeds)
     summary = evaluate_methods(folders, out, groups=groups, steps=steps, seed=seed)
     if work == out / "work":
         shutil.rmtree(work / "data", ignore_errors=True)  # thousands of renders, easy to make again

@@ -19,15 +19,22 @@ def add_shapes_parser(bench_sub) -> None:
     p = bench_sub.add_parser(
         "shapes",
         help="miniature MRBench: EasyRef vs mean vs concat on the synthetic shapes world",
-        description="Train (unless --models-dir has them) and evaluate EasyRef and the two tuning-free "
-        "baselines on the shapes world: identity, attribute and prompt accuracy and similarity, read by the "
-        "bundled oracle, by distractors and by number of references. Writes summary.md, summary.json, "
-        "items.jsonl, by_references.png and example sheets into --out.",
+        description="Train (unless --models-dir has them) and evaluate EasyRef, EasyRef with bidirectional "
+        "aggregation and the two tuning-free baselines on the shapes world, each method's stage 3 once per "
+        "training seed: identity, attribute and prompt accuracy and similarity, read by the bundled oracle, by "
+        "distractors, by number of references and by group kind (plain, rival, repeat, pick), with seed means, "
+        "seed spreads and paired sign tests. Writes summary.md, summary.json, items.jsonl, by_references.png and "
+        "example sheets into --out.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", type=Path, default=Path("runs/bench-shapes"), help="output folder (default runs/bench-shapes)")
     p.add_argument("--preset", default="cpu", help=PRESET_HELP)
-    p.add_argument("--models-dir", type=Path, help="evaluate existing model-easyref/, model-mean/, model-concat/ folders here")
+    p.add_argument("--models-dir", type=Path,
+                   help="evaluate the existing model-METHOD-sSEED/ folders here (a finished run's work folder)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
+                   help="training seeds: each method's stage 3 is trained once per seed (default 0 1)")
+    p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                   help="easyref, easyref-bi (bidirectional aggregation), mean, concat (default: all four)")
     p.add_argument("--groups", type=int, help="groups per cell (default: the preset's; 64, smoke 2)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the preset's; 30, smoke 2)")
     p.add_argument("--seed", type=int, default=0)
@@ -38,23 +45,32 @@ def add_shapes_parser(bench_sub) -> None:
 
 def cmd_shapes(args) -> int:
     from ..cli import UserError
-    from .bench import EVAL_SIZES, METHODS, evaluate_methods, run
+    from .bench import EVAL_SIZES, METHODS, evaluate_methods, find_models, run
     from .demo_model import PRESETS
 
     if args.preset not in PRESETS:
         raise UserError(f"--preset must be one of {', '.join(sorted(PRESETS))}, got {args.preset!r}")
     if (args.groups is not None and args.groups < 1) or (args.steps is not None and args.steps < 1):
         raise UserError("--groups and --steps must be >= 1")
+    methods = tuple(dict.fromkeys(args.methods or METHODS))
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise UserError(f"--methods: unknown method {unknown[0]!r} (known: {', '.join(METHODS)})")
+    if any(s < 0 or s >= 2**31 for s in args.seeds):
+        raise UserError("--seeds must be between 0 and 2^31 - 1")
+    seeds = tuple(dict.fromkeys(args.seeds))
     groups = args.groups or EVAL_SIZES[args.preset][0]
     steps = args.steps or EVAL_SIZES[args.preset][1]
     if args.models_dir:
-        folders = {m: args.models_dir / f"model-{m}" for m in METHODS}
-        missing = [str(f) for f in folders.values() if not (f / "adapter").is_dir()]
-        if missing:
-            raise UserError(f"--models-dir: no model folder {missing[0]} (expected model-easyref/, model-mean/, model-concat/)")
+        folders = {key: path for key, path in find_models(args.models_dir).items()
+                   if key[0] in methods and key[1] in seeds}
+        if not folders:
+            raise UserError(f"--models-dir: no model-METHOD-sSEED/ folder under {args.models_dir} for "
+                            f"{', '.join(methods)} and seeds {' '.join(map(str, seeds))}")
         evaluate_methods(folders, args.out, groups=groups, steps=steps, seed=args.seed)
     else:
-        run(args.out, preset=args.preset, groups=groups, steps=steps, work=args.work, seed=args.seed)
+        run(args.out, preset=args.preset, groups=groups, steps=steps, work=args.work, seed=args.seed,
+            seeds=seeds, methods=methods)
     logger.info("wrote %s", args.out / "summary.md")
     print((args.out / "summary.md").read_text(), end="")
     return 0

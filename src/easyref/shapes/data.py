@@ -14,7 +14,7 @@ import logging
 import random
 from pathlib import Path
 
-from .world import IMAGE_SIZE, Group, caption_for, make_groups, render
+from .world import IMAGE_SIZE, KINDS, Group, caption_for, make_groups, render
 
 logger = logging.getLogger(__name__)
 
@@ -32,29 +32,37 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
     tmp.replace(path)
 
 
+# other objects per reference for each group kind (plain: the `distractors` argument); rival and repeat
+# have at least one rival, pick's two subjects leave room for at most one small distractor
+KIND_DISTRACTORS = {"rival": (1, 2), "repeat": (1, 2), "pick": (0, 1)}
+
+
 def write_training_data(root: str | Path, groups: int = 2000, min_refs: int = 2, max_refs: int = 5,
-                        distractors: tuple[int, ...] = (0, 1, 2), seed: int = 0) -> dict[str, Path]:
-    """Render `groups` held-in groups (reference counts and distractor counts varied) with their records."""
+                        distractors: tuple[int, ...] = (0, 1, 2), seed: int = 0,
+                        kinds: tuple[str, ...] = KINDS) -> dict[str, Path]:
+    """Render `groups` held-in groups (kinds, reference counts and distractor counts varied, in equal
+    shares) with their records."""
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"shapes-training-{seed}")
     base, pairs, faces, stage3 = [], [], [], []
-    per_setting = max(1, groups // (len(distractors) * (max_refs - min_refs + 1)))
-    for d in distractors:
-        for n in range(min_refs, max_refs + 1):
-            for group in make_groups("held-in", per_setting, n, d, seed=rng.randrange(2**31)):
-                target = f"images/{group.id}-{n}-{d}-target.png"
-                render(group.target).save(root / target)
-                refs = []
-                for i, scene in enumerate(group.references):
-                    name = f"images/{group.id}-{n}-{d}-ref{i}.png"
-                    render(scene).save(root / name)
-                    refs.append(name)
-                caption = caption_for(group.subject, group.background, group.position)
-                base.append({"image_file": target, "text": caption, "target": target})
-                pairs.append({"image_file": target, "text": group.prompt, "target": target})
-                faces.append({"face": [[[*subject_box(group), 1.0]]], "text": group.prompt, "target": target})
-                stage3.append({"image_file": refs, "text": group.prompt, "target": target})
+    settings = [(kind, d, n) for kind in kinds for d in KIND_DISTRACTORS.get(kind, distractors)
+                for n in range(min_refs, max_refs + 1)]
+    per_setting = max(1, groups // len(settings))
+    for kind, d, n in settings:
+        for group in make_groups("held-in", per_setting, n, d, seed=rng.randrange(2**31), kind=kind):
+            target = f"images/{group.id}-{n}-{d}-target.png"
+            render(group.target).save(root / target)
+            refs = []
+            for i, scene in enumerate(group.references):
+                name = f"images/{group.id}-{n}-{d}-ref{i}.png"
+                render(scene).save(root / name)
+                refs.append(name)
+            caption = caption_for(group.subject, group.background, group.position)
+            base.append({"image_file": target, "text": caption, "target": target})
+            pairs.append({"image_file": target, "text": group.prompt, "target": target})
+            faces.append({"face": [[[*subject_box(group), 1.0]]], "text": group.prompt, "target": target})
+            stage3.append({"image_file": refs, "text": group.prompt, "target": target})
     paths = {name: root / f"{name}.jsonl" for name in ("base", "pairs", "faces", "groups")}
     for name, records in zip(paths, (base, pairs, faces, stage3)):
         _write_jsonl(paths[name], records)

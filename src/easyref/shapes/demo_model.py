@@ -45,6 +45,11 @@ class Recipe:
     vision_depth: int = 2
     num_workers: int = 0  # on a 2-core machine worker processes only compete with the training threads
     seed: int = 0
+    unet_levels: int = 3  # the base UNet's resolution levels (`shapes.base.UNET_LEVELS`)
+    base_chunk: int | None = None  # the base's UNet trained in runs of this many steps (`build_base_model`)
+    # "bundled": reuse the bundled default model's VAE (trained to vae_steps by an earlier build) instead
+    # of training one; a copy of the package without weights trains it
+    vae_from: str | None = None
 
 
 PRESETS = {
@@ -117,7 +122,8 @@ def build(out: Path, recipe: Recipe, work: Path, cpu: bool) -> Path:
          lambda: write_training_data(work / "data", groups=recipe.groups, seed=recipe.seed)),
         ("base", work / "base" / "model_index.json",
          lambda: build_base_model(work / "base", recipe.vae_steps, recipe.base_steps, recipe.batch_size,
-                                  seed=recipe.seed, device=device)),
+                                  seed=recipe.seed, device=device, levels=recipe.unet_levels,
+                                  vae_from=_vae_source(recipe), chunk=recipe.base_chunk)),
         ("qwen2vl", work / "qwen2vl" / "config.json",
          lambda: build_mllm(work / "qwen2vl", recipe.mllm_steps, 32, seed=recipe.seed,
                             reference_image_size=recipe.reference_image_size, device=device,
@@ -138,13 +144,35 @@ def build(out: Path, recipe: Recipe, work: Path, cpu: bool) -> Path:
     return out
 
 
+def _vae_source(recipe: Recipe) -> Path | None:
+    if recipe.vae_from != "bundled":
+        return Path(recipe.vae_from) if recipe.vae_from else None
+    from ..default_model import bundled_model_dir
+
+    bundled = bundled_model_dir()
+    if bundled and (bundled / "sdxl" / "vae" / "config.json").is_file():
+        return bundled / "sdxl"
+    logger.info("no bundled model to take the VAE from: training one")
+    return None
+
+
 def _continue_base(work: Path, recipe: Recipe, device: str) -> None:
     """A finished base with fewer steps than the recipe asks trains on, so builds accumulate across
-    sessions; everything trained on the old base is then stale and goes."""
+    sessions; everything trained on the old base is then stale and goes. A base of another UNet shape
+    is rebuilt."""
     from .base import continue_base_model
 
     record = work / "base" / "training.json"
-    if not record.is_file() or json.loads(record.read_text())["base_steps"] >= recipe.base_steps:
+    if not record.is_file():
+        return
+    built = json.loads(record.read_text())
+    if built.get("levels", 2) != recipe.unet_levels:  # records from before `levels` existed are 2-level
+        logger.info("base: a %s-level UNet, the recipe asks %d levels; rebuilding it and what was trained on it",
+                    built.get("levels", 2), recipe.unet_levels)
+        shutil.rmtree(work / "base")
+        _drop_stages(work)
+        return
+    if built["base_steps"] >= recipe.base_steps:
         return
     logger.info("base: continuing to %d steps", recipe.base_steps)
     continue_base_model(work / "base", recipe.base_steps, recipe.batch_size, device=device)

@@ -7,6 +7,15 @@ so the subject can only come from the references.
 
 Held-out subjects are attribute *combinations* never used in training, while every single attribute
 value still appears in training (the paper's zero-shot split in miniature).
+
+Group kinds (`KINDS`), the cases that separate reading a group jointly from averaging its references:
+- `plain`: the subject with 0-2 small distractors per reference, different in every reference;
+- `rival`: the subject with 1-2 rivals at least as large as it, different in every reference;
+- `repeat`: as rival, but one rival recurs in every reference but one; only the subject is in all of
+  them, so an average of per-reference tokens gives the recurring rival almost the subject's weight;
+- `pick`: two subjects recur in every reference, differing in shape, colour and pattern; the prompt
+  names one attribute of the one to draw ("a striped object on a tan background, at the top left").
+  The instruction-reading MLLM sees the prompt with the references; averaging can only resolve it later.
 """
 
 from __future__ import annotations
@@ -40,6 +49,8 @@ POSITIONS = {  # centre of the subject, as a fraction of the image side
 IMAGE_SIZE = 64
 TARGET_SUBJECT_SIZE = 0.42  # subject side as a fraction of the image, in targets
 SPLITS = ("held-in", "held-out")
+KINDS = ("plain", "rival", "repeat", "pick")
+PICK_ATTRIBUTES = ("shape", "colour", "pattern")
 
 
 @dataclass(frozen=True)
@@ -176,52 +187,140 @@ def _free_spot(rng: random.Random, cx: float, cy: float, size: float) -> tuple[f
             return dx, dy, d_size
 
 
+def rival_scene(subject: Subject, rivals: list[Subject], rng: random.Random) -> Scene:
+    """The subject and `rivals` at least as large as it, on a random background, no two touching."""
+    size = rng.uniform(0.26, 0.32)
+    sizes = [size] + [rng.uniform(size, 0.38) for _ in rivals]
+    spots = _apart(rng, sizes)
+    (cx, cy, size), others = spots[0], spots[1:]
+    placed = [Placement(rival, x, y, side) for rival, (x, y, side) in zip(rivals, others)]
+    return Scene(rng.choice(list(BACKGROUNDS)), Placement(subject, cx, cy, size), placed)
+
+
+def _apart(rng: random.Random, sizes: list[float]) -> list[tuple[float, float, float]]:
+    """(x, y, side) for boxes of these sides inside the image with a gap between every two; shrunk
+    by a tenth after every 200 failed draws, so three large objects always find room."""
+    while True:
+        for _ in range(200):
+            spots = [(rng.uniform(s / 2 + 0.02, 0.98 - s / 2), rng.uniform(s / 2 + 0.02, 0.98 - s / 2), s) for s in sizes]
+            if all(max(abs(a[0] - b[0]), abs(a[1] - b[1])) > (a[2] + b[2]) / 2 + 0.02
+                   for i, a in enumerate(spots) for b in spots[i + 1:]):
+                return spots
+        sizes = [s * 0.9 for s in sizes]
+
+
+def _where(position: str) -> str:
+    return "in the center" if position == "center" else f"at the {position}"
+
+
 def prompt_for(background: str, position: str) -> str:
     """What the target must show, without naming the subject."""
-    where = "in the center" if position == "center" else f"at the {position}"
-    return f"an object on a {background} background, {where}"
+    return f"an object on a {background} background, {_where(position)}"
 
 
 def caption_for(subject: Subject, background: str, position: str) -> str:
     """A full description (base-model pretraining only; never a group's prompt)."""
-    where = "in the center" if position == "center" else f"at the {position}"
-    return f"a {subject.key} on a {background} background, {where}"
+    return f"a {subject.key} on a {background} background, {_where(position)}"
+
+
+def pick_prompt(subject: Subject, attribute: str, background: str, position: str) -> str:
+    """A prompt naming one attribute of the subject: "a star on ...", "a striped object on ..."."""
+    value = getattr(subject, attribute)
+    what = value if attribute == "shape" else f"{value} object"
+    article = "an" if what[0] in "aeiou" else "a"
+    return f"{article} {what} on a {background} background, {_where(position)}"
 
 
 @dataclass
 class Group:
     id: str
     split: str
-    subject: Subject
+    subject: Subject  # what the target shows
     references: list[Scene]
     target: Scene
     background: str
     position: str
     prompt: str
+    kind: str = "plain"
+    other: Subject | None = None  # pick: the second recurring subject, the one the prompt does not ask for
+    attribute: str | None = None  # pick: the attribute the prompt names
 
 
 def make_group(group_id: str, subject: Subject, num_references: int, distractors: int, rng: random.Random,
-               pool: list[Subject] | None = None) -> Group:
+               pool: list[Subject] | None = None, kind: str = "plain") -> Group:
+    """One group of `kind`; `distractors` is the number of other objects per reference (rival, repeat:
+    the rivals, at least 1; pick: small distractors beside the two subjects)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     pool = pool or all_subjects()
     background, position = rng.choice(list(BACKGROUNDS)), rng.choice(list(POSITIONS))
+    other = attribute = None
+    prompt = prompt_for(background, position)
+    if kind == "plain":
+        references = [reference_scene(subject, distractors, rng, pool) for _ in range(num_references)]
+    elif kind in ("rival", "repeat"):
+        references = _rival_references(subject, num_references, max(1, distractors), rng, pool, kind == "repeat")
+    else:
+        other = rng.choice([s for s in pool if _differs_in_all(s, subject)])
+        attribute = rng.choice(PICK_ATTRIBUTES)
+        references = [_pick_scene(subject, other, distractors, rng, pool) for _ in range(num_references)]
+        prompt = pick_prompt(subject, attribute, background, position)
     return Group(
         id=group_id,
         split=split_of(subject),
         subject=subject,
-        references=[reference_scene(subject, distractors, rng, pool) for _ in range(num_references)],
+        references=references,
         target=target_scene(subject, background, position),
         background=background,
         position=position,
-        prompt=prompt_for(background, position),
+        prompt=prompt,
+        kind=kind,
+        other=other,
+        attribute=attribute,
     )
 
 
-def make_groups(split: str, count: int, num_references: int, distractors: int, seed: int) -> list[Group]:
-    """`count` groups cycling over the split's subjects; distractors come from the same split only."""
-    rng = random.Random(f"shapes-groups-{split}-{num_references}-{distractors}-{seed}")
+def _differs_in_all(a: Subject, b: Subject) -> bool:
+    return a.shape != b.shape and a.colour != b.colour and a.pattern != b.pattern
+
+
+def _rival_references(subject: Subject, count: int, rivals: int, rng: random.Random, pool: list[Subject],
+                      repeat: bool) -> list[Scene]:
+    """Rivals drawn without replacement across the group, so none recurs unless `repeat` makes one
+    recur in every reference but one."""
+    others = [s for s in pool if s != subject]
+    rng.shuffle(others)
+    fresh = iter(others * (1 + count * rivals // max(1, len(others))))
+    recurring, absent = (next(fresh), rng.randrange(count)) if repeat else (None, -1)
+    scenes = []
+    for i in range(count):
+        chosen = [recurring] if repeat and i != absent else []
+        chosen += [next(fresh) for _ in range(rivals - len(chosen))]
+        rng.shuffle(chosen)
+        scenes.append(rival_scene(subject, chosen, rng))
+    return scenes
+
+
+def _pick_scene(subject: Subject, other: Subject, distractors: int, rng: random.Random,
+                pool: list[Subject]) -> Scene:
+    """Both recurring subjects at similar sizes, plus small distractors that are neither."""
+    sizes = [rng.uniform(0.28, 0.36), rng.uniform(0.28, 0.36)] + [rng.uniform(0.16, 0.2) for _ in range(distractors)]
+    spots = _apart(rng, sizes)
+    extras = [s for s in pool if s not in (subject, other)]
+    placed = [Placement(other, *spots[1])] + [Placement(rng.choice(extras), *spot) for spot in spots[2:]]
+    return Scene(rng.choice(list(BACKGROUNDS)), Placement(subject, *spots[0]), placed)
+
+
+def make_groups(split: str, count: int, num_references: int, distractors: int, seed: int,
+                kind: str = "plain") -> list[Group]:
+    """`count` groups cycling over the split's subjects; other objects come from the same split only."""
+    name = f"{split}-{num_references}-{distractors}-{seed}" if kind == "plain" else \
+        f"{kind}-{split}-{num_references}-{distractors}-{seed}"
+    rng = random.Random(f"shapes-groups-{name}")
     subjects = subjects_in(split)
     rng.shuffle(subjects)
+    prefix = f"{split}-{seed}" if kind == "plain" else f"{kind}-{split}-{seed}"
     return [
-        make_group(f"{split}-{seed}-{i:05d}", subjects[i % len(subjects)], num_references, distractors, rng, subjects)
+        make_group(f"{prefix}-{i:05d}", subjects[i % len(subjects)], num_references, distractors, rng, subjects, kind)
         for i in range(count)
     ]

@@ -59,6 +59,10 @@ class TrainConfig:
     reference_image_size: int = 336
     lora_rank: int = 0
     reference_mode: str = "joint"  # joint = EasyRef; mean / concat = the per-reference baselines
+    # the aggregation layer's attention: "official" (causal, what the released weights were trained with)
+    # or "bidirectional" (the reference tokens also attend to each other and are attended to);
+    # None: the previous stage's, else official
+    attention_mode: str | None = None
     # optimisation
     learning_rate: float = 1e-4
     weight_decay: float = 0.0
@@ -103,10 +107,12 @@ class TrainConfig:
             0.0 <= self.max_skip_fraction <= 1.0,
             f"max_skip_fraction must be in [0, 1] (0 = stop at the first skipped sample), got {self.max_skip_fraction}",
         )
-        from ..config import REFERENCE_MODES
+        from ..config import ATTENTION_MODES, REFERENCE_MODES
 
         if self.reference_mode not in REFERENCE_MODES:
             raise ConfigError(f"reference_mode must be one of {', '.join(REFERENCE_MODES)}, got {self.reference_mode!r}")
+        if self.attention_mode is not None and self.attention_mode not in ATTENTION_MODES:
+            raise ConfigError(f"attention_mode must be one of {', '.join(ATTENTION_MODES)}, got {self.attention_mode!r}")
         if self.stage > 1 and self.init_from is None:
             raise ConfigError(f"stage {self.stage} starts from the previous stage's checkpoint: set init_from")
         if self.validation_every and not self.validation_references:
