@@ -45,7 +45,7 @@ KIND_CELLS = [(kind, split, 3, d) for kind, d in (("rival", 2), ("repeat", 2), (
 CELLS = list(dict.fromkeys(DISTRACTOR_CELLS + REFERENCE_CELLS + KIND_CELLS))  # 16: one cell is in two lists
 # scoring sizes per preset, (groups per cell, denoising steps): what --groups / --steps default to.
 # smoke only checks that the chain runs, so its scoring is as small as its training
-EVAL_SIZES = {"smoke": (2, 2), "cpu": (64, 30), "gpu": (64, 30), "full": (64, 30)}
+EVAL_SIZES = {"smoke": (1, 2), "cpu": (64, 30), "gpu": (64, 30), "full": (64, 30)}
 
 
 def cell_name(cell) -> str:

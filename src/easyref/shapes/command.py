@@ -9,9 +9,9 @@ from pathlib import Path
 logger = logging.getLogger("easyref")
 
 # the presets' times on 2 cores (the Makefile's bench-shapes comment has the breakdown)
-PRESET_HELP = ("training and scoring sizes: smoke (a check of the whole chain, under 30 s from nothing; "
-               "tiny models, 2 groups x 2 steps per cell), cpu (the default: about 2 h 15 min from nothing, "
-               "35 min with a finished demo-model build as --work, 10 min of it scoring), "
+PRESET_HELP = ("training and scoring sizes: smoke (a check of the whole chain, SMOKE_TIME from nothing; "
+               "tiny models, 1 group x 2 steps per cell), cpu (the default: about 3 h 45 min from nothing with two "
+               "seeds, 2 h with a finished demo-model build as --work, 43 min of it scoring), "
                "gpu (sized for one GPU), full")
 
 
@@ -35,7 +35,7 @@ def add_shapes_parser(bench_sub) -> None:
                    help="training seeds: each method's stage 3 is trained once per seed (default 0 1)")
     p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                    help="easyref, easyref-bi (bidirectional aggregation), mean, concat (default: all four)")
-    p.add_argument("--groups", type=int, help="groups per cell (default: the preset's; 64, smoke 2)")
+    p.add_argument("--groups", type=int, help="groups per cell (default: the preset's; 64, smoke 1)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the preset's; 30, smoke 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, help="training folder to create or reuse (default OUT/work); "
