@@ -30,18 +30,19 @@ demo-model: setup
 	$(BIN)/python -m easyref.shapes.demo_model runs/demo-model --preset cpu --work runs/demo-model.work
 	rm -rf src/easyref/assets/default_model && cp -r runs/demo-model src/easyref/assets/default_model
 
-# the miniature MRBench (EasyRef vs mean vs concat) from nothing; reuses a demo-model build if present.
-# After `make demo-model` about 35 min on 2 cores: the two baselines' stage 3 (2 x 670 s) and scoring
-# (3 methods x 10 cells x 64 groups x 30 steps, 610 s), estimated from timed fractions; without it 2 h 15 min.
-# `easyref bench shapes --preset smoke` checks the same chain with tiny models in under 30 s
+# the miniature MRBench (EasyRef, EasyRef bidirectional, mean, concat; two training seeds each) from nothing;
+# reuses a demo-model build if present. After `make demo-model` about 2 h on 2 cores: seven more stage-3 runs
+# (7 x 670 s) and scoring (4 methods x 2 seeds x 16 cells x 64 groups x 30 steps, about 43 min), estimated
+# from timed fractions; without it about 3 h 45 min.
+# `easyref bench shapes --preset smoke` checks the same chain with tiny models in 36 s from nothing
 bench-shapes: setup
 	$(BIN)/easyref bench shapes --preset cpu --out runs/bench-shapes --work runs/demo-model.work
 
-# the whole offline suite: 2 min 17 s once set up (167 s CPU)
+# the whole offline suite: 2 min 38 s once set up (192 s CPU)
 test: setup
 	$(BIN)/python -m pytest
 
-# the inner loop, the suite less the tests marked slow in tests/conftest.py: 47 s once set up (49 s CPU)
+# the inner loop, the suite less the tests marked slow in tests/conftest.py: 57 s once set up (61 s CPU)
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
 
