@@ -24,8 +24,8 @@ demo: setup
 		--out outputs/demo.png --grid --seed 0 --num-images 4
 
 # retrain the bundled default model from nothing (shapes world; an earlier build in runs/ is continued).
-# About 1 h 45 min on 2 cores, estimated from timed fractions: VAE 4,000 steps x 0.29 s, base 11,000 x 0.27 s,
-# MLLM 750 s and stages 1-3 1,130 s (both as recorded in the shipped model's recipe.json, rates checked)
+# About 2 h 25 min on 2 cores, estimated from timed fractions: the bundled VAE reused, a 3-level base
+# 16,000 steps x 0.42 s, MLLM 750 s and stages 1-3 1,130 s (as recorded in the shipped model's recipe.json)
 demo-model: setup
 	$(BIN)/python -m easyref.shapes.demo_model runs/demo-model --preset cpu --work runs/demo-model.work
 	rm -rf src/easyref/assets/default_model && cp -r runs/demo-model src/easyref/assets/default_model

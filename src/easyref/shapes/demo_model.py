@@ -8,8 +8,8 @@
 5. package `sdxl/`, `qwen2vl/`, `adapter/` into OUT: the layout `easyref generate` loads by default.
 
 `--preset smoke` runs every step for a handful of iterations (a check of the recipe, about 10 s on CPU);
-`--preset cpu` is the recipe behind the shipped weights (recorded in OUT/recipe.json), about 1 h 45 min
-on 2 cores from nothing.
+`--preset cpu` is the recipe of the next shipped weights (the shipped ones record theirs in
+recipe.json: a 2-level base), about 2 h 25 min on 2 cores from nothing, the bundled VAE reused.
 """
 
 from __future__ import annotations
@@ -59,13 +59,15 @@ PRESETS = {
     "gpu": Recipe(groups=3000, vae_steps=1500, base_steps=5000, mllm_steps=1500,
                   stage_steps=(600, 1200, 1800), batch_size=32, num_workers=12,
                   vision_steps=12000, vision_width=64, vision_depth=3),
-    # about 1 h 45 min on this project's 2-core CPU machine (VAE 4,000 x 0.29 s, base 11,000 x 0.27 s,
-    # MLLM 750 s, stages 1-3 1,130 s; the baselines' two stage-3 runs add 2 x 670 s). 600 VAE + 2500 base steps were too few
-    # (VAE MSE 0.054, colours washed out; the base drew the captioned subject 1 time in 16); 4000 +
-    # 6000 reached VAE MSE 0.014 and 10/32 subjects (24/32 shapes) from captions alone, still too weak
-    # a base for the reference path to show (see the issue notes); a finished base trains on to more
-    "cpu": Recipe(groups=1500, vae_steps=4000, base_steps=11000, mllm_steps=1500, stage_steps=(400, 800, 1500),
-                 batch_size=16, vision_steps=9000, vision_width=64, vision_depth=3),
+    # about 2 h 25 min on this project's 2-core CPU machine, estimated from timed fractions: the bundled
+    # VAE reused (it took 4,000 x 0.29 s), the 3-level base 16,000 x 0.42 s in runs of 2,000, MLLM 750 s,
+    # stages 1-3 1,130 s. History: 600 VAE + 2500 base steps were too few (VAE MSE 0.054, colours washed
+    # out); a 2-level base at 11,000 steps drew the asked background 98% of the time but put objects
+    # asked for a corner in a random corner (benchmarks RESULTS 5d); a 3-level base read 38% background
+    # and 25% position at 4,000 steps. A finished base trains on to more.
+    "cpu": Recipe(groups=1500, vae_steps=4000, base_steps=16000, mllm_steps=1500, stage_steps=(400, 800, 1500),
+                 batch_size=16, vision_steps=9000, vision_width=64, vision_depth=3, vae_from="bundled",
+                 base_chunk=2000),
     "full": Recipe(groups=3000, vae_steps=3000, base_steps=8000, mllm_steps=3000,
                   stage_steps=(1500, 1500, 3000), batch_size=32, vision_steps=20000, vision_width=64, vision_depth=3),
 }
