@@ -64,6 +64,8 @@ def usage_errors(ref):
                                "--method sdxl needs --base"),
         "bench run: no manifest": (["bench", "run", "--manifest", "m.jsonl", "--method", "easyref", "--out", "o"],
                                    "no such file m.jsonl"),
+        "bench shapes: unknown method": (["bench", "shapes", "--methods", "median"], "unknown method 'median'"),
+        "bench shapes: no models": (["bench", "shapes", "--models-dir", str(ref.parent)], "no model-METHOD-sSEED/"),
     }
 
 
@@ -72,7 +74,7 @@ def usage_errors(ref):
                                   "info of a non-model", "no command", "train: no such config",
                                   "train: unknown setting", "train: no data file", "train: no data root",
                                   "convert: no such release", "convert: not a release", "bench run: no base",
-                                  "bench run: no manifest"])
+                                  "bench run: no manifest", "bench shapes: unknown method", "bench shapes: no models"])
 def test_usage_errors_come_before_the_heavy_imports(ref, case):
     argv, phrase = usage_errors(ref)[case]
     result = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=60,

@@ -22,8 +22,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 logger = logging.getLogger(__name__)
 
 
@@ -114,6 +112,8 @@ def build(out: Path, recipe: Recipe, work: Path, cpu: bool) -> Path:
     from .mllm import build_mllm
 
     timings = {}
+    import torch
+
     device = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
     # each phase is skipped when an earlier (interrupted) build already finished it: a phase's
     # output appears only once it is complete, so a half-done phase simply runs again
@@ -217,6 +217,7 @@ def latest_adapter(work: Path) -> tuple[Path, str]:
 
 def package(work: Path, out: Path, recipe: Recipe, timings: dict, adapter: Path | None = None) -> None:
     """The three folders the CLI loads, weights in float16 where that halves the size."""
+    import torch
     from diffusers import StableDiffusionXLPipeline
 
     adapter, source = (adapter, str(adapter)) if adapter else latest_adapter(work)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
-from .oracle import OracleNet, images_to_tensor, read_images
 from .world import Group, render
+
+if TYPE_CHECKING:
+    from .oracle import OracleNet
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,10 @@ class ItemScore:
 
 def score_images(oracle: OracleNet, groups: list[Group], images) -> list[ItemScore]:
     """One generated image per group, in the same order."""
+    import torch
+
+    from .oracle import images_to_tensor, read_images
+
     if len(groups) != len(images):
         raise ValueError(f"{len(groups)} groups but {len(images)} images")
     readings = read_images(oracle, images)
@@ -64,6 +69,8 @@ def summarize(scores: list[ItemScore]) -> dict[str, float]:
 def generate_for_groups(pipe, groups: list[Group], seed: int = 0, steps: int = 30, guidance: float = 5.0,
                         batch_size: int = 16, scale: float = 1.0):
     """EasyRef's image for each group (its references and prompt), batched, fixed seeds."""
+    import torch
+
     images = []
     for start in range(0, len(groups), batch_size):
         chunk = groups[start : start + batch_size]
