@@ -53,8 +53,9 @@ class Recipe:
 PRESETS = {
     "smoke": Recipe(groups=48, vae_steps=3, base_steps=3, mllm_steps=3, stage_steps=(2, 2, 2), batch_size=4,
                     vision_steps=3),
-    # sized for one lent GPU in under ten minutes; the data loader needs the machine's many cores
-    "gpu": Recipe(groups=3000, vae_steps=1500, base_steps=5000, mllm_steps=1500,
+    # sized for one lent GPU in under ten minutes (not yet run with the 3-level base, which needs more
+    # steps than the 2-level one did); the data loader needs the machine's many cores
+    "gpu": Recipe(groups=3000, vae_steps=1500, base_steps=12000, mllm_steps=1500,
                   stage_steps=(600, 1200, 1800), batch_size=32, num_workers=12,
                   vision_steps=12000, vision_width=64, vision_depth=3),
     # about 2 h 25 min on this project's 2-core CPU machine, estimated from timed fractions: the bundled
