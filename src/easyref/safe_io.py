@@ -211,3 +211,20 @@ class RunLock:
         if self._fd is not None:
             os.close(self._fd)  # closing drops the flock; the file stays, harmlessly
             self._fd = None
+
+
+def replace_folder(new: Path, dest: Path) -> None:
+    """Put the finished folder `new` at `dest`; an existing `dest` is renamed aside first and removed
+    after, so no crash leaves a half-deleted folder: between the two renames the previous one is whole
+    at `.NAME.old.tmp`."""
+    import shutil
+
+    new, dest = Path(new), Path(dest)
+    if dest.exists():
+        old = dest.parent / f".{dest.name}.old.tmp"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dest, old)
+        os.replace(new, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, dest)

@@ -331,12 +331,12 @@ def _tail_mean(losses: list[float], n: int = 50) -> float:
 def _save_base(pipe, out: Path, record: dict) -> Path:
     import shutil
 
+    from ..safe_io import replace_folder
+
     pipe.to("cpu")
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)
     (tmp / "training.json").write_text(json.dumps(record, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.replace(out)
+    replace_folder(tmp, out)  # a build killed while saving keeps the previous base whole
     return out

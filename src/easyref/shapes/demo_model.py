@@ -221,6 +221,8 @@ def package(work: Path, out: Path, recipe: Recipe, timings: dict, adapter: Path 
     import torch
     from diffusers import StableDiffusionXLPipeline
 
+    from ..safe_io import replace_folder
+
     adapter, source = (adapter, str(adapter)) if adapter else latest_adapter(work)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -232,9 +234,7 @@ def package(work: Path, out: Path, recipe: Recipe, timings: dict, adapter: Path 
     _portable_config(tmp / "adapter" / "easyref_config.json")
     info = {"recipe": asdict(recipe), "timings_s": timings, "adapter_from": source}
     (tmp / "recipe.json").write_text(json.dumps(info, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.replace(out)
+    replace_folder(tmp, out)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     logger.info("packaged %s (%.1f MB)", out, size / 1e6)
 

@@ -30,6 +30,7 @@ import torch
 
 from ..config import EasyRefConfig
 from ..prompting import chat_prompt, expand_image_tokens, normalize_image
+from ..safe_io import replace_folder
 from .loop import optimise
 from .world import BACKGROUNDS, COLOURS, PATTERNS, SHAPES, Scene, all_subjects, reference_scene, render, subjects_in
 
@@ -228,8 +229,7 @@ def build_mllm(out: str | Path, steps: int, batch_size: int = 32, seed: int = 0,
         "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])), "caption_accuracy": accuracy,
         "caption_attribute_accuracy": words,
     }, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.replace(out)
+    replace_folder(tmp, out)
     return out
 
 

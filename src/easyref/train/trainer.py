@@ -46,6 +46,7 @@ from ..safe_io import (
     describe_os_error,
     is_disk_error,
     load_json,
+    replace_folder,
 )
 from .config import STAGE_NAMES, ConfigError, TrainConfig, check_data_root, save_config
 from .data import DataError, DataSettings, RankBatchSampler, TrainDataset, collate, global_batches, load_records
@@ -671,18 +672,6 @@ def _nearly_full(folder: Path) -> bool:
         return shutil.disk_usage(folder).free < 16 * 2**20
     except OSError:
         return False
-
-
-def replace_folder(new: Path, dest: Path) -> None:
-    """Put the finished folder `new` at `dest`; an existing `dest` is moved aside first, then removed."""
-    if dest.exists():
-        old = dest.parent / f".{dest.name}.old.tmp"  # .tmp: removed by the next run if we die in between
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dest, old)
-        os.replace(new, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, dest)
 
 
 def check_output_dir(output_dir: Path) -> None:
