@@ -102,8 +102,20 @@ def test_bench_shapes_rejects_bad_input(tmp_path, capsys):
     assert main(["bench", "shapes", "--preset", "huge"]) == 2
     assert main(["bench", "shapes", "--methods", "easyref", "median"]) == 2
     assert main(["bench", "shapes", "--seeds", "-1"]) == 2
+    assert main(["bench", "shapes", "--kinds", "style"]) == 2
+    assert main(["bench", "shapes", "--splits", "held-over"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert all(line.startswith("easyref: error:") for line in err) and len(err) == 4
+    assert all(line.startswith("easyref: error:") for line in err) and len(err) == 6
+
+
+def test_cells_can_be_selected_by_kind_and_split():
+    from easyref.shapes.bench import CELLS, select_cells
+
+    assert select_cells() == CELLS
+    assert select_cells(["rival", "repeat", "pick"], ["held-out"]) == [
+        ("rival", "held-out", 3, 2), ("repeat", "held-out", 3, 2), ("pick", "held-out", 3, 0)]
+    assert len(select_cells(["plain"])) == 10 and select_cells(["plain"], ["held-in"]) == [
+        ("plain", "held-in", 3, d) for d in (0, 1, 2)]
 
 
 def test_sign_test_against_hand_values():

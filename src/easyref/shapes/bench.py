@@ -106,10 +106,15 @@ def cell_groups(cell, count: int, seed: int):
     return make_groups(split, count, refs, distractors, seed=seed + 1000, kind=kind)  # never the training seeds
 
 
+def select_cells(kinds=None, splits=None) -> list[tuple]:
+    """The cells of these group kinds and splits (None: all)."""
+    return [c for c in CELLS if (kinds is None or c[0] in kinds) and (splits is None or c[1] in splits)]
+
+
 def evaluate_methods(folders: dict, out: Path, groups: int = 64, steps: int = 30, guidance: float = 5.0,
-                     seed: int = 0, device: str = "cpu") -> dict:
-    """Generate and score every cell for every (method, training seed); write items.jsonl, summary.json,
-    summary.md and the plots."""
+                     seed: int = 0, device: str = "cpu", cells=None) -> dict:
+    """Generate and score every cell (or `cells`) for every (method, training seed); write items.jsonl,
+    summary.json, summary.md and the plots."""
     from .oracle import load_oracle
 
     out.mkdir(parents=True, exist_ok=True)
@@ -118,7 +123,7 @@ def evaluate_methods(folders: dict, out: Path, groups: int = 64, steps: int = 30
     with open(out / "items.jsonl", "w") as items:
         for (method, train_seed), folder in folders.items():
             pipe = load_method(folder, device)
-            for cell in CELLS:
+            for cell in cells or CELLS:
                 started = time.perf_counter()
                 batch = cell_groups(cell, groups, seed)
                 images = generate_for_groups(pipe, batch, seed=seed, steps=steps, guidance=guidance)
@@ -312,7 +317,8 @@ def plot_by_references(summary: dict, path: Path, metric: str = "identity") -> N
 
 # ---------------------------------------------------------------------- the command
 def run(out: Path, preset: str = "cpu", groups: int | None = None, steps: int | None = None,
-        work: Path | None = None, cpu: bool = True, seed: int = 0, seeds=DEFAULT_SEEDS, methods=METHODS) -> dict:
+        work: Path | None = None, cpu: bool = True, seed: int = 0, seeds=DEFAULT_SEEDS, methods=METHODS,
+        cells=None) -> dict:
     """From nothing: the demo-model build (base + stages 1-3), every method's stage 3 per training seed,
     the evaluation. `groups` / `steps` default to the preset's scoring sizes (`EVAL_SIZES`)."""
     from .demo_model import PRESETS, build
@@ -324,7 +330,7 @@ def run(out: Path, preset: str = "cpu", groups: int | None = None, steps: int | 
     if not (work / "stage2" / "final" / "easyref.safetensors").is_file():
         build(out / "model-demo", recipe, work, cpu)
     folders = train_methods(work, recipe, cpu, methods=methods, seeds=seeds)
-    summary = evaluate_methods(folders, out, groups=groups, steps=steps, seed=seed)
+    summary = evaluate_methods(folders, out, groups=groups, steps=steps, seed=seed, cells=cells)
     if work == out / "work":
         shutil.rmtree(work / "data", ignore_errors=True)  # thousands of renders, easy to make again
     return summary

@@ -35,6 +35,8 @@ def add_shapes_parser(bench_sub) -> None:
                    help="training seeds: each method's stage 3 is trained once per seed (default 0 1)")
     p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                    help="easyref, easyref-bi (bidirectional aggregation), mean, concat (default: all four)")
+    p.add_argument("--kinds", nargs="+", metavar="KIND", help="score only these group kinds: plain, rival, repeat, pick")
+    p.add_argument("--splits", nargs="+", metavar="SPLIT", help="score only these splits: held-in, held-out")
     p.add_argument("--groups", type=int, help="groups per cell (default: the preset's; 64, smoke 1)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the preset's; 30, smoke 2)")
     p.add_argument("--seed", type=int, default=0)
@@ -45,7 +47,8 @@ def add_shapes_parser(bench_sub) -> None:
 
 def cmd_shapes(args) -> int:
     from ..cli import UserError
-    from .bench import EVAL_SIZES, METHODS, evaluate_methods, find_models, run
+    from .bench import EVAL_SIZES, METHODS, evaluate_methods, find_models, run, select_cells
+    from .world import KINDS, SPLITS
     from .demo_model import PRESETS
 
     if args.preset not in PRESETS:
@@ -59,6 +62,11 @@ def cmd_shapes(args) -> int:
     if any(s < 0 or s >= 2**31 for s in args.seeds):
         raise UserError("--seeds must be between 0 and 2^31 - 1")
     seeds = tuple(dict.fromkeys(args.seeds))
+    for flag, given, known in (("--kinds", args.kinds, KINDS), ("--splits", args.splits, SPLITS)):
+        wrong = [value for value in given or () if value not in known]
+        if wrong:
+            raise UserError(f"{flag}: unknown {wrong[0]!r} (known: {', '.join(known)})")
+    cells = select_cells(args.kinds, args.splits)
     groups = args.groups or EVAL_SIZES[args.preset][0]
     steps = args.steps or EVAL_SIZES[args.preset][1]
     if args.models_dir:
@@ -67,10 +75,10 @@ def cmd_shapes(args) -> int:
         if not folders:
             raise UserError(f"--models-dir: no model-METHOD-sSEED/ folder under {args.models_dir} for "
                             f"{', '.join(methods)} and seeds {' '.join(map(str, seeds))}")
-        evaluate_methods(folders, args.out, groups=groups, steps=steps, seed=args.seed)
+        evaluate_methods(folders, args.out, groups=groups, steps=steps, seed=args.seed, cells=cells)
     else:
         run(args.out, preset=args.preset, groups=groups, steps=steps, work=args.work, seed=args.seed,
-            seeds=seeds, methods=methods)
+            seeds=seeds, methods=methods, cells=cells)
     logger.info("wrote %s", args.out / "summary.md")
     print((args.out / "summary.md").read_text(), end="")
     return 0
