@@ -200,13 +200,15 @@ def markdown_tables(summary: dict) -> str:
     """Seed means of every metric per cell, identity per seed, and the paired comparisons."""
     cells, lines = summary["cells"], []
     for title, wanted, keys in TABLES:
+        rows = [row for cell in wanted for row in cells if _cell_of(row) == cell]
+        if not rows:  # a run that scored some kinds or splits only
+            continue
         lines += [f"### {title}", "", "| " + " | ".join([*keys, "method", "identity", "identity by seed",
                                                       *METRICS[1:]]) + " |",
                   "|" + "---|" * (len(keys) + 2 + len(METRICS)), ]
-        for cell in wanted:
-            for row in (c for c in cells if _cell_of(c) == cell):
-                by_seed = " / ".join(f"{100 * v:.1f}" for v in row["identity_by_seed"])
-                lines.append(_row([row[k] for k in keys] + [row["method"]], row, by_seed))
+        for row in rows:
+            by_seed = " / ".join(f"{100 * v:.1f}" for v in row["identity_by_seed"])
+            lines.append(_row([row[k] for k in keys] + [row["method"]], row, by_seed))
         lines.append("")
     if summary.get("paired"):
         lines += ["### EasyRef against each other method, paired by group (identity)", "",
