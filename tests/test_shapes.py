@@ -177,6 +177,8 @@ def test_a_base_continues_where_it_stopped_and_stale_stages_go(tmp_path):
     continue_base_model(work / "base", 3, batch_size=2)  # already past 3 steps: nothing happens
     _continue_base(work, recipe, "cpu")
     assert (work / "stage1").exists()
+    _continue_base(work, dataclasses.replace(recipe, base_steps=6, base_chunk=1), "cpu")  # in saved runs of 1
+    assert json.loads((work / "base" / "training.json").read_text())["base_runs"] == [2, 2, 1, 1]
     _continue_base(work, dataclasses.replace(recipe, unet_levels=2), "cpu")  # another UNet shape: rebuilt
     assert not (work / "base").exists() and not (work / "stage1").exists()
 

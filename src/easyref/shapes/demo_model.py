@@ -175,11 +175,14 @@ def _continue_base(work: Path, recipe: Recipe, device: str) -> None:
         shutil.rmtree(work / "base")
         _drop_stages(work)
         return
-    if built["base_steps"] >= recipe.base_steps:
+    done = built["base_steps"]
+    if done >= recipe.base_steps:
         return
-    logger.info("base: continuing to %d steps", recipe.base_steps)
-    continue_base_model(work / "base", recipe.base_steps, recipe.batch_size, device=device)
+    logger.info("base: continuing from %d to %d steps", done, recipe.base_steps)
     _drop_stages(work)
+    while done < recipe.base_steps:  # each run is saved whole, so a build stopped between runs keeps them
+        done = min(recipe.base_steps, done + (recipe.base_chunk or recipe.base_steps))
+        continue_base_model(work / "base", done, recipe.batch_size, device=device)
 
 
 def _drop_stages(work: Path) -> None:
