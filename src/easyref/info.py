@@ -342,14 +342,12 @@ def _recipe_line(recipe: dict) -> str:
 
 
 def _read_json(path: Path) -> dict:
+    from .safe_io import JSONFileError, load_json
+
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise NotAModelError(f"{path}: no such file") from None
-    except OSError as err:
-        raise NotAModelError(f"{path}: cannot read ({err.strerror or err})") from None
-    except (ValueError, RecursionError):
-        raise NotAModelError(f"{path}: not valid JSON") from None
+        value = load_json(path, "config")
+    except JSONFileError as err:
+        raise NotAModelError(str(err)) from None
     if not isinstance(value, dict):
         raise NotAModelError(f"{path}: not a JSON object")
     return value
