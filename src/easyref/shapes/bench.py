@@ -128,7 +128,7 @@ def evaluate_methods(folders: dict, out: Path, groups: int = 64, steps: int = 30
                 batch = cell_groups(cell, groups, seed)
                 images = generate_for_groups(pipe, batch, seed=seed, steps=steps, guidance=guidance)
                 scores = score_images(oracle, batch, images)
-                outcomes[method, train_seed, cell] = scores
+                outcomes[method, train_seed, cell] = [s.identity for s in scores]
                 kind, split, refs, distractors = cell
                 for s in scores:
                     items.write(json.dumps({"method": method, "seed": train_seed, "kind": kind, "refs": refs,
@@ -244,7 +244,7 @@ def paired_identity(outcomes: dict, cells: list[dict] | None = None, method: str
     noise in every run), and the sign test's p. With `cells` (the seed aggregates), also the gap of the seed
     means and whether it exceeds the larger of the two methods' seed spreads.
 
-    `outcomes`: {(method, seed, cell): [identity bool or ItemScore, ...]}."""
+    `outcomes`: {(method, seed, cell): [identity right, per group]}."""
     means = {(c["method"], _cell_of(c)): c for c in cells or []}
     rows = []
     others = dict.fromkeys(key[0] for key in outcomes if key[0] != method)
@@ -256,7 +256,7 @@ def paired_identity(outcomes: dict, cells: list[dict] | None = None, method: str
                 continue
             wins = losses = 0
             for seed in seeds:
-                ours, theirs = _identities(outcomes[method, seed, cell]), _identities(outcomes[baseline, seed, cell])
+                ours, theirs = outcomes[method, seed, cell], outcomes[baseline, seed, cell]
                 wins += sum(a and not b for a, b in zip(ours, theirs))
                 losses += sum(b and not a for a, b in zip(ours, theirs))
             total = [total[0] + wins, total[1] + losses]
@@ -272,10 +272,6 @@ def paired_identity(outcomes: dict, cells: list[dict] | None = None, method: str
         rows.append({"baseline": baseline, "cell": "all cells", "only_method": total[0],
                      "only_baseline": total[1], "p": sign_test_p(*total)})
     return rows
-
-
-def _identities(scores) -> list[bool]:
-    return [s if isinstance(s, bool) else s.identity for s in scores]
 
 
 def _p_text(p: float) -> str:
