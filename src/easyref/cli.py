@@ -578,9 +578,9 @@ def _check_recorded_device(args) -> None:
 
 def _warn_if_changed(record: dict, sources, source: Path) -> None:
     """The same record on other versions or another model may not give the same pixels: say which changed."""
-    from .info import package_version, package_versions
+    from .info import environment
 
-    now = {"easyref": package_version("easyref"), **package_versions()}
+    now = environment()
     then = {"easyref": record.get("version"), **(record.get("versions") or {})}
     changed = [f"{k} {then.get(k)} -> {v}" for k, v in now.items() if then.get(k) != v]
     if changed:

@@ -366,3 +366,8 @@ def package_version(package: str) -> str | None:
 def package_versions() -> dict[str, str | None]:
     """{"torch", "diffusers", "transformers"}: what generation records (PNG metadata, a bench run.json) keep."""
     return {name: package_version(name) for name in RECORDED_PACKAGES}
+
+
+def environment() -> dict[str, str | None]:
+    """easyref's version and `package_versions()`: what a run was made with."""
+    return {"easyref": package_version("easyref"), **package_versions()}

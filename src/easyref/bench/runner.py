@@ -468,7 +468,7 @@ def settings_header(method, settings, manifest: Path, samples: int) -> dict:
 
     A resumed run must match every key but `environment` (package versions: a resume after an upgrade
     is allowed, and the versions of the first start stay recorded)."""
-    from ..info import package_version, package_versions
+    from ..info import environment
 
     manifest = Path(manifest)
     header = {"settings": asdict(settings), "manifest": str(manifest.resolve()),
@@ -479,8 +479,7 @@ def settings_header(method, settings, manifest: Path, samples: int) -> dict:
     described = {k: v for k, v in method.describe().items() if k != "device"}
     side = described.get("default_size")
     size = {"height": settings.height or side, "width": settings.width or side}  # what the images come out at
-    environment = {"easyref": package_version("easyref"), **package_versions()}
-    return {"method": described, **header, "image_size": size, "environment": environment}
+    return {"method": described, **header, "image_size": size, "environment": environment()}
 
 
 def file_sha256(path: Path) -> str:
