@@ -18,14 +18,18 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"
 	touch $@
 
+# The demo group holds the same two subjects in every reference (`python -m easyref.shapes.data DIR` writes
+# it and prints these prompts); each prompt names one, so the two outputs differ by the instruction alone.
 # from nothing (clone + set-up + run): 55 s, packages from a local mirror (downloads not counted); once set up: 7 s
 demo: setup
-	$(BIN)/easyref generate --refs-dir examples/refs --prompt "an object on a white background, at the top left" \
-		--out outputs/demo.png --grid --seed 0 --num-images 4
+	$(BIN)/easyref generate --refs-dir examples/refs --prompt "a star on a white background, at the bottom right" \
+		--out outputs/demo-star.png --grid --seed 0 --num-images 4
+	$(BIN)/easyref generate --refs-dir examples/refs --prompt "a square on a white background, at the bottom right" \
+		--out outputs/demo-square.png --grid --seed 0 --num-images 4
 
 # retrain the bundled default model from nothing (shapes world; an earlier build in runs/ is continued).
-# About 2 h 25 min on 2 cores, estimated from timed fractions: the bundled VAE reused, a 3-level base
-# 16,000 steps x 0.42 s, MLLM 750 s and stages 1-3 1,130 s (as recorded in the shipped model's recipe.json)
+# About 1 h 45 min on 2 cores, estimated from timed fractions: the bundled VAE reused, a 3-level base
+# 10,000 steps x 0.42 s, MLLM 750 s and stages 1-3 1,130 s (as recorded in the shipped model's recipe.json)
 demo-model: setup
 	$(BIN)/python -m easyref.shapes.demo_model runs/demo-model --preset cpu --work runs/demo-model.work
 	rm -rf src/easyref/assets/default_model && cp -r runs/demo-model src/easyref/assets/default_model

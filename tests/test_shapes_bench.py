@@ -71,6 +71,33 @@ def test_bench_shapes_runs_end_to_end_on_the_smoke_recipe(tmp_path, capsys):
     assert {(r["method"], r["seed"]) for r in again["runs"]} == {("easyref", 1)}  # no mean was trained
 
 
+def test_scored_cells_are_kept_and_reused_only_for_the_same_weights_and_settings(tmp_path, monkeypatch):
+    from easyref.shapes import bench
+
+    models = tmp_path / "work"
+    assert main(["bench", "shapes", "--preset", "smoke", "--groups", "1", "--steps", "1", "--methods", "easyref",
+                 "--seeds", "0", "--kinds", "pick", "--out", str(tmp_path), "--work", str(models)]) == 0
+    first = json.loads((tmp_path / "summary.json").read_text())
+    assert len(list((tmp_path / "cells").glob("*.json"))) == 2  # pick, held-in and held-out
+    monkeypatch.setattr(bench, "load_method", lambda *a, **k: pytest.fail("a kept cell was generated again"))
+    folders = bench.find_models(models)
+    again = bench.evaluate_methods(folders, tmp_path, groups=1, steps=1, cells=bench.select_cells(kinds=["pick"]))
+    assert again["runs"] == first["runs"]
+
+    class Loaded(Exception):
+        pass
+
+    def load(*args, **kwargs):
+        raise Loaded
+
+    monkeypatch.setattr(bench, "load_method", load)
+    with pytest.raises(Loaded):  # other settings: the cell is scored again, so the model is loaded
+        bench.evaluate_methods(folders, tmp_path, groups=1, steps=2, cells=bench.select_cells(kinds=["pick"]))
+    record = next((tmp_path / "cells").glob("*.json"))
+    record.write_text("{not json")
+    assert bench._cached_scores(record, {"groups": 1}) is None
+
+
 def test_each_method_trains_stage_3_with_its_modes_and_seed(tmp_path, monkeypatch):
     from easyref.shapes import bench, demo_model
 

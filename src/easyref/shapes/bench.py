@@ -20,6 +20,7 @@ and noise for every method and seed):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -29,7 +30,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .evaluate import METRICS, generate_for_groups, score_images, summarize
+from ..safe_io import atomic_write_text
+from .evaluate import METRICS, ItemScore, generate_for_groups, score_images, summarize
 from .world import SPLITS, make_groups
 
 logger = logging.getLogger(__name__)
@@ -114,43 +116,79 @@ def select_cells(kinds=None, splits=None) -> list[tuple]:
 def evaluate_methods(folders: dict, out: Path, groups: int = 64, steps: int = 30, guidance: float = 5.0,
                      seed: int = 0, device: str = "cpu", cells=None) -> dict:
     """Generate and score every cell (or `cells`) for every (method, training seed); write items.jsonl,
-    summary.json, summary.md and the plots."""
+    summary.json, summary.md and the plots. Each scored cell is kept under `out/cells/`, so a stopped
+    benchmark, or one run again with more methods, scores only what it has not scored with these weights
+    and settings."""
     from .oracle import load_oracle
 
     out.mkdir(parents=True, exist_ok=True)
-    oracle = load_oracle()
-    runs, outcomes = [], {}
-    with open(out / "items.jsonl", "w") as items:
-        for (method, train_seed), folder in folders.items():
-            pipe = load_method(folder, device)
-            for cell in cells or CELLS:
-                started = time.perf_counter()
-                batch = cell_groups(cell, groups, seed)
-                images = generate_for_groups(pipe, batch, seed=seed, steps=steps, guidance=guidance)
-                scores = score_images(oracle, batch, images)
-                outcomes[method, train_seed, cell] = [s.identity for s in scores]
-                kind, split, refs, distractors = cell
-                for s in scores:
-                    items.write(json.dumps({"method": method, "seed": train_seed, "kind": kind, "refs": refs,
-                                            "distractors": distractors, **dataclasses.asdict(s)}) + "\n")
-                row = {"method": method, "seed": train_seed, "kind": kind, "split": split, "refs": refs,
-                       "distractors": distractors, **summarize(scores)}
-                runs.append(row)
-                logger.info("%s seed %d %s: identity %.3f prompt %.3f (%.0fs)", method, train_seed, cell_name(cell),
-                            row["identity"], row["prompt"], time.perf_counter() - started)
-                _save_examples(out / "examples" / f"{method}-s{train_seed}-{kind}-{split}-{refs}-{distractors}.png",
-                               batch[:6], images[:6])
-    summary = {"settings": {"groups": groups, "steps": steps, "guidance": guidance, "seed": seed,
-                            "training_seeds": sorted({s for _, s in folders})},
+    settings = {"groups": groups, "steps": steps, "guidance": guidance, "seed": seed}
+    oracle, runs, outcomes, items = None, [], {}, []
+    for (method, train_seed), folder in folders.items():
+        key = {**settings, "adapter_sha256": _adapter_digest(folder)}
+        pipe = None
+        for cell in cells or CELLS:
+            record = out / "cells" / f"{method}-s{train_seed}-{_cell_slug(cell)}.json"
+            scores = _cached_scores(record, key)
+            if scores is None:
+                oracle = oracle or load_oracle()
+                pipe = pipe or load_method(folder, device)
+                scores = _score_cell(pipe, oracle, cell, settings, out / "examples" / f"{method}-s{train_seed}-{_cell_slug(cell)}.png")
+                atomic_write_text(record, json.dumps({"key": key, "scores": [dataclasses.asdict(s) for s in scores]}))
+            outcomes[method, train_seed, cell] = [s.identity for s in scores]
+            kind, split, refs, distractors = cell
+            cell_fields = {"method": method, "seed": train_seed, "kind": kind, "refs": refs, "distractors": distractors}
+            items += [json.dumps({**cell_fields, **dataclasses.asdict(s)}) for s in scores]
+            runs.append({**cell_fields, "split": split, **summarize(scores)})
+            logger.info("%s seed %d %s: identity %.3f prompt %.3f", method, train_seed, cell_name(cell),
+                        runs[-1]["identity"], runs[-1]["prompt"])
+    summary = {"settings": {**settings, "training_seeds": sorted({s for _, s in folders})},
                "runs": runs, "cells": aggregate(runs)}
     if any(m == "easyref" for m, _ in folders) and len({m for m, _ in folders}) > 1:
         summary["paired"] = paired_identity(outcomes, summary["cells"])
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    (out / "summary.md").write_text(markdown_tables(summary))
+    atomic_write_text(out / "items.jsonl", "".join(line + "\n" for line in items))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    atomic_write_text(out / "summary.md", markdown_tables(summary))
     plot_by_references(summary, out / "by_references.png")
     # colour is the attribute a weak model gets first: this plot still separates methods when identity is near zero
     plot_by_references(summary, out / "by_references_colour.png", metric="colour")
     return summary
+
+
+def _cell_slug(cell) -> str:
+    kind, split, refs, distractors = cell
+    return f"{kind}-{split}-{refs}-{distractors}"
+
+
+def _adapter_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted((folder / "adapter").glob("*.safetensors")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _cached_scores(record: Path, key: dict) -> list[ItemScore] | None:
+    """The scores kept for this cell if they were made with the same weights and settings."""
+    if not record.is_file():
+        return None
+    try:
+        kept = json.loads(record.read_text())
+        if kept.get("key") == key:
+            return [ItemScore(**s) for s in kept["scores"]]
+    except (ValueError, TypeError, KeyError):
+        logger.warning("%s is unreadable; scoring its cell again", record)
+    return None
+
+
+def _score_cell(pipe, oracle, cell, settings: dict, examples: Path) -> list[ItemScore]:
+    started = time.perf_counter()
+    batch = cell_groups(cell, settings["groups"], settings["seed"])
+    images = generate_for_groups(pipe, batch, seed=settings["seed"], steps=settings["steps"],
+                                 guidance=settings["guidance"])
+    scores = score_images(oracle, batch, images)
+    _save_examples(examples, batch[:6], images[:6])
+    logger.info("scored %s in %.0fs", cell_name(cell), time.perf_counter() - started)
+    return scores
 
 
 def aggregate(runs: list[dict]) -> list[dict]:

@@ -14,7 +14,7 @@ import logging
 import random
 from pathlib import Path
 
-from .world import IMAGE_SIZE, KINDS, Group, caption_for, make_groups, render
+from .world import IMAGE_SIZE, KINDS, Group, caption_for, make_groups, pick_prompt, render
 
 logger = logging.getLogger(__name__)
 
@@ -70,16 +70,41 @@ def write_training_data(root: str | Path, groups: int = 2000, min_refs: int = 2,
     return paths
 
 
-def write_reference_images(folder: str | Path, subject, count: int = 3, distractors: int = 2, seed: int = 0) -> list[Path]:
-    """A group's references alone (e.g. the README's demo group in `examples/refs`)."""
-    from .world import all_subjects, reference_scene
+DEMO_SPLIT, DEMO_SEED = "held-out", 0
 
+
+def demo_group() -> Group:
+    """The README's demo group (`examples/refs`): the first held-out *pick* group, at a seed nobody tuned to,
+    whose prompt names the shape. Every reference holds the same two subjects, so what is drawn is chosen
+    by the prompt alone."""
+    groups = make_groups(DEMO_SPLIT, 64, 3, 0, seed=DEMO_SEED, kind="pick")
+    return next(g for g in groups if g.attribute == "shape")
+
+
+def demo_prompts(group: Group) -> tuple[str, str]:
+    """Two prompts, same background and place, each naming one of the group's two subjects by its shape."""
+    return tuple(pick_prompt(s, "shape", group.background, group.position) for s in (group.subject, group.other))
+
+
+def write_demo_references(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(f"shapes-example-refs-{subject.key}-{seed}")
-    paths = []
-    for i in range(count):
-        path = folder / f"{i + 1}.png"
-        render(reference_scene(subject, distractors, rng, all_subjects())).save(path)
-        paths.append(path)
+    paths = [folder / f"{i + 1}.png" for i in range(len(demo_group().references))]
+    for path, scene in zip(paths, demo_group().references):
+        render(scene).save(path)
     return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m easyref.shapes.data DIR`: write the demo group's references and print its two prompts."""
+    import sys
+
+    folder = Path((argv if argv is not None else sys.argv[1:])[0])
+    write_demo_references(folder)
+    for prompt in demo_prompts(demo_group()):
+        print(prompt)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

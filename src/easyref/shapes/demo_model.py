@@ -58,13 +58,14 @@ PRESETS = {
     "gpu": Recipe(groups=3000, vae_steps=1500, base_steps=12000, mllm_steps=1500,
                   stage_steps=(600, 1200, 1800), batch_size=32, num_workers=12,
                   vision_steps=12000, vision_width=64, vision_depth=3),
-    # about 2 h 25 min on this project's 2-core CPU machine, estimated from timed fractions: the bundled
-    # VAE reused (it took 4,000 x 0.29 s), the 3-level base 16,000 x 0.42 s in runs of 2,000, MLLM 750 s,
+    # about 1 h 45 min on this project's 2-core CPU machine, estimated from timed fractions: the bundled
+    # VAE reused (it took 4,000 x 0.29 s), the 3-level base 10,000 x 0.42 s in runs of 2,000, MLLM 750 s,
     # stages 1-3 1,130 s. History: 600 VAE + 2500 base steps were too few (VAE MSE 0.054, colours washed
     # out); a 2-level base at 11,000 steps drew the asked background 98% of the time but put objects
     # asked for a corner in a random corner (benchmarks RESULTS 5d); a 3-level base read 38% background
-    # and 25% position at 4,000 steps. A finished base trains on to more.
-    "cpu": Recipe(groups=1500, vae_steps=4000, base_steps=16000, mllm_steps=1500, stage_steps=(400, 800, 1500),
+    # and 25% position at 4,000 steps, 58% at 8,000 and 61% at 10,000, where it levels off (5d), so the
+    # recipe stops there. A finished base trains on to more if base_steps is raised.
+    "cpu": Recipe(groups=1500, vae_steps=4000, base_steps=10000, mllm_steps=1500, stage_steps=(400, 800, 1500),
                  batch_size=16, vision_steps=9000, vision_width=64, vision_depth=3, vae_from="bundled",
                  base_chunk=2000),
     "full": Recipe(groups=3000, vae_steps=3000, base_steps=8000, mllm_steps=3000,
