@@ -204,3 +204,17 @@ def test_loaded_dtype_is_the_encoders_dtype(tiny_dirs):
     encoder = ReferenceEncoder.from_pretrained(tiny_dirs["qwen"], tiny_config(tiny_dirs["qwen"]), dtype=torch.bfloat16)
     assert encoder.dtype == torch.bfloat16
     assert {p.dtype for p in encoder.parameters()} == {torch.bfloat16}
+
+
+def test_context_is_what_the_prompt_end_sees_and_depends_only_on_what_came_before(make_encoder, groups):
+    encoder = make_encoder()
+    prompts = ["a cat", "a dog"]
+    inputs = encoder.prepare(groups, prompts)
+    with torch.no_grad():
+        hidden, positions = encoder.context(inputs)
+        changed, _ = encoder.context(encoder.prepare(groups, ["a cat", "a house"]))
+    assert hidden.shape[:2] == inputs.attention_mask.shape and positions.shape == inputs.attention_mask.shape
+    assert torch.isfinite(hidden).all()
+    torch.testing.assert_close(hidden[0], changed[0], atol=ATOL, rtol=0)  # other rows untouched
+    last = int(inputs.attention_mask[1].sum()) - 1
+    assert not torch.allclose(hidden[1, last], changed[1, last], atol=1e-3)  # the prompt's end reads the prompt

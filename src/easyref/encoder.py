@@ -135,12 +135,17 @@ class ReferenceEncoder(nn.Module):
 
     def encode(self, inputs: MLLMInputs) -> torch.Tensor:
         inputs = inputs.to(self.device)
-        mask = inputs.attention_mask
-        hidden = self._embed(inputs)  # (B, L, D)
-        positions = _sequential_positions(mask)  # release quirk: plain 1-D positions, no M-RoPE grid
-        hidden = self.norm(self._run(self.layers, hidden, mask, positions, causal=True))  # normed trunk output
-        tokens = self._aggregate(hidden, mask, positions)
+        hidden, positions = self.context(inputs)
+        tokens = self._aggregate(hidden, inputs.attention_mask, positions)
         return tokens if inputs.group_sizes is None else combine_per_reference(tokens, inputs.group_sizes, self.config.reference_mode)
+
+    def context(self, inputs: MLLMInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trunk's normed output (rows, L, D) that the aggregation layer reads, and its positions.
+        Rows are groups, or single references in the mean and concat modes."""
+        inputs = inputs.to(self.device)
+        positions = _sequential_positions(inputs.attention_mask)  # release quirk: plain 1-D positions, no M-RoPE grid
+        hidden = self._run(self.layers, self._embed(inputs), inputs.attention_mask, positions, causal=True)
+        return self.norm(hidden), positions
 
     def _embed(self, inputs: MLLMInputs) -> torch.Tensor:
         hidden = self.embed_tokens(inputs.input_ids)
