@@ -116,3 +116,22 @@ def test_generate_warns_about_the_bundled_models_limits(tmp_path, caplog):
     assert not any("'blue'" in w for w in warnings)  # it knows the word: the background is what it never saw
     with Image.open(tmp_path / "out.png") as image:
         assert image.size == (64, 72) and json.loads(image.text["easyref"])["height"] == 72
+
+
+
+def test_the_bundled_models_prompt_templates_cover_every_training_prompt():
+    import itertools
+    import re
+
+    from easyref.info import trained_prompts
+    from easyref.shapes.world import KINDS, make_groups
+
+    def expand(template: str) -> set[str]:
+        parts = re.split(r"\{([^}]*)\}", template)  # odd parts are the choices
+        options = [part.split("|") if i % 2 else [part] for i, part in enumerate(parts)]
+        texts = ("".join(choice) for choice in itertools.product(*options))
+        return {re.sub(r"a\(n\) ([aeiou]?)", lambda m: ("an " if m[1] else "a ") + m[1], t) for t in texts}
+
+    known = set().union(*(expand(t) for t in trained_prompts()))
+    prompts = {g.prompt for kind in KINDS for g in make_groups("held-in", 60, 3, 1, seed=3, kind=kind)}
+    assert len(prompts) > 60 and prompts <= known, sorted(prompts - known)[:3]

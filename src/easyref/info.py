@@ -107,7 +107,9 @@ def describe_set(folder: Path) -> list[str]:
     if words is not None:
         lines.append(f"  vocabulary ({len(words)} words; any other word reads as unknown): {' '.join(words)}")
     if bundled:
-        lines.append(f"  prompts it was trained on: {trained_prompts()}")
+        first, *others = trained_prompts()
+        lines.append(f"  prompts it was trained on: {first}")
+        lines += [f"                        or: {template}" for template in others]
     recipe = _read_json(folder / "recipe.json") if (folder / "recipe.json").is_file() else {}
     if isinstance(recipe.get("recipe"), dict):
         lines.append(f"  recipe (recipe.json): {_recipe_line(recipe['recipe'])}")
@@ -240,12 +242,16 @@ def unknown_words(prompt: str, words: list[str]) -> list[str]:
     return list(dict.fromkeys(w for w in WORD.findall(prompt) if w not in known))
 
 
-def trained_prompts() -> str:
-    """The bundled model's prompt template, from the shapes world it was trained on."""
-    from .shapes.world import BACKGROUNDS, POSITIONS
+def trained_prompts() -> list[str]:
+    """The bundled model's prompt templates ({a|b} is a choice), from the shapes world it was trained on:
+    the plain form, and the two pick forms that name the shape or the colour or pattern of one of two
+    objects every reference holds."""
+    from .shapes.world import BACKGROUNDS, COLOURS, PATTERNS, POSITIONS, SHAPES
 
     places = ["in the center" if p == "center" else f"at the {p}" for p in POSITIONS]
-    return f"an object on a {{{'|'.join(BACKGROUNDS)}}} background, {{{'|'.join(places)}}}"
+    scene = f"on a {{{'|'.join(BACKGROUNDS)}}} background, {{{'|'.join(places)}}}"
+    return [f"an object {scene}", f"a(n) {{{'|'.join(SHAPES)}}} {scene}",
+            f"a(n) {{{'|'.join([*COLOURS, *PATTERNS])}}} object {scene}"]
 
 
 # ---------------------------------------------------------------------- weights and files

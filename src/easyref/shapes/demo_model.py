@@ -8,8 +8,8 @@
 5. package `sdxl/`, `qwen2vl/`, `adapter/` into OUT: the layout `easyref generate` loads by default.
 
 `--preset smoke` runs every step for a handful of iterations (a check of the recipe, about 10 s on CPU);
-`--preset cpu` is the recipe of the next shipped weights (the shipped ones record theirs in
-recipe.json: a 2-level base), about 2 h 25 min on 2 cores from nothing, the bundled VAE reused.
+`--preset cpu` is the shipped weights' recipe (recorded in their recipe.json), about 1 h 45 min on
+2 cores from nothing, the bundled VAE reused.
 """
 
 from __future__ import annotations
