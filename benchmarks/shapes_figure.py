@@ -6,8 +6,8 @@ Run (from the repository root, after `make bench-shapes` or a bench run that tra
 
 Rows: the demo *pick* group (`examples/refs`) under each of its two prompts, then the first held-out
 *repeat* group of the benchmark's groups (a rival recurs in all references but one). Columns: the
-references, then `--samples` images from EasyRef (`model-easyref-sSEED`) and from the mean baseline
-(`model-mean-sSEED`), the same noise for both. Nothing is chosen by result: the groups are fixed before
+references, the target (the oracle's answer key), then `--samples` images from EasyRef
+(`model-easyref-sSEED`) and from the mean baseline (`model-mean-sSEED`), the same noise for both. Nothing is chosen by result: the groups are fixed before
 any model is run.
 """
 
@@ -27,11 +27,14 @@ LABEL = 34  # height of the text under each row
 def figure_groups():
     from easyref.shapes.bench import cell_groups
     from easyref.shapes.data import demo_group, demo_prompts
+    from easyref.shapes.world import target_scene
 
     pick = demo_group()
-    rows = [dataclasses.replace(pick, prompt=prompt) for prompt in demo_prompts(pick)]
+    first, second = demo_prompts(pick)
+    swapped = dataclasses.replace(pick, prompt=second, subject=pick.other, other=pick.subject,
+                                  target=target_scene(pick.other, pick.background, pick.position))
     repeat = cell_groups(("repeat", "held-out", 3, 2), 1, seed=0)[0]
-    return rows + [repeat]
+    return [dataclasses.replace(pick, prompt=first), swapped, repeat]
 
 
 def samples(pipe, group, count: int, steps: int) -> list[Image.Image]:
@@ -44,29 +47,26 @@ def samples(pipe, group, count: int, steps: int) -> list[Image.Image]:
 
 
 def compose(groups, outputs: dict[str, list[list[Image.Image]]]) -> Image.Image:
+    """Per row: the references, the target, then each method's images; a gap between the blocks."""
     from easyref.shapes.world import render
 
-    refs = max(len(g.references) for g in groups)
-    per_method = len(next(iter(outputs.values()))[0])
-    cols = refs + len(outputs) * (per_method + 1)
-    header = 20
-    sheet = Image.new("RGB", (cols * CELL, header + len(groups) * (CELL + LABEL)), "white")
+    gap, header = CELL // 4, 20
+    blocks = [max(len(g.references) for g in groups), 1] + [len(images[0]) for images in outputs.values()]
+    starts = [sum(blocks[:i]) * CELL + i * gap for i in range(len(blocks))]
+    sheet = Image.new("RGB", (starts[-1] + blocks[-1] * CELL, header + len(groups) * (CELL + LABEL)), "white")
     draw = ImageDraw.Draw(sheet)
-    draw.text((4, 4), "references", fill="black")
-    for m, method in enumerate(outputs):
-        draw.text(((refs + m * (per_method + 1) + 1) * CELL + 4, 4), method, fill="black")
+    for start, title in zip(starts, ["references", "target", *outputs]):
+        draw.text((start + 2, 4), title, fill="black")
     for row, group in enumerate(groups):
         top = header + row * (CELL + LABEL)
-        tiles = [render(s) for s in group.references]
-        for col, tile in enumerate(tiles):
-            sheet.paste(tile.resize((CELL, CELL), Image.NEAREST), (col * CELL, top))
-        for m, images in enumerate(outputs.values()):
-            for i, image in enumerate(images[row]):
-                left = (refs + m * (per_method + 1) + 1 + i) * CELL
-                sheet.paste(image.resize((CELL, CELL), Image.NEAREST), (left, top))
-        draw.text((4, top + CELL + 4), f'{group.kind}: "{group.prompt}"', fill="black")
-        draw.text((4, top + CELL + 18), f"target: {group.subject.colour} {group.subject.pattern} {group.subject.shape}",
-                  fill="dimgray")
+        tiles = [[render(s) for s in group.references], [render(group.target)]]
+        tiles += [images[row] for images in outputs.values()]
+        for start, block in zip(starts, tiles):
+            for i, tile in enumerate(block):
+                sheet.paste(tile.resize((CELL, CELL), Image.NEAREST), (start + i * CELL, top))
+        draw.text((4, top + CELL + 4), f'{group.kind} group, prompt "{group.prompt}"', fill="black")
+        subject = group.subject
+        draw.text((4, top + CELL + 18), f"to draw: the {subject.colour} {subject.pattern} {subject.shape}", fill="dimgray")
     return sheet
 
 
