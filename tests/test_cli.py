@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageChops
 
 from conftest import shape_image
 from easyref.cli import main
@@ -52,6 +52,20 @@ def test_generate_end_to_end_with_metadata_and_grid(env, caplog):
     with Image.open(out.with_name("image_grid.png")) as grid:
         assert grid.height == 2 * outputs_size(outputs[0]) and grid.width == 4 * outputs_size(outputs[0])
     assert sorted(p.name for p in out.parent.iterdir()) == ["image_0.png", "image_1.png", "image_grid.png"]
+
+
+def test_explain_writes_the_reference_maps_and_leaves_the_image_unchanged(env):
+    ref = str(env / "refs" / "0.png")
+    _, out = generate(env, "--ref", ref, "--refs-dir", str(env / "refs"))
+    plain = Image.open(out).convert("RGB")
+    code, out = generate(env, "--ref", ref, "--refs-dir", str(env / "refs"), "--explain")
+    assert code == 0
+    # the maps need eager attention in one layer: the image may differ by float rounding, no more
+    assert max(hi for _, hi in ImageChops.difference(Image.open(out).convert("RGB"), plain).getextrema()) <= 1
+    with Image.open(out.with_name("image_explain.png")) as sheet:
+        sheet.verify()
+    with Image.open(out.with_name("image_explain.png")) as sheet:
+        assert sheet.width == 4 * 256 and json.loads(sheet.text["easyref"])["explain"] is True
 
 
 def outputs_size(path):

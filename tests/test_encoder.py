@@ -218,3 +218,43 @@ def test_context_is_what_the_prompt_end_sees_and_depends_only_on_what_came_befor
     torch.testing.assert_close(hidden[0], changed[0], atol=ATOL, rtol=0)  # other rows untouched
     last = int(inputs.attention_mask[1].sum()) - 1
     assert not torch.allclose(hidden[1, last], changed[1, last], atol=1e-3)  # the prompt's end reads the prompt
+
+
+def _maps(encoder, groups, prompts):
+    with torch.no_grad():
+        return encoder.encode_with_maps(encoder.prepare(groups, prompts))
+
+
+def test_reference_maps_come_with_the_same_tokens_one_grid_per_reference(make_encoder, groups):
+    encoder = make_encoder()
+    prompts = ["a cat", "a dog"]
+    tokens, maps = _maps(encoder, groups, prompts)
+    torch.testing.assert_close(tokens, encode(encoder, groups, prompts), atol=ATOL, rtol=0)
+    inputs = encoder.prepare(groups, prompts)
+    merge = encoder.mllm_config.vision_config.spatial_merge_size
+    grids = [(int(h) // merge, int(w) // merge) for _, h, w in inputs.image_grid_thw.tolist()]
+    assert [len(g) for g in maps] == [len(g) for g in groups]
+    assert [tuple(m.shape) for g in maps for m in g] == grids
+    for group in maps:
+        assert all((m >= 0).all() for m in group)
+        torch.testing.assert_close(sum(m.sum() for m in group), torch.tensor(1.0), atol=1e-5, rtol=0)
+    assert encoder.aggregator.layers[-1].self_attn.config._attn_implementation != "eager"  # restored
+
+
+def test_reference_maps_of_a_batch_equal_each_group_alone(make_encoder, groups):
+    encoder = make_encoder()
+    _, together = _maps(encoder, groups, ["a cat", "a dog"])
+    for group, prompt, maps in zip(groups, ["a cat", "a dog"], together):
+        _, alone = _maps(encoder, [group], [prompt])
+        for a, b in zip(maps, alone[0]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_per_reference_modes_weigh_each_reference_equally(make_encoder, groups):
+    for mode in ("mean", "concat"):
+        encoder = make_encoder(reference_mode=mode)
+        tokens, maps = _maps(encoder, groups, ["a cat", "a dog"])
+        torch.testing.assert_close(tokens, encode(encoder, groups, ["a cat", "a dog"]), atol=ATOL, rtol=0)
+        for group in maps:
+            for m in group:
+                torch.testing.assert_close(m.sum(), torch.tensor(1 / len(group)), atol=1e-5, rtol=0)

@@ -67,6 +67,19 @@ def test_precomputed_reference_embeds(make_pipeline, groups):
     np.testing.assert_array_equal(first.images, again.images)
 
 
+def test_reference_maps_come_from_the_same_pass_and_change_nothing(make_pipeline, groups, monkeypatch):
+    pipe = make_pipeline()
+    plain = pipe(groups, ["a cat", "a dog"], generator=gens(5, 6), **CALL)
+    assert plain.reference_maps is None
+    calls = []
+    encode = pipe.reference_encoder.encode_with_maps
+    monkeypatch.setattr(pipe.reference_encoder, "encode_with_maps", lambda inputs: calls.append(1) or encode(inputs))
+    explained = pipe(groups, ["a cat", "a dog"], generator=gens(5, 6), return_reference_maps=True, **CALL)
+    assert calls == [1]  # one MLLM pass gives the tokens and the maps
+    np.testing.assert_allclose(plain.images, explained.images, atol=1e-4, rtol=0)  # eager vs fused attention rounding
+    assert [len(m) for m in explained.reference_maps] == [len(g) for g in groups]
+
+
 def test_seed_is_reproducible(make_pipeline, groups):
     pipe = make_pipeline()
     a = pipe(groups[:1], "a cat", seed=11, **CALL).images
@@ -119,6 +132,8 @@ def test_img2img_base_pipeline(make_encoder, tiny_dirs, groups):
         (dict(prompt=[]), "prompt must be"),
         (dict(references=None, reference_embeds=torch.zeros(1, 3, 64)), "reference_embeds must have shape"),
         (dict(reference_embeds=torch.zeros(1, 64, 64)), "either references or reference_embeds"),
+        (dict(references=None, reference_embeds=torch.zeros(1, 64, 64), return_reference_maps=True),
+         "return_reference_maps needs references"),
     ],
 )
 def test_check_inputs_errors(make_pipeline, kwargs, message):

@@ -127,6 +127,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", choices=DTYPES, help="default: float16 on GPU, float32 on CPU")
     p.add_argument("--grid", action="store_true", help="also write OUT_grid.png: references on top, outputs below")
+    p.add_argument("--explain", action="store_true",
+                   help="also write OUT_explain.png: each reference with where the reference tokens looked "
+                   "in it, and its share of their attention")
     p.set_defaults(func=cmd_generate)
 
 
@@ -184,7 +187,7 @@ def cmd_generate(args) -> int:
     _check_generate_args(args)
     paths = reference_paths(args.ref, args.refs_dir)
     keep = getattr(args, "keep_index", None)  # --from-metadata of image i of a batch: make the batch, keep i
-    outputs = planned_outputs(args.out, args.num_images if keep is None else 1, args.grid)
+    outputs = planned_outputs(args.out, args.num_images if keep is None else 1, args.grid, args.explain)
     if record is not None:
         _check_not_the_source(outputs, args.from_metadata)
     check_outputs(outputs, inputs=paths)
@@ -203,7 +206,12 @@ def cmd_generate(args) -> int:
     if keep is not None:
         images, indices = [images[keep]], [keep]
     params = generation_record(args, pipe, parts, paths, seed)
-    written = write_outputs(images, references, args.out, params, args.grid, indices)
+    explained = None
+    if args.explain:
+        from .explain import explain_sheet
+
+        explained = explain_sheet(references, result.reference_maps[0])
+    written = write_outputs(images, references, args.out, params, args.grid, indices, explained)
     for path in written:
         logger.info("wrote %s", path)
     return 0
@@ -233,6 +241,7 @@ def _generate(pipe, references, args, seed: int):
             generator=generator,
             height=args.height,
             width=args.width,
+            return_reference_maps=args.explain,
         )
     except ValueError as err:
         raise UserError(str(err)) from None
@@ -450,7 +459,7 @@ def _warn_about_bundled_limits(pipe, args) -> None:
 RECORD_TYPES = {
     "version": str, "prompt": str, "negative_prompt": str, "references": list, "scale": (int, float),
     "steps": int, "guidance": (int, float), "seed": int, "num_images": int, "index": int, "height": int,
-    "width": int, "device": str, "dtype": str, "model": dict, "grid": bool,
+    "width": int, "device": str, "dtype": str, "model": dict, "grid": bool, "explain": bool,
 }
 RECORD_REQUIRED = ("version", "prompt", "references", "scale", "steps", "guidance", "seed", "num_images")
 RECORDED_SETTINGS = ("prompt", "negative_prompt", "scale", "steps", "guidance", "seed", "num_images", "height",
@@ -553,6 +562,7 @@ def apply_record(args, record: dict) -> None:
     if args.out is None:
         args.out = args.from_metadata.with_name(f"{args.from_metadata.stem}-regen.png")
     args.grid = args.grid or bool(record.get("grid"))
+    args.explain = args.explain or bool(record.get("explain"))
     index = record.get("index")
     # one image of a batch: the batch again (its noise is drawn as one), then that image alone
     args.keep_index = index if index is not None and "num_images" not in given and args.num_images > 1 else None
@@ -604,8 +614,12 @@ def grid_path(out: Path) -> Path:
     return out.with_name(f"{out.stem}_grid{out.suffix}")
 
 
-def planned_outputs(out: Path, count: int, grid: bool) -> list[Path]:
-    return output_paths(out, count) + ([grid_path(out)] if grid else [])
+def explain_path(out: Path) -> Path:
+    return out.with_name(f"{out.stem}_explain{out.suffix}")
+
+
+def planned_outputs(out: Path, count: int, grid: bool, explain: bool = False) -> list[Path]:
+    return output_paths(out, count) + ([grid_path(out)] if grid else []) + ([explain_path(out)] if explain else [])
 
 
 def check_outputs(outputs: list[Path], inputs: list[Path]) -> None:
@@ -646,10 +660,11 @@ def _check_writable_folder(folder: Path) -> None:
 
 
 def write_outputs(images, references, out: Path, params: dict, grid: bool,
-                  indices: list[int] | None = None) -> list[Path]:
+                  indices: list[int] | None = None, explained=None) -> list[Path]:
     """All outputs or none: every file is written to a temporary name first, then all are renamed.
 
     `indices`: each image's place in its batch (recorded: regenerating image i makes the batch again).
+    `explained`: the reference-attention sheet, written as OUT_explain.png.
     """
     indices = list(range(len(images))) if indices is None else indices
     planned = [(image, path, {**params, "index": i, "width": image.width, "height": image.height})
@@ -660,6 +675,8 @@ def write_outputs(images, references, out: Path, params: dict, grid: bool,
         if len(indices) == 1 and params.get("num_images", 1) > 1:
             sheet["index"] = indices[0]  # the sheet of one image of a batch (--from-metadata of image i)
         planned.append((contact_sheet(references, images), grid_path(out), sheet))
+    if explained is not None:
+        planned.append((explained, explain_path(out), {**params, "explain": True}))
     staged: list[tuple[str, Path]] = []
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

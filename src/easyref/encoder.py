@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import EasyRefConfig
+from .explain import capture_attention, group_maps, image_token_maps
 from .prompting import MLLMInputs, build_inputs, negative_image, prepare_inputs
 
 logger = logging.getLogger(__name__)
@@ -129,15 +130,32 @@ class ReferenceEncoder(nn.Module):
         groups: Sequence[Sequence[Image.Image]] | None = None,
         prompts: Sequence[str] | None = None,
         inputs: MLLMInputs | None = None,
-    ) -> torch.Tensor:
-        """(B groups of images, B prompts) or prepared inputs -> (B, num_reference_tokens, hidden)."""
-        return self.encode(inputs if inputs is not None else self.prepare(groups, prompts))
+        return_maps: bool = False,
+    ):
+        """(B groups of images, B prompts) or prepared inputs -> (B, num_reference_tokens, hidden);
+        with `return_maps`, (tokens, maps) as `encode_with_maps` gives them."""
+        inputs = inputs if inputs is not None else self.prepare(groups, prompts)
+        return self.encode_with_maps(inputs) if return_maps else self.encode(inputs)
 
     def encode(self, inputs: MLLMInputs) -> torch.Tensor:
         inputs = inputs.to(self.device)
         hidden, positions = self.context(inputs)
         tokens = self._aggregate(hidden, inputs.attention_mask, positions)
         return tokens if inputs.group_sizes is None else combine_per_reference(tokens, inputs.group_sizes, self.config.reference_mode)
+
+    def encode_with_maps(self, inputs: MLLMInputs) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+        """`encode`, plus per group and per reference where the reference tokens looked (`easyref.explain`):
+        a (height, width) map on the reference's merged patch grid; a group's maps sum to 1."""
+        inputs = inputs.to(self.device)
+        hidden, positions = self.context(inputs)
+        with capture_attention(self.aggregator.layers[-1]) as captured:
+            tokens = self._aggregate(hidden, inputs.attention_mask, positions)
+        merge = self.mllm_config.vision_config.spatial_merge_size
+        rows = image_token_maps(captured[-1], inputs.input_ids, self.image_token_id, inputs.image_grid_thw, merge,
+                                self.config.num_reference_tokens)
+        if inputs.group_sizes is not None:
+            tokens = combine_per_reference(tokens, inputs.group_sizes, self.config.reference_mode)
+        return tokens, group_maps(rows, inputs.group_sizes)
 
     def context(self, inputs: MLLMInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """The trunk's normed output (rows, L, D) that the aggregation layer reads, and its positions.

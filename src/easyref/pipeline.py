@@ -47,6 +47,8 @@ class EasyRefPipelineOutput(BaseOutput):
 
     images: Any
     reference_embeds: torch.Tensor
+    # with return_reference_maps: per prompt, per reference, where the reference tokens looked (`easyref.explain`)
+    reference_maps: list[list[torch.Tensor]] | None = None
 
 
 class EasyRefPipeline(DiffusionPipeline):
@@ -189,9 +191,11 @@ class EasyRefPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ encoding
     @torch.no_grad()
-    def encode_references(self, groups: Sequence[Sequence[Image.Image]], prompts: Sequence[str]) -> torch.Tensor:
-        """All groups in one MLLM pass -> (B, num_reference_tokens, hidden)."""
-        return self.reference_encoder(groups, prompts)
+    def encode_references(self, groups: Sequence[Sequence[Image.Image]], prompts: Sequence[str],
+                          return_maps: bool = False):
+        """All groups in one MLLM pass -> (B, num_reference_tokens, hidden); with `return_maps`, also
+        each reference's attention map from the same pass (`easyref.explain`)."""
+        return self.reference_encoder(groups, prompts, return_maps=return_maps)
 
     @torch.no_grad()
     def negative_reference_tokens(self) -> torch.Tensor:
@@ -260,16 +264,26 @@ class EasyRefPipeline(DiffusionPipeline):
         width: int | None = None,
         reference_embeds: torch.Tensor | None = None,
         output_type: str = "pil",
+        return_reference_maps: bool = False,
         **pipeline_kwargs,
     ) -> EasyRefPipelineOutput:
-        """Generate images that keep what each reference group shares, steered by its prompt."""
+        """Generate images that keep what each reference group shares, steered by its prompt.
+        `return_reference_maps`: also return where the reference tokens looked in each reference."""
         # 1. inputs
         groups, prompts, negatives = self.check_inputs(
             references, prompt, negative_prompt, scale, num_images_per_prompt, reference_embeds, generator, seed,
             guidance_scale,
         )
+        if return_reference_maps and groups is None:
+            raise ValueError("return_reference_maps needs references, not reference_embeds")
         # 2. reference tokens: once per call, all groups in one pass
-        tokens = reference_embeds if reference_embeds is not None else self.encode_references(groups, prompts)
+        maps = None
+        if reference_embeds is not None:
+            tokens = reference_embeds
+        elif return_reference_maps:
+            tokens, maps = self.encode_references(groups, prompts, return_maps=True)
+        else:
+            tokens = self.encode_references(groups, prompts)
         # 3. repeat per image ourselves: diffusers tiles ip embeds but interleaves prompts
         n = num_images_per_prompt
         tokens = tokens.to(self._execution_device, self.unet.dtype).repeat_interleave(n, dim=0)
@@ -305,7 +319,7 @@ class EasyRefPipeline(DiffusionPipeline):
         _check_finite_images(images)
         if output_type == "pil":
             images = base.image_processor.numpy_to_pil(images)
-        return EasyRefPipelineOutput(images=images, reference_embeds=tokens[::n].detach())
+        return EasyRefPipelineOutput(images=images, reference_embeds=tokens[::n].detach(), reference_maps=maps)
 
     def _base_pipeline(self):
         """The diffusers pipeline over this pipeline's own modules (built per call, nothing copied)."""
