@@ -77,8 +77,8 @@ def overlay(image, grid: torch.Tensor, cell: int = 256):
 
     base = to_rgb(image)
     base.thumbnail((cell, cell))
-    if base.width < cell // 2 and base.height < cell // 2:  # tiny references are shown larger
-        factor = cell // max(base.width, base.height)
+    factor = cell // max(base.width, base.height)
+    if factor >= 2:  # small references are shown larger, pixels kept sharp
         base = base.resize((base.width * factor, base.height * factor), Image.NEAREST)
     low, high = grid.min(), grid.max()
     heat = (grid - low) / (high - low) if high > low else torch.ones_like(grid)
