@@ -94,8 +94,9 @@ def test_scored_cells_are_kept_and_reused_only_for_the_same_weights_and_settings
     with pytest.raises(Loaded):  # other settings: the cell is scored again, so the model is loaded
         bench.evaluate_methods(folders, tmp_path, groups=1, steps=2, cells=bench.select_cells(kinds=["pick"]))
     record = next((tmp_path / "cells").glob("*.json"))
-    record.write_text("{not json")
-    assert bench._cached_scores(record, {"groups": 1}) is None
+    for text in ("{not json", "[1, 2]", '{"key": {"groups": 1}, "scores": [{"identity": true}]}'):
+        record.write_text(text)
+        assert bench._cached_scores(record, {"groups": 1}) is None
 
 
 def test_each_method_trains_stage_3_with_its_modes_and_seed(tmp_path, monkeypatch):

@@ -175,7 +175,7 @@ def _cached_scores(record: Path, key: dict) -> list[ItemScore] | None:
         kept = json.loads(record.read_text())
         if kept.get("key") == key:
             return [ItemScore(**s) for s in kept["scores"]]
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, AttributeError):
         logger.warning("%s is unreadable; scoring its cell again", record)
     return None
 
