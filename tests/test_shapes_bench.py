@@ -105,11 +105,17 @@ def test_each_method_trains_stage_3_with_its_modes_and_seed(tmp_path, monkeypatc
     trained, packaged = [], []
 
     class FakeTrainer:
-        def __init__(self, config, cpu):
-            self.config = config
+        def __init__(self, config, resume, cpu):
+            self.config, self.resume = config, resume
 
         def train(self):
             trained.append(self.config)
+            resumed.append((Path(self.config.output_dir).name, self.resume))
+
+    resumed = []
+    stopped = tmp_path / "stage3-mean-s3" / "checkpoint-0000005" / "model"  # a run stopped part way
+    stopped.mkdir(parents=True)
+    (stopped / "easyref.safetensors").write_bytes(b"")
 
     monkeypatch.setattr("easyref.train.trainer.Trainer", FakeTrainer)
     monkeypatch.setattr(demo_model, "package", lambda work, out, recipe, timings, adapter: packaged.append((out, adapter)))
@@ -123,6 +129,7 @@ def test_each_method_trains_stage_3_with_its_modes_and_seed(tmp_path, monkeypatc
     assert all(c.init_from.endswith("stage2/final") for c in trained)  # every method from the same stage 2
     assert sorted(folders) == sorted((m, s) for m in bench.METHODS for s in (0, 3))
     assert {out.name for out, _ in packaged} == {f"model-{m}-s{s}" for m in bench.METHODS for s in (0, 3)}
+    assert {name: resume for name, resume in resumed if resume} == {"stage3-mean-s3": "latest"}
 
 
 def test_bench_shapes_rejects_bad_input(tmp_path, capsys):

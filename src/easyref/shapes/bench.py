@@ -62,8 +62,8 @@ def model_folder(work: Path, method: str, seed: int) -> Path:
 
 def train_methods(work: Path, recipe, cpu: bool = True, methods=METHODS, seeds=DEFAULT_SEEDS) -> dict:
     """Stage 3 once per method and seed from the shared stage-2 checkpoint; returns {(method, seed): model folder}.
-    A finished stage 3 is reused, so an interrupted benchmark goes on where it stopped."""
-    from ..train.trainer import Trainer
+    A finished stage 3 is reused and a stopped one resumed, so an interrupted benchmark goes on where it stopped."""
+    from ..train.trainer import Trainer, list_checkpoints
     from .demo_model import package, stage_config
 
     folders = {}
@@ -76,7 +76,9 @@ def train_methods(work: Path, recipe, cpu: bool = True, methods=METHODS, seeds=D
             if not (stage_dir / "final" / "easyref.safetensors").is_file():
                 config = dataclasses.replace(stage_config(recipe, 3, work, cpu), output_dir=str(stage_dir), seed=seed,
                                              reference_mode=reference_mode, attention_mode=attention_mode)
-                Trainer(config, cpu=cpu).train()
+                # a run stopped part way goes on from its newest checkpoint, exactly as `--resume latest`
+                resume = "latest" if stage_dir.is_dir() and list_checkpoints(stage_dir) else None
+                Trainer(config, resume=resume, cpu=cpu).train()
             folders[method, seed] = model_folder(work, method, seed)
             if not (folders[method, seed] / "adapter").is_dir():
                 package(work, folders[method, seed], recipe, {}, adapter=stage_dir / "final")
