@@ -35,9 +35,9 @@ demo-model: setup
 	rm -rf src/easyref/assets/default_model && cp -r runs/demo-model src/easyref/assets/default_model
 
 # the miniature MRBench (EasyRef, EasyRef bidirectional, mean, concat; two training seeds each) from nothing;
-# reuses a demo-model build if present. After `make demo-model` about 2 h on 2 cores: seven more stage-3 runs
-# (7 x 670 s) and scoring (4 methods x 2 seeds x 16 cells x 64 groups x 30 steps, about 43 min), estimated
-# from timed fractions; without it about 3 h 45 min.
+# reuses a demo-model build if present, and goes on where a stopped one stopped. After `make demo-model` about
+# 2 h 10 min on 2 cores: seven more stage-3 runs (EasyRef-style 9 min, mean/concat 14 min each) and scoring
+# (16 cells x 64 groups x 30 steps, 5.8 min per model), estimated from timed parts; without it about 4 h.
 # `easyref bench shapes --preset smoke` checks the same chain with tiny models in 36 s from nothing
 bench-shapes: setup
 	$(BIN)/easyref bench shapes --preset cpu --out runs/bench-shapes --work runs/demo-model.work
