@@ -20,7 +20,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 # The demo group holds the same two subjects in every reference (`python -m easyref.shapes.data DIR` writes
 # it and prints these prompts); each prompt names one, so the two outputs differ by the instruction alone.
-# from nothing (clone + set-up + run): 55 s, packages from a local mirror (downloads not counted); once set up: 7 s
+# once set up: 14 s for both (timed); from nothing (clone + set-up + run) about 1 min, packages from a local
+# mirror (downloads not counted; 55 s timed with one generate call, plus 7 s for the second)
 demo: setup
 	$(BIN)/easyref generate --refs-dir examples/refs --prompt "a star on a white background, at the bottom right" \
 		--out outputs/demo-star.png --grid --seed 0 --num-images 4
