@@ -129,10 +129,9 @@ def test_the_bundled_models_prompt_templates_cover_every_prompt_it_was_trained_o
     def expand(template: str) -> set[str]:
         parts = re.split(r"\{([^}]*)\}", template)  # odd parts are the choices
         options = [part.split("|") if i % 2 else [part] for i, part in enumerate(parts)]
-        texts = ("".join(choice) for choice in itertools.product(*options))
-        return {re.sub(r"a\(n\) ([aeiou]?)", lambda m: ("an " if m[1] else "a ") + m[1], t) for t in texts}
+        return {"".join(choice) for choice in itertools.product(*options)}
 
-    known = set().union(*(expand(t) for t in trained_prompts()))
+    known = expand(trained_prompts())
     prompts = {g.prompt for g in make_groups("held-in", 60, 3, 1, seed=3)}  # its stage 3 saw plain groups only
     assert len(prompts) > 15 and prompts <= known, sorted(prompts - known)[:3]
     assert not {g.prompt for g in make_groups("held-in", 20, 3, 0, seed=3, kind="pick")} & known

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Sequence
 
@@ -138,24 +139,28 @@ class ReferenceEncoder(nn.Module):
         return self.encode_with_maps(inputs) if return_maps else self.encode(inputs)
 
     def encode(self, inputs: MLLMInputs) -> torch.Tensor:
-        inputs = inputs.to(self.device)
-        hidden, positions = self.context(inputs)
-        tokens = self._aggregate(hidden, inputs.attention_mask, positions)
-        return tokens if inputs.group_sizes is None else combine_per_reference(tokens, inputs.group_sizes, self.config.reference_mode)
+        return self._encode(inputs, with_maps=False)[0]
 
     def encode_with_maps(self, inputs: MLLMInputs) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
         """`encode`, plus per group and per reference where the reference tokens looked (`easyref.explain`):
         a (height, width) map on the reference's merged patch grid; a group's maps sum to 1."""
+        return self._encode(inputs, with_maps=True)
+
+    def _encode(self, inputs: MLLMInputs, with_maps: bool):
         inputs = inputs.to(self.device)
         hidden, positions = self.context(inputs)
-        with capture_attention(self.aggregator.layers[-1]) as captured:
+        capture = capture_attention(self.aggregator.layers[-1]) if with_maps else nullcontext()
+        with capture as captured:
             tokens = self._aggregate(hidden, inputs.attention_mask, positions)
-        merge = self.mllm_config.vision_config.spatial_merge_size
-        rows = image_token_maps(captured[-1], inputs.input_ids, self.image_token_id, inputs.image_grid_thw, merge,
-                                self.config.num_reference_tokens)
+        maps = None
+        if with_maps:
+            merge = self.mllm_config.vision_config.spatial_merge_size
+            rows = image_token_maps(captured[-1], inputs.input_ids, self.image_token_id, inputs.image_grid_thw,
+                                    merge, self.config.num_reference_tokens)
+            maps = group_maps(rows, inputs.group_sizes)
         if inputs.group_sizes is not None:
             tokens = combine_per_reference(tokens, inputs.group_sizes, self.config.reference_mode)
-        return tokens, group_maps(rows, inputs.group_sizes)
+        return tokens, maps
 
     def context(self, inputs: MLLMInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """The trunk's normed output (rows, L, D) that the aggregation layer reads, and its positions.

@@ -107,9 +107,7 @@ def describe_set(folder: Path) -> list[str]:
     if words is not None:
         lines.append(f"  vocabulary ({len(words)} words; any other word reads as unknown): {' '.join(words)}")
     if bundled:
-        first, *others = trained_prompts()
-        lines.append(f"  prompts it was trained on: {first}")
-        lines += [f"                        or: {template}" for template in others]
+        lines.append(f"  prompts it was trained on: {trained_prompts()}")
     recipe = _read_json(folder / "recipe.json") if (folder / "recipe.json").is_file() else {}
     if isinstance(recipe.get("recipe"), dict):
         lines.append(f"  recipe (recipe.json): {_recipe_line(recipe['recipe'])}")
@@ -242,14 +240,14 @@ def unknown_words(prompt: str, words: list[str]) -> list[str]:
     return list(dict.fromkeys(w for w in WORD.findall(prompt) if w not in known))
 
 
-def trained_prompts() -> list[str]:
-    """The bundled model's prompt templates ({a|b} is a choice), from the shapes world it was trained on.
+def trained_prompts() -> str:
+    """The bundled model's prompt template ({a|b} is a choice), from the shapes world it was trained on.
     Its stage 3 saw plain groups only, so only the plain form; the pick forms ("a star on ...") are in the
     world (`shapes.world.pick_prompt`) but not in what this model learned."""
     from .shapes.world import BACKGROUNDS, POSITIONS
 
     places = ["in the center" if p == "center" else f"at the {p}" for p in POSITIONS]
-    return [f"an object on a {{{'|'.join(BACKGROUNDS)}}} background, {{{'|'.join(places)}}}"]
+    return f"an object on a {{{'|'.join(BACKGROUNDS)}}} background, {{{'|'.join(places)}}}"
 
 
 # ---------------------------------------------------------------------- weights and files

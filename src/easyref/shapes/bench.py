@@ -135,7 +135,8 @@ def evaluate_methods(folders: dict, out: Path, groups: int = 64, steps: int = 30
             if scores is None:
                 oracle = oracle or load_oracle()
                 pipe = pipe or load_method(folder, device)
-                scores = _score_cell(pipe, oracle, cell, settings, out / "examples" / f"{method}-s{train_seed}-{_cell_slug(cell)}.png")
+                examples = out / "examples" / f"{record.stem}.png"
+                scores = _score_cell(pipe, oracle, cell, settings, examples)
                 atomic_write_text(record, json.dumps({"key": key, "scores": [dataclasses.asdict(s) for s in scores]}))
             outcomes[method, train_seed, cell] = [s.identity for s in scores]
             kind, split, refs, distractors = cell

@@ -10,8 +10,8 @@ logger = logging.getLogger("easyref")
 
 # the presets' times on 2 cores (the Makefile's bench-shapes comment has the breakdown)
 PRESET_HELP = ("training and scoring sizes: smoke (a check of the whole chain, about 36 s from nothing; "
-               "tiny models, 1 group x 2 steps per cell), cpu (the default: about 3 h 45 min from nothing with two "
-               "seeds, 2 h with a finished demo-model build as --work, 43 min of it scoring), "
+               "tiny models, 1 group x 2 steps per cell), cpu (the default: about 4 h from nothing with two "
+               "seeds, 2 h 10 min with a finished demo-model build as --work, 46 min of it scoring), "
                "gpu (sized for one GPU), full")
 
 

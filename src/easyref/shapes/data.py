@@ -89,20 +89,22 @@ def demo_prompts(group: Group) -> tuple[str, str]:
 def write_demo_references(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"{i + 1}.png" for i in range(len(demo_group().references))]
-    for path, scene in zip(paths, demo_group().references):
-        render(scene).save(path)
+    paths = []
+    for i, scene in enumerate(demo_group().references):
+        paths.append(folder / f"{i + 1}.png")
+        render(scene).save(paths[-1])
     return paths
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m easyref.shapes.data DIR`: write the demo group's references and print its two prompts."""
+    """`python -m easyref.shapes.data DIR`: write the demo group's references and log its two prompts."""
     import sys
 
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     folder = Path((argv if argv is not None else sys.argv[1:])[0])
     write_demo_references(folder)
     for prompt in demo_prompts(demo_group()):
-        print(prompt)
+        logger.info("prompt: %s", prompt)
     return 0
 
 

@@ -62,7 +62,7 @@ PRESETS = {
                   vision_steps=12000, vision_width=64, vision_depth=3),
     # about 1 h 45 min on this project's 2-core CPU machine, estimated from timed fractions: the bundled
     # VAE reused (it took 4,000 x 0.29 s), the 3-level base 10,000 x 0.42 s in runs of 2,000, MLLM 750 s,
-    # stages 1-3 1,130 s. History: 600 VAE + 2500 base steps were too few (VAE MSE 0.054, colours washed
+    # stages 1-3 1,351 s (timed). History: 600 VAE + 2500 base steps were too few (VAE MSE 0.054, colours washed
     # out); a 2-level base at 11,000 steps drew the asked background 98% of the time but put objects
     # asked for a corner in a random corner (benchmarks RESULTS 5d); a 3-level base read 38% background
     # and 25% position at 4,000 steps, 58% at 8,000 and 61% at 10,000, where it levels off (5d), so the
@@ -110,14 +110,14 @@ def stage_config(recipe: Recipe, stage: int, work: Path, device_cpu: bool):
 
 
 def build(out: Path, recipe: Recipe, work: Path, cpu: bool) -> Path:
+    import torch
+
     from ..train.trainer import Trainer
     from .base import build_base_model
     from .data import write_training_data
     from .mllm import build_mllm
 
     timings = {}
-    import torch
-
     device = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
     # each phase is skipped when an earlier (interrupted) build already finished it: a phase's
     # output appears only once it is complete, so a half-done phase simply runs again
