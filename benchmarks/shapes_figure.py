@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-import torch
 from PIL import Image, ImageDraw
 
 CELL = 96  # 64-px images drawn at 1.5x
@@ -35,15 +34,6 @@ def figure_groups():
                                   target=target_scene(pick.other, pick.background, pick.position))
     repeat = cell_groups(("repeat", "held-out", 3, 2), 1, seed=0)[0]
     return [dataclasses.replace(pick, prompt=first), swapped, repeat]
-
-
-def samples(pipe, group, count: int, steps: int) -> list[Image.Image]:
-    from easyref.shapes.world import render
-
-    references = [render(scene) for scene in group.references]
-    generators = [torch.Generator().manual_seed(i) for i in range(count)]
-    return pipe([references] * count, [group.prompt] * count, num_inference_steps=steps, guidance_scale=5.0,
-                generator=generators).images
 
 
 def compose(groups, outputs: dict[str, list[list[Image.Image]]]) -> Image.Image:
@@ -72,6 +62,7 @@ def compose(groups, outputs: dict[str, list[list[Image.Image]]]) -> Image.Image:
 
 def main() -> None:
     from easyref.shapes.bench import load_method, model_folder
+    from easyref.shapes.evaluate import generate_for_groups
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models_dir", type=Path, help="the folder holding model-easyref-sSEED/ and model-mean-sSEED/")
@@ -84,7 +75,8 @@ def main() -> None:
     outputs = {}
     for method, label in (("easyref", "EasyRef (reads the group with the prompt)"), ("mean", "mean of per-reference tokens")):
         pipe = load_method(model_folder(args.models_dir, method, args.seed))
-        outputs[label] = [samples(pipe, g, args.samples, args.steps) for g in groups]
+        # one group repeated: the same references, noise seeds 0..samples-1
+        outputs[label] = [generate_for_groups(pipe, [g] * args.samples, steps=args.steps) for g in groups]
     compose(groups, outputs).save(args.out)
     print(f"wrote {args.out}")
 
