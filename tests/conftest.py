@@ -48,6 +48,13 @@ SLOW_TESTS = {
     "test_readme.py::test_the_readme_commands_run_as_written",  # 6 s: every runnable README command, fake hub
     "test_shapes.py::test_a_base_reuses_a_finished_vae_and_trains_in_chunks",  # two base builds
     "test_shapes_kinds.py::test_training_data_holds_every_kind",  # renders 36 groups
+    # `easyref serve` in a subprocess (7 s to start), then the page in Chromium and its API
+    "test_serve.py::test_api_writes_the_pngs_generate_writes",
+    "test_serve.py::test_api_random_seed_is_reported_and_reproduces",
+    "test_serve.py::test_api_refuses_bad_requests_in_one_line_and_keeps_serving",
+    "test_serve.py::test_the_page_generates_explains_and_reports_bad_files",  # 3.3 s
+    "test_serve.py::test_the_examples_row_loads_the_demo_group_and_a_waiting_tab_sees_its_place",  # 19 s: a queue
+    "test_serve.py::test_ctrl_c_stops_the_server",
 }
 
 

@@ -2,6 +2,7 @@
 
     easyref generate --ref a.png --ref b.png --prompt "..." --out out.png
     easyref generate --from-metadata out.png --out again.png
+    easyref serve [--port 7860]          (a web page; needs the `ui` extra)
     easyref info [MODEL]
     easyref train --config stage1 --set data=pairs.json data_root=images
     easyref convert RELEASE_DIR_OR_FILE OUT_DIR
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="easyref", description="EasyRef: group image reference for SDXL.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_serve(sub)
     _add_info(sub)
     _add_convert(sub)
     add_train_parser(sub)
@@ -112,11 +114,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--from-metadata", type=Path, metavar="PNG",
                    help="regenerate the image of a PNG this command wrote, from the settings, references and model "
                    "recorded in it (the same pixels on the same machine and versions); flags given override them")
-    p.add_argument("--base", help="SDXL folder or hub id (default: the adapter's; 'default': the bundled model's, "
-                   "with its Qwen2-VL)")
-    p.add_argument("--mllm", help="Qwen2-VL-Instruct folder or hub id (default: the checkpoint's)")
-    p.add_argument("--adapter", help="EasyRef checkpoint: a folder of ours, the authors' release file or folder, "
-                   "or a hub id (zongzhuofan/EasyRef); alone, it brings the base and MLLM it records")
+    add_model_options(p)
     p.add_argument("--scale", type=float, help="reference strength, 0 to 10 (default 1.0)")
     p.add_argument("--steps", type=int, help="denoising steps, 1 to 1000 (default 30)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale, 0 to 100 (default 5.0)")
@@ -124,8 +122,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--num-images", type=int, help="images to generate, 1 to 16 (default 1)")
     p.add_argument("--height", type=int, help="output height in px (multiple of 8, at most 4096; default: the model's)")
     p.add_argument("--width", type=int, help="output width in px (multiple of 8, at most 4096; default: the model's)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", choices=DTYPES, help="default: float16 on GPU, float32 on CPU")
+    add_device_options(p)
     p.add_argument("--grid", action="store_true", help="also write OUT_grid.png: references on top, outputs below")
     p.add_argument("--explain", action="store_true",
                    help="also write OUT_explain.png: each reference with where the reference tokens looked "
@@ -133,7 +130,76 @@ def _add_generate(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+def add_model_options(p) -> None:
+    p.add_argument("--base", help="SDXL folder or hub id (default: the adapter's; 'default': the bundled model's, "
+                   "with its Qwen2-VL)")
+    p.add_argument("--mllm", help="Qwen2-VL-Instruct folder or hub id (default: the checkpoint's)")
+    p.add_argument("--adapter", help="EasyRef checkpoint: a folder of ours, the authors' release file or folder, "
+                   "or a hub id (zongzhuofan/EasyRef); alone, it brings the base and MLLM it records")
+
+
+def add_device_options(p) -> None:
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=DTYPES, help="default: float16 on GPU, float32 on CPU")
+
+
 GENERATE_DEFAULTS = {"scale": 1.0, "steps": 30, "guidance": 5.0, "num_images": 1, "device": "auto", "dtype": "auto"}
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="a web page for generation (gradio; pip install 'easyref[ui]')",
+        description="Serve a web page: drop reference images, type a prompt, generate, and see what the reference "
+        "tokens took from each reference. One generation runs at a time; later requests wait in a queue that "
+        "shows their place. Each image downloads as the same PNG, settings recorded, that `generate` writes. "
+        "Needs the `ui` extra: pip install 'easyref[ui]'.",
+    )
+    add_model_options(p)
+    add_device_options(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every network)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    p.add_argument("--out-dir", type=Path,
+                   help="keep every generated PNG here, a folder per request (default: a temporary folder, "
+                   "removed when the server stops)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    if importlib.util.find_spec("gradio") is None:
+        raise UserError("easyref serve needs gradio: pip install 'easyref[ui]' (or pip install -e '.[ui]' in a clone)")
+    _check_range("--port", args.port, 1, 65535)
+    _check_port_free(args.host, args.port)
+    if args.out_dir is not None:
+        if args.out_dir.exists() and not args.out_dir.is_dir():
+            raise UserError(f"--out-dir {args.out_dir} is a file, not a folder")
+        _check_writable_folder(args.out_dir)
+    args.device = args.device or GENERATE_DEFAULTS["device"]
+    args.dtype = args.dtype or GENERATE_DEFAULTS["dtype"]
+    from .serve import serve
+
+    pipe, parts = load_pipeline(args)
+    return serve(pipe, parts, args)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Before the model loads: a taken port or an address this machine does not have is one line."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise UserError(f"--host {host!r} is not an address or name this machine can resolve") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise UserError(f"cannot listen on {host}:{port} ({describe_os_error(err)}); choose another --port "
+                            "or --host") from None
 
 
 def _add_info(sub) -> None:
@@ -184,7 +250,7 @@ def cmd_generate(args) -> int:
     if record is not None:
         apply_record(args, record)
     _settle_defaults(args)
-    _check_generate_args(args)
+    check_generate_args(args)
     paths = reference_paths(args.ref, args.refs_dir)
     keep = getattr(args, "keep_index", None)  # --from-metadata of image i of a batch: make the batch, keep i
     outputs = planned_outputs(args.out, args.num_images if keep is None else 1, args.grid, args.explain)
@@ -201,7 +267,7 @@ def cmd_generate(args) -> int:
     if record is not None:
         _warn_if_changed(record, sources, args.from_metadata)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
-    result = _generate(pipe, references, args, seed)
+    result = run_pipeline(pipe, references, args, seed)
     images, indices = list(result.images), list(range(len(result.images)))
     if keep is not None:
         images, indices = [images[keep]], [keep]
@@ -223,7 +289,8 @@ def _settle_defaults(args) -> None:
             setattr(args, key, value)
 
 
-def _generate(pipe, references, args, seed: int):
+def run_pipeline(pipe, references, args, seed: int, **pipeline_kwargs):
+    """One generation with `generate`'s settings; `pipeline_kwargs` go to diffusers (a step callback)."""
     import torch
 
     from .pipeline import NonFiniteOutputError
@@ -242,6 +309,7 @@ def _generate(pipe, references, args, seed: int):
             height=args.height,
             width=args.width,
             return_reference_maps=args.explain,
+            **pipeline_kwargs,
         )
     except ValueError as err:
         raise UserError(str(err)) from None
@@ -264,7 +332,7 @@ MAX_REFERENCES = 64  # the largest max_references a checkpoint may declare
 MAX_PROMPT_CHARS = 16 * 1024
 
 
-def _check_generate_args(args) -> None:
+def check_generate_args(args) -> None:
     from .config import MAX_PROMPT_TOKENS
 
     if args.prompt is None:

@@ -1,0 +1,281 @@
+"""`easyref serve`: a gradio page over the same generation `easyref generate` runs.
+
+The page takes the references, prompt and settings of `generate`, checks them with the same rules
+(`cli.check_generate_args`, the library's image decoding), and writes the same files: each request
+gets a folder under the server's output folder holding copies of its references, the PNGs (settings
+recorded, so `easyref generate --from-metadata` makes them again) and the explain sheet. Those files
+are what the page shows and what its download buttons hand out, byte for byte.
+
+One generation runs at a time (the queue's concurrency limit is 1: a model on one device gains
+nothing from two at once and would need twice the memory); requests that wait see their place.
+A mistake in a request is shown in the page (`gr.Error`) and the server goes on serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import itertools
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import gradio as gr
+
+from .cli import (
+    GENERATE_DEFAULTS,
+    RunFailure,
+    UserError,
+    check_generate_args,
+    explain_path,
+    generation_record,
+    run_pipeline,
+    warn_about_limits,
+    write_outputs,
+)
+from .explain import explain_sheet
+from .images import ImageFileError, open_image
+from .pipeline import default_size
+from .shapes.data import demo_group, demo_prompts, write_demo_references
+
+logger = logging.getLogger(__name__)
+
+# The page's own fonts: gradio's default theme asks Google Fonts, which a machine offline cannot reach.
+THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+# a 64 px image from the bundled model, shown large: pixels, not a blur
+CSS = "#outputs img, #preview img, #explain img { image-rendering: pixelated; }"
+MAX_UI_IMAGES = 8  # the slider's end (`generate --num-images` goes to 16)
+EXPLAIN_NOTE = (
+    "Each reference with the aggregation layer's attention from the 64 reference tokens to its image tokens "
+    "(brighter: more), and the share of that attention it received. A reference that shares little with the "
+    "others gets a smaller share."
+)
+
+
+class Server:
+    """The loaded model and where requests write; `generate` is the page's one expensive call."""
+
+    def __init__(self, pipe, parts, model_args: argparse.Namespace, out_dir: Path):
+        self.pipe, self.parts, self.model_args = pipe, parts, model_args
+        self.out_dir = out_dir
+        self.max_references = pipe.easyref_config.max_references
+        self.size = default_size(pipe)
+        self._requests = itertools.count(1)
+        pipe.set_progress_bar_config(disable=True)  # the page shows the steps; the server's log stays one line each
+
+    # ------------------------------------------------------------------ references
+    def references(self, files) -> tuple[list[Path], list]:
+        """The uploaded files as decoded references, or a UserError naming the file (by its own name,
+        not the server's upload path)."""
+        paths = [Path(f) for f in (files or [])]
+        if not paths:
+            raise UserError(f"no reference images: drop 1 to {self.max_references} images under References")
+        if len(paths) > self.max_references:
+            raise UserError(f"{len(paths)} references given; this model takes at most {self.max_references}")
+        images = []
+        for path in paths:
+            try:
+                images.append(open_image(path))
+            except ImageFileError as err:
+                raise UserError(str(err).replace(str(path), path.name)) from None
+        return paths, images
+
+    def preview(self, files):
+        """On upload: the references as the model will read them, or what is wrong with them."""
+        if not files:
+            return [], ""
+        try:
+            paths, images = self.references(files)
+        except UserError as err:
+            return [], f"**Cannot use these references:** {err}"
+        count = f"{len(images)} reference{'s' if len(images) != 1 else ''}"
+        return [(image, path.name) for image, path in zip(images, paths)], f"{count} ready"
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, files, prompt, negative_prompt, scale, steps, guidance, seed, random_seed, num_images,
+                 height, width, progress=gr.Progress()):
+        try:
+            return self._generate(files, prompt, negative_prompt, scale, steps, guidance, seed, random_seed,
+                                  num_images, height, width, progress)
+        except (UserError, RunFailure) as err:
+            message = re.sub(r"--([a-z-]+)", lambda flag: flag.group(1).replace("-", " "), str(err))  # flag -> field
+            logger.warning("request refused: %s", message)
+            raise gr.Error(message, print_exception=False) from None
+
+    def _generate(self, files, prompt, negative_prompt, scale, steps, guidance, seed, random_seed, num_images,
+                  height, width, progress):
+        args = self.settings(prompt, negative_prompt, scale, steps, guidance, seed, random_seed, num_images,
+                             height, width)
+        paths, references = self.references(files)
+        folder = self._new_folder()
+        args.out = folder / "easyref.png"
+        notes = _warnings_of(lambda: warn_about_limits(self.pipe, args, self.parts.names()))
+        progress(0, desc="reading the references")
+        started = time.perf_counter()
+
+        def on_step(_pipe, step, _timestep, tensors):
+            progress((step + 1, args.steps), desc="denoising", unit="steps")
+            return tensors
+
+        result = run_pipeline(self.pipe, references, args, args.seed, callback_on_step_end=on_step)
+        sheet = explain_sheet(references, result.reference_maps[0])
+        kept = _keep_references(paths, folder / "references")
+        params = generation_record(args, self.pipe, self.parts, kept, args.seed)
+        written = write_outputs(list(result.images), references, args.out, params, grid=False, explained=sheet)
+        seconds = time.perf_counter() - started
+        logger.info("%s: %d image%s in %.1f s", folder, args.num_images, "s" if args.num_images > 1 else "", seconds)
+        images = [str(p) for p in written if p != explain_path(args.out)]
+        status = f"{len(images)} image{'s' if len(images) != 1 else ''} in {seconds:.1f} s, seed {args.seed}"
+        status += "".join(f"\n\nNote: {note}" for note in notes)
+        return images, [str(p) for p in written], str(explain_path(args.out)), args.seed, status
+
+    def settings(self, prompt, negative_prompt, scale, steps, guidance, seed, random_seed, num_images, height,
+                 width) -> argparse.Namespace:
+        """The form as `generate`'s arguments, checked by the same rules."""
+        if random_seed or seed is None:
+            seed = int.from_bytes(os.urandom(4), "little") % 2**31
+        args = argparse.Namespace(
+            **vars(self.model_args),
+            prompt=prompt or "",
+            negative_prompt=negative_prompt or None,
+            scale=float(scale),
+            steps=_whole(steps, "steps"),
+            guidance=float(guidance),
+            seed=_whole(seed, "seed"),
+            num_images=_whole(num_images, "number of images"),
+            height=_whole(height, "height"),
+            width=_whole(width, "width"),
+            out=self.out_dir / "easyref.png",
+            grid=False,
+            explain=True,
+        )
+        check_generate_args(args)
+        return args
+
+    def _new_folder(self) -> Path:
+        """A name no other request has; created only when the request writes into it."""
+        return self.out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{next(self._requests):04d}"
+
+
+def _whole(value, name: str) -> int:
+    if float(value) != int(value):
+        raise UserError(f"{name} must be a whole number, got {value}")
+    return int(value)
+
+
+def _keep_references(paths: list[Path], folder: Path) -> list[Path]:
+    """Copies beside the outputs, so the record's references outlive the upload cache."""
+    folder.mkdir(parents=True, exist_ok=True)
+    kept = []
+    for i, path in enumerate(paths):
+        kept.append(folder / f"{i + 1:02d}-{path.name}")
+        shutil.copyfile(path, kept[-1])
+    return kept
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _warnings_of(call) -> list[str]:
+    """The warning lines `call` logs (what the model will not follow), to show in the page too."""
+    collect = _Collect()
+    root = logging.getLogger("easyref")
+    root.addHandler(collect)
+    try:
+        call()
+    finally:
+        root.removeHandler(collect)
+    return collect.messages
+
+
+# ---------------------------------------------------------------------------- the page
+def build_app(server: Server, examples_dir: Path) -> gr.Blocks:
+    """The page. `examples_dir` receives the demo group's references for the examples row."""
+    size = server.size
+    with gr.Blocks(title="EasyRef", analytics_enabled=False) as app:
+        gr.Markdown("# EasyRef\nGenerate images that keep what the reference images share, steered by the prompt.")
+        with gr.Row():
+            with gr.Column(scale=1):
+                refs = gr.File(label=f"References (1 to {server.max_references} images)", file_count="multiple",
+                               elem_id="references")
+                preview = gr.Gallery(label="As the model reads them", columns=4, height=160, interactive=False,
+                                     elem_id="preview")
+                ref_status = gr.Markdown(elem_id="reference-status")
+                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
+                with gr.Accordion("Settings", open=False):
+                    negative = gr.Textbox(label="Negative prompt (empty: the model's)", elem_id="negative")
+                    scale = gr.Slider(0, 2, value=GENERATE_DEFAULTS["scale"], step=0.05,
+                                      label="Reference strength (scale)", elem_id="scale")
+                    steps = gr.Slider(1, 100, value=GENERATE_DEFAULTS["steps"], step=1, label="Steps",
+                                      elem_id="steps")
+                    guidance = gr.Slider(0, 20, value=GENERATE_DEFAULTS["guidance"], step=0.5,
+                                         label="Guidance", elem_id="guidance")
+                    with gr.Row():
+                        seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id="seed")
+                        random_seed = gr.Checkbox(value=True, label="Random seed", elem_id="random-seed")
+                    count = gr.Slider(1, MAX_UI_IMAGES, value=1, step=1, label="Images", elem_id="num-images")
+                    with gr.Row():
+                        height = gr.Slider(8, max(size * 2, 64), value=size, step=8, label="Height",
+                                           elem_id="height")
+                        width = gr.Slider(8, max(size * 2, 64), value=size, step=8, label="Width", elem_id="width")
+                run = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Column(scale=1):
+                with gr.Tabs():
+                    with gr.Tab("Images", id="images"):
+                        gallery = gr.Gallery(label="Outputs", columns=2, interactive=False, format="png",
+                                             buttons=["download", "fullscreen"], elem_id="outputs")
+                        status = gr.Markdown(elem_id="status")
+                        files = gr.File(label="PNG files (settings recorded in each)", file_count="multiple",
+                                        interactive=False, elem_id="files")
+                    with gr.Tab("What it took from each reference", id="explain", elem_id="explain-tab"):
+                        gr.Markdown(EXPLAIN_NOTE)
+                        explained = gr.Image(type="filepath", label="Reference attention", interactive=False,
+                                             format="png", elem_id="explain")
+        group = demo_group()
+        demo_refs = [str(p) for p in write_demo_references(examples_dir)]
+        gr.Examples([[demo_refs, text] for text in demo_prompts(group)], inputs=[refs, prompt],
+                    label="Examples: the demo group holds the same two subjects in every reference; "
+                    "each prompt names one")
+        refs.change(server.preview, inputs=refs, outputs=[preview, ref_status], queue=False)
+        inputs = [refs, prompt, negative, scale, steps, guidance, seed, random_seed, count, height, width]
+        outputs = [gallery, files, explained, seed, status]
+        run.click(server.generate, inputs=inputs, outputs=outputs, api_name="generate")
+        prompt.submit(server.generate, inputs=inputs, outputs=outputs, api_name=False)
+    return app.queue(default_concurrency_limit=1)
+
+
+def serve(pipe, parts, args: argparse.Namespace) -> int:
+    """Serve until interrupted. Outputs go to --out-dir, or a temporary folder removed at exit."""
+    out_dir = _folder(args.out_dir, "easyref-serve-")
+    examples_dir = _folder(None, "easyref-examples-")
+    model_args = argparse.Namespace(**{k: getattr(args, k) for k in ("base", "mllm", "adapter", "device", "dtype")})
+    app = build_app(Server(pipe, parts, model_args, out_dir), examples_dir)
+    logger.info("outputs go to %s", out_dir)
+    # quiet: gradio's own banner tells to set `share=True` in launch(), which is --share here
+    app.launch(server_name=args.host, server_port=args.port, share=args.share, theme=THEME, css=CSS, ssr_mode=False,
+               allowed_paths=[str(out_dir), str(examples_dir)], footer_links=["api"], show_error=True,
+               prevent_thread_lock=True, quiet=True)
+    logger.info("serving on %s (Ctrl+C stops)%s", app.local_url, "" if args.share else "; --share for a public link")
+    if app.share_url:
+        logger.info("public link: %s", app.share_url)
+    app.block_thread()  # returns on Ctrl+C, having closed the server
+    return 0
+
+
+def _folder(given: Path | None, prefix: str) -> Path:
+    if given is not None:
+        given.mkdir(parents=True, exist_ok=True)
+        return given.resolve()
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder

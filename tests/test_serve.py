@@ -1,0 +1,269 @@
+"""`easyref serve`: the command's checks, the page's API through gradio_client, and the page itself in a
+real browser (Debian's headless Chromium driven by playwright), all against one `easyref serve` started
+as a user would start it, on the bundled model and a free localhost port.
+
+Without Chromium the browser test is skipped outside CI only; `.ci/run` installs it, so CI runs it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from easyref.cli import main
+from easyref.shapes.data import demo_group, demo_prompts, write_demo_references
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# the flags a closed network needs: without the background-networking ones Chromium keeps dialling out
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+STAR, SQUARE = demo_prompts(demo_group())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def record(image_bytes: bytes) -> dict:
+    with Image.open(io.BytesIO(image_bytes)) as image:
+        return json.loads(image.info["easyref"])
+
+
+def pixels(data: bytes | Path) -> np.ndarray:
+    with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    port = free_port()
+    log = root / "server.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_TEMP_DIR": str(root / "gradio-cache")}
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "easyref", "serve", "--port", str(port), "--out-dir",
+                                 str(root / "out"), "--device", "cpu"], stdout=sink, stderr=subprocess.STDOUT,
+                                env=env)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"easyref serve did not start:\n{log.read_text()}")
+            time.sleep(0.5)
+    yield SimpleNamespace(url=url, out=root / "out", proc=proc, log=log, refs=write_demo_references(root / "refs"))
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+# ---------------------------------------------------------------------------- the command
+def test_serve_needs_gradio_and_says_how_to_get_it(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a))
+    assert main(["serve"]) == 2
+    assert "pip install 'easyref[ui]'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--port", "70000"], "--port must be between 1 and 65535, got 70000"),
+    (["--host", "no such host.invalid"], "is not an address or name this machine can resolve"),
+])
+def test_serve_refuses_bad_addresses_before_loading(argv, message, capsys):
+    assert main(["serve", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_serve_refuses_a_taken_port_and_a_file_as_out_dir(tmp_path, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["serve", "--port", str(taken.getsockname()[1])]) == 2
+    assert "choose another --port" in capsys.readouterr().err
+    (tmp_path / "f").write_text("x")
+    assert main(["serve", "--out-dir", str(tmp_path / "f")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- the API
+def generate(client, refs, prompt=STAR, steps=4, seed=11, random_seed=False, count=2, side=64):
+    from gradio_client import handle_file
+
+    return client.predict([handle_file(str(p)) for p in refs], prompt, "", 1.0, steps, 5.0, seed, random_seed,
+                          count, side, side, api_name="/generate")
+
+
+def test_api_writes_the_pngs_generate_writes(server, tmp_path, monkeypatch):
+    from gradio_client import Client
+
+    client = Client(server.url, verbose=False, download_files=str(tmp_path / "downloads"))
+    images, files, explained, seed, status = generate(client, server.refs)
+    assert seed == 11 and "2 images" in status and "seed 11" in status
+    downloaded = [Path(item["image"]) for item in images]
+    for index, path in enumerate(downloaded):
+        rec = record(path.read_bytes())
+        assert (rec["prompt"], rec["seed"], rec["steps"], rec["num_images"], rec["index"]) == (STAR, 11, 4, 2, index)
+        assert (rec["guidance"], rec["scale"], rec["width"], rec["height"]) == (5.0, 1.0, 64, 64)
+        kept = list(server.out.glob(f"*/{path.name}"))
+        assert any(k.read_bytes() == path.read_bytes() for k in kept), "the download is the file the server wrote"
+    assert sorted(Path(f).name for f in files) == ["easyref_0.png", "easyref_1.png", "easyref_explain.png"]
+    assert record(Path(explained).read_bytes())["explain"] is True
+    # the record names the server's copies of the references: the CLI makes the same pixels from it
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "--from-metadata", str(downloaded[1]), "--out", "again.png"]) == 0
+    np.testing.assert_array_equal(pixels(tmp_path / "again.png"), pixels(downloaded[1]))
+
+
+def test_api_random_seed_is_reported_and_reproduces(server, tmp_path):
+    from gradio_client import Client
+
+    client = Client(server.url, verbose=False, download_files=str(tmp_path))
+    first = generate(client, server.refs, seed=0, random_seed=True, count=1)
+    again = generate(client, server.refs, seed=first[3], random_seed=False, count=1)
+    assert "seed" in first[4] and str(first[3]) in first[4]
+    np.testing.assert_array_equal(pixels(Path(first[0][0]["image"])), pixels(Path(again[0][0]["image"])))
+
+
+def test_api_refuses_bad_requests_in_one_line_and_keeps_serving(server, tmp_path):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    client = Client(server.url, verbose=False, download_files=str(tmp_path / "downloads"))
+    (tmp_path / "notes.txt").write_text("not a picture")
+    (tmp_path / "cut.png").write_bytes(server.refs[0].read_bytes()[:100])
+    cases = {
+        "notes.txt is not an image PIL can read": [*server.refs[:2], tmp_path / "notes.txt"],
+        "cut.png is damaged or truncated": [server.refs[0], tmp_path / "cut.png"],
+        "no reference images": [],
+        "29 references given; this model takes at most 28": [server.refs[0]] * 29,
+    }
+    for message, refs in cases.items():
+        with pytest.raises(AppError, match=re.escape(message)):
+            generate(client, refs, count=1)
+    with pytest.raises(AppError, match="prompt is 20000 characters long; at most 16384"):
+        generate(client, server.refs, prompt="a" * 20_000)
+    assert generate(client, server.refs, count=1)[4].startswith("1 image")
+    assert not list(server.out.glob("*/notes.txt")), "a refused request writes nothing"
+
+
+# ---------------------------------------------------------------------------- the page, in Chromium
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the browser test: install Debian's chromium (.ci/run does)")
+        pytest.skip("no chromium on this machine (apt-get install chromium); CI runs this test")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield chromium
+        chromium.close()
+
+
+def set_number(page, elem_id: str, value) -> None:
+    """Type into a slider's or number's box; retried, since a box typed into as it mounts is reset to its
+    initial value."""
+    from playwright.sync_api import expect
+
+    field = page.locator(f"#{elem_id} input[type=number]")
+    slider = page.locator(f"#{elem_id} input[type=range]")
+    for _ in range(20):
+        field.fill(str(value))
+        field.press("Tab")
+        page.wait_for_timeout(100)
+        if field.input_value() == str(value) and (not slider.count() or slider.input_value() == str(value)):
+            break
+    expect(field).to_have_value(str(value))
+
+
+def test_the_page_generates_explains_and_reports_bad_files(server, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(server.url)
+    page.locator("#references input[type=file]").set_input_files([str(p) for p in server.refs])
+    page.wait_for_selector("#reference-status:has-text('3 references ready')")
+    assert page.locator("#preview img").count() == 3
+    page.fill("#prompt textarea", STAR)
+    page.click("text=Settings")
+    set_number(page, "steps", 5)
+    set_number(page, "num-images", 2)
+    page.uncheck("#random-seed input")
+    set_number(page, "seed", 21)
+    page.click("#generate")
+    page.wait_for_selector("#status:has-text('seed 21')", timeout=60_000)
+    sources = [img.get_attribute("src") for img in page.locator("#outputs img").all()]
+    assert len(sources) == 2
+    for index, src in enumerate(sources):
+        rec = record(page.request.get(src).body())
+        assert (rec["prompt"], rec["seed"], rec["steps"], rec["num_images"], rec["index"]) == (STAR, 21, 5, 2, index)
+    page.screenshot(path=str(tmp_path / "serve.png"), full_page=True)
+    if os.environ.get("EASYREF_SCREENSHOT"):  # how the README's picture is made (see README, Web page)
+        page.screenshot(path=os.environ["EASYREF_SCREENSHOT"], full_page=True)
+
+    page.get_by_role("tab", name="What it took from each reference").click()
+    sheet = page.locator("#explain img")
+    sheet.wait_for()
+    assert record(page.request.get(sheet.get_attribute("src")).body())["explain"] is True
+
+    (tmp_path / "notes.txt").write_text("not a picture")
+    page.locator("#references input[type=file]").set_input_files([str(tmp_path / "notes.txt")])
+    page.wait_for_selector("#reference-status:has-text('notes.txt is not an image PIL can read')")
+    page.click("#generate")
+    page.get_by_text("notes.txt is not an image PIL can read").nth(1).wait_for()  # the refused request's message
+    page.close()
+
+
+def open_with_example(context, url: str, prompt: str):
+    page = context.new_page()
+    page.goto(url)
+    page.get_by_text(prompt, exact=True).click()
+    page.wait_for_selector("#reference-status:has-text('3 references ready')")
+    assert page.input_value("#prompt textarea") == prompt
+    return page
+
+
+def test_the_examples_row_loads_the_demo_group_and_a_waiting_tab_sees_its_place(server, browser):
+    # each tab in its own window: a background tab's input events wait for it to be shown
+    first = open_with_example(browser.new_context(), server.url, SQUARE)
+    first.click("text=Settings")
+    set_number(first, "steps", 100)
+    set_number(first, "num-images", 6)
+    first.click("#generate")
+    first.get_by_text(re.compile(r"denoising")).first.wait_for(timeout=30_000)  # the per-step progress bar
+    second = open_with_example(browser.new_context(), server.url, STAR)
+    second.click("#generate")
+    second.get_by_text(re.compile(r"queue: 1/1")).first.wait_for(timeout=30_000)
+    first.wait_for_selector("#status:has-text('6 images')", timeout=120_000)
+    second.wait_for_selector("#status:has-text('1 image ')", timeout=120_000)
+    first.context.close()
+    second.context.close()
+
+
+def test_ctrl_c_stops_the_server(server):
+    server.proc.send_signal(signal.SIGINT)
+    assert server.proc.wait(timeout=30) == 0
+    assert "serving on http://127.0.0.1" in server.log.read_text()
