@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # A CPU machine gets the CPU wheel of torch; a bare `torch` would pull a multi-GB CUDA build.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: setup demo test test-fast bench train-demo demo-model bench-shapes clean
+.PHONY: setup demo serve test test-fast bench train-demo demo-model bench-shapes clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,10 @@ demo: setup
 		--out outputs/demo-star.png --grid --seed 0 --num-images 4
 	$(BIN)/easyref generate --refs-dir examples/refs --prompt "a square on a white background, at the bottom right" \
 		--out outputs/demo-square.png --grid --seed 0 --num-images 4
+
+# the web page (`easyref serve`) with the bundled model, on http://127.0.0.1:7860; Ctrl+C stops
+serve: setup
+	$(BIN)/easyref serve
 
 # build a shapes-world EasyRef from nothing into runs/demo-model (the `cpu` recipe; an earlier build in runs/ is
 # continued). About 1 h 45 min on 2 cores: the bundled VAE reused, a 3-level base 10,000 steps x 0.42 s, MLLM

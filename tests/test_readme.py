@@ -45,6 +45,8 @@ NOT_RUN = {
     "easyref train --config stage2 --set data=data/faces.json data_root=data init_from=runs/stage1/final":
         "as above",
     "easyref train --config my_stage3.yaml --resume latest": "as above, and a run to resume",
+    "easyref serve": "a server that runs until stopped: tests/test_serve.py starts it and drives its page",
+    "easyref serve --adapter zongzhuofan/EasyRef --device cuda --port 8080 --out-dir outputs/served": "as above",
 }
 
 

@@ -221,8 +221,6 @@ def test_the_page_generates_explains_and_reports_bad_files(server, browser, tmp_
         rec = record(page.request.get(src).body())
         assert (rec["prompt"], rec["seed"], rec["steps"], rec["num_images"], rec["index"]) == (STAR, 21, 5, 2, index)
     page.screenshot(path=str(tmp_path / "serve.png"), full_page=True)
-    if os.environ.get("EASYREF_SCREENSHOT"):  # how the README's picture is made (see README, Web page)
-        page.screenshot(path=os.environ["EASYREF_SCREENSHOT"], full_page=True)
 
     page.get_by_role("tab", name="What it took from each reference").click()
     sheet = page.locator("#explain img")

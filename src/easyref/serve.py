@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 # a 64 px image from the bundled model, shown large: pixels, not a blur
 CSS = "#outputs img, #preview img, #explain img { image-rendering: pixelated; }"
+MAX_UPLOAD = "100mb"  # per file: gradio refuses a larger upload in the page, before it is stored
 MAX_UI_IMAGES = 8  # the slider's end (`generate --num-images` goes to 16)
 EXPLAIN_NOTE = (
     "Each reference with the aggregation layer's attention from the 64 reference tokens to its image tokens "
@@ -249,8 +250,9 @@ def build_app(server: Server, examples_dir: Path) -> gr.Blocks:
         refs.change(server.preview, inputs=refs, outputs=[preview, ref_status], queue=False)
         inputs = [refs, prompt, negative, scale, steps, guidance, seed, random_seed, count, height, width]
         outputs = [gallery, files, explained, seed, status]
-        run.click(server.generate, inputs=inputs, outputs=outputs, api_name="generate")
-        prompt.submit(server.generate, inputs=inputs, outputs=outputs, api_name=False)
+        # one queue for both triggers: a concurrency limit is per event unless they share an id
+        run.click(server.generate, inputs=inputs, outputs=outputs, api_name="generate", concurrency_id="generate")
+        prompt.submit(server.generate, inputs=inputs, outputs=outputs, api_name=False, concurrency_id="generate")
     return app.queue(default_concurrency_limit=1)
 
 
@@ -264,6 +266,7 @@ def serve(pipe, parts, args: argparse.Namespace) -> int:
     # quiet: gradio's own banner tells to set `share=True` in launch(), which is --share here
     app.launch(server_name=args.host, server_port=args.port, share=args.share, theme=THEME, css=CSS, ssr_mode=False,
                allowed_paths=[str(out_dir), str(examples_dir)], footer_links=["api"], show_error=True,
+               max_file_size=MAX_UPLOAD,
                prevent_thread_lock=True, quiet=True)
     logger.info("serving on %s (Ctrl+C stops)%s", app.local_url, "" if args.share else "; --share for a public link")
     if app.share_url:
