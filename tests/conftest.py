@@ -55,6 +55,7 @@ SLOW_TESTS = {
     "test_serve.py::test_the_page_generates_explains_and_reports_bad_files",  # 3.3 s
     "test_serve.py::test_the_examples_row_loads_the_demo_group_and_a_waiting_tab_sees_its_place",  # 19 s: a queue
     "test_serve.py::test_ctrl_c_stops_the_server",
+    "test_serve.py::test_sigterm_stops_the_server_and_removes_its_temporary_folders",  # 7 s: a second server
 }
 
 

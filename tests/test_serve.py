@@ -265,3 +265,17 @@ def test_ctrl_c_stops_the_server(server):
     server.proc.send_signal(signal.SIGINT)
     assert server.proc.wait(timeout=30) == 0
     assert "serving on http://127.0.0.1" in server.log.read_text()
+
+
+def test_sigterm_stops_the_server_and_removes_its_temporary_folders(tmp_path):
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "easyref", "serve", "--port", str(port), "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    for line in proc.stdout:
+        if "serving on" in line:
+            break
+    assert sorted(p.name.split("-")[1] for p in tmp_path.glob("easyref-*")) == ["examples", "serve"]
+    proc.terminate()
+    assert proc.wait(timeout=30) == 0
+    assert not list(tmp_path.glob("easyref-*"))

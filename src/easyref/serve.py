@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -203,7 +204,8 @@ def _warnings_of(call) -> list[str]:
 def build_app(server: Server, examples_dir: Path) -> gr.Blocks:
     """The page. `examples_dir` receives the demo group's references for the examples row."""
     size = server.size
-    with gr.Blocks(title="EasyRef", analytics_enabled=False) as app:
+    # delete_cache: gradio's copies of uploads and outputs older than a day go, hourly and at exit
+    with gr.Blocks(title="EasyRef", analytics_enabled=False, delete_cache=(3600, 86400)) as app:
         gr.Markdown("# EasyRef\nGenerate images that keep what the reference images share, steered by the prompt.")
         with gr.Row():
             with gr.Column(scale=1):
@@ -263,16 +265,24 @@ def serve(pipe, parts, args: argparse.Namespace) -> int:
     model_args = argparse.Namespace(**{k: getattr(args, k) for k in ("base", "mllm", "adapter", "device", "dtype")})
     app = build_app(Server(pipe, parts, model_args, out_dir), examples_dir)
     logger.info("outputs go to %s", out_dir)
-    # quiet: gradio's own banner tells to set `share=True` in launch(), which is --share here
-    app.launch(server_name=args.host, server_port=args.port, share=args.share, theme=THEME, css=CSS, ssr_mode=False,
-               allowed_paths=[str(out_dir), str(examples_dir)], footer_links=["api"], show_error=True,
-               max_file_size=MAX_UPLOAD,
-               prevent_thread_lock=True, quiet=True)
-    logger.info("serving on %s (Ctrl+C stops)%s", app.local_url, "" if args.share else "; --share for a public link")
-    if app.share_url:
-        logger.info("public link: %s", app.share_url)
-    app.block_thread()  # returns on Ctrl+C, having closed the server
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill`, systemd and docker stop end it as Ctrl+C does
+    try:
+        # quiet: gradio's own banner tells to set `share=True` in launch(), which is --share here
+        app.launch(server_name=args.host, server_port=args.port, share=args.share, theme=THEME, css=CSS,
+                   ssr_mode=False, allowed_paths=[str(out_dir), str(examples_dir)], footer_links=["api"],
+                   show_error=True, max_file_size=MAX_UPLOAD, prevent_thread_lock=True, quiet=True)
+        logger.info("serving on %s (Ctrl+C stops)%s", app.local_url,
+                    "" if args.share else "; --share for a public link")
+        if app.share_url:
+            logger.info("public link: %s", app.share_url)
+        app.block_thread()  # returns on Ctrl+C, having closed the server
+    except KeyboardInterrupt:  # stopped while starting
+        app.close()
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _folder(given: Path | None, prefix: str) -> Path:
