@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 # mirror (downloads not counted; 55 s timed with one generate call, plus 7 s for the second)
 demo: setup
 	$(BIN)/easyref generate --refs-dir examples/refs --prompt "a star on a white background, at the bottom right" \
-		--out outputs/demo-star.png --grid --seed 0 --num-images 4
+		--out outputs/demo-star.png --grid --explain --seed 0 --num-images 4
 	$(BIN)/easyref generate --refs-dir examples/refs --prompt "a square on a white background, at the bottom right" \
 		--out outputs/demo-square.png --grid --seed 0 --num-images 4
 
