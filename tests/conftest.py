@@ -34,6 +34,7 @@ SLOW_TESTS = {
     "test_shapes_mllm.py::test_build_mllm_sizes_the_vision_tower_and_records_both_phases",  # 1.2 s
     "test_shapes.py::test_base_model_trains_and_loads_as_an_sdxl_folder",  # 1.2 s
     "test_shapes_mllm.py::test_pretraining_lowers_the_caption_loss_and_keeps_a_loadable_folder",  # 1.2 s
+    "test_shapes_mllm.py::test_grounding_pretraining_lowers_its_loss",  # 30 steps of multi-image batches
     "test_train.py::test_example_recipes_run_on_the_bundled_model",  # 1.2 s
     "test_train_bad_input.py::test_deeply_nested_input_is_one_line",  # 2 x 1 s: subprocesses
     "test_shapes_oracle.py::test_short_training_lowers_the_loss",  # 1 s
