@@ -108,7 +108,8 @@ def main() -> int:
                 total = statistics.median(r[0] for r in runs)
                 server = statistics.median(r[1] for r in runs)
                 rows.append((steps, count, total, server))
-            if args.screenshot:  # the page after the last setting's last run
+            if args.screenshot:  # the page after the last setting's last run, its fade-in done
+                page.wait_for_timeout(2000)
                 page.screenshot(path=str(args.screenshot), full_page=True)
             browser.close()
     finally:

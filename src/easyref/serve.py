@@ -17,6 +17,7 @@ import argparse
 import atexit
 import itertools
 import logging
+import math
 import os
 import re
 import shutil
@@ -164,7 +165,7 @@ class Server:
 
 
 def _whole(value, name: str) -> int:
-    if float(value) != int(value):
+    if not math.isfinite(float(value)) or float(value) != int(value):
         raise UserError(f"{name} must be a whole number, got {value}")
     return int(value)
 
