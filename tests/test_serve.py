@@ -166,8 +166,8 @@ def test_api_refuses_bad_requests_in_one_line_and_keeps_serving(server, tmp_path
             generate(client, refs, count=1)
     with pytest.raises(AppError, match="prompt is 20000 characters long; at most 16384"):
         generate(client, server.refs, prompt="a" * 20_000)
-    with pytest.raises(AppError, match="seed must be a whole number, got 2.5"):
-        generate(client, server.refs, seed=2.5)
+    with pytest.raises(AppError, match="steps must be a whole number, got 2.5"):
+        generate(client, server.refs, steps=2.5)
     assert generate(client, server.refs, count=1)[4].startswith("1 image")
     assert not list(server.out.glob("*/notes.txt")), "a refused request writes nothing"
 
