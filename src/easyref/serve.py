@@ -266,7 +266,10 @@ def serve(pipe, parts, args: argparse.Namespace) -> int:
     model_args = argparse.Namespace(**{k: getattr(args, k) for k in ("base", "mllm", "adapter", "device", "dtype")})
     app = build_app(Server(pipe, parts, model_args, out_dir), examples_dir)
     logger.info("outputs go to %s", out_dir)
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill`, systemd and docker stop end it as Ctrl+C does
+    # Ctrl+C, `kill`, systemd and docker stop all end it the same way; SIGINT is set too because a
+    # process started in the background by a script inherits it ignored
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
     try:
         # quiet: gradio's own banner tells to set `share=True` in launch(), which is --share here
         app.launch(server_name=args.host, server_port=args.port, share=args.share, theme=THEME, css=CSS,
