@@ -50,10 +50,12 @@ bench-shapes: setup
 
 # the whole offline suite: 2 min 36 s once set up (156 s of pytest wall time, 210 s CPU)
 test: setup
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest
 
 # the inner loop, the suite less the tests marked slow in tests/conftest.py: 55 s once set up (61 s CPU)
 test-fast: setup
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -m "not slow"
 
 # the three training stages on the bundled tiny model and synthetic data (35 s once set up)

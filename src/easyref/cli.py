@@ -19,7 +19,6 @@ import importlib.abc
 import importlib.util
 import json
 import logging
-import math
 import os
 import sys
 import tempfile
@@ -28,21 +27,28 @@ from pathlib import Path
 
 from PIL import Image
 
+from .errors import RunFailure, UserError
 from .images import contact_sheet, stage_png
+from .limits import (
+    MAX_BATCH_PIXELS,
+    MAX_GUIDANCE,
+    MAX_IMAGES,
+    MAX_PIXELS,
+    MAX_PROMPT_CHARS,
+    MAX_REFERENCES,
+    MAX_SCALE,
+    MAX_SEED,
+    MAX_SIDE,
+    MAX_STEPS,
+    check_finite_range,
+    check_range,
+)
 from .safe_io import describe_os_error
 
 logger = logging.getLogger("easyref")
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-
-
-class UserError(Exception):
-    """A mistake in what the user asked for: reported as one line, exit code 2."""
-
-
-class RunFailure(Exception):
-    """A run that failed for a reason outside the arguments (disk full, numbers overflowed): one line, exit 1."""
 
 
 # ---------------------------------------------------------------------------- parser
@@ -170,7 +176,7 @@ def _add_serve(sub) -> None:
 def cmd_serve(args) -> int:
     if importlib.util.find_spec("gradio") is None:
         raise UserError("easyref serve needs gradio: pip install 'easyref[ui]' (or pip install -e '.[ui]' in a clone)")
-    _check_range("--port", args.port, 1, 65535)
+    check_range("--port", args.port, 1, 65535)
     _check_port_free(args.host, args.port)
     if args.out_dir is not None:
         if args.out_dir.exists() and not args.out_dir.is_dir():
@@ -317,19 +323,6 @@ def run_pipeline(pipe, references, args, seed: int, **pipeline_kwargs):
         raise RunFailure(str(err)) from None
 
 
-# Bounds checked before anything loads. They keep one command within a machine's memory (a 100 kB
-# prompt or 10^6 images would otherwise run until the kernel kills it) and are far above real use.
-MAX_STEPS = 1000  # SDXL's scheduler has 1000 training timesteps
-MAX_IMAGES = 16
-MAX_SIDE = 4096
-MAX_PIXELS = 2048 * 2048  # one image
-MAX_BATCH_PIXELS = 16 * 1024 * 1024  # all images of one call
-MAX_GUIDANCE = 100.0
-MAX_SCALE = 10.0
-MAX_SEED = 2**63 - 1
-MAX_REFERENCES = 64  # the largest max_references a checkpoint may declare
-# A cheap bound before any tokenizer loads; the exact limit (MAX_PROMPT_TOKENS) is checked on tokens.
-MAX_PROMPT_CHARS = 16 * 1024
 
 
 def check_generate_args(args) -> None:
@@ -341,8 +334,8 @@ def check_generate_args(args) -> None:
         raise UserError("--out is required (the output PNG)")
     if args.out.suffix.lower() != ".png":
         raise UserError(f"--out must end in .png, got {args.out}")
-    _check_range("--steps", args.steps, 1, MAX_STEPS)
-    _check_range("--num-images", args.num_images, 1, MAX_IMAGES)
+    check_range("--steps", args.steps, 1, MAX_STEPS)
+    check_range("--num-images", args.num_images, 1, MAX_IMAGES)
     for name in ("height", "width"):
         value = getattr(args, name)
         if value is not None and (value < 8 or value % 8 or value > MAX_SIDE):
@@ -356,26 +349,16 @@ def check_generate_args(args) -> None:
                 f"--num-images {args.num_images} at {args.height} x {args.width} is {pixels * args.num_images} "
                 f"pixels; at most {MAX_BATCH_PIXELS} per command"
             )
-    _check_finite_range("--guidance", args.guidance, 0.0, MAX_GUIDANCE)
-    _check_finite_range("--scale", args.scale, 0.0, MAX_SCALE)
+    check_finite_range("--guidance", args.guidance, 0.0, MAX_GUIDANCE)
+    check_finite_range("--scale", args.scale, 0.0, MAX_SCALE)
     if args.seed is not None:
-        _check_range("--seed", args.seed, 0, MAX_SEED)
+        check_range("--seed", args.seed, 0, MAX_SEED)
     for flag, text in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt)):
         if text is not None and len(text) > MAX_PROMPT_CHARS:
             raise UserError(
                 f"{flag} is {len(text)} characters long; at most {MAX_PROMPT_CHARS} characters "
                 f"({MAX_PROMPT_TOKENS} tokens) are read"
             )
-
-
-def _check_range(flag: str, value: int, low: int, high: int) -> None:
-    if not low <= value <= high:
-        raise UserError(f"{flag} must be between {low} and {high}, got {value}")
-
-
-def _check_finite_range(flag: str, value: float, low: float, high: float) -> None:
-    if not math.isfinite(value) or not low <= value <= high:
-        raise UserError(f"{flag} must be a finite number between {low:g} and {high:g}, got {value}")
 
 
 def reference_paths(refs: list[str], refs_dir: Path | None) -> list[Path]:

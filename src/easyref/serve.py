@@ -30,8 +30,6 @@ import gradio as gr
 
 from .cli import (
     GENERATE_DEFAULTS,
-    RunFailure,
-    UserError,
     check_generate_args,
     explain_path,
     generation_record,
@@ -39,6 +37,7 @@ from .cli import (
     warn_about_limits,
     write_outputs,
 )
+from .errors import RunFailure, UserError
 from .explain import explain_sheet
 from .images import ImageFileError, open_image
 from .pipeline import default_size

@@ -125,7 +125,7 @@ MAX_SAMPLES = 100
 
 def _failure(message: str) -> Exception:
     """An error that is not the user's (disk full, numbers overflowed): one line, exit 1."""
-    from ..cli import RunFailure
+    from ..errors import RunFailure
 
     return RunFailure(message)
 
@@ -137,7 +137,7 @@ _USER_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
 
 
 def _os_error(err: OSError) -> Exception:
-    from ..cli import UserError
+    from ..errors import UserError
     from ..safe_io import describe_os_error
 
     if err.errno in _USER_ERRNOS:
@@ -148,7 +148,7 @@ def _os_error(err: OSError) -> Exception:
 @contextmanager
 def _one_line_errors(generating: bool = False):
     """The bench modules' one-line errors as the command line's: a user's mistake exits 2, the rest 1."""
-    from ..cli import UserError
+    from ..errors import UserError
     from ..images import ImageFileError
     from ..safe_io import UnsafePathError
     from .manifest import ManifestError
@@ -183,7 +183,7 @@ def _first_line(err: BaseException) -> str:
 
 
 def _check_device(name: str | None) -> None:
-    from ..cli import UserError
+    from ..errors import UserError
 
     if name is None:
         return
@@ -202,7 +202,8 @@ def _check_device(name: str | None) -> None:
 
 def _check_run_args(args) -> None:
     """The settings, with the bounds and words of `easyref generate`."""
-    from ..cli import (
+    from ..errors import UserError
+    from ..limits import (
         MAX_GUIDANCE,
         MAX_PIXELS,
         MAX_PROMPT_CHARS,
@@ -210,24 +211,23 @@ def _check_run_args(args) -> None:
         MAX_SEED,
         MAX_SIDE,
         MAX_STEPS,
-        UserError,
-        _check_finite_range,
-        _check_range,
+        check_finite_range,
+        check_range,
     )
 
     if args.base is None and args.method != "easyref":
         raise UserError(f"--method {args.method} needs --base (an SDXL folder, hub id or `default`)")
-    _check_range("--steps", args.steps, 1, MAX_STEPS)
-    _check_range("--samples", args.samples, 1, MAX_SAMPLES)
+    check_range("--steps", args.steps, 1, MAX_STEPS)
+    check_range("--samples", args.samples, 1, MAX_SAMPLES)
     for flag, value in (("--height", args.height), ("--width", args.width)):
         if value is not None and (value % 8 or not 8 <= value <= MAX_SIDE):
             raise UserError(f"{flag} must be a multiple of 8 between 8 and {MAX_SIDE}, got {value}")
     if args.height and args.width and args.height * args.width > MAX_PIXELS:
         raise UserError(f"--height x --width is {args.height * args.width} pixels; at most {MAX_PIXELS} "
                         "(2048 x 2048) are allowed")
-    _check_finite_range("--guidance", args.guidance, 0.0, MAX_GUIDANCE)
-    _check_finite_range("--scale", args.scale, 0.0, MAX_SCALE)
-    _check_range("--seed", args.seed, 0, MAX_SEED)
+    check_finite_range("--guidance", args.guidance, 0.0, MAX_GUIDANCE)
+    check_finite_range("--scale", args.scale, 0.0, MAX_SCALE)
+    check_range("--seed", args.seed, 0, MAX_SEED)
     if args.negative_prompt is not None and len(args.negative_prompt) > MAX_PROMPT_CHARS:
         raise UserError(f"--negative-prompt is {len(args.negative_prompt)} characters long; "
                         f"at most {MAX_PROMPT_CHARS} characters are read")
@@ -236,7 +236,7 @@ def _check_run_args(args) -> None:
 
 # ---------------------------------------------------------------------- commands
 def _load_items(args):
-    from ..cli import UserError
+    from ..errors import UserError
     from .manifest import ManifestError, check_images, load_manifest
 
     if args.limit is not None and args.limit < 1:
@@ -263,7 +263,7 @@ def _check_sources(args, scoring: bool) -> dict:
     folder, or a hub id; one that is neither cached nor reachable fails here at once, not after a
     minute of retries)."""
     from ..checkpoint import CheckpointError
-    from ..cli import UserError
+    from ..errors import UserError
     from ..resolve import CLI_LABELS, resolve_parts
     from .sources import check_source
 
@@ -287,7 +287,7 @@ def _check_sources(args, scoring: bool) -> dict:
 
 
 def _scorer(args, state, sources: dict):
-    from ..cli import UserError
+    from ..errors import UserError
     from .metrics import FeatureModels
 
     clip, dino = sources["clip"], sources["dino"]
@@ -303,7 +303,7 @@ def _scorer(args, state, sources: dict):
 
 def _method(args, device):
     """The method by name; its model names resolve as `_check_sources` already checked them."""
-    from ..cli import UserError
+    from ..errors import UserError
     from .methods import load_method
 
     dtype = None if args.dtype == "auto" else args.dtype
@@ -322,7 +322,7 @@ def _method(args, device):
 def _check_groups(method, items, manifest) -> None:
     """What the method would refuse mid-run (the MLLM's control tokens in a prompt, too many
     references), refused before the first image: the rules and words of `easyref generate`."""
-    from ..cli import UserError
+    from ..errors import UserError
     from .manifest import image_size
     from .methods import check_group
 
@@ -351,7 +351,7 @@ def _locked_run_folder(out: Path, main_process: bool):
     the user's mistake to fix). Temporary files a killed run left are removed under the lock. A folder
     this command created is removed again if it fails before writing anything but the lock.
     """
-    from ..cli import UserError
+    from ..errors import UserError
     from ..safe_io import LockedError, RunLock, UnsafePathError
     from .runner import clean_run_temps
 
@@ -435,7 +435,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from ..cli import UserError
+    from ..errors import UserError
     from .manifest import image_problem
     from .runner import (
         check_item_names,
@@ -487,7 +487,7 @@ def _finish(out: Path, state, scored: bool) -> int:
 
 
 def cmd_table(args) -> int:
-    from ..cli import UserError
+    from ..errors import UserError
     from ..safe_io import atomic_write_text
     from .runner import read_records, summarize, summary_tables
 
@@ -514,7 +514,7 @@ def cmd_table(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from ..cli import UserError
+    from ..errors import UserError
     from ..safe_io import UnsafePathError
     from .manifest import ManifestError, manifest_from_coco, manifest_from_folders
 

@@ -46,7 +46,7 @@ def add_shapes_parser(bench_sub) -> None:
 
 
 def cmd_shapes(args) -> int:
-    from ..cli import UserError
+    from ..errors import UserError
     from .bench import EVAL_SIZES, METHODS, evaluate_methods, find_models, run, select_cells
     from .world import KINDS, SPLITS
     from .demo_model import PRESETS

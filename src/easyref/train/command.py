@@ -47,7 +47,7 @@ def cmd_train(args) -> int:
     """Every user mistake is one `easyref: error:` line and exit code 2; a failed write (disk full) is exit code 1.
     The config is read and checked before torch, diffusers or transformers are imported, so a mistake in it
     is reported at once."""
-    from ..cli import UserError
+    from ..errors import UserError
 
     if args.write_example_data:
         return _write_example_data(args.write_example_data)
@@ -61,7 +61,7 @@ def cmd_train(args) -> int:
 
 
 def _write_example_data(folder: str) -> int:
-    from ..cli import RunFailure, UserError
+    from ..errors import RunFailure, UserError
     from .example import write_example_data
 
     try:
@@ -77,7 +77,7 @@ def _write_example_data(folder: str) -> int:
 
 
 def _show_recipe(name: str) -> int:
-    from ..cli import UserError
+    from ..errors import UserError
     from .config import RECIPES
 
     known = sorted(p.stem for p in RECIPES.glob("*.yaml"))
@@ -88,7 +88,7 @@ def _show_recipe(name: str) -> int:
 
 
 def _load(args):
-    from ..cli import UserError
+    from ..errors import UserError
     from .config import check_paths, load_config, parse_overrides
 
     try:
@@ -114,7 +114,7 @@ def _one_line(err: BaseException) -> str:
 
 def _run(config, args):
     from ..checkpoint import CheckpointError
-    from ..cli import RunFailure, UserError
+    from ..errors import RunFailure, UserError
     from ..safe_io import LockedError
     from .trainer import OutputWriteError, Trainer
 
