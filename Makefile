@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 # The demo group holds the same two subjects in every reference (`python -m easyref.shapes.data DIR` writes
 # it and prints these prompts); each prompt names one, so the two outputs differ by the instruction alone.
-# once set up: 14 s for both (timed); from nothing (clone + set-up + run) about 1 min, packages from a local
+# once set up: 14-15 s for both, the explain sheet included (timed); from nothing (clone + set-up + run) about 1 min, packages from a local
 # mirror (downloads not counted; 55 s timed with one generate call, plus 7 s for the second)
 demo: setup
 	$(BIN)/easyref generate --refs-dir examples/refs --prompt "a star on a white background, at the bottom right" \
@@ -48,12 +48,13 @@ demo-model: setup
 bench-shapes: setup
 	$(BIN)/easyref bench shapes --preset cpu --out runs/bench-shapes --work runs/demo-model.work
 
-# the whole offline suite: 2 min 36 s once set up (156 s of pytest wall time, 210 s CPU)
+# the import contracts (pyproject.toml), then the whole offline suite: about 3 min 30 s once set up (194-205 s of
+# pytest wall time, the browser tests of `easyref serve` included; 4 min 35 s from nothing on a fresh clone)
 test: setup
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest
 
-# the inner loop, the suite less the tests marked slow in tests/conftest.py: 55 s once set up (61 s CPU)
+# the inner loop, the contracts and the suite less the tests marked slow in tests/conftest.py: 61 s once set up
 test-fast: setup
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -m "not slow"
