@@ -11,8 +11,9 @@ from safetensors.torch import load_file, save_file
 from conftest import randomize_adapter
 from easyref import EasyRefPipeline
 from easyref.adapter import LORA_ADAPTER_NAME
-from easyref.checkpoint import CheckpointError, read_checkpoint, save_checkpoint, state_dict_for_checkpoint
+from easyref.checkpoint import CheckpointError, save_checkpoint, state_dict_for_checkpoint
 from easyref.cli import main
+from easyref.release import read_checkpoint
 
 PROMPTS = ["a cat"]
 # the release's settings are the real ones (336 px references); the tiny pipelines use smaller ones

@@ -87,18 +87,10 @@ def is_easyref_checkpoint(path: str | Path) -> bool:
     return path.is_dir() and (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()
 
 
-def read_checkpoint(path: str | Path) -> tuple[EasyRefConfig, dict[str, torch.Tensor]]:
-    """Read our own format, or import the authors' release format transparently."""
+def read_own_checkpoint(path: str | Path) -> tuple[EasyRefConfig, dict[str, torch.Tensor]]:
+    """Our checkpoint folder's config and tensors (`release.read_checkpoint` reads the release's format too)."""
     path = Path(path)
-    if is_easyref_checkpoint(path):
-        config = read_config(path)
-        tensors = _load_safetensors(path / WEIGHTS_NAME)
-    else:
-        from .release import import_release
-
-        config, tensors = import_release(path)
-    check_finite(tensors, path)
-    return config, tensors
+    return read_config(path), _load_safetensors(path / WEIGHTS_NAME)
 
 
 def read_config(path: str | Path) -> EasyRefConfig:

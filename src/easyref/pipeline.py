@@ -23,10 +23,11 @@ from diffusers.utils import BaseOutput
 from PIL import Image
 
 from .adapter import install_adapter, is_installed, set_scale, unload_adapter
-from .checkpoint import CheckpointError, apply_checkpoint, read_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, apply_checkpoint, save_checkpoint
 from .config import EasyRefConfig
 from .encoder import ReferenceEncoder
 from .prompting import check_prompt
+from .release import read_checkpoint
 
 logger = logging.getLogger(__name__)
 

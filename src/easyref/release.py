@@ -28,7 +28,14 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .checkpoint import WEIGHTS_NAME, CheckpointError, check_finite, write_checkpoint
+from .checkpoint import (
+    WEIGHTS_NAME,
+    CheckpointError,
+    check_finite,
+    is_easyref_checkpoint,
+    read_own_checkpoint,
+    write_checkpoint,
+)
 from .config import CONFIG_NAME, EasyRefConfig
 
 if TYPE_CHECKING:
@@ -52,6 +59,14 @@ _TRUNK = {
     "multimodal_llm.visual.": "trunk.visual.",
 }
 
+
+
+def read_checkpoint(path: str | Path) -> tuple[EasyRefConfig, dict[str, torch.Tensor]]:
+    """An adapter in either format: our checkpoint folder, or the authors' release (imported on the fly)."""
+    path = Path(path)
+    config, tensors = read_own_checkpoint(path) if is_easyref_checkpoint(path) else import_release(path)
+    check_finite(tensors, path)
+    return config, tensors
 
 def find_release_file(path: Path) -> Path:
     if path.is_file():

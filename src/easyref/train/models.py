@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from ..adapter import LORA_ADAPTER_NAME, adapter_state_dict, install_adapter, reference_processors
-from ..checkpoint import CheckpointError, apply_checkpoint, read_checkpoint, split_groups, trunk_state_dict
+from ..checkpoint import CheckpointError, apply_checkpoint, split_groups, trunk_state_dict
 from ..config import EasyRefConfig
 from ..encoder import ReferenceEncoder
 from ..prompting import MLLMInputs, prepare_inputs
+from ..release import read_checkpoint
 from .config import TrainConfig
 
 logger = logging.getLogger(__name__)

@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import DistributedType
 
-from ..checkpoint import WEIGHTS_NAME, CheckpointError, apply_checkpoint, read_checkpoint, save_checkpoint
+from ..checkpoint import WEIGHTS_NAME, CheckpointError, apply_checkpoint, save_checkpoint
+from ..release import read_checkpoint
 from ..safe_io import (
     LOCK_NAME,
     JSONFileError,
