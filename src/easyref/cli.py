@@ -28,21 +28,17 @@ from pathlib import Path
 from PIL import Image
 
 from .errors import RunFailure, UserError
-from .images import contact_sheet, stage_png
-from .limits import (
-    MAX_BATCH_PIXELS,
-    MAX_GUIDANCE,
-    MAX_IMAGES,
-    MAX_PIXELS,
-    MAX_PROMPT_CHARS,
-    MAX_REFERENCES,
-    MAX_SCALE,
-    MAX_SEED,
-    MAX_SIDE,
-    MAX_STEPS,
-    check_finite_range,
-    check_range,
+from .generation import (
+    GENERATE_DEFAULTS,
+    MODEL_FLAGS,
+    check_generate_args,
+    generation_record,
+    planned_outputs,
+    run_pipeline,
+    warn_about_limits,
+    write_outputs,
 )
+from .limits import MAX_REFERENCES, check_range
 from .safe_io import describe_os_error
 
 logger = logging.getLogger("easyref")
@@ -147,9 +143,6 @@ def add_model_options(p) -> None:
 def add_device_options(p) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", choices=DTYPES, help="default: float16 on GPU, float32 on CPU")
-
-
-GENERATE_DEFAULTS = {"scale": 1.0, "steps": 30, "guidance": 5.0, "num_images": 1, "device": "auto", "dtype": "auto"}
 
 
 def _add_serve(sub) -> None:
@@ -295,72 +288,6 @@ def _settle_defaults(args) -> None:
             setattr(args, key, value)
 
 
-def run_pipeline(pipe, references, args, seed: int, **pipeline_kwargs):
-    """One generation with `generate`'s settings; `pipeline_kwargs` go to diffusers (a step callback)."""
-    import torch
-
-    from .pipeline import NonFiniteOutputError
-
-    generator = torch.Generator("cpu").manual_seed(seed)
-    try:
-        return pipe(
-            references,
-            args.prompt,
-            negative_prompt=args.negative_prompt,
-            scale=args.scale,
-            num_images_per_prompt=args.num_images,
-            guidance_scale=args.guidance,
-            num_inference_steps=args.steps,
-            generator=generator,
-            height=args.height,
-            width=args.width,
-            return_reference_maps=args.explain,
-            **pipeline_kwargs,
-        )
-    except ValueError as err:
-        raise UserError(str(err)) from None
-    except NonFiniteOutputError as err:
-        raise RunFailure(str(err)) from None
-
-
-
-
-def check_generate_args(args) -> None:
-    from .config import MAX_PROMPT_TOKENS
-
-    if args.prompt is None:
-        raise UserError("--prompt is required (or --from-metadata PNG, to take it from an image easyref made)")
-    if args.out is None:
-        raise UserError("--out is required (the output PNG)")
-    if args.out.suffix.lower() != ".png":
-        raise UserError(f"--out must end in .png, got {args.out}")
-    check_range("--steps", args.steps, 1, MAX_STEPS)
-    check_range("--num-images", args.num_images, 1, MAX_IMAGES)
-    for name in ("height", "width"):
-        value = getattr(args, name)
-        if value is not None and (value < 8 or value % 8 or value > MAX_SIDE):
-            raise UserError(f"--{name} must be a multiple of 8 between 8 and {MAX_SIDE}, got {value}")
-    if args.height and args.width:  # with one side given the other is the model's default, known only once loaded
-        pixels = args.height * args.width
-        if pixels > MAX_PIXELS:
-            raise UserError(f"--height x --width is {pixels} pixels; at most {MAX_PIXELS} (2048 x 2048) are allowed")
-        if pixels * args.num_images > MAX_BATCH_PIXELS:
-            raise UserError(
-                f"--num-images {args.num_images} at {args.height} x {args.width} is {pixels * args.num_images} "
-                f"pixels; at most {MAX_BATCH_PIXELS} per command"
-            )
-    check_finite_range("--guidance", args.guidance, 0.0, MAX_GUIDANCE)
-    check_finite_range("--scale", args.scale, 0.0, MAX_SCALE)
-    if args.seed is not None:
-        check_range("--seed", args.seed, 0, MAX_SEED)
-    for flag, text in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt)):
-        if text is not None and len(text) > MAX_PROMPT_CHARS:
-            raise UserError(
-                f"{flag} is {len(text)} characters long; at most {MAX_PROMPT_CHARS} characters "
-                f"({MAX_PROMPT_TOKENS} tokens) are read"
-            )
-
-
 def reference_paths(refs: list[str], refs_dir: Path | None) -> list[Path]:
     paths = [Path(r) for r in refs]
     if refs_dir is not None:
@@ -438,71 +365,6 @@ def _check_local(value: str, flag: str, kind: str = "model") -> str:
         raise UserError(str(err)) from None
 
 
-# ---------------------------------------------------------------------------- what the model cannot follow
-def warn_about_limits(pipe, args, sources: dict) -> None:
-    """One warning line per thing the model will not follow, before it draws something else instead."""
-    bundled = _uses_bundled_base(sources)
-    for text in (args.prompt, args.negative_prompt):
-        if text:
-            _warn_about_words(pipe, text, bundled)
-    if bundled:
-        _warn_about_bundled_limits(pipe, args)
-
-
-def _warn_about_words(pipe, text: str, bundled: bool) -> None:
-    """Words the text encoders' tokenizers do not know (the bundled model's are word-level: 35 words),
-    and the part of a prompt past what they read (diffusers says so only as a library warning)."""
-    unknown, longest, limit = [], 0, None
-    for tokenizer in (pipe.tokenizer, pipe.tokenizer_2):
-        if tokenizer is None:
-            continue
-        try:
-            encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        except (NotImplementedError, TypeError, ValueError):  # a slow tokenizer has no offsets: skip the check
-            continue
-        unk = tokenizer.unk_token_id
-        unknown += [text[a:b] for t, (a, b) in zip(encoding["input_ids"], encoding["offset_mapping"]) if t == unk]
-        longest, limit = max(longest, len(encoding["input_ids"])), tokenizer.model_max_length - 2  # start, end
-    if unknown:
-        words = ", ".join(repr(w) for w in dict.fromkeys(unknown))
-        where = "; `easyref info` lists the words it knows" if bundled else ""
-        logger.warning("the model's text encoders do not know %s (read as unknown tokens)%s", words, where)
-    if limit is not None and longest > limit:
-        logger.warning("%r is %d tokens long; the text encoders read the first %d", _short(text), longest, limit)
-
-
-def _short(text: str, length: int = 60) -> str:
-    return text if len(text) <= length else text[: length - 3] + "..."
-
-
-def _uses_bundled_base(sources: dict) -> bool:
-    from .info import BUNDLED_DIR
-
-    base = sources.get("base") if isinstance(sources, dict) else None
-    if base is None:
-        return False
-    return str(base) == "default" or Path(str(base)).expanduser().resolve() == (BUNDLED_DIR / "sdxl").resolve()
-
-
-def _warn_about_bundled_limits(pipe, args) -> None:
-    """The bundled model saw 64 px images of the shapes world only: other sizes and backgrounds come out
-    as what it knows (a blue background is drawn in one of its four background colours)."""
-    import re
-
-    from .pipeline import default_size
-    from .shapes.world import BACKGROUNDS
-
-    side = default_size(pipe)
-    height, width = args.height or side, args.width or side
-    if (height, width) != (side, side):
-        logger.warning("the bundled model was trained at %d x %d px only; at %d x %d px (width x height) it draws "
-                       "outside what it learned", side, side, width, height)
-    asked = [w for w in re.findall(r"(\w+)\s+background", args.prompt) if w not in BACKGROUNDS]
-    if asked:
-        logger.warning("the bundled model knows the backgrounds %s only; %s will come out as one of them",
-                       ", ".join(BACKGROUNDS), ", ".join(f"'{w} background'" for w in dict.fromkeys(asked)))
-
-
 # ---------------------------------------------------------------------------- records (PNG metadata)
 # The `easyref` text chunk of every PNG holds what made it; `--from-metadata` makes it again. One torch
 # generator draws the noise of the whole batch, so image i of --num-images N depends on N: the record
@@ -515,39 +377,6 @@ RECORD_TYPES = {
 RECORD_REQUIRED = ("version", "prompt", "references", "scale", "steps", "guidance", "seed", "num_images")
 RECORDED_SETTINGS = ("prompt", "negative_prompt", "scale", "steps", "guidance", "seed", "num_images", "height",
                      "width", "device", "dtype")
-MODEL_FLAGS = ("base", "mllm", "adapter")
-
-
-def generation_record(args, pipe, parts, paths: list[Path], seed: int) -> dict:
-    """Everything `--from-metadata` needs to make the same pixels again, and what they came from."""
-    from .info import package_version, package_versions
-
-    negative = pipe.easyref_config.negative_prompt if args.negative_prompt is None else args.negative_prompt
-    return {
-        "version": package_version("easyref"),
-        "versions": package_versions(),
-        "prompt": args.prompt,
-        "negative_prompt": negative,
-        "references": [os.path.abspath(p) for p in paths],  # absolute: the record works from any folder
-        "scale": args.scale,
-        "steps": args.steps,
-        "guidance": args.guidance,
-        "seed": seed,
-        "num_images": args.num_images,
-        "device": str(pipe.device),
-        "dtype": str(pipe.dtype).removeprefix("torch."),
-        "model": {flag: _recorded_name(getattr(args, flag)) for flag in MODEL_FLAGS},  # as asked: regenerates
-        "sources": parts.names(),  # as resolved by load_pipeline: what the pixels came from
-        "resolved": parts.record(),  # and where they were on this machine (absolute paths, hub commits)
-    }
-
-
-def _recorded_name(value: str | None) -> str | None:
-    """A model flag as given, a local path made absolute (a hub id or `default` stays a name)."""
-    if value is None:
-        return None
-    path = Path(value).expanduser()
-    return str(path.absolute()) if path.exists() else value
 
 
 def read_record(path: Path) -> dict:
@@ -653,26 +482,8 @@ def _warn_if_changed(record: dict, sources, source: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- outputs
-# Outputs that exist are replaced, as diffusers' `image.save` and ImageMagick do; a path that is one
-# of the inputs (by name, symlink or hard link) is refused before any work, whichever derived name hits it.
-def output_paths(out: Path, count: int) -> list[Path]:
-    if count == 1:
-        return [out]
-    return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(count)]
-
-
-def grid_path(out: Path) -> Path:
-    return out.with_name(f"{out.stem}_grid{out.suffix}")
-
-
-def explain_path(out: Path) -> Path:
-    return out.with_name(f"{out.stem}_explain{out.suffix}")
-
-
-def planned_outputs(out: Path, count: int, grid: bool, explain: bool = False) -> list[Path]:
-    return output_paths(out, count) + ([grid_path(out)] if grid else []) + ([explain_path(out)] if explain else [])
-
-
+# A path that is one of the inputs (by name, symlink or hard link) is refused before any work,
+# whichever derived name (OUT_0.png, OUT_grid.png, OUT_explain.png) hits it.
 def check_outputs(outputs: list[Path], inputs: list[Path]) -> None:
     """Refuse, up front, outputs that would replace an input or cannot be written at all."""
     for path in outputs:
@@ -708,39 +519,6 @@ def _check_writable_folder(folder: Path) -> None:
         raise UserError(f"cannot write to the folder {existing} ({describe_os_error(err)})") from None
     os.close(fd)
     os.unlink(probe)
-
-
-def write_outputs(images, references, out: Path, params: dict, grid: bool,
-                  indices: list[int] | None = None, explained=None) -> list[Path]:
-    """All outputs or none: every file is written to a temporary name first, then all are renamed.
-
-    `indices`: each image's place in its batch (recorded: regenerating image i makes the batch again).
-    `explained`: the reference-attention sheet, written as OUT_explain.png.
-    """
-    indices = list(range(len(images))) if indices is None else indices
-    planned = [(image, path, {**params, "index": i, "width": image.width, "height": image.height})
-               for i, image, path in zip(indices, images, output_paths(out, len(images)))]
-    if grid:
-        size = {"width": images[0].width, "height": images[0].height}
-        sheet = {**params, **size, "grid": True}
-        if len(indices) == 1 and params.get("num_images", 1) > 1:
-            sheet["index"] = indices[0]  # the sheet of one image of a batch (--from-metadata of image i)
-        planned.append((contact_sheet(references, images), grid_path(out), sheet))
-    if explained is not None:
-        planned.append((explained, explain_path(out), {**params, "explain": True}))
-    staged: list[tuple[str, Path]] = []
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        for image, path, info in planned:
-            staged.append((stage_png(image, path, info), path))
-        for tmp, path in staged:
-            os.replace(tmp, path)
-    except OSError as err:
-        raise RunFailure(f"no image was written: {describe_os_error(err)}") from None
-    finally:
-        for tmp, _ in staged:
-            Path(tmp).unlink(missing_ok=True)
-    return [path for _, path, _ in planned]
 
 
 # ---------------------------------------------------------------------------- convert

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from .cli import (
+from .generation import (
     GENERATE_DEFAULTS,
     check_generate_args,
     explain_path,
