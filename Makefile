@@ -48,15 +48,17 @@ demo-model: setup
 bench-shapes: setup
 	$(BIN)/easyref bench shapes --preset cpu --out runs/bench-shapes --work runs/demo-model.work
 
-# the import contracts (pyproject.toml), then the whole offline suite: about 3 min 30 s once set up (194-205 s of
+# the import contracts and ruff's checks (pyproject.toml), then the whole offline suite: about 3 min 30 s once set up (194-205 s of
 # pytest wall time, the browser tests of `easyref serve` included; 4 min 35 s from nothing on a fresh clone)
 test: setup
 	$(BIN)/lint-imports --no-cache
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest
 
-# the inner loop, the contracts and the suite less the tests marked slow in tests/conftest.py: 61 s once set up
+# the inner loop, the contracts, ruff and the suite less the tests marked slow in tests/conftest.py: 61 s once set up
 test-fast: setup
 	$(BIN)/lint-imports --no-cache
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -m "not slow"
 
 # the three training stages on the bundled tiny model and synthetic data (35 s once set up)

@@ -8,7 +8,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import randomize_adapter
 from easyref import EasyRefPipeline
 from easyref.adapter import LORA_ADAPTER_NAME
 from easyref.checkpoint import CheckpointError, save_checkpoint, state_dict_for_checkpoint

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import argparse
 import errno
 import logging
 from contextlib import contextmanager
