@@ -1,7 +1,7 @@
 """`easyref serve`: a gradio page over the same generation `easyref generate` runs.
 
 The page takes the references, prompt and settings of `generate`, checks them with the same rules
-(`cli.check_generate_args`, the library's image decoding), and writes the same files: each request
+(`generation.check_generate_args`, the library's image decoding), and writes the same files: each request
 gets a folder under the server's output folder holding copies of its references, the PNGs (settings
 recorded, so `easyref generate --from-metadata` makes them again) and the explain sheet. Those files
 are what the page shows and what its download buttons hand out, byte for byte.
