@@ -172,8 +172,6 @@ def cmd_serve(args) -> int:
     check_range("--port", args.port, 1, 65535)
     _check_port_free(args.host, args.port)
     if args.out_dir is not None:
-        if args.out_dir.exists() and not args.out_dir.is_dir():
-            raise UserError(f"--out-dir {args.out_dir} is a file, not a folder")
         _check_writable_folder(args.out_dir)
     args.device = args.device or GENERATE_DEFAULTS["device"]
     args.dtype = args.dtype or GENERATE_DEFAULTS["dtype"]

@@ -96,16 +96,20 @@ def build_inputs(groups, instructions, tokenizer, image_processor, config: EasyR
         images, return_tensors="pt", size={"shortest_edge": config.min_pixels, "longest_edge": config.max_pixels}
     )
     grid = vision["image_grid_thw"]
-    merge = image_processor.merge_size**2
-    counts = (grid.prod(-1) // merge).tolist()
-    prompts, start = [], 0
-    for group, text in zip(groups, instructions):
-        n = len(group)
-        prompt = chat_prompt(tokenizer, n, text)
-        prompts.append(expand_image_tokens(prompt, counts[start : start + n]))
-        start += n
-    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    counts = (grid.prod(-1) // image_processor.merge_size**2).tolist()
+    ids = chat_ids(tokenizer, instructions, [len(group) for group in groups], counts)
     return MLLMInputs(*_right_pad(ids, tokenizer.pad_token_id or 0), vision["pixel_values"], grid)
+
+
+def chat_ids(tokenizer, texts: list[str], group_sizes: list[int], tokens_per_image: list[int]) -> list[list[int]]:
+    """Each row's chat prompt as token ids, unpadded: its images (each as its merged visual tokens; the
+    counts run over all rows' images in order), then its text."""
+    rows, start = [], 0
+    for text, n in zip(texts, group_sizes):
+        prompt = expand_image_tokens(chat_prompt(tokenizer, n, text), tokens_per_image[start : start + n])
+        rows.append(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        start += n
+    return rows
 
 
 def prepare_inputs(groups, prompts, tokenizer, image_processor, config: EasyRefConfig) -> MLLMInputs:

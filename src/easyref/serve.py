@@ -17,6 +17,7 @@ import argparse
 import atexit
 import itertools
 import logging
+import logging.handlers
 import math
 import os
 import re
@@ -179,25 +180,17 @@ def _keep_references(paths: list[Path], folder: Path) -> list[Path]:
     return kept
 
 
-class _Collect(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 def _warnings_of(call) -> list[str]:
     """The warning lines `call` logs (what the model will not follow), to show in the page too."""
-    collect = _Collect()
+    collect = logging.handlers.BufferingHandler(capacity=1000)
+    collect.setLevel(logging.WARNING)
     root = logging.getLogger("easyref")
     root.addHandler(collect)
     try:
         call()
     finally:
         root.removeHandler(collect)
-    return collect.messages
+    return [record.getMessage() for record in collect.buffer]
 
 
 # ---------------------------------------------------------------------------- the page

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..config import EasyRefConfig
-from ..prompting import chat_prompt, expand_image_tokens, normalize_image
+from ..prompting import chat_ids, normalize_image
 from ..safe_io import replace_folder
 from .loop import optimise
 from .world import BACKGROUNDS, COLOURS, PATTERNS, SHAPES, Scene, all_subjects, reference_scene, render, subjects_in
@@ -152,23 +152,30 @@ def vision_accuracy(probe: VisionProbe, image_processor, config: EasyRefConfig, 
 def caption_batch(scenes: list[Scene], tokenizer, image_processor, config: EasyRefConfig) -> dict[str, torch.Tensor]:
     """Chat prompt (image + instruction) followed by the caption; the loss sees only the caption."""
     vision = _pixels(scenes, image_processor, config)
-    merge = image_processor.merge_size**2
-    counts = (vision["image_grid_thw"].prod(-1) // merge).tolist()
+    counts = _token_counts(vision, image_processor)
+    prompts = chat_ids(tokenizer, [INSTRUCTION] * len(scenes), [1] * len(scenes), counts)
+    return _answered(prompts, [scene_caption(scene) for scene in scenes], tokenizer, vision)
+
+
+def _token_counts(vision, image_processor) -> list[int]:
+    return (vision["image_grid_thw"].prod(-1) // image_processor.merge_size**2).tolist()
+
+
+def _answered(prompts: list[list[int]], answers: list[str], tokenizer, vision) -> dict[str, torch.Tensor]:
+    """Prompt ids followed by each answer, right-padded; labels on the answers only."""
     rows, labels = [], []
-    for scene, count in zip(scenes, counts):
-        prompt = expand_image_tokens(chat_prompt(tokenizer, 1, INSTRUCTION), [count])
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(scene_caption(scene) + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    for prompt_ids, answer in zip(prompts, answers):
+        answer_ids = tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
         rows.append(prompt_ids + answer_ids)
         labels.append([IGNORE] * len(prompt_ids) + answer_ids)
     length = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id or 0
-    input_ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows])
-    label_ids = torch.tensor([r + [IGNORE] * (length - len(r)) for r in labels])
     mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows])
-    # plain 1-D positions, as EasyRef's encoder feeds the trunk (the release's quirk), not M-RoPE
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": label_ids, "position_ids": positions,
+    return {"input_ids": torch.tensor([r + [pad] * (length - len(r)) for r in rows]),
+            "labels": torch.tensor([r + [IGNORE] * (length - len(r)) for r in labels]),
+            "attention_mask": mask,
+            # plain 1-D positions, as EasyRef's encoder feeds the trunk (the release's quirk), not M-RoPE
+            "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
             "pixel_values": vision["pixel_values"], "image_grid_thw": vision["image_grid_thw"]}
 
 
@@ -305,32 +312,10 @@ def grounding_groups(rng: random.Random, count: int, split: str = "held-in",
 
 def grounding_batch(groups: list, tokenizer, image_processor, config: EasyRefConfig) -> dict[str, torch.Tensor]:
     """Every group's chat prompt as the encoder builds it, followed by "a <subject>"; the loss sees the answer."""
-    scenes = [scene for group in groups for scene in group.references]
-    vision = _pixels(scenes, image_processor, config)
-    counts = (vision["image_grid_thw"].prod(-1) // image_processor.merge_size**2).tolist()
-    rows, labels, start = [], [], 0
-    for group in groups:
-        n = len(group.references)
-        prompt = expand_image_tokens(chat_prompt(tokenizer, n, config.format_instruction(group.prompt)),
-                                     counts[start : start + n])
-        start += n
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(f"a {group.subject.key}<|im_end|>", add_special_tokens=False)["input_ids"]
-        rows.append(prompt_ids + answer_ids)
-        labels.append([IGNORE] * len(prompt_ids) + answer_ids)
-    return _padded(rows, labels, tokenizer) | {"pixel_values": vision["pixel_values"],
-                                               "image_grid_thw": vision["image_grid_thw"]}
-
-
-def _padded(rows: list[list[int]], labels: list[list[int]], tokenizer) -> dict[str, torch.Tensor]:
-    length = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id or 0
-    mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows])
-    return {"input_ids": torch.tensor([r + [pad] * (length - len(r)) for r in rows]),
-            "labels": torch.tensor([r + [IGNORE] * (length - len(r)) for r in labels]),
-            "attention_mask": mask,
-            # plain 1-D positions, as EasyRef's encoder feeds the trunk (the release's quirk), not M-RoPE
-            "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+    vision = _pixels([scene for group in groups for scene in group.references], image_processor, config)
+    prompts = chat_ids(tokenizer, [config.format_instruction(group.prompt) for group in groups],
+                       [len(group.references) for group in groups], _token_counts(vision, image_processor))
+    return _answered(prompts, [f"a {group.subject.key}" for group in groups], tokenizer, vision)
 
 
 def pretrain_grounding(folder: str | Path, steps: int, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
