@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # A CPU machine gets the CPU wheel of torch; a bare `torch` would pull a multi-GB CUDA build.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: setup demo serve test test-fast bench train-demo demo-model bench-shapes clean
+.PHONY: setup demo serve test test-fast bench train-demo bundled-model bench-shapes clean
 
 setup: $(VENV)/.installed
 
@@ -32,21 +32,21 @@ demo: setup
 serve: setup
 	$(BIN)/easyref serve
 
-# build a shapes-world EasyRef from nothing into runs/demo-model (the `cpu` recipe; an earlier build in runs/ is
+# build a shapes-world EasyRef from nothing into runs/bundled-model (the `cpu` recipe; an earlier build in runs/ is
 # continued). About 1 h 45 min on 2 cores: the bundled VAE reused, a 3-level base 10,000 steps x 0.42 s, MLLM
 # 750 s, stages 1-3 1,351 s (timed). It is the model of benchmarks/RESULTS.md 5f, which drew the subject right
 # less often than the bundled one, so it is not copied over it; to ship a build:
-#   rm -rf src/easyref/assets/default_model && cp -r runs/demo-model src/easyref/assets/default_model
-demo-model: setup
-	$(BIN)/python -m easyref.shapes.demo_model runs/demo-model --preset cpu --work runs/demo-model.work
+#   rm -rf src/easyref/assets/bundled_model && cp -r runs/bundled-model src/easyref/assets/bundled_model
+bundled-model: setup
+	$(BIN)/python -m easyref.shapes.build runs/bundled-model --preset cpu --work runs/bundled-model.work
 
 # the miniature MRBench (EasyRef, EasyRef bidirectional, mean, concat; two training seeds each) from nothing;
-# reuses a demo-model build if present, and goes on where a stopped one stopped. After `make demo-model` about
+# reuses a bundled-model build if present, and goes on where a stopped one stopped. After `make bundled-model` about
 # 2 h 10 min on 2 cores: seven more stage-3 runs (EasyRef-style 9 min, mean/concat 14 min each) and scoring
 # (16 cells x 64 groups x 30 steps, 5.8 min per model), estimated from timed parts; without it about 4 h.
 # `easyref bench shapes --preset smoke` checks the same chain with tiny models in 36 s from nothing
 bench-shapes: setup
-	$(BIN)/easyref bench shapes --preset cpu --out runs/bench-shapes --work runs/demo-model.work
+	$(BIN)/easyref bench shapes --preset cpu --out runs/bench-shapes --work runs/bundled-model.work
 
 # the import contracts and ruff's checks (pyproject.toml), then the whole offline suite: about 3 min 30 s once set up (194-205 s of
 # pytest wall time, the browser tests of `easyref serve` included; 4 min 35 s from nothing on a fresh clone)

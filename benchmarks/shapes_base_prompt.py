@@ -4,7 +4,7 @@ EasyRef method's prompt accuracy, since the stages only add the references.
 Run (from the repository root):
 
     .venv/bin/python benchmarks/shapes_base_prompt.py                         # the bundled model's base
-    .venv/bin/python benchmarks/shapes_base_prompt.py runs/demo-model.work/base --count 96
+    .venv/bin/python benchmarks/shapes_base_prompt.py runs/bundled-model.work/base --count 96
 
 For `--count` held-out subjects, each with a random background and position, the base draws the
 image from three prompts: the full caption ("a red solid star on a tan background, at the top left"),
@@ -84,7 +84,7 @@ def text_similarity(pipe) -> list[dict]:
 def main() -> None:
     from diffusers import StableDiffusionXLPipeline
 
-    from easyref.default_model import default_model_dir
+    from easyref.bundled import bundled_model_dir
     from easyref.shapes.oracle import load_oracle
     from easyref.shapes.world import caption_for, pick_prompt, prompt_for
 
@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    folder = args.base or default_model_dir() / "sdxl"
+    folder = args.base or bundled_model_dir() / "sdxl"
     pipe = StableDiffusionXLPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     oracle = load_oracle()

@@ -2,7 +2,7 @@
 
 Run (from the repository root, after `make bench-shapes` or a bench run that trained both methods):
 
-    .venv/bin/python benchmarks/shapes_figure.py runs/demo-model.work --out examples/easyref_vs_mean.png
+    .venv/bin/python benchmarks/shapes_figure.py runs/bundled-model.work --out examples/easyref_vs_mean.png
 
 Rows: the demo *pick* group (`examples/refs`) under each of its two prompts, then the first held-out
 *repeat* group of the benchmark's groups (a rival recurs in all references but one). Columns: the

@@ -2,7 +2,7 @@
 
     python benchmarks/shapes_grounding.py WORK [--chunks 1500 1500 1500] [--out runs/shapes-grounding]
 
-WORK is a `make demo-model` work folder; its `qwen2vl/` (vision- and caption-pretrained) is copied to
+WORK is a `make bundled-model` work folder; its `qwen2vl/` (vision- and caption-pretrained) is copied to
 OUT and trained further on `easyref.shapes.mllm.grounding_batch`: each group's references and the
 encoder's instruction with the group's prompt, answered with the name of the object the target shows
 ("a red dotted star"). Held-in subjects only; every kind (plain, rival, repeat, pick), 2-5 references.

@@ -2,9 +2,9 @@
 on the plain groups alone, beside the same stage 3 trained on every kind (the demo build's), both from the
 same stage-2 checkpoint with the same steps, batch and seed, scored on the benchmark's plain cells.
 
-Run (from the repository root, after `make demo-model` and `make bench-shapes` scored seed 0):
+Run (from the repository root, after `make bundled-model` and `make bench-shapes` scored seed 0):
 
-    .venv/bin/python benchmarks/shapes_plain_only.py runs/demo-model.work --bench runs/bench-shapes
+    .venv/bin/python benchmarks/shapes_plain_only.py runs/bundled-model.work --bench runs/bench-shapes
 
 Writes `WORK/data/groups-plain.jsonl` (the plain records of `groups.jsonl`), trains
 `WORK/stage3-plain-only-s0`, packages `WORK/model-easyref-plain-only-s0`, and scores the plain cells into
@@ -30,7 +30,7 @@ def plain_records(groups_file: Path, out: Path) -> int:
 
 def main() -> None:
     from easyref.shapes.bench import CELLS, evaluate_methods, markdown_tables, model_folder
-    from easyref.shapes.demo_model import PRESETS, package, stage_config
+    from easyref.shapes.build import PRESETS, package, stage_config
     from easyref.train.trainer import Trainer
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

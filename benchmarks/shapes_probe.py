@@ -2,7 +2,7 @@
 
 Run (from the repository root, on the models `easyref bench shapes` trained):
 
-    .venv/bin/python benchmarks/shapes_probe.py runs/demo-model.work --methods easyref mean --kinds pick repeat
+    .venv/bin/python benchmarks/shapes_probe.py runs/bundled-model.work --methods easyref mean --kinds pick repeat
 
 For each method and group kind, the references and prompt of held-in groups (the training subjects,
 groups from a seed no benchmark uses) and of the benchmark's held-out groups go through the model,

@@ -68,7 +68,7 @@ def build_hub(cache: Path, scratch: Path, tiny_dirs, metrics: bool = False) -> P
     into_cache(release, cache, RELEASE_ID)
     if metrics:
         from easyref.bench import DEFAULT_IP_ADAPTER_SUBFOLDER, DEFAULT_IP_ADAPTER_WEIGHTS
-        from easyref.tiny import save_tiny_clip, save_tiny_dino, save_tiny_ip_adapter
+        from tiny_models import save_tiny_clip, save_tiny_dino, save_tiny_ip_adapter
 
         ip = save_tiny_ip_adapter(scratch / "ip", tiny_dirs["sdxl"])
         (ip / "ip_adapter.safetensors").rename(ip / DEFAULT_IP_ADAPTER_WEIGHTS)

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from easyref.cli import main
-from easyref.tiny import save_tiny_clip, save_tiny_dino
+from tiny_models import save_tiny_clip, save_tiny_dino
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from easyref.tiny import save_tiny_clip, save_tiny_dino
+from tiny_models import save_tiny_clip, save_tiny_dino
 
 SEED = int(os.environ.get("EASYREF_KILL_SEED", "20240611"))  # another seed: other kill points
 GROUP_IMAGES = {"g1": 2 * 2, "g2": 1 * 2}  # prompts x samples

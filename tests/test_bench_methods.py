@@ -23,7 +23,7 @@ from easyref.bench.methods import (
     PromptOnlyMethod,
     load_method,
 )
-from easyref.tiny import save_tiny_ip_adapter
+from tiny_models import save_tiny_ip_adapter
 
 SETTINGS = GenerationSettings(steps=2, guidance=5.0, height=32, width=48, negative_prompt="blurry")
 PROMPTS, SEEDS = ["a cat", "a dog on grass"], [3, 4]

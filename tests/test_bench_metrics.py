@@ -15,7 +15,7 @@ from easyref.bench.metrics import (
     mean_similarity,
     score_item,
 )
-from easyref.tiny import save_tiny_clip, save_tiny_dino
+from tiny_models import save_tiny_clip, save_tiny_dino
 
 # ----------------------------------------------------------------------------------------------
 # Arithmetic

@@ -22,7 +22,7 @@ from easyref.bench.runner import (
     write_summary,
 )
 from easyref.cli import main
-from easyref.tiny import save_tiny_clip, save_tiny_dino
+from tiny_models import save_tiny_clip, save_tiny_dino
 
 SETTINGS = GenerationSettings(steps=2, guidance=3.0, seed=7)
 

@@ -13,14 +13,8 @@ from conftest import shape_image
 from easyref.cli import main
 
 
-@pytest.fixture(scope="module")
-def easyref_home(tmp_path_factory):
-    return tmp_path_factory.mktemp("easyref_home")
-
-
 @pytest.fixture
-def env(easyref_home, monkeypatch, tmp_path):
-    monkeypatch.setenv("EASYREF_HOME", str(easyref_home))
+def env(tmp_path):
     refs = tmp_path / "refs"
     refs.mkdir()
     for i, color in enumerate(("red", "red", "red")):
@@ -171,27 +165,32 @@ def test_help_of_the_installed_command():
         assert result.returncode == 0 and "usage: easyref" in result.stdout
 
 
-def test_shipped_weights_take_precedence_over_the_untrained_model(env, easyref_home, monkeypatch, caplog):
-    """When assets/default_model/ holds a model, it is the default (here a copy of the untrained one)."""
-    import shutil
+def test_a_copy_without_the_bundled_model_says_so_in_one_line(env, monkeypatch, capsys):
+    """A package installed without its weights cannot make the default model: one line, exit 2, and the
+    named-model path still works."""
+    from easyref import bundled
 
-    from easyref import default_model
+    monkeypatch.setattr(bundled, "BUNDLED_DIR", env / "nowhere")
+    code, out = generate(env, "--refs-dir", str(env / "refs"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not out.exists()
+    assert len(err) == 1 and "no bundled model" in err[0] and "--base/--mllm/--adapter" in err[0]
 
-    shipped = env / "assets" / "default_model"
-    shutil.copytree(default_model.untrained_model_dir(), shipped)
-    monkeypatch.setattr(default_model, "BUNDLED_DIR", shipped)
-    assert default_model.default_model_dir() == shipped
-    with caplog.at_level("WARNING"):
-        code, out = generate(env, "--refs-dir", str(env / "refs"))
-    assert code == 0 and out.is_file()
-    assert default_model.BUNDLED_NOTICE in caplog.text and "UNTRAINED" not in caplog.text
+
+def test_the_bundled_model_describes_the_world_it_learned():
+    """`world.json` beside the bundled model (what generate's warnings and `info` quote) is the shapes
+    world's own vocabulary."""
+    from easyref.bundled import trained_world
+    from easyref.shapes.world import BACKGROUNDS, POSITIONS
+
+    assert trained_world() == {"backgrounds": list(BACKGROUNDS), "positions": list(POSITIONS)}
 
 
 def test_the_shipped_model_fits_its_size_budget():
     """The budget for the weights that ship inside the package: 25 MB in all (raised from 15 MB for a base
     UNet with a third level, which places objects where the prompt asks)."""
-    from easyref import default_model
+    from easyref.bundled import BUNDLED_DIR
 
-    files = [f for f in default_model.BUNDLED_DIR.rglob("*") if f.is_file()]
+    files = [f for f in BUNDLED_DIR.rglob("*") if f.is_file()]
     assert any(f.name.endswith(".safetensors") for f in files)
     assert sum(f.stat().st_size for f in files) <= 25_000_000

@@ -149,7 +149,7 @@ def test_a_normal_run_is_quiet_and_offline(ref, tmp_path):
     argv = ["generate", "--ref", str(ref), "--prompt", "an object on a white background, at the top left",
             "--out", str(tmp_path / "o.png"), "--steps", "1", "--seed", "0", "--grid"]
     result = subprocess.run([sys.executable, "-c", QUIET_RUN, *argv], capture_output=True, text=True, timeout=300,
-                            env={**_env(), "EASYREF_HOME": str(tmp_path / "home")})
+                            env=_env())
     report = json.loads(result.stdout)
     quiet = [logging.ERROR, False, logging.ERROR, False]
     assert report == {"code": 0, "tried": [], "libraries": quiet}, (report, result.stderr)

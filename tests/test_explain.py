@@ -16,7 +16,7 @@ PROMPT = "a star on a white background, at the bottom right"
 
 @pytest.fixture(scope="module")
 def encoder():
-    from easyref.default_model import BUNDLED_DIR
+    from easyref.bundled import BUNDLED_DIR
     from easyref.pipeline import EasyRefPipeline
 
     pipe = EasyRefPipeline.from_pretrained(BUNDLED_DIR / "sdxl", mllm=BUNDLED_DIR / "qwen2vl",

@@ -24,14 +24,13 @@ from safetensors.torch import load_file, save_file
 
 from conftest import shape_image
 from easyref import cli
-from easyref.default_model import bundled_model_dir
+from easyref.bundled import bundled_model_dir
 from easyref.images import open_image
 from easyref.pipeline import EasyRefPipeline
 
 
 @pytest.fixture
 def env(tmp_path, monkeypatch):
-    monkeypatch.setenv("EASYREF_HOME", str(tmp_path / "home"))
     refs = tmp_path / "refs"
     refs.mkdir()
     for i, back in enumerate(("white", "gray")):
@@ -383,7 +382,7 @@ def test_fifo_reference_is_refused_without_hanging(env):
     os.mkfifo(fifo)
     proc = subprocess.run(
         [sys.executable, "-m", "easyref", "generate", "--prompt", "x", "--ref", str(fifo), "--out", str(env / "o.png")],
-        capture_output=True, text=True, timeout=60, env={**os.environ, "EASYREF_HOME": str(env / "home")},
+        capture_output=True, text=True, timeout=60, env=dict(os.environ),
     )
     assert proc.returncode == 2
     assert_one_line(proc.stderr.strip().splitlines()[-1], "not a regular file")

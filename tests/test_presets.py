@@ -8,7 +8,7 @@ from pathlib import Path
 from conftest import SLOW_TESTS
 
 from easyref.shapes.bench import CELLS, DEFAULT_SEEDS, EVAL_SIZES, METHODS
-from easyref.shapes.demo_model import PRESETS
+from easyref.shapes.build import PRESETS
 
 
 def test_every_preset_has_scoring_sizes():

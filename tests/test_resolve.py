@@ -282,12 +282,7 @@ def test_the_download_command_is_the_installed_cli():
 
 
 # ---------------------------------------------------------------------- `default`
-@pytest.fixture
-def easyref_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("EASYREF_HOME", str(tmp_path / "home"))  # the untrained fallback, if this copy lacks weights
-
-
-def test_default_in_the_python_api(easyref_home, refs):
+def test_default_in_the_python_api(refs):
     pipe = EasyRefPipeline.from_pretrained("default")
     pipe.set_progress_bar_config(disable=True)
     image = pipe([Image.open(r) for r in refs], "an object on a white background", num_inference_steps=2, seed=0)
@@ -295,7 +290,7 @@ def test_default_in_the_python_api(easyref_home, refs):
     assert EasyRefPipeline.from_pretrained().easyref_config == pipe.easyref_config  # no names: the same model
 
 
-def test_bench_run_base_default(easyref_home, refs, tmp_path):
+def test_bench_run_base_default(refs, tmp_path):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"id": "g", "references": [refs[0].name], "prompts": ["an object"]}))
     out = tmp_path / "run"
@@ -350,7 +345,6 @@ def test_configs_without_base_still_load_and_base_is_checked(tmp_path):
 
 def test_the_trainer_records_its_parts_and_prints_a_command_that_runs(tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("EASYREF_HOME", str(tmp_path / "home"))
     assert main(["train", "--write-example-data", "runs/example-data"]) == 0
     with caplog.at_level(logging.INFO):
         assert main(["train", "--config", "example-stage1", "--max-steps", "1", "--set", "batch_size=2"]) == 0

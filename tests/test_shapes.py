@@ -155,7 +155,7 @@ def test_a_base_continues_where_it_stopped_and_stale_stages_go(tmp_path):
 
     from safetensors.torch import load_file
 
-    from easyref.shapes.demo_model import PRESETS, _continue_base
+    from easyref.shapes.build import PRESETS, _continue_base
     from easyref.shapes.base import build_base_model, continue_base_model
 
     work = tmp_path / "work"

@@ -100,7 +100,7 @@ def test_scored_cells_are_kept_and_reused_only_for_the_same_weights_and_settings
 
 
 def test_each_method_trains_stage_3_with_its_modes_and_seed(tmp_path, monkeypatch):
-    from easyref.shapes import bench, demo_model
+    from easyref.shapes import bench, build
 
     trained, packaged = [], []
 
@@ -118,8 +118,8 @@ def test_each_method_trains_stage_3_with_its_modes_and_seed(tmp_path, monkeypatc
     (stopped / "easyref.safetensors").write_bytes(b"")
 
     monkeypatch.setattr("easyref.train.trainer.Trainer", FakeTrainer)
-    monkeypatch.setattr(demo_model, "package", lambda work, out, recipe, timings, adapter: packaged.append((out, adapter)))
-    folders = bench.train_methods(tmp_path, demo_model.PRESETS["smoke"], methods=bench.METHODS, seeds=(0, 3))
+    monkeypatch.setattr(build, "package", lambda work, out, recipe, timings, adapter: packaged.append((out, adapter)))
+    folders = bench.train_methods(tmp_path, build.PRESETS["smoke"], methods=bench.METHODS, seeds=(0, 3))
     modes = {(c.reference_mode, c.attention_mode, c.seed, Path(c.output_dir).name) for c in trained}
     assert modes == {("joint", "bidirectional", 0, "stage3-easyref-bi-s0"), ("joint", "bidirectional", 3, "stage3-easyref-bi-s3"),
                      ("mean", "official", 0, "stage3-mean-s0"), ("mean", "official", 3, "stage3-mean-s3"),

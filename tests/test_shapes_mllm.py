@@ -95,7 +95,7 @@ def test_build_mllm_sizes_the_vision_tower_and_records_both_phases(tmp_path):
 def test_an_mllm_built_to_another_recipe_is_dropped_with_its_stages(tmp_path):
     import dataclasses
 
-    from easyref.shapes.demo_model import PRESETS, _drop_stale_mllm
+    from easyref.shapes.build import PRESETS, _drop_stale_mllm
 
     recipe = PRESETS["smoke"]
     (tmp_path / "qwen2vl").mkdir()

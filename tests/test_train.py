@@ -286,7 +286,6 @@ def test_recipes_reproduce_the_paper_table():
 
 def test_example_recipes_run_on_the_bundled_model(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("EASYREF_HOME", str(tmp_path / "home"))
     assert main(["train", "--write-example-data", "runs/example-data"]) == 0
     for stage in (1, 2, 3):
         assert main(["train", "--config", f"example-stage{stage}", "--max-steps", "1", "--set", "batch_size=2"]) == 0

@@ -338,9 +338,9 @@ def load_pipeline(args):
     except (ResolveError, CheckpointError) as err:
         raise UserError(str(err)) from None
     if parts.bundled_adapter:
-        from .default_model import BUNDLED_NOTICE, UNTRAINED_NOTICE, bundled_model_dir
+        from .bundled import NOTICE
 
-        logger.warning(BUNDLED_NOTICE if bundled_model_dir() else UNTRAINED_NOTICE)
+        logger.warning(NOTICE)
     try:
         pipe = EasyRefPipeline.from_parts(parts, dtype=dtype)
     except CheckpointError as err:

@@ -133,12 +133,12 @@ def _short(text: str, length: int = 60) -> str:
 
 
 def _uses_bundled_base(sources: dict) -> bool:
-    from .info import BUNDLED_DIR
+    from .bundled import is_bundled
 
     base = sources.get("base") if isinstance(sources, dict) else None
     if base is None:
         return False
-    return str(base) == "default" or Path(str(base)).expanduser().resolve() == (BUNDLED_DIR / "sdxl").resolve()
+    return str(base) == "default" or is_bundled(str(base))
 
 
 def _warn_about_bundled_limits(pipe, args) -> None:
@@ -147,17 +147,18 @@ def _warn_about_bundled_limits(pipe, args) -> None:
     import re
 
     from .pipeline import default_size
-    from .shapes.world import BACKGROUNDS
+    from .bundled import trained_world
 
     side = default_size(pipe)
     height, width = args.height or side, args.width or side
     if (height, width) != (side, side):
         logger.warning("the bundled model was trained at %d x %d px only; at %d x %d px (width x height) it draws "
                        "outside what it learned", side, side, width, height)
-    asked = [w for w in re.findall(r"(\w+)\s+background", args.prompt) if w not in BACKGROUNDS]
+    backgrounds = trained_world()["backgrounds"]
+    asked = [w for w in re.findall(r"(\w+)\s+background", args.prompt) if w not in backgrounds]
     if asked:
         logger.warning("the bundled model knows the backgrounds %s only; %s will come out as one of them",
-                       ", ".join(BACKGROUNDS), ", ".join(f"'{w} background'" for w in dict.fromkeys(asked)))
+                       ", ".join(backgrounds), ", ".join(f"'{w} background'" for w in dict.fromkeys(asked)))
 
 
 MODEL_FLAGS = ("base", "mllm", "adapter")

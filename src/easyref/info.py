@@ -19,8 +19,8 @@ import struct
 from collections import Counter
 from pathlib import Path
 
-# default_model.BUNDLED_DIR, named again so that `info` does not import torch through default_model
-BUNDLED_DIR = Path(__file__).parent / "assets" / "default_model"
+from .bundled import BUNDLED_DIR, bundled_model_dir, trained_prompts
+
 ADAPTER_CONFIG = "easyref_config.json"  # config.CONFIG_NAME (config.py is light, but this keeps info standalone)
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit on its JSON header
 # the `tokenizers` Whitespace pre-tokenizer (what the bundled model's word-level tokenizers split on)
@@ -48,7 +48,10 @@ def describe(model: str | None) -> list[str]:
 
 def model_folder(model: str | None) -> Path:
     if model in (None, "default"):
-        return bundled_folder()
+        try:
+            return bundled_model_dir()
+        except FileNotFoundError as err:
+            raise NotAModelError(str(err)) from None
     path = Path(model).expanduser()
     if path.is_dir():
         return path
@@ -58,14 +61,6 @@ def model_folder(model: str | None) -> Path:
     if snapshot is None:
         raise NotAModelError(f"{model}: no such folder (nor a hub id in the local Hugging Face cache)")
     return snapshot
-
-
-def bundled_folder() -> Path:
-    if (BUNDLED_DIR / "adapter" / ADAPTER_CONFIG).is_file():
-        return BUNDLED_DIR
-    from .default_model import default_model_dir  # this copy ships no weights: the untrained one (built once)
-
-    return default_model_dir()
 
 
 def _cached_hub_snapshot(name: str) -> Path | None:
@@ -238,16 +233,6 @@ def unknown_words(prompt: str, words: list[str]) -> list[str]:
     """The words of `prompt` (split as the word-level tokenizer splits) that it does not know, in order, once."""
     known = set(words)
     return list(dict.fromkeys(w for w in WORD.findall(prompt) if w not in known))
-
-
-def trained_prompts() -> str:
-    """The bundled model's prompt template ({a|b} is a choice), from the shapes world it was trained on.
-    Its stage 3 saw plain groups only, so only the plain form; the pick forms ("a star on ...") are in the
-    world (`shapes.world.pick_prompt`) but not in what this model learned."""
-    from .shapes.world import BACKGROUNDS, POSITIONS
-
-    places = ["in the center" if p == "center" else f"at the {p}" for p in POSITIONS]
-    return f"an object on a {{{'|'.join(BACKGROUNDS)}}} background, {{{'|'.join(places)}}}"
 
 
 # ---------------------------------------------------------------------- weights and files

@@ -3,7 +3,7 @@
 `easyref generate/convert/train/bench`, `EasyRefPipeline.from_pretrained` and the trainer all turn
 the names they are given into local paths here, before any weights load:
 
-- `default`: that part (`sdxl/`, `qwen2vl/`, `adapter/`) of the bundled model (`default_model.py`);
+- `default`: that part (`sdxl/`, `qwen2vl/`, `adapter/`) of the bundled model (`bundled.py`);
 - an existing file or folder, or anything that looks like a path (starts with `.`, `/` or `~`, or
   does not have exactly one `/`);
 - `owner/name` or `owner/name@revision`: a Hugging Face hub id, looked up in huggingface_hub's cache
@@ -24,6 +24,8 @@ import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
+
+from .bundled import BundledModelMissing, bundled_model_dir
 
 logger = logging.getLogger(__name__)
 
@@ -165,9 +167,11 @@ def resolve(
 def _resolve_default(spec: Kind, label: str) -> Resolved:
     if spec.part is None:
         raise ResolveError(f"{label}: there is no bundled {spec.what}; give a folder or a hub id")
-    from .default_model import default_model_dir
-
-    return Resolved(DEFAULT_NAME, str(default_model_dir() / spec.part), "default")
+    try:
+        folder = bundled_model_dir()
+    except BundledModelMissing as err:
+        raise ResolveError(f"{label}: {err}") from None
+    return Resolved(DEFAULT_NAME, str(folder / spec.part), "default")
 
 
 def _sibling(name: str, folder: Path | None) -> Path | None:

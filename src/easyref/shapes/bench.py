@@ -64,7 +64,7 @@ def train_methods(work: Path, recipe, cpu: bool = True, methods=METHODS, seeds=D
     """Stage 3 once per method and seed from the shared stage-2 checkpoint; returns {(method, seed): model folder}.
     A finished stage 3 is reused and a stopped one resumed, so an interrupted benchmark goes on where it stopped."""
     from ..train.trainer import Trainer, list_checkpoints
-    from .demo_model import package, stage_config
+    from .build import package, stage_config
 
     folders = {}
     for method in methods:
@@ -358,9 +358,9 @@ def plot_by_references(summary: dict, path: Path, metric: str = "identity") -> N
 def run(out: Path, preset: str = "cpu", groups: int | None = None, steps: int | None = None,
         work: Path | None = None, cpu: bool = True, seed: int = 0, seeds=DEFAULT_SEEDS, methods=METHODS,
         cells=None) -> dict:
-    """From nothing: the demo-model build (base + stages 1-3), every method's stage 3 per training seed,
+    """From nothing: the bundled-model build (base + stages 1-3), every method's stage 3 per training seed,
     the evaluation. `groups` / `steps` default to the preset's scoring sizes (`EVAL_SIZES`)."""
-    from .demo_model import PRESETS, build
+    from .build import PRESETS, build
 
     recipe = PRESETS[preset]
     groups = groups or EVAL_SIZES[preset][0]

@@ -11,7 +11,7 @@ logger = logging.getLogger("easyref")
 # the presets' times on 2 cores (the Makefile's bench-shapes comment has the breakdown)
 PRESET_HELP = ("training and scoring sizes: smoke (a check of the whole chain, about 36 s from nothing; "
                "tiny models, 1 group x 2 steps per cell), cpu (the default: about 4 h from nothing with two "
-               "seeds, 2 h 10 min with a finished demo-model build as --work, 46 min of it scoring), "
+               "seeds, 2 h 10 min with a finished bundled-model build as --work, 46 min of it scoring), "
                "gpu (sized for one GPU), full")
 
 
@@ -41,7 +41,7 @@ def add_shapes_parser(bench_sub) -> None:
     p.add_argument("--steps", type=int, help="denoising steps (default: the preset's; 30, smoke 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, help="training folder to create or reuse (default OUT/work); "
-                   "a finished demo-model build's work folder skips straight to the baselines")
+                   "a finished bundled-model build's work folder skips straight to the baselines")
     p.set_defaults(func=cmd_shapes)
 
 
@@ -49,7 +49,7 @@ def cmd_shapes(args) -> int:
     from ..errors import UserError
     from .bench import EVAL_SIZES, METHODS, evaluate_methods, find_models, run, select_cells
     from .world import KINDS, SPLITS
-    from .demo_model import PRESETS
+    from .build import PRESETS
 
     if args.preset not in PRESETS:
         raise UserError(f"--preset must be one of {', '.join(sorted(PRESETS))}, got {args.preset!r}")

@@ -1,11 +1,12 @@
-"""`python -m easyref.shapes.demo_model OUT`: train the bundled default model from nothing.
+"""`python -m easyref.shapes.build OUT`: train the bundled default model from nothing.
 
 1. render the shapes world's training split to disk (`shapes.data`);
 2. pretrain the base text-to-image model, our SDXL stand-in (`shapes.base`);
 3. pretrain a tiny Qwen2-VL, our stand-in for the pretrained MLLM: its vision tower on the subjects'
    attributes, then its language model on captions (`shapes.mllm`);
 4. run EasyRef's three stages through `easyref.train.Trainer`, exactly as `easyref train` does;
-5. package `sdxl/`, `qwen2vl/`, `adapter/` into OUT: the layout `easyref generate` loads by default.
+5. package `sdxl/`, `qwen2vl/`, `adapter/` (and `world.json`: the prompts' backgrounds and places) into OUT:
+   the layout `easyref generate` loads by default.
 
 `--preset smoke` runs every step for a handful of iterations (a check of the recipe, about 10 s on CPU);
 `--preset cpu` builds the model of benchmarks/RESULTS.md 5f (a 3-level base, stage 3 on every group
@@ -153,11 +154,10 @@ def build(out: Path, recipe: Recipe, work: Path, cpu: bool) -> Path:
 def _vae_source(recipe: Recipe) -> Path | None:
     if recipe.vae_from != "bundled":
         return Path(recipe.vae_from) if recipe.vae_from else None
-    from ..default_model import bundled_model_dir
+    from ..bundled import BUNDLED_DIR
 
-    bundled = bundled_model_dir()
-    if bundled and (bundled / "sdxl" / "vae" / "config.json").is_file():
-        return bundled / "sdxl"
+    if (BUNDLED_DIR / "sdxl" / "vae" / "config.json").is_file():
+        return BUNDLED_DIR / "sdxl"
     logger.info("no bundled model to take the VAE from: training one")
     return None
 
@@ -240,9 +240,19 @@ def package(work: Path, out: Path, recipe: Recipe, timings: dict, adapter: Path 
     _portable_config(tmp / "adapter" / "easyref_config.json")
     info = {"recipe": asdict(recipe), "timings_s": timings, "adapter_from": source}
     (tmp / "recipe.json").write_text(json.dumps(info, indent=1))
+    write_world_file(tmp)
     replace_folder(tmp, out)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     logger.info("packaged %s (%.1f MB)", out, size / 1e6)
+
+
+def write_world_file(folder: Path) -> None:
+    """What `easyref.bundled` tells users of the model about its prompts, from the world it learned."""
+    from ..bundled import WORLD_FILE
+    from .world import BACKGROUNDS, POSITIONS
+
+    world = {"backgrounds": list(BACKGROUNDS), "positions": list(POSITIONS)}
+    (folder / WORLD_FILE).write_text(json.dumps(world, indent=1) + "\n")
 
 
 def _portable_config(path: Path) -> None:
