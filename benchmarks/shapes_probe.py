@@ -44,7 +44,7 @@ def features(pipe, groups, batch: int = 32) -> dict[str, torch.Tensor]:
     for start in range(0, len(groups), batch):
         chunk = groups[start:start + batch]
         inputs = encoder.prepare([[render(s) for s in g.references] for g in chunk], [g.prompt for g in chunk])
-        hidden, _ = encoder.context(inputs)
+        hidden, _ = encoder.trunk(inputs)
         last = inputs.attention_mask.sum(-1) - 1
         rows = hidden[torch.arange(hidden.shape[0]), last]
         sizes = inputs.group_sizes or [1] * len(chunk)

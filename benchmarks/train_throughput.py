@@ -48,8 +48,6 @@ class ReleaseStyleModel(TrainingModel):
     """The authors' reference forward: vision tower per image, full-vocabulary logits computed and held."""
 
     def forward(self, inputs, noisy_latents, timesteps, prompt_embeds, pooled_embeds, time_ids):
-        from easyref.encoder import _sequential_positions
-
         enc = self.encoder
         inputs = inputs.to(enc.device)
         hidden = enc.embed_tokens(inputs.input_ids)
@@ -61,10 +59,9 @@ class ReleaseStyleModel(TrainingModel):
         image_mask = (inputs.input_ids == enc.image_token_id).unsqueeze(-1)
         hidden = hidden.masked_scatter(image_mask, torch.cat(features).to(hidden.dtype))
         mask = inputs.attention_mask
-        positions = _sequential_positions(mask)
-        trunk = enc.norm(enc._run(enc.layers, hidden, mask, positions, causal=True))
+        trunk, positions = enc.run_trunk(hidden, mask)
         logits = torch.nn.functional.linear(trunk, enc.embed_tokens.weight).float()  # tied lm_head, as released
-        tokens = enc._aggregate(trunk, mask, positions)
+        tokens = enc.aggregate(trunk, mask, positions)
         out = self.denoise(tokens, noisy_latents, timesteps, prompt_embeds, pooled_embeds, time_ids)
         del logits  # held until here, like the release's output object
         return out

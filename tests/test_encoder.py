@@ -211,8 +211,8 @@ def test_context_is_what_the_prompt_end_sees_and_depends_only_on_what_came_befor
     prompts = ["a cat", "a dog"]
     inputs = encoder.prepare(groups, prompts)
     with torch.no_grad():
-        hidden, positions = encoder.context(inputs)
-        changed, _ = encoder.context(encoder.prepare(groups, ["a cat", "a house"]))
+        hidden, positions = encoder.trunk(inputs)
+        changed, _ = encoder.trunk(encoder.prepare(groups, ["a cat", "a house"]))
     assert hidden.shape[:2] == inputs.attention_mask.shape and positions.shape == inputs.attention_mask.shape
     assert torch.isfinite(hidden).all()
     torch.testing.assert_close(hidden[0], changed[0], atol=ATOL, rtol=0)  # other rows untouched

@@ -151,12 +151,20 @@ def adapter_state_dict(unet) -> dict[str, torch.Tensor]:
     return out
 
 
+def adapter_named_parameters(unet) -> dict[str, list[tuple[str, torch.nn.Parameter]]]:
+    """The adapter's parameters under their UNet names, by part: `reference_attention` (k/v per
+    cross-attention), `projection`, `lora` (empty without LoRA)."""
+    return {
+        "reference_attention": [(f"{name}.{n}", p) for name, proc in reference_processors(unet).items()
+                                for n, p in proc.named_parameters()],
+        "projection": [(f"encoder_hid_proj.{n}", p) for n, p in unet.encoder_hid_proj.named_parameters()],
+        "lora": [(n, p) for n, p in unet.named_parameters() if f".{LORA_ADAPTER_NAME}." in n and "lora_" in n],
+    }
+
+
 def adapter_parameters(unet) -> list[torch.nn.Parameter]:
-    """Trainable adapter parameters (for optimisers): k/v, projection, LoRA."""
-    params = [p for proc in reference_processors(unet).values() for p in proc.parameters()]
-    params += list(unet.encoder_hid_proj.parameters())
-    params += [p for n, p in unet.named_parameters() if f".{LORA_ADAPTER_NAME}." in n and "lora_" in n]
-    return params
+    """Every trainable adapter parameter (k/v, projection, LoRA)."""
+    return [p for part in adapter_named_parameters(unet).values() for _, p in part]
 
 
 def load_adapter_state_dict(unet, tensors: dict[str, torch.Tensor]) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import CONFIG_NAME, EasyRefConfig
+from .parameter_groups import CHECKPOINT_PREFIXES
 from .safe_io import JSONFileError
 
 if TYPE_CHECKING:
@@ -34,21 +35,13 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model (message names the culprit)."""
 
 
-def trunk_state_dict(encoder) -> dict[str, torch.Tensor]:
-    out = {}
-    for prefix in ("visual", "embed_tokens", "layers", "norm"):
-        for key, tensor in getattr(encoder, prefix).state_dict().items():
-            out[f"{prefix}.{key}"] = tensor
-    return out
-
-
 def state_dict_for_checkpoint(config: EasyRefConfig, encoder, unet) -> dict[str, torch.Tensor]:
     from .adapter import adapter_state_dict
 
     tensors = {f"aggregator.{k}": v for k, v in encoder.aggregator.state_dict().items()}
     tensors.update({f"unet.{k}": v for k, v in adapter_state_dict(unet).items()})
     if config.has_trunk:
-        tensors.update({f"trunk.{k}": v for k, v in trunk_state_dict(encoder).items()})
+        tensors.update({f"trunk.{k}": v for k, v in encoder.trunk_state_dict().items()})
     return tensors
 
 
@@ -123,11 +116,11 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def split_groups(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    groups: dict[str, dict[str, torch.Tensor]] = {"aggregator": {}, "unet": {}, "trunk": {}}
+    groups: dict[str, dict[str, torch.Tensor]] = {prefix: {} for prefix in CHECKPOINT_PREFIXES}
     for key, tensor in tensors.items():
         prefix, _, rest = key.partition(".")
         if prefix not in groups:
-            raise CheckpointError(f"unexpected tensor {key} (known groups: aggregator, unet, trunk)")
+            raise CheckpointError(f"unexpected tensor {key} (known groups: {', '.join(CHECKPOINT_PREFIXES)})")
         groups[prefix][rest] = tensor
     return groups
 
@@ -163,7 +156,7 @@ def _load_trunk(encoder, tensors: dict[str, torch.Tensor]) -> None:
 
     from .adapter import _check_keys
 
-    expected = trunk_state_dict(encoder)
+    expected = encoder.trunk_state_dict()
     _check_keys(expected, tensors, "trunk")
     with torch.no_grad():
         for key, tensor in tensors.items():

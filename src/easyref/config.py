@@ -8,6 +8,7 @@ import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .reference_modes import ReferenceMode, reference_mode
 from .safe_io import load_json
 
 CONFIG_NAME = "easyref_config.json"
@@ -20,9 +21,6 @@ DEFAULT_INSTRUCTION = (
 DEFAULT_NEGATIVE_INSTRUCTION = DEFAULT_INSTRUCTION.format(prompt="")
 DEFAULT_NEGATIVE_PROMPT = "A collage of images, monochrome, lowres, bad anatomy, worst quality, low quality"
 ATTENTION_MODES = ("official", "bidirectional")
-# joint: EasyRef, the MLLM reads the whole group at once. mean / concat: the baselines of the paper's
-# comparison, each reference read alone, then the token sets averaged (IP-Adapter style) or concatenated.
-REFERENCE_MODES = ("joint", "mean", "concat")
 PATCH_FACTOR = 28  # Qwen2-VL: 14 px patches merged 2x2
 MAX_INSTRUCTION_CHARS = 4096
 MAX_NAME_CHARS = 4096  # a model name: a hub id ("owner/name[@revision]"), "default" or a path (PATH_MAX)
@@ -85,13 +83,17 @@ class EasyRefConfig:
             raise ValueError(f"has_trunk must be true or false, got {self.has_trunk!r}")
         if not isinstance(self.extra, dict):
             raise ValueError(f"extra must be a JSON object, got {type(self.extra).__name__}")
-        if self.reference_mode not in REFERENCE_MODES:
-            raise ValueError(f"reference_mode must be one of {REFERENCE_MODES}, got {self.reference_mode!r}")
+        reference_mode(self.reference_mode)
         if self.attention_mode not in ATTENTION_MODES:
             raise ValueError(f"attention_mode must be one of {ATTENTION_MODES}, got {self.attention_mode!r}")
         _check_instruction(self.instruction)
         if len(self.negative_instruction) > MAX_INSTRUCTION_CHARS or len(self.negative_prompt) > MAX_INSTRUCTION_CHARS:
             raise ValueError(f"negative_instruction and negative_prompt must be at most {MAX_INSTRUCTION_CHARS} characters")
+
+    @property
+    def mode(self) -> ReferenceMode:
+        """How a group of references becomes one set of tokens (`easyref.reference_modes`)."""
+        return reference_mode(self.reference_mode)
 
     @property
     def min_pixels(self) -> int:

@@ -26,6 +26,10 @@ from .prompting import MLLMInputs, build_inputs, negative_image, prepare_inputs
 
 logger = logging.getLogger(__name__)
 
+# The MLLM trunk: everything of Qwen2-VL that reads the group before the aggregation layer. Frozen in
+# stage 1, finetuned in stages 2-3, and saved (`trunk.*`) only by checkpoints that trained it.
+TRUNK_PARTS = ("visual", "embed_tokens", "layers", "norm")
+
 
 class AggregationLayer(nn.Module):
     """Reference tokens + one decoder layer + final RMSNorm (release keys: `layers.0.*`, `norm.weight`)."""
@@ -101,10 +105,18 @@ class ReferenceEncoder(nn.Module):
     def device(self) -> torch.device:
         return self.aggregator.reference_tokens.device
 
+    def trunk_modules(self) -> dict[str, nn.Module]:
+        """The trunk's parts by name (`TRUNK_PARTS`: vision tower, embeddings, layers[:-1], norm)."""
+        return {name: getattr(self, name) for name in TRUNK_PARTS}
+
     def trunk_parameters(self):
-        """Parameters of the frozen-in-stage-1 trunk (vision tower, embeddings, layers[:-1], norm)."""
-        for module in (self.visual, self.embed_tokens, self.layers, self.norm):
+        for module in self.trunk_modules().values():
             yield from module.parameters()
+
+    def trunk_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trunk's tensors as checkpoints hold them (without their `trunk.` prefix)."""
+        return {f"{name}.{key}": tensor for name, module in self.trunk_modules().items()
+                for key, tensor in module.state_dict().items()}
 
     def gradient_checkpointing_enable(self) -> None:
         """Recompute activations in backward: decoder layers here, vision blocks through transformers."""
@@ -148,29 +160,32 @@ class ReferenceEncoder(nn.Module):
 
     def _encode(self, inputs: MLLMInputs, with_maps: bool):
         inputs = inputs.to(self.device)
-        hidden, positions = self.context(inputs)
+        hidden, positions = self.trunk(inputs)
         capture = capture_attention(self.aggregator.layers[-1]) if with_maps else nullcontext()
         with capture as captured:
-            tokens = self._aggregate(hidden, inputs.attention_mask, positions)
+            tokens = self.aggregate(hidden, inputs.attention_mask, positions)
         maps = None
         if with_maps:
             merge = self.mllm_config.vision_config.spatial_merge_size
             rows = image_token_maps(captured[-1], inputs.input_ids, self.image_token_id, inputs.image_grid_thw,
                                     merge, self.config.num_reference_tokens)
             maps = group_maps(rows, inputs.group_sizes)
-        if inputs.group_sizes is not None:
-            tokens = combine_per_reference(tokens, inputs.group_sizes, self.config.reference_mode)
-        return tokens, maps
+        return self.config.mode.combine(tokens, inputs.group_sizes), maps
 
-    def context(self, inputs: MLLMInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    def trunk(self, inputs: MLLMInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """The trunk's normed output (rows, L, D) that the aggregation layer reads, and its positions.
         Rows are groups, or single references in the mean and concat modes."""
         inputs = inputs.to(self.device)
-        positions = _sequential_positions(inputs.attention_mask)  # release quirk: plain 1-D positions, no M-RoPE grid
-        hidden = self._run(self.layers, self._embed(inputs), inputs.attention_mask, positions, causal=True)
+        return self.run_trunk(self.embed(inputs), inputs.attention_mask)
+
+    def run_trunk(self, hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trunk's decoder layers and norm over embedded rows (`embed`) with their padding mask."""
+        positions = _sequential_positions(mask)  # release quirk: plain 1-D positions, no M-RoPE grid
+        hidden = self._run(self.layers, hidden, mask, positions, causal=True)
         return self.norm(hidden), positions
 
-    def _embed(self, inputs: MLLMInputs) -> torch.Tensor:
+    def embed(self, inputs: MLLMInputs) -> torch.Tensor:
+        """Token embeddings with each image's visual features in place of its image tokens."""
         hidden = self.embed_tokens(inputs.input_ids)
         pixels = inputs.pixel_values.to(self.visual.get_dtype())
         # one vision call for every image of every group; attention stays within each image (cu_seqlens)
@@ -182,7 +197,9 @@ class ReferenceEncoder(nn.Module):
             )
         return hidden.masked_scatter(image_mask, image_embeds)
 
-    def _aggregate(self, context: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def aggregate(self, context: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The aggregation layer: reference tokens appended to the trunk's output (`trunk`), read by the last
+        decoder layer; returns their normed outputs (rows, num_reference_tokens, D)."""
         batch, n = context.shape[0], self.config.num_reference_tokens
         tokens = self.aggregator.reference_tokens.to(context.dtype).unsqueeze(0).expand(batch, -1, -1)
         hidden = torch.cat([context, tokens], dim=1)  # (B, L + n, D)
@@ -217,22 +234,6 @@ class ReferenceEncoder(nn.Module):
             self.config,
         )
         return self(inputs=inputs)  # through forward, so offload hooks move the module first
-
-
-def combine_per_reference(tokens: torch.Tensor, group_sizes: list[int], mode: str) -> torch.Tensor:
-    """Per-reference token sets (sum n, T, D) -> per-group (B, T, D) by mean, or (B, n_max * T, D) by concat.
-
-    A concat batch of groups of unequal sizes repeats each smaller group's references cyclically up to
-    the largest, since decoupled cross-attention has no mask for padding tokens.
-    """
-    parts = tokens.split(group_sizes)
-    if mode == "mean":
-        return torch.stack([part.mean(0) for part in parts])
-    if mode != "concat":
-        raise ValueError(f"unknown reference mode {mode!r}")
-    longest = max(group_sizes)
-    rows = [part[torch.arange(longest, device=part.device) % len(part)].flatten(0, 1) for part in parts]
-    return torch.stack(rows)
 
 
 def _sequential_positions(mask: torch.Tensor) -> torch.LongTensor:

@@ -291,9 +291,7 @@ class EasyRefPipeline(DiffusionPipeline):
         embeds = tokens
         if guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None:
             negative = self.negative_reference_tokens().to(tokens.device, tokens.dtype)
-            # concat mode holds n token sets per group: the negative is n black references' tokens
-            negative = negative.repeat(1, tokens.shape[1] // negative.shape[1], 1)
-            embeds = torch.cat([negative.expand_as(tokens), tokens])
+            embeds = torch.cat([self.easyref_config.mode.tile_negative(negative, tokens), tokens])
         # 4. denoise with the diffusers base pipeline
         self.set_scale(scale)
         if seed is not None:
@@ -444,10 +442,6 @@ def _check_finite_images(images) -> None:
 
 
 def _check_embeds(embeds, count: int, config: EasyRefConfig) -> None:
-    expected = (count, config.num_reference_tokens, config.mllm_hidden_size)
-    if config.reference_mode == "concat" and isinstance(embeds, torch.Tensor) and embeds.ndim == 3:
-        # n references' token sets side by side
-        expected = (count, embeds.shape[1] - embeds.shape[1] % config.num_reference_tokens or -1, config.mllm_hidden_size)
-    if not isinstance(embeds, torch.Tensor) or tuple(embeds.shape) != expected:
-        shape = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
-        raise ValueError(f"reference_embeds must have shape {expected} (one row per prompt), got {shape}")
+    if not isinstance(embeds, torch.Tensor):
+        raise ValueError(f"reference_embeds must be a tensor (one row per prompt), got {type(embeds).__name__}")
+    config.mode.check_tokens_shape(tuple(embeds.shape), count, config.num_reference_tokens, config.mllm_hidden_size)

@@ -113,18 +113,11 @@ def chat_ids(tokenizer, texts: list[str], group_sizes: list[int], tokens_per_ima
 
 
 def prepare_inputs(groups, prompts, tokenizer, image_processor, config: EasyRefConfig) -> MLLMInputs:
-    """MLLM inputs for groups and their prompts, in the config's reference mode.
-
-    joint: one row per group. mean / concat: one row per reference (with its group's prompt);
-    `group_sizes` tells the encoder how to put the rows back together.
-    """
-    instructions = [config.format_instruction(p) for p in prompts]
-    if config.reference_mode == "joint":
-        return build_inputs(groups, instructions, tokenizer, image_processor, config)
-    singles = [[image] for group in groups for image in group]
-    repeated = [text for group, text in zip(groups, instructions) for _ in group]
-    inputs = build_inputs(singles, repeated, tokenizer, image_processor, config)
-    inputs.group_sizes = [len(group) for group in groups]
+    """MLLM inputs for groups and their prompts, in rows laid out by the config's reference mode;
+    `group_sizes` tells the encoder how to put the rows back together (None: a row is a group)."""
+    rows, texts, group_sizes = config.mode.rows(groups, [config.format_instruction(p) for p in prompts])
+    inputs = build_inputs(rows, texts, tokenizer, image_processor, config)
+    inputs.group_sizes = group_sizes
     return inputs
 
 

@@ -107,10 +107,13 @@ class TrainConfig:
             0.0 <= self.max_skip_fraction <= 1.0,
             f"max_skip_fraction must be in [0, 1] (0 = stop at the first skipped sample), got {self.max_skip_fraction}",
         )
-        from ..config import ATTENTION_MODES, REFERENCE_MODES
+        from ..config import ATTENTION_MODES
+        from ..reference_modes import reference_mode
 
-        if self.reference_mode not in REFERENCE_MODES:
-            raise ConfigError(f"reference_mode must be one of {', '.join(REFERENCE_MODES)}, got {self.reference_mode!r}")
+        try:
+            reference_mode(self.reference_mode)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if self.attention_mode is not None and self.attention_mode not in ATTENTION_MODES:
             raise ConfigError(f"attention_mode must be one of {', '.join(ATTENTION_MODES)}, got {self.attention_mode!r}")
         if self.stage > 1 and self.init_from is None:

@@ -10,10 +10,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..adapter import LORA_ADAPTER_NAME, adapter_state_dict, install_adapter, reference_processors
-from ..checkpoint import CheckpointError, apply_checkpoint, split_groups, trunk_state_dict
+from ..adapter import adapter_state_dict, install_adapter
+from ..checkpoint import CheckpointError, apply_checkpoint, split_groups
 from ..config import EasyRefConfig
 from ..encoder import ReferenceEncoder
+from ..parameter_groups import frozen_encoder_modules, trainable_parameters
 from ..prompting import MLLMInputs, prepare_inputs
 from ..release import read_checkpoint
 from .config import TrainConfig
@@ -117,7 +118,7 @@ def load_previous_stage(previous: EasyRefConfig, tensors: dict, model_config: Ea
             if key.startswith("lora."):
                 filled.setdefault(f"unet.{key}", value)
     if not groups["trunk"] and model_config.has_trunk:
-        filled.update({f"trunk.{k}": v for k, v in trunk_state_dict(encoder).items()})
+        filled.update({f"trunk.{k}": v for k, v in encoder.trunk_state_dict().items()})
     try:
         apply_checkpoint(model_config, filled, encoder, unet)
     except CheckpointError as err:
@@ -125,21 +126,11 @@ def load_previous_stage(previous: EasyRefConfig, tensors: dict, model_config: Ea
 
 
 def select_trainables(models: StageModels, stage: int) -> list[tuple[str, nn.Parameter]]:
-    """Freeze everything, then unfreeze what the stage trains (the paper's recipe): stage 1 the aggregation
-    layer and reference tokens, the projection and the adapter's k/v; stages 2-3 also the whole MLLM
-    trunk and the UNet LoRA."""
+    """Freeze everything, then unfreeze what the stage trains (`easyref.parameter_groups`)."""
     encoder, unet = models.encoder, models.unet
     for module in (encoder, unet, models.vae, models.text_pipe.text_encoder, models.text_pipe.text_encoder_2):
         module.requires_grad_(False)
-    named = [(f"encoder.aggregator.{n}", p) for n, p in encoder.aggregator.named_parameters()]
-    for name, proc in reference_processors(unet).items():
-        named += [(f"unet.{name}.{n}", p) for n, p in proc.named_parameters()]
-    named += [(f"unet.encoder_hid_proj.{n}", p) for n, p in unet.encoder_hid_proj.named_parameters()]
-    if stage > 1:
-        for prefix in ("visual", "embed_tokens", "layers", "norm"):
-            named += [(f"encoder.{prefix}.{n}", p) for n, p in getattr(encoder, prefix).named_parameters()]
-        lora = [(n, p) for n, p in unet.named_parameters() if f".{LORA_ADAPTER_NAME}." in n and "lora_" in n]
-        named += [(f"unet.{n}", p) for n, p in lora]
+    named = trainable_parameters(encoder, unet, stage)
     for _, param in named:
         param.requires_grad_(True)
     return named
@@ -150,9 +141,8 @@ def cast_frozen(models: StageModels, dtype: torch.dtype, stage: int) -> None:
     (SDXL's VAE overflows in fp16) and the UNet keeps fp32 base weights beside its fp32 adapter."""
     models.text_pipe.text_encoder.to(dtype)
     models.text_pipe.text_encoder_2.to(dtype)
-    if stage == 1:
-        for module in (models.encoder.visual, models.encoder.embed_tokens, models.encoder.layers, models.encoder.norm):
-            module.to(dtype)
+    for module in frozen_encoder_modules(models.encoder, stage):
+        module.to(dtype)
 
 
 class TrainingModel(nn.Module):
