@@ -52,12 +52,14 @@ bench-shapes: setup
 # pytest wall time, the browser tests of `easyref serve` included; 4 min 35 s from nothing on a fresh clone)
 test: setup
 	$(BIN)/lint-imports --no-cache
+	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest
 
 # the inner loop, the contracts, ruff and the suite less the tests marked slow in tests/conftest.py: 61 s once set up
 test-fast: setup
 	$(BIN)/lint-imports --no-cache
+	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -m "not slow"
 

@@ -13,7 +13,7 @@ import platform
 import statistics
 import threading
 import time
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -63,8 +63,14 @@ def start_run(args) -> tuple[torch.device, float | None]:
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if name not in table:
         raise ValueError(f"unknown dtype {name!r}; one of {', '.join(table)}")
     return table[name]
@@ -146,7 +152,7 @@ class _RssSampler:
             self.peak = max(self.peak, self._proc.memory_info().rss)
             time.sleep(self._interval)
 
-    def __enter__(self) -> "_RssSampler":
+    def __enter__(self) -> _RssSampler:
         self._thread.start()
         return self
 
@@ -342,10 +348,22 @@ def sdxl_vae_config(scale_down: bool = False) -> dict:
 
 def sdxl_text_configs(vocab_size: int, scale_down: bool = False) -> tuple[dict, dict]:
     """CLIP ViT-L/14 text (768 wide, 12 layers) and OpenCLIP bigG text (1280 wide, 32 layers, projection)."""
-    one = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-               projection_dim=768, hidden_act="quick_gelu")
-    two = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-               projection_dim=1280, hidden_act="gelu")
+    one = dict(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+    )
+    two = dict(
+        hidden_size=1280,
+        intermediate_size=5120,
+        num_hidden_layers=32,
+        num_attention_heads=20,
+        projection_dim=1280,
+        hidden_act="gelu",
+    )
     if scale_down:
         one.update(num_hidden_layers=2)
         two.update(num_hidden_layers=2)
@@ -360,9 +378,16 @@ def qwen2vl_2b_with_tiny_tokenizer(num_hidden_layers: int = 28, vision_depth: in
 
     tokenizer = tiny_qwen_tokenizer()
     tokenizer.chat_template = QWEN_CHAT_TEMPLATE
-    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
-        ("bos_token_id", QWEN_SPECIAL_TOKENS[0]), ("eos_token_id", "<|im_end|>"), ("pad_token_id", QWEN_SPECIAL_TOKENS[0]),
-    )}
+    ids = {
+        name: tokenizer.convert_tokens_to_ids(tok)
+        for name, tok in (
+            ("image_token_id", "<|image_pad|>"),
+            ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"),
+            ("vision_end_token_id", "<|vision_end|>"),
+            ("bos_token_id", QWEN_SPECIAL_TOKENS[0]),
+            ("eos_token_id", "<|im_end|>"),
+            ("pad_token_id", QWEN_SPECIAL_TOKENS[0]),
+        )
+    }
     return tokenizer, qwen2vl_2b_config(ids, num_hidden_layers=num_hidden_layers, vision_depth=vision_depth)

@@ -70,11 +70,13 @@ class NaiveEncoder:
         self.release_extras = release_extras
 
     @classmethod
-    def from_pretrained(cls, path, num_tokens: int, dtype, device, release_extras: bool = False) -> "NaiveEncoder":
+    def from_pretrained(cls, path, num_tokens: int, dtype, device, release_extras: bool = False) -> NaiveEncoder:
         from transformers import Qwen2VLForConditionalGeneration
 
         def load():
-            return Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
+            return Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(
+                device
+            )
 
         final = load()  # the release loads the model once just to keep its last layer ...
         trunk = load()  # ... and once more for the trunk
@@ -83,7 +85,7 @@ class NaiveEncoder:
     def modules(self):
         return [self.trunk_model, self.final_model, self.reference_tokens]
 
-    def to(self, device, dtype) -> "NaiveEncoder":
+    def to(self, device, dtype) -> NaiveEncoder:
         self.trunk_model.to(device, dtype)
         self.final_model.to(device, dtype)
         self.reference_tokens.data = self.reference_tokens.data.to(device, dtype)
@@ -103,7 +105,9 @@ class NaiveEncoder:
         length = attention_mask.shape[-1]
         blocked = torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).triu(1)
         blocked = blocked[None, None] | ~attention_mask.bool()[:, None, None, :]
-        return torch.zeros(blocked.shape, dtype=dtype, device=blocked.device).masked_fill(blocked, torch.finfo(dtype).min)
+        return torch.zeros(blocked.shape, dtype=dtype, device=blocked.device).masked_fill(
+            blocked, torch.finfo(dtype).min
+        )
 
     def _layers(self, language, layers, hidden, attention_mask, keep_states: list | None):
         positions = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)  # 1-D positions
@@ -182,36 +186,60 @@ def build_real(args, device, dtype):
     from easyref import EasyRefConfig, ReferenceEncoder
 
     tokenizer, mllm_config = _common.qwen2vl_2b_with_tiny_tokenizer(args.num_layers, args.vision_depth)
-    logger.info("building Qwen2-VL-2B architecture (%d text layers, vision depth %d) with random %s weights on %s",
-                args.num_layers, args.vision_depth, dtype, device)
+    logger.info(
+        "building Qwen2-VL-2B architecture (%d text layers, vision depth %d) with random %s weights on %s",
+        args.num_layers,
+        args.vision_depth,
+        dtype,
+        device,
+    )
     torch.manual_seed(args.seed)
     with torch.device(device):
         base = Qwen2VLForConditionalGeneration._from_config(mllm_config, dtype=dtype, attn_implementation="sdpa")
     base.eval()
     # the naive encoder's two copies are copies of the same weights (the release loads the same folder twice)
     trunk_copy, final_copy = copy.deepcopy(base), copy.deepcopy(base)
-    config = EasyRefConfig(mllm="qwen2vl-2b-random", mllm_hidden_size=1536, reference_image_size=args.image_size,
-                           max_references=max(28, *args.sizes))
+    config = EasyRefConfig(
+        mllm="qwen2vl-2b-random",
+        mllm_hidden_size=1536,
+        reference_image_size=args.image_size,
+        max_references=max(28, *args.sizes),
+    )
     ours = ReferenceEncoder(config, base, tokenizer, Qwen2VLImageProcessorPil()).to(device, dtype).eval()
     naive = NaiveEncoder(trunk_copy, final_copy, config.num_reference_tokens, args.release_extras)
     return ours, naive, None, None
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 28], help="numbers of references")
     p.add_argument("--repeats", type=int, default=10, help="timed calls per point (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="EasyRefConfig.reference_image_size (default 112 tiny: 16 visual tokens/image; 336 real: 144)")
-    p.add_argument("--input-size", type=int, default=None, help="side of the random square input images (default 2x image size)")
-    p.add_argument("--real-config", action="store_true", help="Qwen2-VL-2B-Instruct architecture, random weights (use a GPU)")
+    p.add_argument(
+        "--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on CUDA)"
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="EasyRefConfig.reference_image_size (default 112 tiny: 16 visual tokens/image; 336 real: 144)",
+    )
+    p.add_argument(
+        "--input-size", type=int, default=None, help="side of the random square input images (default 2x image size)"
+    )
+    p.add_argument(
+        "--real-config", action="store_true", help="Qwen2-VL-2B-Instruct architecture, random weights (use a GPU)"
+    )
     p.add_argument("--num-layers", type=int, default=28, help="--real-config: text decoder layers (28 = real)")
     p.add_argument("--vision-depth", type=int, default=32, help="--real-config: vision blocks (32 = real)")
-    p.add_argument("--release-extras", action="store_true",
-                   help="naive also computes float32 logits at every position and keeps every hidden state, as the release did")
+    p.add_argument(
+        "--release-extras",
+        action="store_true",
+        help="naive also computes float32 logits at every position and keeps every hidden state, as the release did",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -246,18 +274,37 @@ def main(argv=None) -> int:
                 del a, b
                 t = _common.interleaved_times(
                     {"ours": lambda: ours.encode(inputs), "naive": lambda: naive.encode(inputs)},
-                    args.repeats, args.warmup, device,
+                    args.repeats,
+                    args.warmup,
+                    device,
                 )
                 t_ours, t_naive, speedup = t.median("ours"), t.median("naive"), t.ratio("naive", "ours")
                 m_ours, how = _common.peak_memory(lambda: ours.encode(inputs), device)
                 m_naive, _ = _common.peak_memory(lambda: naive.encode(inputs), device)
-                logger.info("N=%d L=%d ours %.4fs naive %.4fs peak %s / %s diff %.2e",
-                            n, length, t_ours, t_naive, _common.fmt_bytes(m_ours), _common.fmt_bytes(m_naive), diff)
-                rows.append([
-                    n, length, visual_tokens, f"{t_ours * 1e3:.1f}", f"{t_naive * 1e3:.1f}", f"{speedup:.2f}x",
-                    _common.fmt_bytes(m_ours), _common.fmt_bytes(m_naive),
-                    f"{m_naive / m_ours:.2f}x" if m_ours > 0 else "n/a", f"{diff:.1e}",
-                ])
+                logger.info(
+                    "N=%d L=%d ours %.4fs naive %.4fs peak %s / %s diff %.2e",
+                    n,
+                    length,
+                    t_ours,
+                    t_naive,
+                    _common.fmt_bytes(m_ours),
+                    _common.fmt_bytes(m_naive),
+                    diff,
+                )
+                rows.append(
+                    [
+                        n,
+                        length,
+                        visual_tokens,
+                        f"{t_ours * 1e3:.1f}",
+                        f"{t_naive * 1e3:.1f}",
+                        f"{speedup:.2f}x",
+                        _common.fmt_bytes(m_ours),
+                        _common.fmt_bytes(m_naive),
+                        f"{m_naive / m_ours:.2f}x" if m_ours > 0 else "n/a",
+                        f"{diff:.1e}",
+                    ]
+                )
 
     p_ours = _common.param_bytes([ours])
     p_naive = _common.param_bytes(naive.modules())
@@ -265,25 +312,55 @@ def main(argv=None) -> int:
     if args.real_config and (args.num_layers != 28 or args.vision_depth != 32):
         what += f", shrunk to {args.num_layers} text layers / vision depth {args.vision_depth}"
     print(f"### Reference encoding vs number of references: {what}\n")
-    print(f"{_common.machine_line(device, busy)}; dtype {str(args.dtype).removeprefix('torch.')}; "
-          f"reference_image_size {args.image_size}; median of {args.repeats} after {args.warmup} warm-up; "
-          f"peak memory = {how}; naive release extras: {'on' if args.release_extras else 'off'}\n")
-    print(_common.markdown_table(
-        ["N refs", "seq len", "visual tokens", "ours ms", "naive ms", "naive/ours time", "ours peak", "naive peak",
-         "naive/ours peak", "max abs diff"],
-        rows,
-    ))
+    print(
+        f"{_common.machine_line(device, busy)}; dtype {str(args.dtype).removeprefix('torch.')}; "
+        f"reference_image_size {args.image_size}; median of {args.repeats} after {args.warmup} warm-up; "
+        f"peak memory = {how}; naive release extras: {'on' if args.release_extras else 'off'}\n"
+    )
+    print(
+        _common.markdown_table(
+            [
+                "N refs",
+                "seq len",
+                "visual tokens",
+                "ours ms",
+                "naive ms",
+                "naive/ours time",
+                "ours peak",
+                "naive peak",
+                "naive/ours peak",
+                "max abs diff",
+            ],
+            rows,
+        )
+    )
     print()
     load = lambda t: "n/a" if t is None else f"{t:.2f}"  # noqa: E731
-    print(_common.markdown_table(
-        ["encoder", "parameters", "parameter bytes", "load s"],
-        [
-            ["ours (trunk + aggregation layer, MLLM held once)", f"{p_ours[0]:,}", _common.fmt_bytes(p_ours[1]), load(ours_load)],
-            ["naive (two whole Qwen2-VL copies)", f"{p_naive[0]:,}", _common.fmt_bytes(p_naive[1]), load(naive_load)],
-            ["naive / ours", f"{p_naive[0] / p_ours[0]:.2f}x", f"{p_naive[1] / p_ours[1]:.2f}x",
-             "n/a" if ours_load is None else f"{naive_load / ours_load:.2f}x"],
-        ],
-    ))
+    print(
+        _common.markdown_table(
+            ["encoder", "parameters", "parameter bytes", "load s"],
+            [
+                [
+                    "ours (trunk + aggregation layer, MLLM held once)",
+                    f"{p_ours[0]:,}",
+                    _common.fmt_bytes(p_ours[1]),
+                    load(ours_load),
+                ],
+                [
+                    "naive (two whole Qwen2-VL copies)",
+                    f"{p_naive[0]:,}",
+                    _common.fmt_bytes(p_naive[1]),
+                    load(naive_load),
+                ],
+                [
+                    "naive / ours",
+                    f"{p_naive[0] / p_ours[0]:.2f}x",
+                    f"{p_naive[1] / p_ours[1]:.2f}x",
+                    "n/a" if ours_load is None else f"{naive_load / ours_load:.2f}x",
+                ],
+            ],
+        )
+    )
     return 0
 
 

@@ -79,17 +79,21 @@ def measure(tied: bool, dtype: torch.dtype, num_tokens: int) -> dict:
             "one decoder layer": count([language.layers[-1]]),
             f"{len(language.layers)} decoder layers": count([language.layers]),
             "final RMSNorm": count([language.norm]),
-            "lm_head (separate tensor)": 0 if model.lm_head.weight is language.embed_tokens.weight else count([model.lm_head]),
+            "lm_head (separate tensor)": 0
+            if model.lm_head.weight is language.embed_tokens.weight
+            else count([model.lm_head]),
         }
         full = count([model])
         encoder = ReferenceEncoder(
-            EasyRefConfig(mllm_hidden_size=text.hidden_size, num_reference_tokens=num_tokens), model,
-            tokenizer=None, image_processor=None,
+            EasyRefConfig(mllm_hidden_size=text.hidden_size, num_reference_tokens=num_tokens),
+            model,
+            tokenizer=None,
+            image_processor=None,
         ).to(dtype)
         ours = count([encoder])
         ours_check = {
-            "aggregation layer holds the model's own last layer (moved, not copied)":
-                encoder.aggregator.layers[0] is language.layers[-1],
+            "aggregation layer holds the model's own last layer (moved, not copied)": encoder.aggregator.layers[0]
+            is language.layers[-1],
             "trunk has all layers but the last": len(encoder.layers) == text.num_hidden_layers - 1,
         }
     analytic_layer = decoder_layer_params(text)
@@ -114,10 +118,14 @@ def measure(tied: bool, dtype: torch.dtype, num_tokens: int) -> dict:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 | float16 | float32 (bytes per parameter)")
     p.add_argument("--num-tokens", type=int, default=64, help="reference tokens")
-    p.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 8, 16, 28], help="reference counts for the activation table")
+    p.add_argument(
+        "--sizes", type=int, nargs="+", default=[1, 4, 8, 16, 28], help="reference counts for the activation table"
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -136,8 +144,12 @@ def main(argv=None) -> int:
     for r in results:
         label = "tied" if r["tied"] else "untied"
         if r["parts"]["one decoder layer"] != r["analytic_layer"]:
-            logger.error("%s: decoder layer has %d params, the config formula gives %d",
-                         label, r["parts"]["one decoder layer"], r["analytic_layer"])
+            logger.error(
+                "%s: decoder layer has %d params, the config formula gives %d",
+                label,
+                r["parts"]["one decoder layer"],
+                r["analytic_layer"],
+            )
             ok = False
         if r["parts_sum"] != r["full"]:
             logger.error("%s: parts sum to %d but the model has %d unique params", label, r["parts_sum"], r["full"])
@@ -147,14 +159,28 @@ def main(argv=None) -> int:
                 logger.error("%s: %s: NO", label, what)
                 ok = False
 
-    print(f"### Reference-encoder parameter memory: Qwen2-VL-2B-Instruct architecture ({dname}, "
-          f"{bpp} bytes/param, meta device: no weights allocated)\n")
-    print(_common.markdown_table(
-        ["component", "params (tied, real 2B)", f"{dname}", "params (untied)", f"{dname} (untied)"],
-        [[k, f"{tied['parts'][k]:,}", b(tied["parts"][k]), f"{untied['parts'][k]:,}", b(untied["parts"][k])]
-         for k in tied["parts"]]
-        + [["full model (unique tensors)", f"{tied['full']:,}", b(tied["full"]), f"{untied['full']:,}", b(untied["full"])]],
-    ))
+    print(
+        f"### Reference-encoder parameter memory: Qwen2-VL-2B-Instruct architecture ({dname}, "
+        f"{bpp} bytes/param, meta device: no weights allocated)\n"
+    )
+    print(
+        _common.markdown_table(
+            ["component", "params (tied, real 2B)", f"{dname}", "params (untied)", f"{dname} (untied)"],
+            [
+                [k, f"{tied['parts'][k]:,}", b(tied["parts"][k]), f"{untied['parts'][k]:,}", b(untied["parts"][k])]
+                for k in tied["parts"]
+            ]
+            + [
+                [
+                    "full model (unique tensors)",
+                    f"{tied['full']:,}",
+                    b(tied["full"]),
+                    f"{untied['full']:,}",
+                    b(untied["full"]),
+                ]
+            ],
+        )
+    )
     print()
     rows = []
     for name, key in [
@@ -163,42 +189,88 @@ def main(argv=None) -> int:
         ("naive: two full models held (+ reference tokens)", "naive"),
         ("release code after its own pruning (+ reference tokens)", "release_pruned"),
     ]:
-        rows.append([name, f"{tied[key]:,}", b(tied[key]), f"{tied[key] / tied['ours']:.3f}",
-                     f"{untied[key]:,}", b(untied[key]), f"{untied[key] / untied['ours']:.3f}"])
-    print(_common.markdown_table(
-        ["encoder", "params (tied, real 2B)", dname, "x ours", "params (untied)", f"{dname} (untied)", "x ours (untied)"],
-        rows,
-    ))
+        rows.append(
+            [
+                name,
+                f"{tied[key]:,}",
+                b(tied[key]),
+                f"{tied[key] / tied['ours']:.3f}",
+                f"{untied[key]:,}",
+                b(untied[key]),
+                f"{untied[key] / untied['ours']:.3f}",
+            ]
+        )
+    print(
+        _common.markdown_table(
+            [
+                "encoder",
+                "params (tied, real 2B)",
+                dname,
+                "x ours",
+                "params (untied)",
+                f"{dname} (untied)",
+                "x ours (untied)",
+            ],
+            rows,
+        )
+    )
     print()
     d = tied["text"].hidden_size
     for r in results:
         label = "tied (real 2B)" if r["tied"] else "untied"
         match = r["ours"] == r["expected_ours"]
         ok &= match
-        print(f"- {label}: expected ours = full {r['full']:,} - lm_head {r['parts']['lm_head (separate tensor)']:,} "
-              f"+ aggregator norm {d:,} + reference tokens {args.num_tokens} x {d} = {r['expected_ours']:,}; "
-              f"measured {r['ours']:,}: **{'match' if match else 'MISMATCH'}**")
-    print(f"- one decoder layer: measured {tied['parts']['one decoder layer']:,}, config formula "
-          f"{tied['analytic_layer']:,}: {'match' if tied['parts']['one decoder layer'] == tied['analytic_layer'] else 'MISMATCH'}")
+        print(
+            f"- {label}: expected ours = full {r['full']:,} - lm_head {r['parts']['lm_head (separate tensor)']:,} "
+            f"+ aggregator norm {d:,} + reference tokens {args.num_tokens} x {d} = {r['expected_ours']:,}; "
+            f"measured {r['ours']:,}: **{'match' if match else 'MISMATCH'}**"
+        )
+    print(
+        f"- one decoder layer: measured {tied['parts']['one decoder layer']:,}, config formula "
+        f"{tied['analytic_layer']:,}: "
+        f"{'match' if tied['parts']['one decoder layer'] == tied['analytic_layer'] else 'MISMATCH'}"
+    )
     for what, good in tied["checks"].items():
         print(f"- {what}: {'yes' if good else 'NO'}")
-    print(f"- ours saves vs naive (tied): {b(tied['naive'] - tied['ours'])}; "
-          f"vs the release after pruning: {b(tied['release_pruned'] - tied['ours'])} (tied), "
-          f"{b(untied['release_pruned'] - untied['ours'])} (untied)")
+    print(
+        f"- ours saves vs naive (tied): {b(tied['naive'] - tied['ours'])}; "
+        f"vs the release after pruning: {b(tied['release_pruned'] - tied['ours'])} (tied), "
+        f"{b(untied['release_pruned'] - untied['ours'])} (untied)"
+    )
 
-    print(f"\n### Per-call activations the release's path keeps alive and ours never makes (estimate, Qwen2-VL-2B, {dname})\n")
+    print(
+        "\n### Per-call activations the release's path keeps alive and ours never makes "
+        f"(estimate, Qwen2-VL-2B, {dname})\n"
+    )
     text = tied["text"]
     act_rows = []
     for n in args.sizes:
         length = TOKENS_PER_REFERENCE * n + TEXT_TOKENS
         logits = length * text.vocab_size * 4
-        states = (text.num_hidden_layers - 1 + 1) * length * text.hidden_size * bpp  # 27 trunk-layer inputs + normed output
-        act_rows.append([n, f"~{length:,}", _common.fmt_bytes(logits), _common.fmt_bytes(states),
-                         _common.fmt_bytes(logits + states)])
-    print(_common.markdown_table(
-        ["N refs", "seq len", "float32 logits (L x 151,936)", "kept hidden states (27 layer inputs + normed output)", "total"],
-        act_rows,
-    ))
+        states = (
+            (text.num_hidden_layers - 1 + 1) * length * text.hidden_size * bpp
+        )  # 27 trunk-layer inputs + normed output
+        act_rows.append(
+            [
+                n,
+                f"~{length:,}",
+                _common.fmt_bytes(logits),
+                _common.fmt_bytes(states),
+                _common.fmt_bytes(logits + states),
+            ]
+        )
+    print(
+        _common.markdown_table(
+            [
+                "N refs",
+                "seq len",
+                "float32 logits (L x 151,936)",
+                "kept hidden states (27 layer inputs + normed output)",
+                "total",
+            ],
+            act_rows,
+        )
+    )
     if not ok:
         logger.error("some checks failed (see above)")
     return 0 if ok else 1

@@ -90,8 +90,9 @@ def run_tiny(args, device, dtype) -> None:
         qwen_dir = save_tiny_qwen2vl(Path(tmp) / "qwen2vl")
         plain = StableDiffusionXLPipeline.from_pretrained(sdxl_dir, dtype=dtype).to(device)
         base = StableDiffusionXLPipeline.from_pretrained(sdxl_dir, dtype=dtype).to(device)  # its own UNet
-        config = EasyRefConfig(mllm=str(qwen_dir), mllm_hidden_size=64, cross_attention_dim=64,
-                               reference_image_size=args.image_size)
+        config = EasyRefConfig(
+            mllm=str(qwen_dir), mllm_hidden_size=64, cross_attention_dim=64, reference_image_size=args.image_size
+        )
         encoder = ReferenceEncoder.from_pretrained(qwen_dir, config, dtype=dtype)
         easyref = EasyRefPipeline.from_components(base, encoder)
     assert plain.unet is not easyref.unet, "the plain pipeline must keep its own, adapter-free UNet"
@@ -99,8 +100,14 @@ def run_tiny(args, device, dtype) -> None:
         pipe.set_progress_bar_config(disable=True)
 
     refs = make_images(args.references, args.input_size, args.seed)
-    common = dict(prompt=PROMPT, negative_prompt=NEGATIVE, guidance_scale=args.guidance_scale,
-                  height=args.height, width=args.width, output_type="pil")
+    common = dict(
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        guidance_scale=args.guidance_scale,
+        height=args.height,
+        width=args.width,
+        output_type="pil",
+    )
 
     def gen():
         return torch.Generator("cpu").manual_seed(args.seed)
@@ -108,9 +115,13 @@ def run_tiny(args, device, dtype) -> None:
     with torch.inference_mode():
         embeds = easyref.encode_references([refs], [PROMPT])
         t = _common.interleaved_times(
-            {"encode": lambda: easyref.encode_references([refs], [PROMPT]),
-             "negative": lambda: easyref.reference_encoder.encode_negative()},
-            args.repeats, args.warmup, device,
+            {
+                "encode": lambda: easyref.encode_references([refs], [PROMPT]),
+                "negative": lambda: easyref.reference_encoder.encode_negative(),
+            },
+            args.repeats,
+            args.warmup,
+            device,
         )
         t_encode, t_negative = t.median("encode"), t.median("negative")
     easyref.negative_reference_tokens()
@@ -126,59 +137,109 @@ def run_tiny(args, device, dtype) -> None:
             {
                 "plain": lambda: plain(num_inference_steps=steps, generator=gen(), **common),
                 "easyref": lambda: easyref(references=refs, num_inference_steps=steps, generator=gen(), **common),
-                "embeds": lambda: easyref(reference_embeds=embeds, num_inference_steps=steps, generator=gen(), **common),
+                "embeds": lambda: easyref(
+                    reference_embeds=embeds, num_inference_steps=steps, generator=gen(), **common
+                ),
                 "uncached": lambda: uncached_call(steps),
             },
-            args.repeats, args.warmup, device,
+            args.repeats,
+            args.warmup,
+            device,
         )
         t_plain, t_ref, t_embeds, t_uncached = (t.median(k) for k in ("plain", "easyref", "embeds", "uncached"))
         r_ref, r_embeds, r_uncached = (t.ratio(k, "plain") for k in ("easyref", "embeds", "uncached"))
-        logger.info("steps=%d plain %.3fs easyref %.3fs (embeds given %.3fs, uncached %.3fs)",
-                    steps, t_plain, t_ref, t_embeds, t_uncached)
-        rows.append([
-            steps, f"{t_plain:.3f}", f"{t_ref:.3f}", f"**{r_ref:.3f}**",
-            f"{t_embeds:.3f}", f"{r_embeds:.3f}", f"{t_uncached:.3f}", f"{r_uncached:.3f}",
-            f"{t_encode:.3f}", f"{t_negative:.3f}", "yes" if cached else "no",
-            "yes" if r_ref <= 1.10 else "no",
-        ])
+        logger.info(
+            "steps=%d plain %.3fs easyref %.3fs (embeds given %.3fs, uncached %.3fs)",
+            steps,
+            t_plain,
+            t_ref,
+            t_embeds,
+            t_uncached,
+        )
+        rows.append(
+            [
+                steps,
+                f"{t_plain:.3f}",
+                f"{t_ref:.3f}",
+                f"**{r_ref:.3f}**",
+                f"{t_embeds:.3f}",
+                f"{r_embeds:.3f}",
+                f"{t_uncached:.3f}",
+                f"{r_uncached:.3f}",
+                f"{t_encode:.3f}",
+                f"{t_negative:.3f}",
+                "yes" if cached else "no",
+                "yes" if r_ref <= 1.10 else "no",
+            ]
+        )
     easyref.negative_reference_tokens()  # leave the cache filled
 
     # the adapter's own cost per UNet call: same weights, CFG batch 2, with / without the reference branch
     unet_cfg = plain.unet.config
     scale = plain.vae_scale_factor  # 2 for the tiny VAE, 8 for SDXL's
-    latents = torch.randn(2, unet_cfg.in_channels, args.height // scale, args.width // scale, device=device, dtype=dtype)
+    latents = torch.randn(
+        2, unet_cfg.in_channels, args.height // scale, args.width // scale, device=device, dtype=dtype
+    )
     text = torch.randn(2, 77, unet_cfg.cross_attention_dim, device=device, dtype=dtype)
     pooled = unet_cfg.projection_class_embeddings_input_dim - 6 * unet_cfg.addition_time_embed_dim
-    added = {"text_embeds": torch.randn(2, pooled, device=device, dtype=dtype),
-             "time_ids": torch.randn(2, 6, device=device, dtype=dtype)}
+    added = {
+        "text_embeds": torch.randn(2, pooled, device=device, dtype=dtype),
+        "time_ids": torch.randn(2, 6, device=device, dtype=dtype),
+    }
     reference = [embeds.to(device, dtype).expand(2, -1, -1).unsqueeze(1)]
     with torch.inference_mode():
         u = _common.interleaved_times(
             {
                 "plain": lambda: plain.unet(latents, 500, encoder_hidden_states=text, added_cond_kwargs=added),
-                "adapter": lambda: easyref.unet(latents, 500, encoder_hidden_states=text,
-                                                added_cond_kwargs=dict(added, image_embeds=reference)),
+                "adapter": lambda: easyref.unet(
+                    latents, 500, encoder_hidden_states=text, added_cond_kwargs=dict(added, image_embeds=reference)
+                ),
             },
-            args.unet_repeats, 3, device,
+            args.unet_repeats,
+            3,
+            device,
         )
 
     print("### EasyRef generation time / plain SDXL time: tiny SDXL + tiny Qwen2-VL (easyref.tiny)\n")
-    print(f"{_common.machine_line(device, args.busy)}; dtype {str(dtype).removeprefix('torch.')}; "
-          f"{args.height}x{args.width}, {args.references} references (reference_image_size {args.image_size}), "
-          f"guidance {args.guidance_scale}; median of {args.repeats} after {args.warmup} warm-up, variants interleaved; "
-          f"ratios = median of per-round ratios\n")
-    print(_common.markdown_table(
-        ["steps", "plain s", "EasyRef s", "EasyRef/plain", "EasyRef, embeds given s", "embeds given/plain",
-         "EasyRef, negative recomputed s", "recomputed/plain", "encode s", "negative branch s",
-         "negative cached", "ratio <= 1.10"],
-        rows,
-    ))
+    print(
+        f"{_common.machine_line(device, args.busy)}; dtype {str(dtype).removeprefix('torch.')}; "
+        f"{args.height}x{args.width}, {args.references} references (reference_image_size {args.image_size}), "
+        f"guidance {args.guidance_scale}; median of {args.repeats} after {args.warmup} warm-up, variants interleaved; "
+        f"ratios = median of per-round ratios\n"
+    )
+    print(
+        _common.markdown_table(
+            [
+                "steps",
+                "plain s",
+                "EasyRef s",
+                "EasyRef/plain",
+                "EasyRef, embeds given s",
+                "embeds given/plain",
+                "EasyRef, negative recomputed s",
+                "recomputed/plain",
+                "encode s",
+                "negative branch s",
+                "negative cached",
+                "ratio <= 1.10",
+            ],
+            rows,
+        )
+    )
     print()
-    print(_common.markdown_table(
-        ["one UNet call (CFG batch 2)", "plain ms", "with adapter ms", "adapter/plain"],
-        [[f"tiny UNet, {latents.shape[-2]}x{latents.shape[-1]} latents, 77 text + 64 reference tokens",
-          f"{u.median('plain') * 1e3:.2f}", f"{u.median('adapter') * 1e3:.2f}", f"{u.ratio('adapter', 'plain'):.3f}"]],
-    ))
+    print(
+        _common.markdown_table(
+            ["one UNet call (CFG batch 2)", "plain ms", "with adapter ms", "adapter/plain"],
+            [
+                [
+                    f"tiny UNet, {latents.shape[-2]}x{latents.shape[-1]} latents, 77 text + 64 reference tokens",
+                    f"{u.median('plain') * 1e3:.2f}",
+                    f"{u.median('adapter') * 1e3:.2f}",
+                    f"{u.ratio('adapter', 'plain'):.3f}",
+                ]
+            ],
+        )
+    )
 
 
 # ------------------------------------------------------------------------------------------------ real SDXL UNet only
@@ -197,8 +258,10 @@ def run_real(args, device, dtype) -> None:
     batch = 2  # classifier-free guidance
     latents0 = torch.randn(batch, 4, args.sample_size, args.sample_size, device=device, dtype=dtype)
     text = torch.randn(batch, 77, 2048, device=device, dtype=dtype)
-    added = {"text_embeds": torch.randn(batch, 1280, device=device, dtype=dtype),
-             "time_ids": torch.tensor([[1024, 1024, 0, 0, 1024, 1024]] * batch, device=device, dtype=dtype)}
+    added = {
+        "text_embeds": torch.randn(batch, 1280, device=device, dtype=dtype),
+        "time_ids": torch.tensor([[1024, 1024, 0, 0, 1024, 1024]] * batch, device=device, dtype=dtype),
+    }
     reference = torch.randn(batch, 1, 64, 1536, device=device, dtype=dtype)
     timesteps = torch.linspace(999, 0, max(args.steps)).long().tolist()
 
@@ -213,35 +276,65 @@ def run_real(args, device, dtype) -> None:
     rows = []
     with torch.inference_mode():
         # one UNet: plain, then with the adapter installed, then plain again after unloading it (drift check)
-        before = {s: _common.median_time(lambda: loop(s, False), args.repeats, args.warmup, device)[0] for s in args.steps}
+        before = {
+            s: _common.median_time(lambda: loop(s, False), args.repeats, args.warmup, device)[0] for s in args.steps
+        }
         install_adapter(unet, EasyRefConfig(cross_attention_dim=2048))
         adapter_params = sum(p.numel() for p in unet.parameters()) - n_params
-        with_adapter = {s: _common.median_time(lambda: loop(s, True), args.repeats, args.warmup, device)[0] for s in args.steps}
+        with_adapter = {
+            s: _common.median_time(lambda: loop(s, True), args.repeats, args.warmup, device)[0] for s in args.steps
+        }
         unload_adapter(unet)
-        after = {s: _common.median_time(lambda: loop(s, False), args.repeats, args.warmup, device)[0] for s in args.steps}
+        after = {
+            s: _common.median_time(lambda: loop(s, False), args.repeats, args.warmup, device)[0] for s in args.steps
+        }
         for steps in args.steps:
             t_plain, t_ref = (before[steps] + after[steps]) / 2, with_adapter[steps]
             logger.info("steps=%d plain %.3fs adapter %.3fs", steps, t_plain, t_ref)
-            rows.append([steps, f"{before[steps]:.3f} / {after[steps]:.3f}", f"{t_ref:.3f}", f"**{t_ref / t_plain:.3f}**",
-                         f"{(t_ref - t_plain) / steps * 1e3:.2f}"])
+            rows.append(
+                [
+                    steps,
+                    f"{before[steps]:.3f} / {after[steps]:.3f}",
+                    f"{t_ref:.3f}",
+                    f"**{t_ref / t_plain:.3f}**",
+                    f"{(t_ref - t_plain) / steps * 1e3:.2f}",
+                ]
+            )
 
     print("### SDXL UNet denoise loop without / with the EasyRef adapter: real SDXL UNet config, random weights\n")
-    print(f"{_common.machine_line(device, args.busy)}; dtype {str(dtype).removeprefix('torch.')}; latents "
-          f"{args.sample_size}x{args.sample_size} (= {8 * args.sample_size} px), CFG batch 2, UNet {n_params / 1e9:.2f} B "
-          f"params, adapter adds {adapter_params / 1e6:.1f} M; reference encoding not included; "
-          f"median of {args.repeats} after {args.warmup} warm-up\n")
-    print(_common.markdown_table(
-        ["steps", "UNet loop plain s (before / after)", "UNet loop + adapter s", "adapter/plain (mean)", "extra ms per step"], rows))
+    print(
+        f"{_common.machine_line(device, args.busy)}; dtype {str(dtype).removeprefix('torch.')}; latents "
+        f"{args.sample_size}x{args.sample_size} (= {8 * args.sample_size} px), CFG batch 2, "
+        f"UNet {n_params / 1e9:.2f} B params, adapter adds {adapter_params / 1e6:.1f} M; "
+        "reference encoding not included; "
+        f"median of {args.repeats} after {args.warmup} warm-up\n"
+    )
+    print(
+        _common.markdown_table(
+            [
+                "steps",
+                "UNet loop plain s (before / after)",
+                "UNet loop + adapter s",
+                "adapter/plain (mean)",
+                "extra ms per step",
+            ],
+            rows,
+        )
+    )
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--steps", type=int, nargs="+", default=[30, 10], help="num_inference_steps values")
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--unet-repeats", type=int, default=50, help="tiny mode: repeats of the single-UNet-call comparison")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: float32 on CPU, float16 on CUDA)")
+    p.add_argument(
+        "--dtype", default=None, help="float32 | float16 | bfloat16 (default: float32 on CPU, float16 on CUDA)"
+    )
     p.add_argument("--references", type=int, default=3, help="tiny mode: references per call")
     p.add_argument("--image-size", type=int, default=56, help="tiny mode: EasyRefConfig.reference_image_size")
     p.add_argument("--input-size", type=int, default=96, help="tiny mode: side of the random reference images")

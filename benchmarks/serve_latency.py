@@ -28,8 +28,15 @@ from playwright.sync_api import sync_playwright
 
 from easyref.shapes.data import demo_group, demo_prompts
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SETTINGS = [(30, 1), (30, 4)]  # (steps, images)
 
 
@@ -38,8 +45,11 @@ def start_server(model_flags: list[str], folder: Path) -> tuple[subprocess.Popen
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(folder / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "easyref", "serve", "--port", str(port), *model_flags],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "easyref", "serve", "--port", str(port), *model_flags],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}/"
     for _ in range(600):
         try:

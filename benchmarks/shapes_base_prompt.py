@@ -37,8 +37,10 @@ def items(count: int, seed: int):
 
     rng = random.Random(f"base-prompt-{seed}")
     subjects = subjects_in("held-out")
-    return [(rng.choice(subjects), rng.choice(list(BACKGROUNDS)), rng.choice(list(POSITIONS)),
-             rng.choice(PICK_ATTRIBUTES)) for _ in range(count)]
+    return [
+        (rng.choice(subjects), rng.choice(list(BACKGROUNDS)), rng.choice(list(POSITIONS)), rng.choice(PICK_ATTRIBUTES))
+        for _ in range(count)
+    ]
 
 
 def measure(pipe, oracle, draws, prompt_of, steps: int, guidance: float) -> dict:
@@ -46,10 +48,11 @@ def measure(pipe, oracle, draws, prompt_of, steps: int, guidance: float) -> dict
 
     images = []
     for start in range(0, len(draws), 16):
-        chunk = draws[start:start + 16]
+        chunk = draws[start : start + 16]
         generators = [torch.Generator().manual_seed(start + i) for i in range(len(chunk))]
-        images += pipe([prompt_of(*d) for d in chunk], num_inference_steps=steps, guidance_scale=guidance,
-                       generator=generators).images
+        images += pipe(
+            [prompt_of(*d) for d in chunk], num_inference_steps=steps, guidance_scale=guidance, generator=generators
+        ).images
     reads = list(zip(read_images(oracle, images), draws))
     corners = [r.position == d[2] for r, d in reads if d[2] != "center"]
     share = lambda hits: f"{100 * sum(hits) / max(1, len(hits)):.1f}"
@@ -58,13 +61,15 @@ def measure(pipe, oracle, draws, prompt_of, steps: int, guidance: float) -> dict
         "position": share([r.position == d[2] for r, d in reads]),
         "corners": share(corners),
         "prompt": share([r.background == d[1] and r.position == d[2] for r, d in reads]),
-        "identity": share([(r.shape, r.colour, r.pattern) == (d[0].shape, d[0].colour, d[0].pattern) for r, d in reads]),
+        "identity": share(
+            [(r.shape, r.colour, r.pattern) == (d[0].shape, d[0].colour, d[0].pattern) for r, d in reads]
+        ),
     }
 
 
 @torch.no_grad()
 def text_similarity(pipe) -> list[dict]:
-    from easyref.shapes.world import caption_for, Subject
+    from easyref.shapes.world import Subject, caption_for
 
     subject = Subject("star", "red", "solid")
     positions = ("top left", "top right", "bottom left", "bottom right", "center")
@@ -75,9 +80,14 @@ def text_similarity(pipe) -> list[dict]:
     cos = lambda a, b: float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
     rows = []
     for i, position in enumerate(positions[1:], start=1):
-        rows.append({"'top left' against": position, "pooled": f"{cos(pooled[0], pooled[i]):.3f}",
-                     "first position word": f"{cos(embeds[0, first], embeds[i, first]):.3f}",
-                     "second position word": f"{cos(embeds[0, first + 1], embeds[i, first + 1]):.3f}"})
+        rows.append(
+            {
+                "'top left' against": position,
+                "pooled": f"{cos(pooled[0], pooled[i]):.3f}",
+                "first position word": f"{cos(embeds[0, first], embeds[i, first]):.3f}",
+                "second position word": f"{cos(embeds[0, first + 1], embeds[i, first + 1]):.3f}",
+            }
+        )
     return rows
 
 
@@ -106,11 +116,15 @@ def main() -> None:
         "subject-less": lambda s, bg, pos, attr: prompt_for(bg, pos),
         "one attribute (pick)": lambda s, bg, pos, attr: pick_prompt(s, attr, bg, pos),
     }
-    rows = [{"prompt form": name, **measure(pipe, oracle, draws, make, args.steps, args.guidance)}
-            for name, make in prompts.items()]
+    rows = [
+        {"prompt form": name, **measure(pipe, oracle, draws, make, args.steps, args.guidance)}
+        for name, make in prompts.items()
+    ]
     levels = len(pipe.unet.config.down_block_types)
-    print(f"base {folder} ({levels}-level UNet), {args.count} held-out subjects, {args.steps} steps, "
-          f"guidance {args.guidance}; accuracies in %; {machine_line('cpu')}")
+    print(
+        f"base {folder} ({levels}-level UNet), {args.count} held-out subjects, {args.steps} steps, "
+        f"guidance {args.guidance}; accuracies in %; {machine_line('cpu')}"
+    )
     print(_table(rows))
     print()
     print(_table(text_similarity(pipe)))

@@ -7,8 +7,8 @@ Run (from the repository root, after `make bench-shapes` or a bench run that tra
 Rows: the demo *pick* group (`examples/refs`) under each of its two prompts, then the first held-out
 *repeat* group of the benchmark's groups (a rival recurs in all references but one). Columns: the
 references, the target (the oracle's answer key), then `--samples` images from EasyRef
-(`model-easyref-sSEED`) and from the mean baseline (`model-mean-sSEED`), the same noise for both. Nothing is chosen by result: the groups are fixed before
-any model is run.
+(`model-easyref-sSEED`) and from the mean baseline (`model-mean-sSEED`), the same noise for both.
+Nothing is chosen by result: the groups are fixed before any model is run.
 """
 
 from __future__ import annotations
@@ -30,8 +30,13 @@ def figure_groups():
 
     pick = demo_group()
     first, second = demo_prompts(pick)
-    swapped = dataclasses.replace(pick, prompt=second, subject=pick.other, other=pick.subject,
-                                  target=target_scene(pick.other, pick.background, pick.position))
+    swapped = dataclasses.replace(
+        pick,
+        prompt=second,
+        subject=pick.other,
+        other=pick.subject,
+        target=target_scene(pick.other, pick.background, pick.position),
+    )
     repeat = cell_groups(("repeat", "held-out", 3, 2), 1, seed=0)[0]
     return [dataclasses.replace(pick, prompt=first), swapped, repeat]
 
@@ -56,7 +61,9 @@ def compose(groups, outputs: dict[str, list[list[Image.Image]]]) -> Image.Image:
                 sheet.paste(tile.resize((CELL, CELL), Image.NEAREST), (start + i * CELL, top))
         draw.text((4, top + CELL + 4), f'{group.kind} group, prompt "{group.prompt}"', fill="black")
         subject = group.subject
-        draw.text((4, top + CELL + 18), f"to draw: the {subject.colour} {subject.pattern} {subject.shape}", fill="dimgray")
+        draw.text(
+            (4, top + CELL + 18), f"to draw: the {subject.colour} {subject.pattern} {subject.shape}", fill="dimgray"
+        )
     return sheet
 
 
@@ -73,7 +80,10 @@ def main() -> None:
     args = parser.parse_args()
     groups = figure_groups()
     outputs = {}
-    for method, label in (("easyref", "EasyRef (reads the group with the prompt)"), ("mean", "mean of per-reference tokens")):
+    for method, label in (
+        ("easyref", "EasyRef (reads the group with the prompt)"),
+        ("mean", "mean of per-reference tokens"),
+    ):
         pipe = load_method(model_folder(args.models_dir, method, args.seed))
         # one group repeated: the same references, noise seeds 0..samples-1
         outputs[label] = [generate_for_groups(pipe, [g] * args.samples, steps=args.steps) for g in groups]

@@ -23,8 +23,11 @@ from easyref.shapes.mllm import GROUNDING_KINDS, grounding_accuracy, pretrain_gr
 
 
 def accuracies(folder: Path) -> dict[tuple[str, str], float]:
-    return {(kind, split): grounding_accuracy(folder, kind, split=split)
-            for split in ("held-in", "held-out") for kind in GROUNDING_KINDS}
+    return {
+        (kind, split): grounding_accuracy(folder, kind, split=split)
+        for split in ("held-in", "held-out")
+        for kind in GROUNDING_KINDS
+    }
 
 
 def main() -> int:

@@ -22,8 +22,11 @@ from pathlib import Path
 
 def plain_records(groups_file: Path, out: Path) -> int:
     """The records whose images are plain groups (their files are named after the split, not a kind)."""
-    kept = [line for line in groups_file.read_text().splitlines()
-            if json.loads(line)["target"].startswith(("images/held-in", "images/held-out"))]
+    kept = [
+        line
+        for line in groups_file.read_text().splitlines()
+        if json.loads(line)["target"].startswith(("images/held-in", "images/held-out"))
+    ]
     out.write_text("".join(line + "\n" for line in kept))
     return len(kept)
 
@@ -44,8 +47,9 @@ def main() -> None:
     print(f"{count} plain groups of {len((data / 'groups.jsonl').read_text().splitlines())}")
     stage_dir = args.work / "stage3-plain-only-s0"
     if not (stage_dir / "final" / "easyref.safetensors").is_file():
-        config = dataclasses.replace(stage_config(recipe, 3, args.work, True), output_dir=str(stage_dir),
-                                     data=str(data / "groups-plain.jsonl"))
+        config = dataclasses.replace(
+            stage_config(recipe, 3, args.work, True), output_dir=str(stage_dir), data=str(data / "groups-plain.jsonl")
+        )
         Trainer(config, cpu=True).train()
     plain_only = args.work / "model-easyref-plain-only-s0"
     if not (plain_only / "adapter").is_dir():

@@ -42,7 +42,7 @@ def features(pipe, groups, batch: int = 32) -> dict[str, torch.Tensor]:
     encoder, projection = pipe.reference_encoder, pipe.unet.encoder_hid_proj.image_projection_layers[0]
     out = {"context": [], "tokens": [], "projected": []}
     for start in range(0, len(groups), batch):
-        chunk = groups[start:start + batch]
+        chunk = groups[start : start + batch]
         inputs = encoder.prepare([[render(s) for s in g.references] for g in chunk], [g.prompt for g in chunk])
         hidden, _ = encoder.trunk(inputs)
         last = inputs.attention_mask.sum(-1) - 1
@@ -107,7 +107,9 @@ def main() -> None:
             distractors = 0 if kind == "pick" else 2
             train_groups = make_groups("held-in", args.train_groups, 3, distractors, seed=7000, kind=kind)
             test_groups = cell_groups((kind, "held-out", 3, distractors), args.test_groups, seed=0)
-            result = probe_accuracy(features(pipe, train_groups), features(pipe, test_groups), train_groups, test_groups)
+            result = probe_accuracy(
+                features(pipe, train_groups), features(pipe, test_groups), train_groups, test_groups
+            )
             for place, accuracy in result.items():
                 rows.append([method, kind, place, *(f"{accuracy[k]:.1f}" for k in (*ATTRIBUTES, "subject"))])
     print(machine_line("cpu"))

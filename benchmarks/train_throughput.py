@@ -77,7 +77,9 @@ def write_dataset(root: Path, groups: int, refs: int, size: int, stage: int) -> 
     (root / "images").mkdir(parents=True, exist_ok=True)
     pool = []
     for i in range(refs + 3):
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / f"images/{i}.jpg", quality=90)
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
+            root / f"images/{i}.jpg", quality=90
+        )
         pool.append(f"images/{i}.jpg")
     records = []
     for g in range(groups):
@@ -85,7 +87,13 @@ def write_dataset(root: Path, groups: int, refs: int, size: int, stage: int) -> 
         if stage == 1:
             records.append({"image_file": target, "text": f"caption {g}", "target": target})
         elif stage == 2:
-            records.append({"face": [[[size // 4, size // 4, size // 2, size // 2, 0.9]]], "text": f"caption {g}", "target": target})
+            records.append(
+                {
+                    "face": [[[size // 4, size // 4, size // 2, size // 2, 0.9]]],
+                    "text": f"caption {g}",
+                    "target": target,
+                }
+            )
         else:
             records.append({"image_file": pool[3:], "text": f"caption {g}", "target": target})
     path = root / f"stage{stage}.json"
@@ -115,13 +123,23 @@ def build_real_models(scale_down: bool, device: torch.device, lora_rank: int, nu
         vae = AutoencoderKL(**_common.sdxl_vae_config(scale_down))
         text_encoder = CLIPTextModel(CLIPTextConfig(**one))
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**two))
-    config = EasyRefConfig(mllm="qwen2vl-2b-random", mllm_hidden_size=1536, cross_attention_dim=2048,
-                           lora_rank=lora_rank, has_trunk=True)
+    config = EasyRefConfig(
+        mllm="qwen2vl-2b-random", mllm_hidden_size=1536, cross_attention_dim=2048, lora_rank=lora_rank, has_trunk=True
+    )
     encoder = ReferenceEncoder(config, mllm, tokenizer, Qwen2VLImageProcessorPil())
     install_adapter(unet, config)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    text_pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                          tokenizer=clip_tok, tokenizer_2=clip_tok, unet=unet, scheduler=scheduler)
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
+    )
+    text_pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=clip_tok,
+        tokenizer_2=clip_tok,
+        unet=unet,
+        scheduler=scheduler,
+    )
     text_pipe.set_progress_bar_config(disable=True)
     return StageModels(config, encoder, unet, vae, text_pipe, scheduler)
 
@@ -148,32 +166,68 @@ def run_row(args, method: str, stage: int, batch: int, checkpointing: bool, work
 
     device = torch.device(args.device)
     real = args.real_config
-    data = write_dataset(workdir / f"data{stage}", groups=64, refs=args.refs, size=args.resolution if real else 48, stage=stage)
-    common = dict(stage=stage, output_dir=str(workdir / f"run-{method}-{stage}-{checkpointing}"), data=str(data),
-                  data_root=str(data.parent), batch_size=batch, max_steps=10**6, checkpoint_every=10**6,
-                  log_every=10**6, tensorboard=False, num_workers=args.workers, gradient_checkpointing=checkpointing,
-                  image_drop_rate=0.0, text_drop_rate=0.0, both_drop_rate=0.0, max_references=args.refs,
-                  mixed_precision=args.mixed_precision, learning_rate=1e-5, crop="center")
+    data = write_dataset(
+        workdir / f"data{stage}", groups=64, refs=args.refs, size=args.resolution if real else 48, stage=stage
+    )
+    common = dict(
+        stage=stage,
+        output_dir=str(workdir / f"run-{method}-{stage}-{checkpointing}"),
+        data=str(data),
+        data_root=str(data.parent),
+        batch_size=batch,
+        max_steps=10**6,
+        checkpoint_every=10**6,
+        log_every=10**6,
+        tensorboard=False,
+        num_workers=args.workers,
+        gradient_checkpointing=checkpointing,
+        image_drop_rate=0.0,
+        text_drop_rate=0.0,
+        both_drop_rate=0.0,
+        max_references=args.refs,
+        mixed_precision=args.mixed_precision,
+        learning_rate=1e-5,
+        crop="center",
+    )
     model_class = ReleaseStyleModel if method == "release" else TrainingModel
     if real:
         models = build_real_models(args.scale_down, device, args.lora_rank, args.num_layers, args.vision_depth)
         # the models are passed in, so init_from is never read; stage 2-3 configs only require one
-        config = TrainConfig(**common, init_from="(in memory)" if stage > 1 else None, resolution=args.resolution,
-                             reference_image_size=336, lora_rank=args.lora_rank)
+        config = TrainConfig(
+            **common,
+            init_from="(in memory)" if stage > 1 else None,
+            resolution=args.resolution,
+            reference_image_size=336,
+            lora_rank=args.lora_rank,
+        )
         trainer = Trainer(config, cpu=device.type == "cpu", models=models, model_class=model_class)
     else:
         tiny = workdir / "tiny"
         stage1 = workdir / "stage1-init"
         extra = {"init_from": str(stage1)} if stage > 1 else {}
-        config = TrainConfig(**common, **extra, base=str(tiny / "sdxl"), mllm=str(tiny / "qwen2vl"), resolution=32,
-                             bucket_stride=16, reference_image_size=56, lora_rank=4)
+        config = TrainConfig(
+            **common,
+            **extra,
+            base=str(tiny / "sdxl"),
+            mllm=str(tiny / "qwen2vl"),
+            resolution=32,
+            bucket_stride=16,
+            reference_image_size=56,
+            lora_rank=4,
+        )
         trainer = Trainer(config, cpu=True, model_class=model_class)
     try:
         sps, peak = measure(trainer, args.warmup, args.steps, device)
     except torch.OutOfMemoryError:
         sps, peak = float("nan"), float("inf")
-    return {"method": method, "stage": stage, "batch": batch, "checkpointing": checkpointing,
-            "samples_per_s": sps, "peak_gib": peak}
+    return {
+        "method": method,
+        "stage": stage,
+        "batch": batch,
+        "checkpointing": checkpointing,
+        "samples_per_s": sps,
+        "peak_gib": peak,
+    }
 
 
 def prepare_tiny(workdir: Path) -> None:
@@ -186,10 +240,22 @@ def prepare_tiny(workdir: Path) -> None:
     save_tiny_sdxl(workdir / "tiny" / "sdxl")
     save_tiny_qwen2vl(workdir / "tiny" / "qwen2vl")
     paths = write_example_data(workdir / "example", size=48)
-    config = TrainConfig(stage=1, base=str(workdir / "tiny" / "sdxl"), mllm=str(workdir / "tiny" / "qwen2vl"),
-                         output_dir=str(workdir / "stage1-run"), data=str(paths["pairs"]), data_root=str(workdir / "example"),
-                         resolution=32, bucket_stride=16, reference_image_size=56, max_steps=1, num_workers=0,
-                         mixed_precision="no", tensorboard=False, gradient_checkpointing=False)
+    config = TrainConfig(
+        stage=1,
+        base=str(workdir / "tiny" / "sdxl"),
+        mllm=str(workdir / "tiny" / "qwen2vl"),
+        output_dir=str(workdir / "stage1-run"),
+        data=str(paths["pairs"]),
+        data_root=str(workdir / "example"),
+        resolution=32,
+        bucket_stride=16,
+        reference_image_size=56,
+        max_steps=1,
+        num_workers=0,
+        mixed_precision="no",
+        tensorboard=False,
+        gradient_checkpointing=False,
+    )
     final = Trainer(config, cpu=True).train()
     final.rename(workdir / "stage1-init")
 
@@ -251,8 +317,15 @@ def main(argv=None) -> int:
         for row in plan(args):
             logger.info("running %s", row)
             if device.type == "cpu":  # peak RSS only grows: a fresh process per row
-                command = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]),
-                           "--row", json.dumps(row), "--workdir", str(workdir)]
+                command = [
+                    sys.executable,
+                    __file__,
+                    *(argv if argv is not None else sys.argv[1:]),
+                    "--row",
+                    json.dumps(row),
+                    "--workdir",
+                    str(workdir),
+                ]
                 out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
                 results.append(json.loads(out.strip().splitlines()[-1]))
             else:
@@ -274,14 +347,30 @@ def print_table(args, results: list[dict], busy) -> None:
     for r in results:
         base = ours[(r["stage"], r["checkpointing"])]
         speed = base["samples_per_s"] / r["samples_per_s"] if r["samples_per_s"] > 0 else float("nan")
-        rows.append([r["method"], r["stage"], r["batch"], "on" if r["checkpointing"] else "off",
-                     f"{r['samples_per_s']:.3f}", f"{r['peak_gib']:.2f}", f"{speed:.2f}x"])
+        rows.append(
+            [
+                r["method"],
+                r["stage"],
+                r["batch"],
+                "on" if r["checkpointing"] else "off",
+                f"{r['samples_per_s']:.3f}",
+                f"{r['peak_gib']:.2f}",
+                f"{speed:.2f}x",
+            ]
+        )
     what = "real configs (random weights)" if args.real_config else "tiny models"
     if args.scale_down:
         what += ", SCALED DOWN (script check only)"
-    print(f"\n{_common.machine_line(args.device)}\n{what}; {args.refs} refs/group; {args.mixed_precision}; "
-          f"{args.warmup} warm-up + {args.steps} timed steps" + (f"; CPU busy before run: {busy:.0f}%" if busy is not None else ""))
-    print(_common.markdown_table(["method", "stage", "batch", "grad ckpt", "samples/s", "peak GiB", "ours speed-up"], rows))
+    print(
+        f"\n{_common.machine_line(args.device)}\n{what}; {args.refs} refs/group; {args.mixed_precision}; "
+        f"{args.warmup} warm-up + {args.steps} timed steps"
+        + (f"; CPU busy before run: {busy:.0f}%" if busy is not None else "")
+    )
+    print(
+        _common.markdown_table(
+            ["method", "stage", "batch", "grad ckpt", "samples/s", "peak GiB", "ours speed-up"], rows
+        )
+    )
 
 
 if __name__ == "__main__":

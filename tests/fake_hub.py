@@ -8,9 +8,8 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-
 from conftest import randomize_adapter, tiny_config
+from safetensors.torch import save_file
 
 SDXL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 QWEN_ID = "Qwen/Qwen2-VL-2B-Instruct"
@@ -21,8 +20,9 @@ DINO_ID = "facebook/dino-vits16"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-def into_cache(folder: Path, cache: Path, repo_id: str, commit: str = COMMIT, ref: str = "main",
-               under: str = "") -> Path:
+def into_cache(
+    folder: Path, cache: Path, repo_id: str, commit: str = COMMIT, ref: str = "main", under: str = ""
+) -> Path:
     """Lay `folder` out as huggingface_hub's cache does (in the repository's `under` folder):
     content-addressed blobs, a snapshot of relative symlinks to them, and refs/<ref> holding the commit."""
     repo = cache / ("models--" + repo_id.replace("/", "--"))
@@ -48,8 +48,9 @@ def release_pipeline(tiny_dirs):
     from easyref import EasyRefPipeline, ReferenceEncoder
 
     torch.manual_seed(0)
-    encoder = ReferenceEncoder.from_pretrained(tiny_dirs["qwen"], tiny_config(tiny_dirs["qwen"], lora_rank=4,
-                                                                               has_trunk=True))
+    encoder = ReferenceEncoder.from_pretrained(
+        tiny_dirs["qwen"], tiny_config(tiny_dirs["qwen"], lora_rank=4, has_trunk=True)
+    )
     pipe = EasyRefPipeline.from_components(StableDiffusionXLPipeline.from_pretrained(tiny_dirs["sdxl"]), encoder)
     randomize_adapter(pipe.unet, 0)
     return pipe
@@ -67,8 +68,9 @@ def build_hub(cache: Path, scratch: Path, tiny_dirs, metrics: bool = False) -> P
     save_file(to_release_state_dict(release_pipeline(tiny_dirs)), str(release / "model.safetensors"))
     into_cache(release, cache, RELEASE_ID)
     if metrics:
-        from easyref.bench import DEFAULT_IP_ADAPTER_SUBFOLDER, DEFAULT_IP_ADAPTER_WEIGHTS
         from tiny_models import save_tiny_clip, save_tiny_dino, save_tiny_ip_adapter
+
+        from easyref.bench import DEFAULT_IP_ADAPTER_SUBFOLDER, DEFAULT_IP_ADAPTER_WEIGHTS
 
         ip = save_tiny_ip_adapter(scratch / "ip", tiny_dirs["sdxl"])
         (ip / "ip_adapter.safetensors").rename(ip / DEFAULT_IP_ADAPTER_WEIGHTS)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_config
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 
-from conftest import tiny_config
 from easyref.adapter import (
     adapter_state_dict,
     install_adapter,

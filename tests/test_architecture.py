@@ -4,8 +4,9 @@ layers contract names, so a new module left out of it would escape every rule.""
 from __future__ import annotations
 
 import pkgutil
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 import easyref
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_models import save_tiny_clip, save_tiny_dino
 
 from easyref.cli import main
-from tiny_models import save_tiny_clip, save_tiny_dino
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,11 +48,18 @@ def bench(tmp_path):
         data = (root / "img" / f"full.{fmt}").read_bytes()
         (root / "img" / f"truncated.{fmt}").write_bytes(data[: len(data) // 2])
     (root / "img" / "text.png").write_text("not an image\n")
-    write_manifest(root / "m.jsonl", [
-        {"id": "g1", "references": ["img/0.png", "img/1.png"], "target": "img/2.png",
-         "prompts": ["a red thing", "a blue thing"]},
-        {"id": "g2", "references": ["img/3.png"], "prompt": "a yellow thing"},
-    ])
+    write_manifest(
+        root / "m.jsonl",
+        [
+            {
+                "id": "g1",
+                "references": ["img/0.png", "img/1.png"],
+                "target": "img/2.png",
+                "prompts": ["a red thing", "a blue thing"],
+            },
+            {"id": "g2", "references": ["img/3.png"], "prompt": "a yellow thing"},
+        ],
+    )
     return root
 
 
@@ -62,14 +69,39 @@ def write_manifest(path: Path, records) -> Path:
 
 
 def hashes(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
 
 
 def run_args(manifest: Path, out: Path, tiny_dirs, metric_dirs, method: str = "sdxl", *extra) -> list[str]:
-    args = ["bench", "run", "--manifest", str(manifest), "--method", method, "--base", str(tiny_dirs["sdxl"]),
-            "--steps", "2", "--height", "32", "--width", "32", "--device", "cpu", "--out", str(out),
-            "--clip", str(metric_dirs["clip"]), "--dino", str(metric_dirs["dino"]), *extra]
+    args = [
+        "bench",
+        "run",
+        "--manifest",
+        str(manifest),
+        "--method",
+        method,
+        "--base",
+        str(tiny_dirs["sdxl"]),
+        "--steps",
+        "2",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--clip",
+        str(metric_dirs["clip"]),
+        "--dino",
+        str(metric_dirs["dino"]),
+        *extra,
+    ]
     if method == "easyref":
         args += ["--mllm", str(tiny_dirs["qwen"])]
     return args
@@ -106,21 +138,31 @@ def assert_refused(code, lines, seconds, phrase):
 
 # ---------------------------------------------------------------------- 1 and 6: refused before any model loads
 MANIFEST_CASES = {
-    "truncated-png-reference": ([{"id": "a", "references": ["img/truncated.png"], "prompt": "x"}],
-                                "truncated.png is damaged or truncated"),
-    "truncated-jpeg-target": ([{"id": "a", "references": ["img/0.png"], "target": "img/truncated.jpg", "prompt": "x"}],
-                              "truncated.jpg is damaged or truncated"),
+    "truncated-png-reference": (
+        [{"id": "a", "references": ["img/truncated.png"], "prompt": "x"}],
+        "truncated.png is damaged or truncated",
+    ),
+    "truncated-jpeg-target": (
+        [{"id": "a", "references": ["img/0.png"], "target": "img/truncated.jpg", "prompt": "x"}],
+        "truncated.jpg is damaged or truncated",
+    ),
     "text-named-png": ([{"id": "a", "references": ["img/text.png"], "prompt": "x"}], "text.png is not an image"),
     "folder-as-reference": ([{"id": "a", "references": ["img"], "prompt": "x"}], "is a folder"),
     "deeply-nested-line": (['{"id": "a", "references": ' + "[" * 100_000 + "]" * 100_000 + "}"], "nested too deeply"),
-    "ids-sharing-a-folder": ([{"id": "A", "references": ["img/0.png"], "prompt": "x"},
-                              {"id": "a", "references": ["img/1.png"], "prompt": "y"}], "would share the folder"),
+    "ids-sharing-a-folder": (
+        [
+            {"id": "A", "references": ["img/0.png"], "prompt": "x"},
+            {"id": "a", "references": ["img/1.png"], "prompt": "y"},
+        ],
+        "would share the folder",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(MANIFEST_CASES))
-def test_bad_manifests_are_refused_before_any_model_loads(case, bench, tmp_path, tiny_dirs, metric_dirs, capsys,
-                                                          no_models):
+def test_bad_manifests_are_refused_before_any_model_loads(
+    case, bench, tmp_path, tiny_dirs, metric_dirs, capsys, no_models
+):
     records, phrase = MANIFEST_CASES[case]
     manifest = write_manifest(bench / "bad.jsonl", records)
     before = hashes(bench)
@@ -140,14 +182,18 @@ def test_a_manifest_that_is_a_pipe_is_refused_not_waited_on(bench, tmp_path, tin
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("content, phrase", [
-    ('{"method": {"method": "sdxl", "base": "x', "is not valid JSON"),  # torn
-    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
-    ("[1, 2]", "not a run description"),
-    (b"\xff\xfe\x00garbage", "is not valid JSON"),
-])
-def test_a_damaged_run_json_is_refused_and_kept(content, phrase, bench, tmp_path, tiny_dirs, metric_dirs, capsys,
-                                                no_models):
+@pytest.mark.parametrize(
+    "content, phrase",
+    [
+        ('{"method": {"method": "sdxl", "base": "x', "is not valid JSON"),  # torn
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ("[1, 2]", "not a run description"),
+        (b"\xff\xfe\x00garbage", "is not valid JSON"),
+    ],
+)
+def test_a_damaged_run_json_is_refused_and_kept(
+    content, phrase, bench, tmp_path, tiny_dirs, metric_dirs, capsys, no_models
+):
     out = tmp_path / "out"
     out.mkdir()
     run_json = out / "run.json"
@@ -166,8 +212,9 @@ def test_other_settings_are_refused_before_the_method_loads(bench, tmp_path, tin
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(methods, "load_method", lambda *a, **k: pytest.fail("loaded the method"))
-        code, lines, seconds = cli(run_args(bench / "m.jsonl", out, tiny_dirs, metric_dirs, "sdxl", "--no-score",
-                                            "--steps", "3"), capsys)
+        code, lines, seconds = cli(
+            run_args(bench / "m.jsonl", out, tiny_dirs, metric_dirs, "sdxl", "--no-score", "--steps", "3"), capsys
+        )
     assert_refused(code, lines, seconds, "different settings")
     assert hashes(out) == before
 
@@ -180,24 +227,31 @@ def test_a_folder_that_is_not_a_run_is_not_written_into(bench, tiny_dirs, metric
 
 
 # ---------------------------------------------------------------------- 2: prompts the MLLM cannot read as text
-@pytest.mark.parametrize("prompt, reference, phrase", [
-    ("a cat <|image_pad|> on a beach", "img/1.png", "prompt 1 contains the MLLM control token '<|image_pad|>'"),
-    ("<|vision_start|>", "img/1.png", "prompt 1 contains the MLLM control token '<|vision_start|>'"),
-    ("cat " * 3000, "img/1.png", "prompt 1 is 12000 tokens long; at most 1024 are allowed"),
-    ("a thin thing", "img/thin.png", "reference 0 (1 x 400 px): absolute aspect ratio must be smaller than 200"),
-])
-def test_groups_the_mllm_cannot_read_are_refused_before_generating(prompt, reference, phrase, bench, tmp_path,
-                                                                   tiny_dirs, metric_dirs, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    "prompt, reference, phrase",
+    [
+        ("a cat <|image_pad|> on a beach", "img/1.png", "prompt 1 contains the MLLM control token '<|image_pad|>'"),
+        ("<|vision_start|>", "img/1.png", "prompt 1 contains the MLLM control token '<|vision_start|>'"),
+        ("cat " * 3000, "img/1.png", "prompt 1 is 12000 tokens long; at most 1024 are allowed"),
+        ("a thin thing", "img/thin.png", "reference 0 (1 x 400 px): absolute aspect ratio must be smaller than 200"),
+    ],
+)
+def test_groups_the_mllm_cannot_read_are_refused_before_generating(
+    prompt, reference, phrase, bench, tmp_path, tiny_dirs, metric_dirs, capsys, monkeypatch
+):
     from easyref.bench.methods import EasyRefMethod
     from easyref.bench.metrics import FeatureModels
 
     monkeypatch.setattr(EasyRefMethod, "generate", lambda *a, **k: pytest.fail("generated despite a bad group"))
     monkeypatch.setattr(FeatureModels, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("loaded metrics")))
     Image.new("RGB", (1, 400), "red").save(bench / "img" / "thin.png")
-    manifest = write_manifest(bench / "tokens.jsonl", [
-        {"id": "fine", "references": ["img/0.png"], "prompt": "a red thing"},
-        {"id": "bad", "references": [reference], "prompts": ["a blue thing", prompt]},
-    ])
+    manifest = write_manifest(
+        bench / "tokens.jsonl",
+        [
+            {"id": "fine", "references": ["img/0.png"], "prompt": "a red thing"},
+            {"id": "bad", "references": [reference], "prompts": ["a blue thing", prompt]},
+        ],
+    )
     before, out = hashes(bench), tmp_path / "out"
     code, lines, _ = cli(run_args(manifest, out, tiny_dirs, metric_dirs, "easyref"), capsys)
     assert code == 2 and lines[-1].startswith("easyref: error: "), lines
@@ -226,8 +280,22 @@ def test_a_second_command_on_a_locked_run_folder_is_refused(bench, tmp_path, tin
         before = hashes(out)
         code, lines, seconds = cli(run_args(bench / "m.jsonl", out, tiny_dirs, metric_dirs), capsys)
         assert_refused(code, lines, seconds, "another easyref process is using the run folder")
-        score = ["bench", "score", "--manifest", bench / "m.jsonl", "--images", bench / "img", "--out", out,
-                 "--clip", metric_dirs["clip"], "--dino", metric_dirs["dino"], "--device", "cpu"]
+        score = [
+            "bench",
+            "score",
+            "--manifest",
+            bench / "m.jsonl",
+            "--images",
+            bench / "img",
+            "--out",
+            out,
+            "--clip",
+            metric_dirs["clip"],
+            "--dino",
+            metric_dirs["dino"],
+            "--device",
+            "cpu",
+        ]
         (bench / "img" / "g1").mkdir()
         Image.new("RGB", (32, 32)).save(bench / "img" / "g1" / "p00-s00.png")
         code, lines, seconds = cli(score, capsys)
@@ -239,8 +307,13 @@ def test_stale_temporary_files_of_a_killed_run_are_removed(bench, tmp_path, tiny
     out = tmp_path / "out"
     args = run_args(bench / "m.jsonl", out, tiny_dirs, metric_dirs, "sdxl", "--no-score")
     assert main(args) == 0
-    stale = [out / ".run.json.k1f2.tmp", out / ".summary.md.tmp", out / "sheets" / ".g1.png.tmp",
-             out / "images" / "g1" / ".p00-s00.png.x7y.tmp", out / "images" / "g1" / ".p01-s00.png.tmp"]
+    stale = [
+        out / ".run.json.k1f2.tmp",
+        out / ".summary.md.tmp",
+        out / "sheets" / ".g1.png.tmp",
+        out / "images" / "g1" / ".p00-s00.png.x7y.tmp",
+        out / "images" / "g1" / ".p01-s00.png.tmp",
+    ]
     for path in stale:
         path.write_bytes(b"half a file")
     (out / "images" / "g1" / "p01-s00.png").unlink()  # the image that was being written
@@ -311,10 +384,23 @@ def test_a_half_finished_group_resumes_to_the_same_pixels(killed_after, bench, t
 
 
 # ---------------------------------------------------------------------- 5: symlinks planted in a run folder
-@pytest.mark.parametrize("planted", ["records-r0w1.jsonl", "images/g1/p00-s00.png", "images/g2", "images",
-                                     "sheets/g1.png", "sheets", "run.json", "summary.md", "summary.json"])
-def test_symlinks_in_the_run_folder_are_never_written_through(planted, bench, tmp_path, tiny_dirs, metric_dirs,
-                                                              capsys, no_models):
+@pytest.mark.parametrize(
+    "planted",
+    [
+        "records-r0w1.jsonl",
+        "images/g1/p00-s00.png",
+        "images/g2",
+        "images",
+        "sheets/g1.png",
+        "sheets",
+        "run.json",
+        "summary.md",
+        "summary.json",
+    ],
+)
+def test_symlinks_in_the_run_folder_are_never_written_through(
+    planted, bench, tmp_path, tiny_dirs, metric_dirs, capsys, no_models
+):
     victim = tmp_path / "victim"
     victim.mkdir() if "." not in Path(planted).name else victim.write_text("precious\n")
     out = tmp_path / "out"
@@ -345,11 +431,14 @@ def test_a_symlink_planted_mid_run_is_refused_at_the_write(bench, tmp_path, sdxl
 
 
 # ---------------------------------------------------------------------- 6: nested JSON in convert; torn records
-@pytest.mark.parametrize("captions, phrase", [
-    ('{"images": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
-    ('{"images": [{"id": 1, "file_name": "0.png"}], "annotations": [', "is not valid JSON"),
-    ("[1, 2]", "not a COCO captions file"),
-])
+@pytest.mark.parametrize(
+    "captions, phrase",
+    [
+        ('{"images": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+        ('{"images": [{"id": 1, "file_name": "0.png"}], "annotations": [', "is not valid JSON"),
+        ("[1, 2]", "not a COCO captions file"),
+    ],
+)
 def test_bad_captions_files_are_one_line_errors(captions, phrase, bench, tmp_path, capsys):
     path = tmp_path / "captions.json"
     path.write_text(captions)
@@ -361,8 +450,11 @@ def test_bad_captions_files_are_one_line_errors(captions, phrase, bench, tmp_pat
 
 def test_convert_never_overwrites_its_input(bench, tmp_path, capsys):
     captions = tmp_path / "captions.json"
-    captions.write_text(json.dumps({"images": [{"id": 1, "file_name": "0.png"}],
-                                    "annotations": [{"image_id": 1, "caption": "a red square"}]}))
+    captions.write_text(
+        json.dumps(
+            {"images": [{"id": 1, "file_name": "0.png"}], "annotations": [{"image_id": 1, "caption": "a red square"}]}
+        )
+    )
     before = captions.read_bytes()
     code, lines, seconds = cli(["bench", "convert", "coco", captions, bench / "img", captions], capsys)
     assert_refused(code, lines, seconds, "is one of the inputs")
@@ -392,8 +484,22 @@ def test_a_hub_id_fails_at_once_when_offline(bench, tmp_path, tiny_dirs, metric_
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    score = ["bench", "score", "--manifest", bench / "m.jsonl", "--images", bench / "img", "--out", tmp_path / "s",
-             "--clip", "openai/clip-vit-large-patch14", "--dino", metric_dirs["dino"], "--device", "cpu"]
+    score = [
+        "bench",
+        "score",
+        "--manifest",
+        bench / "m.jsonl",
+        "--images",
+        bench / "img",
+        "--out",
+        tmp_path / "s",
+        "--clip",
+        "openai/clip-vit-large-patch14",
+        "--dino",
+        metric_dirs["dino"],
+        "--device",
+        "cpu",
+    ]
     (bench / "img" / "g1").mkdir()
     Image.new("RGB", (32, 32)).save(bench / "img" / "g1" / "p00-s00.png")
     code, lines, seconds = cli(score, capsys)
@@ -401,8 +507,9 @@ def test_a_hub_id_fails_at_once_when_offline(bench, tmp_path, tiny_dirs, metric_
     assert "HF_HUB_OFFLINE" in lines[0] and not (tmp_path / "s").exists()
 
 
-def test_a_hub_id_fails_at_once_when_the_hub_cannot_be_reached(bench, tmp_path, tiny_dirs, metric_dirs, capsys,
-                                                               monkeypatch, no_models):
+def test_a_hub_id_fails_at_once_when_the_hub_cannot_be_reached(
+    bench, tmp_path, tiny_dirs, metric_dirs, capsys, monkeypatch, no_models
+):
     from huggingface_hub import constants
 
     import easyref.resolve as resolve
@@ -412,18 +519,21 @@ def test_a_hub_id_fails_at_once_when_the_hub_cannot_be_reached(bench, tmp_path, 
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused at once
     monkeypatch.setattr(resolve, "_probe_result", {})
     out = tmp_path / "out"
-    code, lines, seconds = cli(run_args(bench / "m.jsonl", out, tiny_dirs, metric_dirs, "sdxl",
-                                        "--dino", "facebook/dino-vits16"), capsys)
+    code, lines, seconds = cli(
+        run_args(bench / "m.jsonl", out, tiny_dirs, metric_dirs, "sdxl", "--dino", "facebook/dino-vits16"), capsys
+    )
     assert_refused(code, lines, seconds, "--dino facebook/dino-vits16: not in the local Hugging Face cache")
     assert "http://127.0.0.1:9 cannot be reached" in lines[0] and not out.exists()
 
 
 @pytest.mark.parametrize("flag", ["--clip", "--dino", "--base"])
-def test_a_missing_or_wrong_model_folder_fails_before_anything_loads(flag, bench, tmp_path, tiny_dirs, metric_dirs,
-                                                                     capsys, no_models):
+def test_a_missing_or_wrong_model_folder_fails_before_anything_loads(
+    flag, bench, tmp_path, tiny_dirs, metric_dirs, capsys, no_models
+):
     for value, phrase in ((tmp_path / "nope", "no such file or folder"), (bench / "img", "not the model folder")):
-        code, lines, seconds = cli(run_args(bench / "m.jsonl", tmp_path / "out", tiny_dirs, metric_dirs, "sdxl",
-                                            flag, value), capsys)
+        code, lines, seconds = cli(
+            run_args(bench / "m.jsonl", tmp_path / "out", tiny_dirs, metric_dirs, "sdxl", flag, value), capsys
+        )
         assert_refused(code, lines, seconds, f"{flag} {value}: ")
         assert phrase in lines[0] and not (tmp_path / "out").exists()
 
@@ -442,20 +552,24 @@ def test_a_local_metric_folder_never_touches_the_network(metric_dirs, monkeypatc
 
 
 # ---------------------------------------------------------------------- numbers and devices
-@pytest.mark.parametrize("extra, phrase", [
-    (["--steps", "0"], "--steps must be between 1 and 1000"),
-    (["--samples", "1000000000"], "--samples must be between 1 and 100"),
-    (["--height", "63"], "--height must be a multiple of 8"),
-    (["--guidance", "nan"], "--guidance must be a finite number between 0 and 100"),
-    (["--scale", "-1"], "--scale must be a finite number between 0 and 10"),
-    (["--seed", "-1"], "--seed must be between 0 and"),
-    (["--height", "4096", "--width", "4096"], "pixels; at most 4194304"),
-    (["--device", "nonsense"], "unknown --device 'nonsense'"),
-    (["--limit", "0"], "--limit must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "extra, phrase",
+    [
+        (["--steps", "0"], "--steps must be between 1 and 1000"),
+        (["--samples", "1000000000"], "--samples must be between 1 and 100"),
+        (["--height", "63"], "--height must be a multiple of 8"),
+        (["--guidance", "nan"], "--guidance must be a finite number between 0 and 100"),
+        (["--scale", "-1"], "--scale must be a finite number between 0 and 10"),
+        (["--seed", "-1"], "--seed must be between 0 and"),
+        (["--height", "4096", "--width", "4096"], "pixels; at most 4194304"),
+        (["--device", "nonsense"], "unknown --device 'nonsense'"),
+        (["--limit", "0"], "--limit must be >= 1"),
+    ],
+)
 def test_bad_numbers_are_refused_up_front(extra, phrase, bench, tmp_path, tiny_dirs, metric_dirs, capsys, no_models):
-    code, lines, seconds = cli(run_args(bench / "m.jsonl", tmp_path / "out", tiny_dirs, metric_dirs, "sdxl", *extra),
-                               capsys)
+    code, lines, seconds = cli(
+        run_args(bench / "m.jsonl", tmp_path / "out", tiny_dirs, metric_dirs, "sdxl", *extra), capsys
+    )
     assert_refused(code, lines, seconds, phrase)
     assert not (tmp_path / "out").exists()
 
@@ -466,8 +580,23 @@ def test_score_refuses_a_truncated_image_before_loading_metrics(bench, tmp_path,
     Image.new("RGB", (32, 32), "red").save(images / "g1" / "p00-s00.png")
     (images / "g1" / "p01-s00.png").write_bytes((bench / "img" / "truncated.png").read_bytes())
     before = hashes(images)
-    code, lines, seconds = cli(["bench", "score", "--manifest", bench / "m.jsonl", "--images", images, "--out",
-                                tmp_path / "s", "--clip", metric_dirs["clip"], "--dino", metric_dirs["dino"]], capsys)
+    code, lines, seconds = cli(
+        [
+            "bench",
+            "score",
+            "--manifest",
+            bench / "m.jsonl",
+            "--images",
+            images,
+            "--out",
+            tmp_path / "s",
+            "--clip",
+            metric_dirs["clip"],
+            "--dino",
+            metric_dirs["dino"],
+        ],
+        capsys,
+    )
     assert_refused(code, lines, seconds, "p01-s00.png is damaged or truncated")
     assert hashes(images) == before and not (tmp_path / "s").exists()
 
@@ -487,8 +616,9 @@ def test_references_and_sheets_use_the_one_decoding_rule(tmp_path, sdxl_method):
     exif = turned.getexif()
     exif[0x0112] = 6  # stored sideways: upright it is 20 wide, 40 high
     turned.save(root / "turned.png", exif=exif)
-    write_manifest(root / "m.jsonl", [{"id": "g", "references": ["grey16.png", "clear.png", "turned.png"],
-                                       "prompt": "x"}])
+    write_manifest(
+        root / "m.jsonl", [{"id": "g", "references": ["grey16.png", "clear.png", "turned.png"], "prompt": "x"}]
+    )
     out = tmp_path / "out"
     settings = GenerationSettings(steps=1, guidance=1.0, height=32, width=32)
     run_bench(load_manifest(root / "m.jsonl"), sdxl_method, settings, out, progress=False)

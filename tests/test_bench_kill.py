@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
 from tiny_models import save_tiny_clip, save_tiny_dino
 
 SEED = int(os.environ.get("EASYREF_KILL_SEED", "20240611"))  # another seed: other kill points
@@ -39,9 +38,9 @@ def metric_dirs(tmp_path_factory):
 def adapter(tiny_dirs, tmp_path_factory):
     """A saved EasyRef checkpoint with random (visible) adapter weights."""
     import torch
+    from conftest import randomize_adapter, tiny_config
     from diffusers import StableDiffusionXLPipeline
 
-    from conftest import randomize_adapter, tiny_config
     from easyref import EasyRefPipeline, ReferenceEncoder
 
     torch.manual_seed(0)
@@ -57,25 +56,60 @@ def manifest(tmp_path):
     (root / "img").mkdir(parents=True)
     for i, colour in enumerate(["red", "blue", "green"]):
         Image.new("RGB", (40, 40), colour).save(root / "img" / f"{i}.png")
-    lines = [{"id": "g1", "references": ["img/0.png", "img/1.png"], "prompts": ["a red thing", "a blue thing"]},
-             {"id": "g2", "references": ["img/2.png"], "target": "img/0.png", "prompt": "a green thing"}]
+    lines = [
+        {"id": "g1", "references": ["img/0.png", "img/1.png"], "prompts": ["a red thing", "a blue thing"]},
+        {"id": "g2", "references": ["img/2.png"], "target": "img/0.png", "prompt": "a green thing"},
+    ]
     path = root / "m.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
 
 
 def command(manifest: Path, out: Path, tiny_dirs, metric_dirs, adapter) -> list[str]:
-    return [sys.executable, "-m", "easyref", "bench", "run", "--manifest", str(manifest), "--method", "easyref",
-            "--base", str(tiny_dirs["sdxl"]), "--mllm", str(tiny_dirs["qwen"]), "--adapter", str(adapter),
-            "--steps", "2", "--height", "64",
-            "--width", "64", "--samples", "2", "--device", "cpu", "--out", str(out),
-            "--clip", str(metric_dirs["clip"]), "--dino", str(metric_dirs["dino"])]
+    return [
+        sys.executable,
+        "-m",
+        "easyref",
+        "bench",
+        "run",
+        "--manifest",
+        str(manifest),
+        "--method",
+        "easyref",
+        "--base",
+        str(tiny_dirs["sdxl"]),
+        "--mllm",
+        str(tiny_dirs["qwen"]),
+        "--adapter",
+        str(adapter),
+        "--steps",
+        "2",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--samples",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--clip",
+        str(metric_dirs["clip"]),
+        "--dino",
+        str(metric_dirs["dino"]),
+    ]
 
 
 def environment() -> dict:
     # one thread each: the same arithmetic in every process, and two processes fit two cores
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-            "HF_HUB_OFFLINE": "1"}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+    }
 
 
 def start(args) -> subprocess.Popen:
@@ -122,8 +156,12 @@ def test_killed_and_resumed_runs_end_bit_identical(manifest, tmp_path, tiny_dirs
             landed.append((name, images_in(killed)))
         else:
             assert process.returncode == 0, process.stderr.read().decode()[-2000:]
-    finish = subprocess.run(command(manifest, killed, tiny_dirs, metric_dirs, adapter), env=environment(),
-                            capture_output=True, timeout=PROCESS_TIMEOUT_S)
+    finish = subprocess.run(
+        command(manifest, killed, tiny_dirs, metric_dirs, adapter),
+        env=environment(),
+        capture_output=True,
+        timeout=PROCESS_TIMEOUT_S,
+    )
     assert finish.returncode == 0, finish.stderr.decode()[-2000:]
     assert reference.wait(PROCESS_TIMEOUT_S) == 0, reference.stderr.read().decode()[-2000:]
     assert len(landed) >= 2, landed  # the test is about kills: most must land before the run ends

@@ -46,25 +46,44 @@ def bench(tmp_path):
 
 
 def test_valid_manifest_loads_with_resolved_paths_and_defaults(bench):
-    manifest = write_lines(bench / "m.jsonl", [
-        {"id": "g1", "domain": "character", "split": "held-out", "references": ["g1/a.png", "g1/b.png"],
-         "target": "g1/target.png", "prompts": ["a cat", "a dog"]},
-        "",
-        {"id": "g2", "references": ["g2/x.jpg"], "prompt": "a single prompt"},
-    ])
+    manifest = write_lines(
+        bench / "m.jsonl",
+        [
+            {
+                "id": "g1",
+                "domain": "character",
+                "split": "held-out",
+                "references": ["g1/a.png", "g1/b.png"],
+                "target": "g1/target.png",
+                "prompts": ["a cat", "a dog"],
+            },
+            "",
+            {"id": "g2", "references": ["g2/x.jpg"], "prompt": "a single prompt"},
+        ],
+    )
     first, second = load_manifest(manifest)
-    assert first == BenchItem("g1", "character", "held-out", ((bench / "g1/a.png").resolve(),
-                              (bench / "g1/b.png").resolve()), (bench / "g1/target.png").resolve(),
-                              ("a cat", "a dog"))
+    assert first == BenchItem(
+        "g1",
+        "character",
+        "held-out",
+        ((bench / "g1/a.png").resolve(), (bench / "g1/b.png").resolve()),
+        (bench / "g1/target.png").resolve(),
+        ("a cat", "a dog"),
+    )
     assert all(p.is_absolute() for p in first.references)
-    assert (second.domain, second.split, second.target, second.prompts) == ("default", "held-in", None,
-                                                                            ("a single prompt",))
+    assert (second.domain, second.split, second.target, second.prompts) == (
+        "default",
+        "held-in",
+        None,
+        ("a single prompt",),
+    )
 
 
 def test_root_argument_overrides_the_manifest_folder(bench, tmp_path):
     (tmp_path / "elsewhere").mkdir()
-    manifest = write_lines(tmp_path / "elsewhere" / "m.jsonl", [{"id": "g", "references": ["g2/x.jpg"],
-                                                                 "prompts": ["p"]}])
+    manifest = write_lines(
+        tmp_path / "elsewhere" / "m.jsonl", [{"id": "g", "references": ["g2/x.jpg"], "prompts": ["p"]}]
+    )
     (item,) = load_manifest(manifest, root=bench)
     assert item.references == ((bench / "g2/x.jpg").resolve(),)
     with pytest.raises(ManifestError, match="not found"):
@@ -72,30 +91,43 @@ def test_root_argument_overrides_the_manifest_folder(bench, tmp_path):
 
 
 def test_every_kind_of_error_is_reported_with_its_line_in_one_exception(bench):
-    manifest = write_lines(bench / "m.jsonl", [
-        "{not json",                                                                   # 1
-        "[1, 2]",                                                                      # 2
-        {"id": "a", "references": ["g2/x.jpg"], "prompts": ["p"], "colour": "red"},   # 3
-        {"id": "b", "references": [], "prompts": ["p"]},                               # 4
-        {"id": "c", "references": ["g2/x.jpg"]},                                       # 5
-        {"id": "d", "references": ["g2/x.jpg"], "prompts": []},                        # 6
-        {"id": 7, "references": ["g2/x.jpg"], "prompts": ["p"]},                       # 7
-        {"id": "e", "split": "test", "references": ["g2/x.jpg"], "prompts": ["p"]},   # 8
-        {"id": "f", "references": ["g2/missing.png"], "prompts": ["p"]},              # 9
-        {"id": "g", "references": "g2/x.jpg", "prompts": ["p"]},                       # 10
-        {"id": "h", "references": ["g2/x.jpg"], "prompts": ["p", 3]},                  # 11
-        {"id": "i", "references": ["g2/x.jpg"], "target": 5, "prompts": ["p"]},        # 12
-        {"id": "j", "references": ["g2/x.jpg"], "prompt": "p", "prompts": ["q"]},      # 13
-        {"id": "k", "references": ["g2/x.jpg"], "prompts": ["p"], "domain": ""},       # 14
-    ])
+    manifest = write_lines(
+        bench / "m.jsonl",
+        [
+            "{not json",  # 1
+            "[1, 2]",  # 2
+            {"id": "a", "references": ["g2/x.jpg"], "prompts": ["p"], "colour": "red"},  # 3
+            {"id": "b", "references": [], "prompts": ["p"]},  # 4
+            {"id": "c", "references": ["g2/x.jpg"]},  # 5
+            {"id": "d", "references": ["g2/x.jpg"], "prompts": []},  # 6
+            {"id": 7, "references": ["g2/x.jpg"], "prompts": ["p"]},  # 7
+            {"id": "e", "split": "test", "references": ["g2/x.jpg"], "prompts": ["p"]},  # 8
+            {"id": "f", "references": ["g2/missing.png"], "prompts": ["p"]},  # 9
+            {"id": "g", "references": "g2/x.jpg", "prompts": ["p"]},  # 10
+            {"id": "h", "references": ["g2/x.jpg"], "prompts": ["p", 3]},  # 11
+            {"id": "i", "references": ["g2/x.jpg"], "target": 5, "prompts": ["p"]},  # 12
+            {"id": "j", "references": ["g2/x.jpg"], "prompt": "p", "prompts": ["q"]},  # 13
+            {"id": "k", "references": ["g2/x.jpg"], "prompts": ["p"], "domain": ""},  # 14
+        ],
+    )
     with pytest.raises(ManifestError) as excinfo:
         load_manifest(manifest)
     problems = problems_of(excinfo)
     expected = {
-        1: "invalid JSON", 2: "expected a JSON object", 3: "unknown key", 4: "'references' must be a non-empty",
-        5: "missing 'prompts'", 6: "'prompts' must be a non-empty", 7: "'id' must be", 8: "'split' must be",
-        9: "image file not found", 10: "'references' must be", 11: "'prompts' entries", 12: "'target' must be",
-        13: "either 'prompt' or 'prompts'", 14: "'domain' must be",
+        1: "invalid JSON",
+        2: "expected a JSON object",
+        3: "unknown key",
+        4: "'references' must be a non-empty",
+        5: "missing 'prompts'",
+        6: "'prompts' must be a non-empty",
+        7: "'id' must be",
+        8: "'split' must be",
+        9: "image file not found",
+        10: "'references' must be",
+        11: "'prompts' entries",
+        12: "'target' must be",
+        13: "either 'prompt' or 'prompts'",
+        14: "'domain' must be",
     }
     for line, text in expected.items():
         assert any(p.startswith(f"{manifest}:{line}: ") and text in p for p in problems), (line, problems)
@@ -147,8 +179,7 @@ def test_paths_outside_the_root_are_rejected_unless_allowed(tmp_path, kind):
 
 
 def test_absolute_path_inside_the_root_is_accepted(bench):
-    manifest = write_lines(bench / "m.jsonl", [{"id": "g", "references": [str(bench / "g2/x.jpg")],
-                                                "prompts": ["p"]}])
+    manifest = write_lines(bench / "m.jsonl", [{"id": "g", "references": [str(bench / "g2/x.jpg")], "prompts": ["p"]}])
     assert load_manifest(manifest)[0].references == ((bench / "g2/x.jpg").resolve(),)
 
 
@@ -165,8 +196,14 @@ def test_check_files_false_skips_existence_but_not_the_root(bench):
 
 def test_write_then_load_round_trips_exactly(bench, tmp_path):
     items = [
-        BenchItem("g1", "character", "held-out", ((bench / "g1/a.png").resolve(), (bench / "g1/b.png").resolve()),
-                  (bench / "g1/target.png").resolve(), ("a cat", "ünïcode prompt\u2028with separator")),
+        BenchItem(
+            "g1",
+            "character",
+            "held-out",
+            ((bench / "g1/a.png").resolve(), (bench / "g1/b.png").resolve()),
+            (bench / "g1/target.png").resolve(),
+            ("a cat", "ünïcode prompt\u2028with separator"),
+        ),
         BenchItem("g2", "default", "held-in", ((bench / "g2/x.jpg").resolve(),), None, ("p",)),
     ]
     manifest = write_manifest(items, bench / "out" / "m.jsonl", bench)
@@ -197,8 +234,11 @@ def make_group(folder, images=("1.png", "2.PNG"), prompts="a photo\n"):
 
 def test_folders_without_split_level(tmp_path):
     root = tmp_path / "bench"
-    make_group(root / "b-group", images=("z.webp", "a.JPG", "target.png"),
-               prompts="# comment\n\n  first prompt  \nsecond prompt\n")
+    make_group(
+        root / "b-group",
+        images=("z.webp", "a.JPG", "target.png"),
+        prompts="# comment\n\n  first prompt  \nsecond prompt\n",
+    )
     (root / "b-group" / "notes.txt").write_text("not an image", encoding="utf-8")
     make_group(root / "a-group", images=("x.bmp",))
     out = root / "manifest.jsonl"
@@ -233,8 +273,14 @@ def test_folder_problems_are_collected(tmp_path):
     with pytest.raises(ManifestError) as excinfo:
         manifest_from_folders(root)
     problems = problems_of(excinfo)
-    expected = ["no-images: no reference images", "only-target: no reference images", "no-prompts: missing prompts.txt",
-                "no prompts", "duplicate id 'ok'", "stray: beside"]
+    expected = [
+        "no-images: no reference images",
+        "only-target: no reference images",
+        "no-prompts: missing prompts.txt",
+        "no prompts",
+        "duplicate id 'ok'",
+        "stray: beside",
+    ]
     for text in expected:
         assert any(text in p for p in problems), (text, problems)
     assert len(problems) == len(expected)
@@ -255,8 +301,9 @@ def coco(tmp_path):
         make_image(images / f"{image_id:012d}.jpg")
     data = {
         "images": [{"id": i, "file_name": f"{i:012d}.jpg", "width": 8, "height": 8} for i in (3, 1, 2)],
-        "annotations": [{"id": 10 * i + k, "image_id": i, "caption": f" caption {k} of {i} "}
-                        for i in (2, 3, 1) for k in range(3)],
+        "annotations": [
+            {"id": 10 * i + k, "image_id": i, "caption": f" caption {k} of {i} "} for i in (2, 3, 1) for k in range(3)
+        ],
     }
     captions = tmp_path / "captions_val2017.json"
     captions.write_text(json.dumps(data), encoding="utf-8")

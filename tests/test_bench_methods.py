@@ -11,8 +11,9 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import randomize_adapter, shape_image, tiny_config
+from tiny_models import save_tiny_ip_adapter
+
 from easyref import EasyRefPipeline, ReferenceEncoder
 from easyref.bench.methods import (
     METHOD_NAMES,
@@ -23,7 +24,6 @@ from easyref.bench.methods import (
     PromptOnlyMethod,
     load_method,
 )
-from tiny_models import save_tiny_ip_adapter
 
 SETTINGS = GenerationSettings(steps=2, guidance=5.0, height=32, width=48, negative_prompt="blurry")
 PROMPTS, SEEDS = ["a cat", "a dog on grass"], [3, 4]

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from tiny_models import save_tiny_clip, save_tiny_dino
 
 from easyref.bench.metrics import (
     FeatureModels,
@@ -15,7 +16,6 @@ from easyref.bench.metrics import (
     mean_similarity,
     score_item,
 )
-from tiny_models import save_tiny_clip, save_tiny_dino
 
 # ----------------------------------------------------------------------------------------------
 # Arithmetic

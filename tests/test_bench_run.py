@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from tiny_models import save_tiny_clip, save_tiny_dino
 
 from easyref.bench.manifest import load_manifest, write_manifest
 from easyref.bench.methods import GenerationSettings, load_method
@@ -22,7 +23,6 @@ from easyref.bench.runner import (
     write_summary,
 )
 from easyref.cli import main
-from tiny_models import save_tiny_clip, save_tiny_dino
 
 SETTINGS = GenerationSettings(steps=2, guidance=3.0, seed=7)
 
@@ -54,8 +54,12 @@ def manifest(tmp_path):
     for i, colour in enumerate(colours):
         Image.new("RGB", (40, 40), colour).save(root / "img" / f"{i}.png")
     lines = [
-        {"id": "g1", "references": ["img/0.png", "img/1.png"], "target": "img/2.png",
-         "prompts": ["a red thing", "a blue thing"]},
+        {
+            "id": "g1",
+            "references": ["img/0.png", "img/1.png"],
+            "target": "img/2.png",
+            "prompts": ["a red thing", "a blue thing"],
+        },
         {"id": "g2", "domain": "style", "references": ["img/3.png"], "prompt": "a yellow thing"},
         {"id": "odd/id", "split": "held-out", "references": ["img/4.png", "img/0.png"], "prompts": ["a white thing"]},
     ]
@@ -104,7 +108,11 @@ def test_run_makes_scores_and_summarizes_every_image(manifest, tmp_path, sdxl_me
     assert all("clip_i_target" in r and "dino_i_target" in r for r in with_target)
     assert all("clip_i_target" not in r for r in records.values() if r["item"] != "g1")
     rows = write_summary(out)
-    assert [(r["split"], r["groups"], r["images"]) for r in rows] == [("held-in", 2, 6), ("held-out", 1, 2), ("all", 3, 8)]
+    assert [(r["split"], r["groups"], r["images"]) for r in rows] == [
+        ("held-in", 2, 6),
+        ("held-out", 1, 2),
+        ("all", 3, 8),
+    ]
     held_in = [r["clip_i"] for r in records.values() if r["split"] == "held-in"]
     assert rows[0]["clip_i"] == pytest.approx(sum(held_in) / len(held_in))
     assert "| sdxl | held-out | 1 | 2 |" in (out / "summary.md").read_text()
@@ -144,7 +152,7 @@ def test_an_interrupted_run_resumes_to_the_same_summary(manifest, tmp_path, sdxl
     assert resumed.calls == 3
     assert write_summary(interrupted) == write_summary(whole)
     # the half-finished group resumes to the very pixels of the uninterrupted run
-    for key, record in read_records(whole).items():
+    for _key, record in read_records(whole).items():
         assert Image.open(whole / record["image"]).tobytes() == Image.open(interrupted / record["image"]).tobytes()
     assert all(line.endswith("}") for line in next(interrupted.glob("records-*.jsonl")).read_text().splitlines())
 
@@ -153,7 +161,9 @@ def test_two_processes_give_the_same_summary_as_one(manifest, tmp_path, sdxl_met
     items = load_manifest(manifest)
     one, two = tmp_path / "one", tmp_path / "two"
     run_bench(items, sdxl_method, SETTINGS, one, scorer=scorer, progress=False)
-    made = [run_bench(items, sdxl_method, SETTINGS, two, scorer=scorer, rank=r, world=2, progress=False) for r in (0, 1)]
+    made = [
+        run_bench(items, sdxl_method, SETTINGS, two, scorer=scorer, rank=r, world=2, progress=False) for r in (0, 1)
+    ]
     assert sorted(made) == [1, 3] and len(list(two.glob("records-*.jsonl"))) == 2
     assert write_summary(two) == write_summary(one)
 
@@ -171,8 +181,26 @@ def test_a_run_folder_refuses_other_settings(manifest, tmp_path, sdxl_method):
 def test_cli_run_easyref_then_score_the_images_elsewhere(manifest, tmp_path, tiny_dirs, metric_dirs, capsys):
     out = tmp_path / "er"
     metrics = ["--clip", str(metric_dirs["clip"]), "--dino", str(metric_dirs["dino"]), "--device", "cpu"]
-    args = ["bench", "run", "--manifest", str(manifest), "--method", "easyref", "--base", str(tiny_dirs["sdxl"]),
-            "--mllm", str(tiny_dirs["qwen"]), "--steps", "2", "--height", "64", "--width", "64", "--out", str(out)]
+    args = [
+        "bench",
+        "run",
+        "--manifest",
+        str(manifest),
+        "--method",
+        "easyref",
+        "--base",
+        str(tiny_dirs["sdxl"]),
+        "--mllm",
+        str(tiny_dirs["qwen"]),
+        "--steps",
+        "2",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--out",
+        str(out),
+    ]
     assert main(args + metrics) == 0
     table = capsys.readouterr().out
     assert "| easyref | held-in | 2 | 3 |" in table and "CLIP-T" in table and "DINO-I (target)" in table
@@ -182,11 +210,49 @@ def test_cli_run_easyref_then_score_the_images_elsewhere(manifest, tmp_path, tin
     assert len(read_records(out)) == 4
 
     rescored = tmp_path / "rescored"
-    assert main(["bench", "score", "--manifest", str(manifest), "--images", str(out / "images"),
-                 "--out", str(rescored), "--method-name", "easyref", *metrics]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "score",
+                "--manifest",
+                str(manifest),
+                "--images",
+                str(out / "images"),
+                "--out",
+                str(rescored),
+                "--method-name",
+                "easyref",
+                *metrics,
+            ]
+        )
+        == 0
+    )
     assert main(["bench", "table", str(out), str(tmp_path / "sdxl-floor"), "--out", str(tmp_path / "t.md")]) == 2
-    assert main(["bench", "run", "--manifest", str(manifest), "--method", "sdxl", "--base", str(tiny_dirs["sdxl"]),
-                 "--steps", "2", "--height", "64", "--width", "64", "--out", str(tmp_path / "sdxl-floor"), *metrics]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "run",
+                "--manifest",
+                str(manifest),
+                "--method",
+                "sdxl",
+                "--base",
+                str(tiny_dirs["sdxl"]),
+                "--steps",
+                "2",
+                "--height",
+                "64",
+                "--width",
+                "64",
+                "--out",
+                str(tmp_path / "sdxl-floor"),
+                *metrics,
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["bench", "table", str(out), str(tmp_path / "sdxl-floor"), "--out", str(tmp_path / "t.md")]) == 0
     merged = (tmp_path / "t.md").read_text()
@@ -197,7 +263,9 @@ def test_cli_run_easyref_then_score_the_images_elsewhere(manifest, tmp_path, tin
     original, again = _rows(out), _rows(rescored)
     assert [r["images"] for r in again] == [r["images"] for r in original]
     for a, b in zip(original, again):
-        assert a["clip_i"] == pytest.approx(b["clip_i"], abs=1e-6) and a["dino_i"] == pytest.approx(b["dino_i"], abs=1e-6)
+        assert a["clip_i"] == pytest.approx(b["clip_i"], abs=1e-6) and a["dino_i"] == pytest.approx(
+            b["dino_i"], abs=1e-6
+        )
 
 
 def test_cli_user_mistakes_are_one_line_errors(manifest, tmp_path, tiny_dirs, capsys):
@@ -210,8 +278,21 @@ def test_cli_user_mistakes_are_one_line_errors(manifest, tmp_path, tiny_dirs, ca
     assert main(base + ["--manifest", str(tmp_path / "missing.jsonl")]) == 2
     assert "no such file" in capsys.readouterr().err
     assert main(base + ["--manifest", str(manifest), "--split", "held-out", "--limit", "0"]) == 2
-    assert main(["bench", "score", "--manifest", str(manifest), "--images", str(tmp_path / "none"),
-                 "--out", str(tmp_path / "s")]) == 2
+    assert (
+        main(
+            [
+                "bench",
+                "score",
+                "--manifest",
+                str(manifest),
+                "--images",
+                str(tmp_path / "none"),
+                "--out",
+                str(tmp_path / "s"),
+            ]
+        )
+        == 2
+    )
     assert "--images" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -228,9 +309,14 @@ def test_cli_convert_folders_and_coco(tmp_path):
     coco = tmp_path / "coco"
     (coco / "val").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(coco / "val" / "1.jpg")
-    (coco / "captions.json").write_text(json.dumps({
-        "images": [{"id": 1, "file_name": "1.jpg"}], "annotations": [{"image_id": 1, "caption": " A dog. "}]}))
-    assert main(["bench", "convert", "coco", str(coco / "captions.json"), str(coco / "val"), str(coco / "m.jsonl")]) == 0
+    (coco / "captions.json").write_text(
+        json.dumps(
+            {"images": [{"id": 1, "file_name": "1.jpg"}], "annotations": [{"image_id": 1, "caption": " A dog. "}]}
+        )
+    )
+    assert (
+        main(["bench", "convert", "coco", str(coco / "captions.json"), str(coco / "val"), str(coco / "m.jsonl")]) == 0
+    )
     [item] = load_manifest(coco / "m.jsonl", root=coco / "val")
     assert item.prompts == ("A dog.",) and len(item.references) == 1
     assert main(["bench", "convert", "coco", str(coco / "nope.json"), str(coco / "val"), str(coco / "x.jsonl")]) == 2

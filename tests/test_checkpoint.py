@@ -44,7 +44,9 @@ def load(tiny_dirs, adapter):
 def perturb_trunk(pipe):
     """Stand-in for a stage 2-3 finetuned MLLM trunk: differs from the stock Qwen2-VL folder."""
     with torch.no_grad():
-        for param in list(pipe.reference_encoder.layers.parameters()) + list(pipe.reference_encoder.visual.parameters()):
+        for param in list(pipe.reference_encoder.layers.parameters()) + list(
+            pipe.reference_encoder.visual.parameters()
+        ):
             param.add_(0.05 * torch.randn_like(param))
 
 
@@ -87,7 +89,10 @@ def _mutate(path, change):
     [
         (lambda t: t.pop("aggregator.reference_tokens"), "missing tensor reference_tokens"),
         (lambda t: t.__setitem__("aggregator.extra", torch.zeros(1)), "unexpected tensor extra"),
-        (lambda t: t.__setitem__("aggregator.reference_tokens", torch.zeros(32, 64)), r"reference_tokens has shape \(32, 64\)"),
+        (
+            lambda t: t.__setitem__("aggregator.reference_tokens", torch.zeros(32, 64)),
+            r"reference_tokens has shape \(32, 64\)",
+        ),
         (lambda t: t.pop(next(k for k in t if "to_k_ip" in k)), "missing tensor .*to_k_ip"),
         (lambda t: t.__setitem__("bogus.x", torch.zeros(1)), "unexpected tensor bogus.x"),
     ],

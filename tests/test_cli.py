@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import shape_image
 from PIL import Image, ImageChops
 
-from conftest import shape_image
 from easyref.cli import main
 
 
@@ -95,8 +95,10 @@ def _bad_inputs(env):
         "zero refs": (["--refs-dir", str(empty)], "no reference images"),
         "too many": (["--refs-dir", str(many)], "at most 28"),
         "bad size": (["--ref", str(env / "refs" / "0.png"), "--height", "30"], "multiple of 8"),
-        "missing adapter": (["--ref", str(env / "refs" / "0.png"), "--base", "default", "--adapter", str(mismatched)],
-                            "no such file or folder"),
+        "missing adapter": (
+            ["--ref", str(env / "refs" / "0.png"), "--base", "default", "--adapter", str(mismatched)],
+            "no such file or folder",
+        ),
     }
 
 

@@ -12,8 +12,8 @@ import sys
 import warnings
 
 import pytest
-
 from conftest import shape_image
+
 from easyref import cli
 
 HEAVY = ("torch", "diffusers", "transformers", "accelerate")
@@ -42,8 +42,10 @@ def usage_errors(ref):
     data.write_text("[]")
     generate = ["generate", "--prompt", "x", "--ref", str(ref), "--out", str(ref.with_name("o.png"))]
     return {
-        "missing reference": (["generate", "--prompt", "x", "--ref", "nope.png", "--out", "o.png"],
-                              "nope.png: file not found"),
+        "missing reference": (
+            ["generate", "--prompt", "x", "--ref", "nope.png", "--out", "o.png"],
+            "nope.png: file not found",
+        ),
         "bad flag value": ([*generate, "--steps", "abc"], "invalid int value: 'abc'"),
         "bound violated": ([*generate, "--guidance", "nan"], "--guidance must be a finite number"),
         "out overwrites a reference": ([*generate[:-1], str(ref)], "would overwrite the reference"),
@@ -52,33 +54,61 @@ def usage_errors(ref):
         "info of a non-model": (["info", str(ref.parent)], "is not a model folder"),
         "no command": ([], "required: command"),
         "train: no such config": (["train", "--config", "nope.yaml"], "config file nope.yaml does not exist"),
-        "train: unknown setting": (["train", "--config", "example-stage1", "--set", "colour=1"],
-                                   "unknown setting 'colour'"),
-        "train: no data file": (["train", "--config", "example-stage1", "--set", "data=nope.json"],
-                                "nope.json: data file not found"),
-        "train: no data root": (["train", "--config", "example-stage1", "--set", f"data={data}", "data_root=nope"],
-                                "data_root nope does not exist"),
+        "train: unknown setting": (
+            ["train", "--config", "example-stage1", "--set", "colour=1"],
+            "unknown setting 'colour'",
+        ),
+        "train: no data file": (
+            ["train", "--config", "example-stage1", "--set", "data=nope.json"],
+            "nope.json: data file not found",
+        ),
+        "train: no data root": (
+            ["train", "--config", "example-stage1", "--set", f"data={data}", "data_root=nope"],
+            "data_root nope does not exist",
+        ),
         "convert: no such release": (["convert", "nope", "out"], "nope: no such file or folder"),
         "convert: not a release": (["convert", str(ref.parent), "out"], "not an EasyRef checkpoint"),
-        "bench run: no base": (["bench", "run", "--manifest", "m.jsonl", "--method", "sdxl", "--out", "o"],
-                               "--method sdxl needs --base"),
-        "bench run: no manifest": (["bench", "run", "--manifest", "m.jsonl", "--method", "easyref", "--out", "o"],
-                                   "no such file m.jsonl"),
+        "bench run: no base": (
+            ["bench", "run", "--manifest", "m.jsonl", "--method", "sdxl", "--out", "o"],
+            "--method sdxl needs --base",
+        ),
+        "bench run: no manifest": (
+            ["bench", "run", "--manifest", "m.jsonl", "--method", "easyref", "--out", "o"],
+            "no such file m.jsonl",
+        ),
         "bench shapes: unknown method": (["bench", "shapes", "--methods", "median"], "unknown method 'median'"),
         "bench shapes: no models": (["bench", "shapes", "--models-dir", str(ref.parent)], "no model-METHOD-sSEED/"),
     }
 
 
-@pytest.mark.parametrize("case", ["missing reference", "bad flag value", "bound violated",
-                                  "out overwrites a reference", "no prompt", "missing --from-metadata",
-                                  "info of a non-model", "no command", "train: no such config",
-                                  "train: unknown setting", "train: no data file", "train: no data root",
-                                  "convert: no such release", "convert: not a release", "bench run: no base",
-                                  "bench run: no manifest", "bench shapes: unknown method", "bench shapes: no models"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing reference",
+        "bad flag value",
+        "bound violated",
+        "out overwrites a reference",
+        "no prompt",
+        "missing --from-metadata",
+        "info of a non-model",
+        "no command",
+        "train: no such config",
+        "train: unknown setting",
+        "train: no data file",
+        "train: no data root",
+        "convert: no such release",
+        "convert: not a release",
+        "bench run: no base",
+        "bench run: no manifest",
+        "bench shapes: unknown method",
+        "bench shapes: no models",
+    ],
+)
 def test_usage_errors_come_before_the_heavy_imports(ref, case):
     argv, phrase = usage_errors(ref)[case]
-    result = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=60,
-                            cwd=ref.parent)
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=60, cwd=ref.parent
+    )
     report = json.loads(result.stdout)
     assert report == {"code": 2, "heavy": []}, (report, result.stderr)
     err = result.stderr.strip()
@@ -86,17 +116,28 @@ def test_usage_errors_come_before_the_heavy_imports(ref, case):
 
 
 def test_python_dash_m_easyref_usage_error(ref):
-    result = subprocess.run([sys.executable, "-m", "easyref", "generate", "--prompt", "x", "--ref", "nope.png",
-                             "--out", "o.png"], capture_output=True, text=True, timeout=60, cwd=ref.parent)
+    result = subprocess.run(
+        [sys.executable, "-m", "easyref", "generate", "--prompt", "x", "--ref", "nope.png", "--out", "o.png"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ref.parent,
+    )
     assert result.returncode == 2 and result.stderr == "easyref: error: nope.png: file not found\n"
 
 
-@pytest.mark.parametrize("argv, level", [
-    (["generate", "--prompt", "x"], 0), (["-v", "generate", "--prompt", "x"], 1),
-    (["generate", "--prompt", "x", "-v"], 1), (["generate", "-vv", "--prompt", "x"], 2),
-    (["-vv", "bench", "convert", "folders", "a", "b"], 2), (["bench", "convert", "folders", "a", "b", "-v"], 1),
-    (["info", "--verbose"], 1),
-])
+@pytest.mark.parametrize(
+    "argv, level",
+    [
+        (["generate", "--prompt", "x"], 0),
+        (["-v", "generate", "--prompt", "x"], 1),
+        (["generate", "--prompt", "x", "-v"], 1),
+        (["generate", "-vv", "--prompt", "x"], 2),
+        (["-vv", "bench", "convert", "folders", "a", "b"], 2),
+        (["bench", "convert", "folders", "a", "b", "-v"], 1),
+        (["info", "--verbose"], 1),
+    ],
+)
 def test_verbose_before_or_after_the_subcommand(argv, level):
     assert cli.build_parser().parse_args(argv).verbose == level
 
@@ -146,10 +187,23 @@ print(json.dumps({"code": code, "tried": tried, "libraries": libraries}))
 
 
 def test_a_normal_run_is_quiet_and_offline(ref, tmp_path):
-    argv = ["generate", "--ref", str(ref), "--prompt", "an object on a white background, at the top left",
-            "--out", str(tmp_path / "o.png"), "--steps", "1", "--seed", "0", "--grid"]
-    result = subprocess.run([sys.executable, "-c", QUIET_RUN, *argv], capture_output=True, text=True, timeout=300,
-                            env=_env())
+    argv = [
+        "generate",
+        "--ref",
+        str(ref),
+        "--prompt",
+        "an object on a white background, at the top left",
+        "--out",
+        str(tmp_path / "o.png"),
+        "--steps",
+        "1",
+        "--seed",
+        "0",
+        "--grid",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-c", QUIET_RUN, *argv], capture_output=True, text=True, timeout=300, env=_env()
+    )
     report = json.loads(result.stdout)
     quiet = [logging.ERROR, False, logging.ERROR, False]
     assert report == {"code": 0, "tried": [], "libraries": quiet}, (report, result.stderr)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
+from conftest import shape_image
 from transformers import Qwen2VLForConditionalGeneration
 
-from conftest import shape_image
 from easyref.config import EasyRefConfig
 from easyref.prompting import build_inputs, normalize_image
 
@@ -50,9 +50,13 @@ def test_resize_rule_336(tiny_dirs, make_encoder):
     encoder = make_encoder()
     config = EasyRefConfig(mllm_hidden_size=64)
     assert (config.min_pixels, config.max_pixels) == (121 * 784, 145 * 784)
-    images = [shape_image("red", size=(1000, 500)), shape_image("red", size=(336, 336)), shape_image("red", size=(64, 900))]
+    images = [
+        shape_image("red", size=(1000, 500)),
+        shape_image("red", size=(336, 336)),
+        shape_image("red", size=(64, 900)),
+    ]
     inputs = build_inputs([images], ["x"], encoder.tokenizer, encoder.image_processor, config)
-    for (t, h, w), image in zip(inputs.image_grid_thw.tolist(), images):
+    for (_t, h, w), image in zip(inputs.image_grid_thw.tolist(), images):
         pixels = h * w * 14 * 14
         assert config.min_pixels <= pixels <= config.max_pixels
         assert 120 <= h * w // 4 <= 145
@@ -95,7 +99,10 @@ def _reference_computation(encoder, qwen_dir, group, prompt, positions="sequenti
         if positions == "mrope":
             token_types = (inputs.input_ids == model.config.image_token_id).int()
             position_ids, _ = model.model.get_rope_index(
-                inputs.input_ids, token_types, image_grid_thw=inputs.image_grid_thw, attention_mask=inputs.attention_mask
+                inputs.input_ids,
+                token_types,
+                image_grid_thw=inputs.image_grid_thw,
+                attention_mask=inputs.attention_mask,
             )
             assert not torch.equal(position_ids[1], position_ids[2]), "grid positions must differ from 1-D ones"
         if not normed:
@@ -197,9 +204,9 @@ def test_negative_branch_shape(make_encoder):
 
 
 def test_loaded_dtype_is_the_encoders_dtype(tiny_dirs):
-    from easyref import ReferenceEncoder
-
     from conftest import tiny_config
+
+    from easyref import ReferenceEncoder
 
     encoder = ReferenceEncoder.from_pretrained(tiny_dirs["qwen"], tiny_config(tiny_dirs["qwen"]), dtype=torch.bfloat16)
     assert encoder.dtype == torch.bfloat16

@@ -19,8 +19,9 @@ def encoder():
     from easyref.bundled import BUNDLED_DIR
     from easyref.pipeline import EasyRefPipeline
 
-    pipe = EasyRefPipeline.from_pretrained(BUNDLED_DIR / "sdxl", mllm=BUNDLED_DIR / "qwen2vl",
-                                           adapter=BUNDLED_DIR / "adapter")
+    pipe = EasyRefPipeline.from_pretrained(
+        BUNDLED_DIR / "sdxl", mllm=BUNDLED_DIR / "qwen2vl", adapter=BUNDLED_DIR / "adapter"
+    )
     return pipe.reference_encoder
 
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import shape_image
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import shape_image
 from easyref import cli
 from easyref.bundled import bundled_model_dir
 from easyref.images import open_image
@@ -92,9 +92,18 @@ def _collisions(env: Path):
     }
 
 
-@pytest.mark.parametrize("case", [
-    "out is a reference", "derived _0/_1 names", "derived grid name", "symlink to a reference",
-    "hard link of a reference", "relative spelling", "refs-dir member"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "out is a reference",
+        "derived _0/_1 names",
+        "derived grid name",
+        "symlink to a reference",
+        "hard link of a reference",
+        "relative spelling",
+        "refs-dir member",
+    ],
+)
 def test_output_that_is_an_input_is_refused_before_loading(env, capsys, no_model_load, case):
     argv = _collisions(env)[case]
     before = snapshot(env)
@@ -138,7 +147,9 @@ BOUNDS = {
 def test_out_of_bounds_settings_refused_before_loading(env, capsys, no_model_load, case):
     extra, phrase = BOUNDS[case]
     start = time.perf_counter()
-    code, err = run(capsys, "--prompt", "x", "--ref", str(env / "refs" / "ref.png"), "--out", str(env / "o.png"), *extra)
+    code, err = run(
+        capsys, "--prompt", "x", "--ref", str(env / "refs" / "ref.png"), "--out", str(env / "o.png"), *extra
+    )
     assert code == 2
     assert_one_line(err, phrase)
     assert not (env / "o.png").exists()
@@ -147,14 +158,17 @@ def test_out_of_bounds_settings_refused_before_loading(env, capsys, no_model_loa
 
 def test_prompt_over_the_token_limit_is_refused_with_the_limit(env, capsys):
     # under the character bound but over MAX_PROMPT_TOKENS: the tokenizer's count decides
-    code, err = run(capsys, "--prompt", "ab " * 2000, "--ref", str(env / "refs" / "ref.png"), "--out", str(env / "o.png"))
+    code, err = run(
+        capsys, "--prompt", "ab " * 2000, "--ref", str(env / "refs" / "ref.png"), "--out", str(env / "o.png")
+    )
     assert code == 2
     assert_one_line(err, "tokens long; at most 1024 are allowed")
     assert not (env / "o.png").exists()
 
 
 def test_long_prompt_memory_is_bounded(env):
-    """Under an address-space limit a regression (masks of L x L for a huge prompt) fails instead of killing the machine."""
+    """Under an address-space limit a regression (masks of L x L for a huge prompt) fails instead of killing
+    the machine."""
     script = textwrap.dedent(
         f"""
         import resource, sys
@@ -164,8 +178,13 @@ def test_long_prompt_memory_is_bounded(env):
                        "--out", {str(env / "o.png")!r}, "--steps", "1"]))
         """
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "tokens long" in proc.stderr.strip().splitlines()[-1]
 
@@ -197,8 +216,19 @@ def test_adapter_config_values_are_checked_strictly(env, capsys, case):
     path = adapter / "easyref_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
     before = snapshot(env)
-    code, err = run(capsys, "--prompt", "x", "--ref", str(env / "refs" / "ref.png"), "--out", str(env / "o.png"),
-                    "--base", "default", "--adapter", str(adapter))
+    code, err = run(
+        capsys,
+        "--prompt",
+        "x",
+        "--ref",
+        str(env / "refs" / "ref.png"),
+        "--out",
+        str(env / "o.png"),
+        "--base",
+        "default",
+        "--adapter",
+        str(adapter),
+    )
     assert code == 2
     assert_one_line(err, phrase)
     assert snapshot(env) == before
@@ -207,8 +237,19 @@ def test_adapter_config_values_are_checked_strictly(env, capsys, case):
 def test_deeply_nested_config_is_one_line(env, capsys):
     adapter = _adapter_copy(env)
     (adapter / "easyref_config.json").write_text("[" * 100_000 + "]" * 100_000)
-    code, err = run(capsys, "--prompt", "x", "--ref", str(env / "refs" / "ref.png"), "--out", str(env / "o.png"),
-                    "--base", "default", "--adapter", str(adapter))
+    code, err = run(
+        capsys,
+        "--prompt",
+        "x",
+        "--ref",
+        str(env / "refs" / "ref.png"),
+        "--out",
+        str(env / "o.png"),
+        "--base",
+        "default",
+        "--adapter",
+        str(adapter),
+    )
     assert code == 2
     assert_one_line(err, "nested too deeply")
 
@@ -222,8 +263,19 @@ def test_non_finite_adapter_tensor_is_refused_by_name(env, capsys, value):
     tensors[key] = tensors[key].clone()
     tensors[key].view(-1)[0] = value
     save_file(tensors, adapter / "easyref.safetensors", metadata={"format": "easyref", "version": "1"})
-    code, err = run(capsys, "--prompt", "x", "--ref", str(env / "refs" / "ref.png"), "--out", str(env / "o.png"),
-                    "--base", "default", "--adapter", str(adapter))
+    code, err = run(
+        capsys,
+        "--prompt",
+        "x",
+        "--ref",
+        str(env / "refs" / "ref.png"),
+        "--out",
+        str(env / "o.png"),
+        "--base",
+        "default",
+        "--adapter",
+        str(adapter),
+    )
     assert code == 2
     assert_one_line(err, f"tensor {key} holds NaN or Inf")
     assert not (env / "o.png").exists()
@@ -238,8 +290,22 @@ def test_overflowing_generation_fails_loudly_and_writes_nothing(env, capsys):
             tensors[key] = tensors[key] * 1e37
     save_file(tensors, adapter / "easyref.safetensors", metadata={"format": "easyref", "version": "1"})
     out = env / "o.png"
-    code, err = run(capsys, "--prompt", "x", "--ref", str(env / "refs" / "ref.png"), "--out", str(out),
-                    "--base", "default", "--adapter", str(adapter), "--num-images", "2", "--grid")
+    code, err = run(
+        capsys,
+        "--prompt",
+        "x",
+        "--ref",
+        str(env / "refs" / "ref.png"),
+        "--out",
+        str(out),
+        "--base",
+        "default",
+        "--adapter",
+        str(adapter),
+        "--num-images",
+        "2",
+        "--grid",
+    )
     assert code == 1
     assert_one_line(err, "NaN/Inf")
     assert not any(p.suffix == ".png" for p in env.iterdir())
@@ -272,9 +338,24 @@ def _mode_cases(tmp: Path) -> dict[str, tuple[Path, tuple[int, int, int]]]:
     return cases
 
 
-@pytest.mark.parametrize("case", [
-    "1", "L", "P", "RGB", "RGBA transparent", "RGBA opaque", "LA transparent", "I;16 png", "I;16 tiff",
-    "I 8-bit values", "F", "CMYK", "palette with transparency"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "1",
+        "L",
+        "P",
+        "RGB",
+        "RGBA transparent",
+        "RGBA opaque",
+        "LA transparent",
+        "I;16 png",
+        "I;16 tiff",
+        "I 8-bit values",
+        "F",
+        "CMYK",
+        "palette with transparency",
+    ],
+)
 def test_every_pil_mode_decodes_to_the_right_rgb(tmp_path, case):
     path, expected = _mode_cases(tmp_path)[case]
     image = open_image(path)
@@ -291,7 +372,7 @@ def test_generate_reads_16_bit_references_like_training(env):
     path = env / "grey16.png"
     Image.fromarray(np.full((16, 16), 32896, dtype=np.uint16)).save(path)
     seen = [np.asarray(cli.load_image(path)), np.asarray(data.load_image(path))]
-    bench_loader = getattr(runner, "open_image", None) or getattr(runner, "load_image")
+    bench_loader = getattr(runner, "open_image", None) or runner.load_image
     seen.append(np.asarray(bench_loader(path)))
     for array in seen:
         assert np.array_equal(array, seen[0])
@@ -329,7 +410,9 @@ def test_out_is_a_folder(env, capsys, no_model_load):
 
 def test_parent_is_a_file(env, capsys, no_model_load):
     (env / "file").write_text("x")
-    code, err = run(capsys, "--prompt", "x", "--ref", str(env / "refs" / "ref.png"), "--out", str(env / "file" / "o.png"))
+    code, err = run(
+        capsys, "--prompt", "x", "--ref", str(env / "refs" / "ref.png"), "--out", str(env / "file" / "o.png")
+    )
     assert code == 2
     assert_one_line(err, "is a file, not a folder")
 
@@ -348,8 +431,9 @@ def test_read_only_folder_is_refused_before_loading(env, capsys, no_model_load, 
 
         monkeypatch.setattr(tempfile, "mkstemp", refuse)
     try:
-        code, err = run(capsys, "--prompt", "x", "--ref", str(env / "refs" / "ref.png"),
-                        "--out", str(read_only / "sub" / "o.png"))
+        code, err = run(
+            capsys, "--prompt", "x", "--ref", str(env / "refs" / "ref.png"), "--out", str(read_only / "sub" / "o.png")
+        )
         assert code == 2
         assert_one_line(err, "permission denied")
         assert list(read_only.iterdir()) == []
@@ -369,8 +453,9 @@ def test_disk_full_writes_all_images_or_none(env, capsys, monkeypatch):
 
     monkeypatch.setattr(Image.Image, "save", full_after_one)
     out = env / "out" / "o.png"
-    code, err = run(capsys, "--prompt", "x", "--ref", str(env / "refs" / "ref.png"), "--out", str(out),
-                    "--num-images", "3")
+    code, err = run(
+        capsys, "--prompt", "x", "--ref", str(env / "refs" / "ref.png"), "--out", str(out), "--num-images", "3"
+    )
     assert code == 1
     assert_one_line(err, "no space left on the device")
     assert list(out.parent.iterdir()) == []  # neither finished images nor temporary files
@@ -382,7 +467,10 @@ def test_fifo_reference_is_refused_without_hanging(env):
     os.mkfifo(fifo)
     proc = subprocess.run(
         [sys.executable, "-m", "easyref", "generate", "--prompt", "x", "--ref", str(fifo), "--out", str(env / "o.png")],
-        capture_output=True, text=True, timeout=60, env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ),
     )
     assert proc.returncode == 2
     assert_one_line(proc.stderr.strip().splitlines()[-1], "not a regular file")
@@ -390,8 +478,9 @@ def test_fifo_reference_is_refused_without_hanging(env):
 
 @pytest.mark.parametrize("token", ["<|image_pad|>", "<|vision_start|>", "<|im_end|>"])
 def test_prompt_with_mllm_control_tokens_is_refused(env, capsys, token):
-    code, err = run(capsys, "--prompt", f"a red {token} star", "--ref", str(env / "refs" / "ref.png"),
-                    "--out", str(env / "o.png"))
+    code, err = run(
+        capsys, "--prompt", f"a red {token} star", "--ref", str(env / "refs" / "ref.png"), "--out", str(env / "o.png")
+    )
     assert code == 2
     assert_one_line(err, f"contains the MLLM control token {token!r}")
     assert not (env / "o.png").exists()

@@ -11,10 +11,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import shape_image
 from PIL import Image
 from safetensors import safe_open
 
-from conftest import shape_image
 from easyref import info
 from easyref.cli import main
 
@@ -48,8 +48,9 @@ def test_the_bundled_model_tells_its_size_vocabulary_and_parts(capsys):
     assert run_info(capsys, "default")[1] == out
 
 
-@pytest.mark.parametrize("part, title", [("adapter", "EasyRef adapter:"), ("sdxl", "SDXL base:"),
-                                         ("qwen2vl", "Qwen2-VL (MLLM):")])
+@pytest.mark.parametrize(
+    "part, title", [("adapter", "EasyRef adapter:"), ("sdxl", "SDXL base:"), ("qwen2vl", "Qwen2-VL (MLLM):")]
+)
 def test_each_part_alone(capsys, part, title):
     code, out, _ = run_info(capsys, str(BUNDLED / part))
     assert code == 0 and out.startswith(title)
@@ -74,13 +75,23 @@ def _damaged_weights(tmp_path):
     return folder
 
 
-@pytest.mark.parametrize("case, phrase", [
-    ("missing", "no such folder"), ("a file", "is a file"), ("not a model", "is not a model folder"),
-    ("damaged config", "not valid JSON"), ("damaged weights", "damaged header"),
-])
+@pytest.mark.parametrize(
+    "case, phrase",
+    [
+        ("missing", "no such folder"),
+        ("a file", "is a file"),
+        ("not a model", "is not a model folder"),
+        ("damaged config", "not valid JSON"),
+        ("damaged weights", "damaged header"),
+    ],
+)
 def test_anything_else_is_one_line_exit_2(tmp_path, capsys, case, phrase):
-    target = {"missing": lambda: tmp_path / "nope", "a file": lambda: BUNDLED / "recipe.json",
-              "not a model": lambda: tmp_path, "damaged weights": lambda: _damaged_weights(tmp_path)}.get(case)
+    target = {
+        "missing": lambda: tmp_path / "nope",
+        "a file": lambda: BUNDLED / "recipe.json",
+        "not a model": lambda: tmp_path,
+        "damaged weights": lambda: _damaged_weights(tmp_path),
+    }.get(case)
     if case == "damaged config":
         (tmp_path / "model_index.json").write_text("{")
         target = lambda: tmp_path  # noqa: E731
@@ -90,8 +101,10 @@ def test_anything_else_is_one_line_exit_2(tmp_path, capsys, case, phrase):
 
 
 def test_info_imports_neither_torch_nor_numpy():
-    script = "import sys; from easyref.cli import main; main(['info']); print(sorted(m for m in ('torch', 'numpy', " \
-             "'diffusers', 'transformers') if m in sys.modules), file=sys.stderr)"
+    script = (
+        "import sys; from easyref.cli import main; main(['info']); print(sorted(m for m in ('torch', 'numpy', "
+        "'diffusers', 'transformers') if m in sys.modules), file=sys.stderr)"
+    )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stderr.strip() == "[]", result.stderr
 
@@ -104,9 +117,21 @@ def test_unknown_words_split_like_the_word_level_tokenizer():
 
 def test_generate_warns_about_the_bundled_models_limits(tmp_path, caplog):
     shape_image("red").save(tmp_path / "ref.png")
-    argv = ["generate", "--ref", str(tmp_path / "ref.png"),
-            "--prompt", "an object on a blue background, at the Top left", "--out", str(tmp_path / "out.png"),
-            "--steps", "1", "--seed", "0", "--height", "72"]
+    argv = [
+        "generate",
+        "--ref",
+        str(tmp_path / "ref.png"),
+        "--prompt",
+        "an object on a blue background, at the Top left",
+        "--out",
+        str(tmp_path / "out.png"),
+        "--steps",
+        "1",
+        "--seed",
+        "0",
+        "--height",
+        "72",
+    ]
     with caplog.at_level("WARNING"):
         assert main(argv) == 0
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
@@ -116,7 +141,6 @@ def test_generate_warns_about_the_bundled_models_limits(tmp_path, caplog):
     assert not any("'blue'" in w for w in warnings)  # it knows the word: the background is what it never saw
     with Image.open(tmp_path / "out.png") as image:
         assert image.size == (64, 72) and json.loads(image.text["easyref"])["height"] == 72
-
 
 
 def test_the_bundled_models_prompt_templates_cover_every_prompt_it_was_trained_on():

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import shape_image
 from PIL import Image, PngImagePlugin
 
-from conftest import shape_image
 from easyref import cli
 from easyref.cli import main
 
@@ -23,8 +23,23 @@ def batch(tmp_path_factory):
     for i, back in enumerate(("white", "gray")):
         shape_image("red", back).save(refs / f"{i}.png")
     out = root / "out" / "image.png"
-    argv = ["generate", "--refs-dir", str(refs), "--prompt", "an object on a white background, at the top left",
-            "--out", str(out), "--steps", "2", "--seed", "5", "--num-images", "2", "--negative-prompt", ""]
+    argv = [
+        "generate",
+        "--refs-dir",
+        str(refs),
+        "--prompt",
+        "an object on a white background, at the top left",
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--seed",
+        "5",
+        "--num-images",
+        "2",
+        "--negative-prompt",
+        "",
+    ]
     assert main(argv) == 0
     return root, [out.with_name("image_0.png"), out.with_name("image_1.png")]
 
@@ -84,8 +99,17 @@ def _damaged(tmp_path: Path, text: str | None) -> Path:
     return path
 
 
-GOOD = {"version": "0.1.0", "prompt": "x", "references": ["/nope.png"], "scale": 1.0, "steps": 2, "guidance": 5.0,
-        "seed": 1, "num_images": 2, "index": 1}
+GOOD = {
+    "version": "0.1.0",
+    "prompt": "x",
+    "references": ["/nope.png"],
+    "scale": 1.0,
+    "steps": 2,
+    "guidance": 5.0,
+    "seed": 1,
+    "num_images": 2,
+    "index": 1,
+}
 BAD_RECORDS = {
     "no file": (None, "file not found"),
     "not a png record": ("", "not a JSON object"),

@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
-
 from conftest import shape_image
+from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
 CALL = dict(num_inference_steps=2, height=32, width=32, output_type="np")
 
@@ -110,8 +109,15 @@ def test_img2img_base_pipeline(make_encoder, tiny_dirs, groups):
     sdxl = StableDiffusionXLImg2ImgPipeline.from_pretrained(tiny_dirs["sdxl"])
     pipe = EasyRefPipeline.from_components(sdxl, make_encoder())
     pipe.set_progress_bar_config(disable=True)
-    out = pipe(groups[0], "a cat", image=shape_image("green", size=(32, 32)), strength=0.5, generator=gens(0),
-               num_inference_steps=4, output_type="np")
+    out = pipe(
+        groups[0],
+        "a cat",
+        image=shape_image("green", size=(32, 32)),
+        strength=0.5,
+        generator=gens(0),
+        num_inference_steps=4,
+        output_type="np",
+    )
     assert out.images.shape == (1, 32, 32, 3) and np.isfinite(out.images).all()
 
 
@@ -132,8 +138,10 @@ def test_img2img_base_pipeline(make_encoder, tiny_dirs, groups):
         (dict(prompt=[]), "prompt must be"),
         (dict(references=None, reference_embeds=torch.zeros(1, 3, 64)), "reference_embeds must have shape"),
         (dict(reference_embeds=torch.zeros(1, 64, 64)), "either references or reference_embeds"),
-        (dict(references=None, reference_embeds=torch.zeros(1, 64, 64), return_reference_maps=True),
-         "return_reference_maps needs references"),
+        (
+            dict(references=None, reference_embeds=torch.zeros(1, 64, 64), return_reference_maps=True),
+            "return_reference_maps needs references",
+        ),
     ],
 )
 def test_check_inputs_errors(make_pipeline, kwargs, message):

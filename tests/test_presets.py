@@ -41,5 +41,6 @@ def test_every_test_marked_slow_still_exists():
     here = Path(__file__).parent
     for name in sorted(SLOW_TESTS):
         file, function = name.split("::")
-        assert re.search(rf"^def {function}\(", (here / file).read_text(), re.M), \
+        assert re.search(rf"^def {function}\(", (here / file).read_text(), re.M), (
             f"{name} (in tests/conftest.py SLOW_TESTS) no longer exists"
+        )

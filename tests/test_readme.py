@@ -21,29 +21,24 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import shape_image
-from easyref.cli import build_parser, main
 from fake_hub import build_hub
+
+from easyref.cli import build_parser, main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SYNOPSIS = re.compile(r"\[|\||\.\.\.$|\b[A-Z][A-Z0-9_]+\b")  # [optional], a|b, more..., PLACEHOLDER
 
 # concrete commands that are not run here, and why (each must still be in the README)
 NOT_RUN = {
-    "easyref train --config example-stage1":
-        "the three example stages take 35 s; `make train-demo` runs them and tests/test_train.py trains them",
+    "easyref train --config example-stage1": "the three example stages take 35 s; `make train-demo` runs them and tests/test_train.py trains them",
     "easyref train --config example-stage2": "as above",
     "easyref train --config example-stage3": "as above",
-    "easyref generate --adapter runs/example-stage3/final --ref a.png --ref b.png --prompt ... --out out.png":
-        "needs the example stages above",
+    "easyref generate --adapter runs/example-stage3/final --ref a.png --ref b.png --prompt ... --out out.png": "needs the example stages above",
     "easyref generate --adapter runs/example-stage1/final --ref runs/example-data/images/000_0.png --prompt "
-    "a red circle on a lavender background --out generated.png":
-        "the trainer's printed command: tests/test_resolve.py trains a stage and runs what it prints",
-    "easyref train --config stage1 --set data=data/pairs.json data_root=data output_dir=runs/stage1":
-        "the real recipes: they need a dataset and the real SDXL and Qwen2-VL",
-    "easyref train --config stage2 --set data=data/faces.json data_root=data init_from=runs/stage1/final":
-        "as above",
+    "a red circle on a lavender background --out generated.png": "the trainer's printed command: tests/test_resolve.py trains a stage and runs what it prints",
+    "easyref train --config stage1 --set data=data/pairs.json data_root=data output_dir=runs/stage1": "the real recipes: they need a dataset and the real SDXL and Qwen2-VL",
+    "easyref train --config stage2 --set data=data/faces.json data_root=data init_from=runs/stage1/final": "as above",
     "easyref train --config my_stage3.yaml --resume latest": "as above, and a run to resume",
     "easyref serve": "a server that runs until stopped: tests/test_serve.py starts it and drives its page",
     "easyref serve --adapter zongzhuofan/EasyRef --device cuda --port 8080 --out-dir outputs/served": "as above",
@@ -79,7 +74,7 @@ def easyref_argv(words: list[str]) -> list[str] | None:
     if words[:1] == ["easyref"]:
         argv = words[1:]
     elif words[:2] == ["accelerate", "launch"] and "easyref" in words:
-        argv = words[words.index("easyref") + 1:]
+        argv = words[words.index("easyref") + 1 :]
     else:
         return None
     return argv[: argv.index(">")] if ">" in argv else argv
@@ -87,7 +82,9 @@ def easyref_argv(words: list[str]) -> list[str] | None:
 
 def is_synopsis(argv: list[str]) -> bool:
     """A command shape rather than a command; a prompt written as "..." is a prompt."""
-    return any(SYNOPSIS.search(word) for i, word in enumerate(argv) if not (word == "..." and argv[i - 1] == "--prompt"))
+    return any(
+        SYNOPSIS.search(word) for i, word in enumerate(argv) if not (word == "..." and argv[i - 1] == "--prompt")
+    )
 
 
 def key(argv: list[str]) -> str:
@@ -103,7 +100,7 @@ def subparser(argv: list[str]):
         if not actions or not names or names[0] not in actions[0].choices:
             return parser
         parser = actions[0].choices[names[0]]
-        argv = argv[argv.index(names[0]) + 1:]
+        argv = argv[argv.index(names[0]) + 1 :]
 
 
 @pytest.fixture(scope="module")
@@ -184,8 +181,18 @@ def workdir(tmp_path, monkeypatch, hub_cache):
     for i, name in enumerate(("a", "b")):
         for suffix in (".png", ".jpg"):
             shape_image(("red", "blue")[i]).convert("RGB").save(tmp_path / f"{name}{suffix}")
-    (tmp_path / "M.jsonl").write_text(json.dumps({"id": "g1", "split": "held-out", "references": ["a.jpg", "b.jpg"],
-                                                   "target": "a.png", "prompts": ["a thing"]}) + "\n")
+    (tmp_path / "M.jsonl").write_text(
+        json.dumps(
+            {
+                "id": "g1",
+                "split": "held-out",
+                "references": ["a.jpg", "b.jpg"],
+                "target": "a.png",
+                "prompts": ["a thing"],
+            }
+        )
+        + "\n"
+    )
     group = tmp_path / "my_groups" / "g1"
     group.mkdir(parents=True)
     for name in ("a.png", "b.png"):
@@ -193,9 +200,14 @@ def workdir(tmp_path, monkeypatch, hub_cache):
     (group / "prompts.txt").write_text("a thing\n")
     (tmp_path / "val2017").mkdir()
     shutil.copy(tmp_path / "a.jpg", tmp_path / "val2017" / "000000000001.jpg")
-    (tmp_path / "captions_val2017.json").write_text(json.dumps({
-        "images": [{"id": 1, "file_name": "000000000001.jpg"}],
-        "annotations": [{"image_id": 1, "caption": "a red thing"}]}))
+    (tmp_path / "captions_val2017.json").write_text(
+        json.dumps(
+            {
+                "images": [{"id": 1, "file_name": "000000000001.jpg"}],
+                "annotations": [{"image_id": 1, "caption": "a red thing"}],
+            }
+        )
+    )
     return tmp_path
 
 
@@ -235,7 +247,13 @@ def test_the_readme_commands_run_as_written(commands, workdir, capsys):
 def test_the_readme_redirect_writes_the_deepspeed_config(tmp_path):
     line = next(w for w in readme_commands(README.read_text()) if ">" in w and "deepspeed_zero2" in w[-1])
     bin_dir = Path(sys.executable).parent
-    result = subprocess.run(["bash", "-c", shlex.join(line[:-2]) + " > " + shlex.quote(line[-1])], cwd=tmp_path,
-                            env={"PATH": f"{bin_dir}:/usr/bin:/bin"}, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["bash", "-c", shlex.join(line[:-2]) + " > " + shlex.quote(line[-1])],
+        cwd=tmp_path,
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert "deepspeed" in (tmp_path / line[-1]).read_text().lower()

@@ -6,7 +6,6 @@ import dataclasses
 
 import pytest
 import torch
-
 from conftest import shape_image
 
 

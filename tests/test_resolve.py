@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
 from conftest import shape_image
 from fake_hub import COMMIT, QWEN_ID, RELEASE_ID, SDXL_ID, build_hub, into_cache, release_pipeline
+from PIL import Image
+
 from easyref import EasyRefConfig, EasyRefPipeline
 from easyref.bench.sources import check_source
 from easyref.cli import main
@@ -111,8 +111,9 @@ def test_convert_by_hub_id_then_load_the_checkpoint_alone(offline, tmp_path):
 def test_convert_records_the_base_and_mllm_given(offline, tiny_dirs, tmp_path):
     """A release-format file trained on other models: --base/--mllm name them, and the result loads alone."""
     out = tmp_path / "converted"
-    assert main(["convert", RELEASE_ID, str(out), "--base", str(tiny_dirs["sdxl"]),
-                 "--mllm", str(tiny_dirs["qwen"])]) == 0
+    assert (
+        main(["convert", RELEASE_ID, str(out), "--base", str(tiny_dirs["sdxl"]), "--mllm", str(tiny_dirs["qwen"])]) == 0
+    )
     config = json.loads((out / "easyref_config.json").read_text())
     assert (config["base"], config["mllm"]) == (str(tiny_dirs["sdxl"]), str(tiny_dirs["qwen"]))
     parts = resolve_parts(adapter=out)
@@ -124,9 +125,31 @@ def test_bench_run_by_hub_ids_offline_records_what_reproduces_it(offline, refs, 
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"id": "g", "references": [refs[0].name], "prompts": ["a red thing"]}))
     out = tmp_path / "run"
-    assert main(["bench", "run", "--manifest", str(manifest), "--method", "easyref", *base,
-                 "--adapter", RELEASE_ID, "--steps", "2", "--height", "64", "--device", "cpu",
-                 "--no-score", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "run",
+                "--manifest",
+                str(manifest),
+                "--method",
+                "easyref",
+                *base,
+                "--adapter",
+                RELEASE_ID,
+                "--steps",
+                "2",
+                "--height",
+                "64",
+                "--device",
+                "cpu",
+                "--no-score",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     header = json.loads((out / "run.json").read_text())
     method = header["method"]
     assert (method["base"], method["mllm"], method["adapter"]) == (SDXL_ID, QWEN_ID, RELEASE_ID)
@@ -148,8 +171,27 @@ def test_bench_run_resumes_across_versions_but_not_another_manifest(offline, ref
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"id": "g", "references": [refs[0].name], "prompts": ["a red thing"]}))
     out = tmp_path / "run"
-    argv = ["bench", "run", "--manifest", str(manifest), "--method", "easyref", "--adapter", RELEASE_ID, "--steps",
-            "1", "--height", "64", "--width", "64", "--device", "cpu", "--no-score", "--out", str(out)]
+    argv = [
+        "bench",
+        "run",
+        "--manifest",
+        str(manifest),
+        "--method",
+        "easyref",
+        "--adapter",
+        RELEASE_ID,
+        "--steps",
+        "1",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--device",
+        "cpu",
+        "--no-score",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     header = json.loads((out / "run.json").read_text())
     header["environment"]["torch"] = "0.0.1"  # made before an upgrade: resuming is allowed, the record kept
@@ -163,8 +205,21 @@ def test_bench_run_resumes_across_versions_but_not_another_manifest(offline, ref
 
 
 def test_bench_run_of_a_plain_method_needs_a_base(offline, tmp_path, capsys):
-    assert main(["bench", "run", "--manifest", str(tmp_path / "m.jsonl"), "--method", "ip-adapter-mean",
-                 "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "bench",
+                "run",
+                "--manifest",
+                str(tmp_path / "m.jsonl"),
+                "--method",
+                "ip-adapter-mean",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "--method ip-adapter-mean needs --base" in capsys.readouterr().err
 
 
@@ -193,13 +248,17 @@ def test_a_checkpoint_naming_an_uncached_base_says_where_the_name_came_from(offl
 
 def test_the_real_environment_variables_are_honoured(hub, tmp_path):
     """A fresh process: huggingface_hub reads HF_HUB_OFFLINE and HF_HUB_CACHE from the environment."""
-    script = ("from easyref.resolve import resolve\n"
-              f"print(resolve({SDXL_ID!r}, 'base').path)\n"
-              "resolve('someone/missing', 'mllm')\n")
+    script = (
+        "from easyref.resolve import resolve\n"
+        f"print(resolve({SDXL_ID!r}, 'base').path)\n"
+        "resolve('someone/missing', 'mllm')\n"
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub)}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
     assert proc.stdout.strip() == str(hub / "models--stabilityai--stable-diffusion-xl-base-1.0" / "snapshots" / COMMIT)
-    assert "someone/missing: not in the local Hugging Face cache" in proc.stderr and "HF_HUB_OFFLINE is set" in proc.stderr
+    assert (
+        "someone/missing: not in the local Hugging Face cache" in proc.stderr and "HF_HUB_OFFLINE is set" in proc.stderr
+    )
 
 
 def test_an_unreachable_hub_fails_at_once(hub, monkeypatch, refs, tmp_path, capsys):
@@ -237,9 +296,13 @@ def test_online_an_uncached_hub_id_is_downloaded_with_what_its_kind_needs(hub, m
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
     monkeypatch.setattr(resolve_module, "_probe_result", {constants.ENDPOINT: None})  # the hub answers
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
-    monkeypatch.setattr(diffusers.DiffusionPipeline, "download",
-                        classmethod(lambda cls, repo_id, **kw: calls.append((repo_id, kw["revision"], "diffusers"))
-                                    or str(tmp_path / repo_id)))
+    monkeypatch.setattr(
+        diffusers.DiffusionPipeline,
+        "download",
+        classmethod(
+            lambda cls, repo_id, **kw: calls.append((repo_id, kw["revision"], "diffusers")) or str(tmp_path / repo_id)
+        ),
+    )
     assert resolve("someone/qwen@v2", "mllm").path == str(tmp_path / "someone/qwen")
     assert resolve("someone/sdxl", "base").path == str(tmp_path / "someone/sdxl")
     assert resolve("someone/clip").path == "someone/clip"  # any other model: its loader downloads it
@@ -278,7 +341,8 @@ def test_the_download_command_is_the_installed_cli():
     assert download_command(QWEN_ID).split()[0] in scripts
     assert download_command(SDXL_ID, "base") == (
         f"hf download {SDXL_ID} --include '*.json' --include '*.txt' --include 'text_encoder*/model.safetensors' "
-        "--include unet/diffusion_pytorch_model.safetensors --include vae/diffusion_pytorch_model.safetensors")
+        "--include unet/diffusion_pytorch_model.safetensors --include vae/diffusion_pytorch_model.safetensors"
+    )
 
 
 # ---------------------------------------------------------------------- `default`
@@ -294,8 +358,28 @@ def test_bench_run_base_default(refs, tmp_path):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"id": "g", "references": [refs[0].name], "prompts": ["an object"]}))
     out = tmp_path / "run"
-    assert main(["bench", "run", "--manifest", str(manifest), "--method", "easyref", "--base", "default",
-                 "--steps", "2", "--device", "cpu", "--no-score", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "run",
+                "--manifest",
+                str(manifest),
+                "--method",
+                "easyref",
+                "--base",
+                "default",
+                "--steps",
+                "2",
+                "--device",
+                "cpu",
+                "--no-score",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     method = json.loads((out / "run.json").read_text())["method"]
     assert (method["base"], method["mllm"], method["adapter"]) == ("default", "default", "default")
     assert check_source("default", "--base", kind="base").local  # what the sdxl and ip-adapter methods load
@@ -317,12 +401,16 @@ def test_an_adapter_alone_loads_on_what_it_records(own_adapter, tiny_dirs, refs,
     assert (recorded(out)["base"], recorded(out)["mllm"]) == (str(tiny_dirs["sdxl"]), str(tiny_dirs["qwen"]))
 
 
-@pytest.mark.parametrize("part, edit, phrase", [
-    ("base", ("unet/config.json", "cross_attention_dim", 32), "does not fit the base"),
-    ("mllm", ("config.json", "hidden_size", 32), "does not fit the MLLM"),
-])
-def test_a_part_that_does_not_fit_is_one_line_before_loading(own_adapter, tiny_dirs, refs, tmp_path, capsys,
-                                                             part, edit, phrase):
+@pytest.mark.parametrize(
+    "part, edit, phrase",
+    [
+        ("base", ("unet/config.json", "cross_attention_dim", 32), "does not fit the base"),
+        ("mllm", ("config.json", "hidden_size", 32), "does not fit the MLLM"),
+    ],
+)
+def test_a_part_that_does_not_fit_is_one_line_before_loading(
+    own_adapter, tiny_dirs, refs, tmp_path, capsys, part, edit, phrase
+):
     folder = tmp_path / part
     shutil.copytree(tiny_dirs["sdxl" if part == "base" else "qwen"], folder)
     name, key, value = edit
@@ -337,8 +425,11 @@ def test_configs_without_base_still_load_and_base_is_checked(tmp_path):
     data = EasyRefConfig().to_dict()
     del data["base"]  # written before the field existed
     assert EasyRefConfig.from_dict(data).base == SDXL_ID
-    for value, phrase in ((5, "base must be a string"), ("", "base must name a model"),
-                          ("x" * 5000, "base must name a model")):
+    for value, phrase in (
+        (5, "base must be a string"),
+        ("", "base must name a model"),
+        ("x" * 5000, "base must name a model"),
+    ):
         with pytest.raises(ValueError, match=phrase):
             EasyRefConfig.from_dict({**data, "base": value})
 
@@ -352,7 +443,9 @@ def test_the_trainer_records_its_parts_and_prints_a_command_that_runs(tmp_path, 
     config = json.loads((final / "easyref_config.json").read_text())
     assert (config["base"], config["mllm"]) == ("default", "default")
     assert all(Path(p).is_dir() for p in config["extra"]["resolved"].values())
-    command = next(r.getMessage() for r in caplog.records if "try it with: " in r.getMessage()).split("try it with: ")[1]
+    command = next(r.getMessage() for r in caplog.records if "try it with: " in r.getMessage()).split("try it with: ")[
+        1
+    ]
     words = shlex.split(command)
     assert words[:4] == ["easyref", "generate", "--adapter", str(final)]
     assert main(words[1:]) == 0  # exactly as printed

@@ -30,8 +30,15 @@ from easyref.shapes.data import demo_group, demo_prompts, write_demo_references
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # the flags a closed network needs: without the background-networking ones Chromium keeps dialling out
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 STAR, SQUARE = demo_prompts(demo_group())
 
 
@@ -58,9 +65,23 @@ def server(tmp_path_factory):
     log = root / "server.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_TEMP_DIR": str(root / "gradio-cache")}
     with open(log, "w") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "easyref", "serve", "--port", str(port), "--out-dir",
-                                 str(root / "out"), "--device", "cpu"], stdout=sink, stderr=subprocess.STDOUT,
-                                env=env)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "easyref",
+                "serve",
+                "--port",
+                str(port),
+                "--out-dir",
+                str(root / "out"),
+                "--device",
+                "cpu",
+            ],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 180
     while True:
@@ -88,10 +109,13 @@ def test_serve_needs_gradio_and_says_how_to_get_it(monkeypatch, capsys):
     assert "pip install 'easyref[ui]'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--port", "70000"], "--port must be between 1 and 65535, got 70000"),
-    (["--host", "no such host.invalid"], "is not an address or name this machine can resolve"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--port", "70000"], "--port must be between 1 and 65535, got 70000"),
+        (["--host", "no such host.invalid"], "is not an address or name this machine can resolve"),
+    ],
+)
 def test_serve_refuses_bad_addresses_before_loading(argv, message, capsys):
     assert main(["serve", *argv]) == 2
     err = capsys.readouterr().err
@@ -113,8 +137,20 @@ def test_serve_refuses_a_taken_port_and_a_file_as_out_dir(tmp_path, capsys):
 def generate(client, refs, prompt=STAR, steps=4, seed=11, random_seed=False, count=2, side=64):
     from gradio_client import handle_file
 
-    return client.predict([handle_file(str(p)) for p in refs], prompt, "", 1.0, steps, 5.0, seed, random_seed,
-                          count, side, side, api_name="/generate")
+    return client.predict(
+        [handle_file(str(p)) for p in refs],
+        prompt,
+        "",
+        1.0,
+        steps,
+        5.0,
+        seed,
+        random_seed,
+        count,
+        side,
+        side,
+        api_name="/generate",
+    )
 
 
 def test_api_writes_the_pngs_generate_writes(server, tmp_path, monkeypatch):
@@ -272,8 +308,13 @@ def test_ctrl_c_stops_the_server(server):
 def test_sigterm_stops_the_server_and_removes_its_temporary_folders(tmp_path):
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TMPDIR": str(tmp_path)}
-    proc = subprocess.Popen([sys.executable, "-m", "easyref", "serve", "--port", str(port), "--device", "cpu"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "easyref", "serve", "--port", str(port), "--device", "cpu"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     for line in proc.stdout:
         if "serving on" in line:
             break

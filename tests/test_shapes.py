@@ -69,7 +69,9 @@ def test_render_draws_the_subject_where_and_how_asked():
         ys, xs = np.nonzero(red)
         assert abs(xs.mean() / 64 - cx) < 0.03 and abs(ys.mean() / 64 - cy) < 0.03
         assert tuple(image[0, 0]) == BACKGROUNDS["white"] or tuple(image[63, 63]) == BACKGROUNDS["white"]
-    solid, striped = (pixels(render(target_scene(Subject("square", "blue", p), "black", "center"))) for p in ("solid", "striped"))
+    solid, striped = (
+        pixels(render(target_scene(Subject("square", "blue", p), "black", "center"))) for p in ("solid", "striped")
+    )
     centre = (slice(24, 40), slice(24, 40))
     spread = lambda image: image[centre].reshape(-1, 3).std(axis=0).max()  # per channel, over pixels
     assert spread(solid) < 1 and spread(striped) > 20  # the pattern is visible
@@ -82,8 +84,15 @@ def test_written_dataset_reads_through_the_training_pipeline(tmp_path):
     paths = write_training_data(tmp_path, groups=12, min_refs=2, max_refs=3, distractors=(0, 2), seed=0)
     for stage, name in ((1, "pairs"), (2, "faces"), (3, "groups")):
         records = load_records(paths[name])
-        settings = DataSettings(stage=stage, resolution=64, bucket_stride=16, crop="center", image_drop_rate=0,
-                                text_drop_rate=0, both_drop_rate=0)
+        settings = DataSettings(
+            stage=stage,
+            resolution=64,
+            bucket_stride=16,
+            crop="center",
+            image_drop_rate=0,
+            text_drop_rate=0,
+            both_drop_rate=0,
+        )
         sample = TrainDataset(records, tmp_path, settings, strict=True)[(0, 0)]
         assert sample.pixel_values.shape == (3, 64, 64)
         assert "object" in sample.text and not any(s in sample.text for s in SHAPES)
@@ -121,8 +130,13 @@ def test_base_model_trains_and_loads_as_an_sdxl_folder(tmp_path):
     with torch.no_grad():
         posterior = pipe.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist
     assert posterior.std.max() < 1e-2  # the saved VAE's posterior is sharpened
-    image = pipe("a red solid circle on a white background, in the center", num_inference_steps=2,
-                 height=64, width=64, output_type="pil").images[0]
+    image = pipe(
+        "a red solid circle on a white background, in the center",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        output_type="pil",
+    ).images[0]
     assert image.size == (64, 64)
 
 
@@ -136,7 +150,12 @@ def test_a_base_reuses_a_finished_vae_and_trains_in_chunks(tmp_path):
     first = build_base_model(tmp_path / "first", vae_steps=1, base_steps=1, batch_size=2, levels=2)
     second = build_base_model(tmp_path / "second", vae_steps=1, base_steps=2, batch_size=2, vae_from=first, chunk=1)
     record = json.loads((second / "training.json").read_text())
-    assert (record["levels"], record["base_steps"], record["base_runs"], record["vae_from"]) == (3, 2, [1, 1], str(first))
+    assert (record["levels"], record["base_steps"], record["base_runs"], record["vae_from"]) == (
+        3,
+        2,
+        [1, 1],
+        str(first),
+    )
     vae = lambda folder: load_file(next((folder / "vae").glob("*.safetensors")))
     assert all(torch.equal(v, vae(second)[k]) for k, v in vae(first).items())
     configs = [json.loads((f / "unet" / "config.json").read_text())["down_block_types"] for f in (first, second)]
@@ -155,8 +174,8 @@ def test_a_base_continues_where_it_stopped_and_stale_stages_go(tmp_path):
 
     from safetensors.torch import load_file
 
-    from easyref.shapes.build import PRESETS, _continue_base
     from easyref.shapes.base import build_base_model, continue_base_model
+    from easyref.shapes.build import PRESETS, _continue_base
 
     work = tmp_path / "work"
     build_base_model(work / "base", vae_steps=1, base_steps=2, batch_size=2, levels=PRESETS["smoke"].unet_levels)

@@ -29,11 +29,18 @@ def test_the_targets_themselves_score_perfectly(oracle):
 def test_wrong_subject_or_wrong_place_is_caught(oracle):
     groups = make_groups("held-in", 12, 3, 0, seed=6)
     other = Subject("star", "purple", "dotted")
-    wrong_subject = [render(target_scene(other if g.subject != other else Subject("circle", "red", "solid"),
-                                         g.background, g.position)) for g in groups]
+    wrong_subject = [
+        render(
+            target_scene(other if g.subject != other else Subject("circle", "red", "solid"), g.background, g.position)
+        )
+        for g in groups
+    ]
     scored = summarize(score_images(oracle, groups, wrong_subject))
     assert scored["identity"] == 0.0 and scored["prompt"] == 1.0 and scored["similarity"] < 0.95
-    moved = [render(target_scene(g.subject, g.background, "center" if g.position != "center" else "top left")) for g in groups]
+    moved = [
+        render(target_scene(g.subject, g.background, "center" if g.position != "center" else "top left"))
+        for g in groups
+    ]
     scored = summarize(score_images(oracle, groups, moved))
     assert scored["identity"] == 1.0 and scored["prompt"] == 0.0
 
@@ -43,30 +50,77 @@ def test_bench_shapes_runs_end_to_end_on_the_smoke_recipe(tmp_path, capsys):
 
     out = tmp_path / "bench"
     methods = ("easyref", "easyref-bi")  # the four methods differ only in two settings, checked below
-    assert main(["bench", "shapes", "--preset", "smoke", "--groups", "1", "--steps", "1", "--methods", *methods,
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "shapes",
+                "--preset",
+                "smoke",
+                "--groups",
+                "1",
+                "--steps",
+                "1",
+                "--methods",
+                *methods,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert len(CELLS) == 16  # 6 by distractors + 5 by references (one shared) + 6 by kind
     assert {(r["method"], r["seed"]) for r in summary["runs"]} == {(m, s) for m in methods for s in (0, 1)}
     assert len(summary["runs"]) == 2 * 2 * 16 and len(summary["cells"]) == 2 * 16
     assert all(c["seeds"] == [0, 1] and len(c["identity_by_seed"]) == 2 for c in summary["cells"])
     assert [r["baseline"] for r in summary["paired"]] == ["easyref-bi"] * 17  # 16 cells + pooled
-    assert all(r["seeds"] == [0, 1] and r["beyond_spread"] in (True, False)
-               for r in summary["paired"] if r["cell"] != "all cells")
+    assert all(
+        r["seeds"] == [0, 1] and r["beyond_spread"] in (True, False)
+        for r in summary["paired"]
+        if r["cell"] != "all cells"
+    )
     table = (out / "summary.md").read_text()
     assert table.count("| easyref |") == 17 and "By group kind" in table and "| pick | held-out | easyref |" in table
     assert (out / "by_references.png").is_file() and (out / "by_references_colour.png").is_file()
     assert "By number of references" in capsys.readouterr().out
-    configs = {(m, s): json.loads((out / "work" / f"model-{m}-s{s}" / "adapter" / "easyref_config.json").read_text())
-               for m in methods for s in (0, 1)}
+    configs = {
+        (m, s): json.loads((out / "work" / f"model-{m}-s{s}" / "adapter" / "easyref_config.json").read_text())
+        for m in methods
+        for s in (0, 1)
+    }
     assert {m: (c["reference_mode"], c["attention_mode"]) for (m, _), c in configs.items()} == {
-        "easyref": ("joint", "official"), "easyref-bi": ("joint", "bidirectional")}
-    weights = {key: (out / "work" / f"model-{key[0]}-s{key[1]}" / "adapter" / "easyref.safetensors").read_bytes()
-               for key in configs}
+        "easyref": ("joint", "official"),
+        "easyref-bi": ("joint", "bidirectional"),
+    }
+    weights = {
+        key: (out / "work" / f"model-{key[0]}-s{key[1]}" / "adapter" / "easyref.safetensors").read_bytes()
+        for key in configs
+    }
     assert weights["easyref-bi", 0] != weights["easyref-bi", 1]  # the seeds are separate runs
     # the models are reused: evaluating the trained folders again needs no training
-    assert main(["bench", "shapes", "--models-dir", str(out / "work"), "--groups", "1", "--steps", "1",
-                 "--methods", "easyref", "mean", "--seeds", "1", "--out", str(tmp_path / "again")]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "shapes",
+                "--models-dir",
+                str(out / "work"),
+                "--groups",
+                "1",
+                "--steps",
+                "1",
+                "--methods",
+                "easyref",
+                "mean",
+                "--seeds",
+                "1",
+                "--out",
+                str(tmp_path / "again"),
+            ]
+        )
+        == 0
+    )
     again = json.loads((tmp_path / "again" / "summary.json").read_text())
     assert {(r["method"], r["seed"]) for r in again["runs"]} == {("easyref", 1)}  # no mean was trained
 
@@ -75,8 +129,31 @@ def test_scored_cells_are_kept_and_reused_only_for_the_same_weights_and_settings
     from easyref.shapes import bench
 
     models = tmp_path / "work"
-    assert main(["bench", "shapes", "--preset", "smoke", "--groups", "1", "--steps", "1", "--methods", "easyref",
-                 "--seeds", "0", "--kinds", "pick", "--out", str(tmp_path), "--work", str(models)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "shapes",
+                "--preset",
+                "smoke",
+                "--groups",
+                "1",
+                "--steps",
+                "1",
+                "--methods",
+                "easyref",
+                "--seeds",
+                "0",
+                "--kinds",
+                "pick",
+                "--out",
+                str(tmp_path),
+                "--work",
+                str(models),
+            ]
+        )
+        == 0
+    )
     first = json.loads((tmp_path / "summary.json").read_text())
     assert len(list((tmp_path / "cells").glob("*.json"))) == 2  # pick, held-in and held-out
     monkeypatch.setattr(bench, "load_method", lambda *a, **k: pytest.fail("a kept cell was generated again"))
@@ -121,11 +198,16 @@ def test_each_method_trains_stage_3_with_its_modes_and_seed(tmp_path, monkeypatc
     monkeypatch.setattr(build, "package", lambda work, out, recipe, timings, adapter: packaged.append((out, adapter)))
     folders = bench.train_methods(tmp_path, build.PRESETS["smoke"], methods=bench.METHODS, seeds=(0, 3))
     modes = {(c.reference_mode, c.attention_mode, c.seed, Path(c.output_dir).name) for c in trained}
-    assert modes == {("joint", "bidirectional", 0, "stage3-easyref-bi-s0"), ("joint", "bidirectional", 3, "stage3-easyref-bi-s3"),
-                     ("mean", "official", 0, "stage3-mean-s0"), ("mean", "official", 3, "stage3-mean-s3"),
-                     ("concat", "official", 0, "stage3-concat-s0"), ("concat", "official", 3, "stage3-concat-s3"),
-                     ("joint", "official", 0, "stage3"),  # the demo build's own stage 3 is EasyRef's at the recipe's seed
-                     ("joint", "official", 3, "stage3-easyref-s3")}
+    assert modes == {
+        ("joint", "bidirectional", 0, "stage3-easyref-bi-s0"),
+        ("joint", "bidirectional", 3, "stage3-easyref-bi-s3"),
+        ("mean", "official", 0, "stage3-mean-s0"),
+        ("mean", "official", 3, "stage3-mean-s3"),
+        ("concat", "official", 0, "stage3-concat-s0"),
+        ("concat", "official", 3, "stage3-concat-s3"),
+        ("joint", "official", 0, "stage3"),  # the demo build's own stage 3 is EasyRef's at the recipe's seed
+        ("joint", "official", 3, "stage3-easyref-s3"),
+    }
     assert all(c.init_from.endswith("stage2/final") for c in trained)  # every method from the same stage 2
     assert sorted(folders) == sorted((m, s) for m in bench.METHODS for s in (0, 3))
     assert {out.name for out, _ in packaged} == {f"model-{m}-s{s}" for m in bench.METHODS for s in (0, 3)}
@@ -148,9 +230,13 @@ def test_cells_can_be_selected_by_kind_and_split():
 
     assert select_cells() == CELLS
     assert select_cells(["rival", "repeat", "pick"], ["held-out"]) == [
-        ("rival", "held-out", 3, 2), ("repeat", "held-out", 3, 2), ("pick", "held-out", 3, 0)]
+        ("rival", "held-out", 3, 2),
+        ("repeat", "held-out", 3, 2),
+        ("pick", "held-out", 3, 0),
+    ]
     assert len(select_cells(["plain"])) == 10 and select_cells(["plain"], ["held-in"]) == [
-        ("plain", "held-in", 3, d) for d in (0, 1, 2)]
+        ("plain", "held-in", 3, d) for d in (0, 1, 2)
+    ]
 
 
 def test_sign_test_against_hand_values():
@@ -176,9 +262,19 @@ def test_paired_identity_sums_over_seeds_and_weighs_the_gap_against_seed_spread(
         ("concat", 0, hard): [False] * 5,
         ("concat", 1, hard): [True] * 5,
     }
-    runs = [{"method": m, "seed": s, "kind": c[0], "split": c[1], "refs": c[2], "distractors": c[3], "count": len(v),
-             **{k: sum(v) / len(v) for k in ("identity", "shape", "colour", "pattern", "prompt", "similarity")}}
-            for (m, s, c), v in outcomes.items()]
+    runs = [
+        {
+            "method": m,
+            "seed": s,
+            "kind": c[0],
+            "split": c[1],
+            "refs": c[2],
+            "distractors": c[3],
+            "count": len(v),
+            **{k: sum(v) / len(v) for k in ("identity", "shape", "colour", "pattern", "prompt", "similarity")},
+        }
+        for (m, s, c), v in outcomes.items()
+    ]
     rows = paired_identity(outcomes, aggregate(runs))
     by = {(r["baseline"], r["cell"]): r for r in rows}
     mean_hard = by["mean", "repeat, held-out, 3 refs, 2 rivals"]

@@ -20,8 +20,9 @@ def objects(scene) -> list:
 
 def apart(scene) -> bool:
     boxes = [(p.cx, p.cy, p.size) for p in objects(scene)]
-    return all(max(abs(a[0] - b[0]), abs(a[1] - b[1])) > (a[2] + b[2]) / 2
-               for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    return all(
+        max(abs(a[0] - b[0]), abs(a[1] - b[1])) > (a[2] + b[2]) / 2 for i, a in enumerate(boxes) for b in boxes[i + 1 :]
+    )
 
 
 def inside(scene) -> bool:
@@ -64,7 +65,9 @@ def test_pick_groups_hold_both_subjects_and_the_prompt_names_the_asked_one(split
         attributes[group.attribute] += 1
         words = group.prompt.replace(",", " ,").split()
         assert getattr(a, group.attribute) in words
-        assert not {a.shape, a.colour, a.pattern, b.shape, b.colour, b.pattern} - {getattr(a, group.attribute)} & set(words)
+        assert not {a.shape, a.colour, a.pattern, b.shape, b.colour, b.pattern} - {getattr(a, group.attribute)} & set(
+            words
+        )
         assert set(words) <= set(world_words())  # the base model's tokenizers know every word
         assert group.target.subject.subject == a and f"{group.background} background" in group.prompt
     assert set(attributes) == set(PICK_ATTRIBUTES)
@@ -73,7 +76,9 @@ def test_pick_groups_hold_both_subjects_and_the_prompt_names_the_asked_one(split
 def test_kinds_are_deterministic_and_plain_groups_unchanged_by_them():
     for kind in KINDS:
         a, b = make_groups("held-out", 4, 3, 2, seed=9, kind=kind), make_groups("held-out", 4, 3, 2, seed=9, kind=kind)
-        assert [render(s).tobytes() for g in a for s in g.references] == [render(s).tobytes() for g in b for s in g.references]
+        assert [render(s).tobytes() for g in a for s in g.references] == [
+            render(s).tobytes() for g in b for s in g.references
+        ]
     plain = make_groups("held-out", 4, 3, 2, seed=9)
     assert plain[0].id == "held-out-9-00000" and plain[0].kind == "plain"  # names and draws as before kinds existed
     assert make_groups("held-out", 4, 3, 2, seed=9, kind="rival")[0].id == "rival-held-out-9-00000"

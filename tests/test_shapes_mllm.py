@@ -83,8 +83,15 @@ def test_vision_pretraining_trains_the_vision_tower_alone_and_drops_its_heads(tm
 def test_build_mllm_sizes_the_vision_tower_and_records_both_phases(tmp_path):
     from transformers import AutoConfig
 
-    out = build_mllm(tmp_path / "qwen2vl", steps=2, batch_size=2, reference_image_size=56, vision_steps=2,
-                     vision_width=48, vision_depth=1)
+    out = build_mllm(
+        tmp_path / "qwen2vl",
+        steps=2,
+        batch_size=2,
+        reference_image_size=56,
+        vision_steps=2,
+        vision_width=48,
+        vision_depth=1,
+    )
     config = AutoConfig.from_pretrained(out)
     assert (config.vision_config.embed_dim, config.vision_config.depth) == (48, 1)
     record = json.loads((out / "training.json").read_text())
@@ -100,8 +107,12 @@ def test_an_mllm_built_to_another_recipe_is_dropped_with_its_stages(tmp_path):
     recipe = PRESETS["smoke"]
     (tmp_path / "qwen2vl").mkdir()
     (tmp_path / "stage2").mkdir()
-    record = {"steps": recipe.mllm_steps, "vision_steps": recipe.vision_steps,
-              "vision_width": recipe.vision_width, "vision_depth": recipe.vision_depth}
+    record = {
+        "steps": recipe.mllm_steps,
+        "vision_steps": recipe.vision_steps,
+        "vision_width": recipe.vision_width,
+        "vision_depth": recipe.vision_depth,
+    }
     (tmp_path / "qwen2vl" / "training.json").write_text(json.dumps(record))
     _drop_stale_mllm(tmp_path, recipe)
     assert (tmp_path / "qwen2vl").exists() and (tmp_path / "stage2").exists()
@@ -157,8 +168,13 @@ def test_grounding_batch_reads_the_group_as_the_encoder_does_and_scores_only_the
     groups = grounding_groups(random.Random(0), 4, kinds=("repeat", "pick"))
     assert {g.kind for g in groups} <= {"repeat", "pick"} and all(g.split == "held-in" for g in groups)
     batch = grounding_batch(groups, tokenizer, image_processor, config)
-    encoder_view = build_inputs([[render(s) for s in g.references] for g in groups],
-                                [config.format_instruction(g.prompt) for g in groups], tokenizer, image_processor, config)
+    encoder_view = build_inputs(
+        [[render(s) for s in g.references] for g in groups],
+        [config.format_instruction(g.prompt) for g in groups],
+        tokenizer,
+        image_processor,
+        config,
+    )
     for row, group in enumerate(groups):
         answer = batch["labels"][row][batch["labels"][row] != IGNORE]
         assert tokenizer.decode(answer) == f"a {group.subject.key}<|im_end|>"

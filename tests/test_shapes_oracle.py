@@ -43,15 +43,19 @@ def oracle() -> OracleNet:
 
 def _jittered(subject: world.Subject, background: str, position: str, rng: random.Random) -> Image.Image:
     cx, cy = world.POSITIONS[position]
-    placement = world.Placement(subject, cx + rng.uniform(-0.05, 0.05), cy + rng.uniform(-0.05, 0.05),
-                                rng.uniform(0.35, 0.5))
+    placement = world.Placement(
+        subject, cx + rng.uniform(-0.05, 0.05), cy + rng.uniform(-0.05, 0.05), rng.uniform(0.35, 0.5)
+    )
     return world.render(world.Scene(background, placement))
 
 
 def test_class_lists_follow_the_world():
     assert CLASSES == {
-        "shape": world.SHAPES, "colour": tuple(world.COLOURS), "pattern": world.PATTERNS,
-        "background": tuple(world.BACKGROUNDS), "position": tuple(world.POSITIONS),
+        "shape": world.SHAPES,
+        "colour": tuple(world.COLOURS),
+        "pattern": world.PATTERNS,
+        "background": tuple(world.BACKGROUNDS),
+        "position": tuple(world.POSITIONS),
     }
     assert ATTRIBUTES == ("shape", "colour", "pattern", "background", "position")
 
@@ -74,8 +78,9 @@ def test_save_load_round_trip_is_exact(oracle, tmp_path):
     save_oracle(oracle, tmp_path)
     loaded = load_oracle(tmp_path)
     assert not loaded.training
-    images = images_to_tensor([_jittered(s, "gray", "center", random.Random(i))
-                               for i, s in enumerate(world.all_subjects()[::12])])
+    images = images_to_tensor(
+        [_jittered(s, "gray", "center", random.Random(i)) for i, s in enumerate(world.all_subjects()[::12])]
+    )
     with torch.no_grad():
         before, after = oracle(images), loaded(images)
         for attribute in ATTRIBUTES:
@@ -152,8 +157,11 @@ def test_training_examples_are_jittered_and_augmented():
     clean = 0
     for image, labels in examples:
         subject = world.Subject(*(CLASSES[a][labels[a]] for a in ("shape", "colour", "pattern")))
-        render = world.render(world.target_scene(subject, CLASSES["background"][labels["background"]],
-                                                 CLASSES["position"][labels["position"]]))
+        render = world.render(
+            world.target_scene(
+                subject, CLASSES["background"][labels["background"]], CLASSES["position"][labels["position"]]
+            )
+        )
         clean += render.tobytes() == image.tobytes()
     assert clean == 0
     # renders are aliased, so an example without pixel-level augmentation uses only palette colours
@@ -187,8 +195,10 @@ def test_read_images_on_hand_made_renders(oracle):
         Reading("triangle", "orange", "dotted", "gray", "top left"),
         Reading("diamond", "cyan", "striped", "black", "bottom right"),
     ]
-    images = [world.render(world.target_scene(world.Subject(c.shape, c.colour, c.pattern), c.background, c.position))
-              for c in cases]
+    images = [
+        world.render(world.target_scene(world.Subject(c.shape, c.colour, c.pattern), c.background, c.position))
+        for c in cases
+    ]
     # a larger render (as a generator at another resolution would give) reads the same after resizing
     images.append(world.render(world.target_scene(world.Subject("square", "red", "solid"), "gray", "center"), side=128))
     cases.append(Reading("square", "red", "solid", "gray", "center"))

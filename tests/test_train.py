@@ -92,7 +92,9 @@ def test_three_stages_through_the_cli_then_generate(tiny_dirs, example_data, tmp
             extra.update(validation_every=2, validation_references=refs[:2], validation_steps=2)
         if stage == 3:
             extra.update(keep_aspect=True, truncate_rate=0.4, batch_size=1)
-        cfg = write_config(tmp_path / f"stage{stage}.yaml", settings(tiny_dirs, example_data, tmp_path / f"s{stage}", stage, **extra))
+        cfg = write_config(
+            tmp_path / f"stage{stage}.yaml", settings(tiny_dirs, example_data, tmp_path / f"s{stage}", stage, **extra)
+        )
         assert main(["train", "--config", str(cfg), "--set", "checkpoint_every=1"]) == 0
         final = tmp_path / f"s{stage}" / "final"
         assert (final / WEIGHTS_NAME).is_file()
@@ -148,8 +150,18 @@ def test_loss_decreases_on_a_fixed_batch(tiny_dirs, example_data, tmp_path):
     pairs = [{"image_file": f"images/00{i}_0.png", "text": "a shape", "target": f"images/00{i}_0.png"} for i in (0, 1)]
     data.write_text(json.dumps(pairs))
     no_drops = dict(image_drop_rate=0.0, text_drop_rate=0.0, both_drop_rate=0.0)
-    values = settings(tiny_dirs, example_data, tmp_path / "run", 1, data=str(data), crop="center", max_steps=60,
-                      learning_rate=1e-2, log_every=100, **no_drops)
+    values = settings(
+        tiny_dirs,
+        example_data,
+        tmp_path / "run",
+        1,
+        data=str(data),
+        crop="center",
+        max_steps=60,
+        learning_rate=1e-2,
+        log_every=100,
+        **no_drops,
+    )
     trainer = Trainer(TrainConfig(**values))
     # the same two images under 8 fixed noise/timestep draws, so one lucky timestep cannot decide it
     batches = [trainer.fixed_batch([0, 1], epoch=e) for e in range(8)]
@@ -165,8 +177,14 @@ class Killed(Exception):
 
 
 def test_resume_continues_exactly(tiny_dirs, example_data, stage1_checkpoint, tmp_path, monkeypatch):
-    values = dict(max_steps=4, checkpoint_every=2, batch_size=1, gradient_accumulation_steps=2,
-                  init_from=str(stage1_checkpoint), truncate_rate=0.4)
+    values = dict(
+        max_steps=4,
+        checkpoint_every=2,
+        batch_size=1,
+        gradient_accumulation_steps=2,
+        init_from=str(stage1_checkpoint),
+        truncate_rate=0.4,
+    )
     straight = Trainer(TrainConfig(**settings(tiny_dirs, example_data, tmp_path / "a", 3, **values)))
     straight.train()
 
@@ -196,7 +214,9 @@ def test_resume_continues_exactly(tiny_dirs, example_data, stage1_checkpoint, tm
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
-    losses = lambda run: [m["loss"] for m in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())]
+    losses = lambda run: [
+        m["loss"] for m in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+    ]
     assert losses("a") == pytest.approx(losses("b")[:2] + losses("b")[-2:], abs=1e-6)
 
 
@@ -206,9 +226,23 @@ def test_two_processes_equal_one_with_the_doubled_batch(tiny_dirs, example_data,
     cfg = write_config(tmp_path / "cfg.yaml", base)
     assert main(["train", "--config", str(cfg), "--cpu"]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "easyref", "train", "--config", str(cfg), "--cpu", "--set", "batch_size=1",
-               f"output_dir={tmp_path / 'two'}"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "easyref",
+        "train",
+        "--config",
+        str(cfg),
+        "--cpu",
+        "--set",
+        "batch_size=1",
+        f"output_dir={tmp_path / 'two'}",
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     one = load_file(str(tmp_path / "one" / "final" / WEIGHTS_NAME))
@@ -226,8 +260,11 @@ def test_text_cache_and_bf16_autocast(tiny_dirs, example_data, tmp_path):
     batch = plain.fixed_batch([0, 1, 2])
     assert cached.evaluate_loss(batch) == pytest.approx(plain.evaluate_loss(batch), abs=1e-6)
     assert len(cached.text_cache) == len(set(batch.texts))
-    mixed = Trainer(TrainConfig(**settings(tiny_dirs, example_data, tmp_path / "c", mixed_precision="bf16",
-                                           gradient_checkpointing=True)))
+    mixed = Trainer(
+        TrainConfig(
+            **settings(tiny_dirs, example_data, tmp_path / "c", mixed_precision="bf16", gradient_checkpointing=True)
+        )
+    )
     assert mixed.models.text_pipe.text_encoder.dtype == torch.bfloat16
     assert mixed.models.vae.dtype == torch.float32
     mixed.train()
@@ -245,7 +282,9 @@ def test_bad_images_are_reported_or_fatal(tiny_dirs, example_data, tmp_path, cap
         Trainer(TrainConfig(**values)).train()
     assert "missing.png: file not found" in caplog.text
     assert "epoch 0: 1 samples skipped" in caplog.text
-    cfg = write_config(tmp_path / "strict.yaml", {**values, "fail_on_bad_data": True, "output_dir": str(tmp_path / "s")})
+    cfg = write_config(
+        tmp_path / "strict.yaml", {**values, "fail_on_bad_data": True, "output_dir": str(tmp_path / "s")}
+    )
     assert main(["train", "--config", str(cfg)]) == 2
 
 
@@ -258,7 +297,10 @@ def test_bad_images_are_reported_or_fatal(tiny_dirs, example_data, tmp_path, cap
         (["learning_rate=0"], "learning_rate"),
         (["batch_size=100"], "global batch"),
         (["validation_every=5", "validation_references=[nowhere.png]"], "validation_references: nowhere.png"),
-        (["stage=2", "init_from=/no/such/checkpoint"], "pairs.json: record index 0 (target 'images/000_0.png'): stage 2 needs"),
+        (
+            ["stage=2", "init_from=/no/such/checkpoint"],
+            "pairs.json: record index 0 (target 'images/000_0.png'): stage 2 needs",
+        ),
         (["stage=2", "init_from=/no/such/checkpoint", "data=FACES"], "/no/such/checkpoint"),
     ],
 )
@@ -277,9 +319,13 @@ def test_recipes_reproduce_the_paper_table():
     two = load_config("stage2")
     three = load_config("stage3")
     assert (one.learning_rate, two.learning_rate, three.learning_rate) == (1e-4, 4e-5, 2e-5)
-    assert (one.lora_rank, two.lora_rank) == (0, 128) and not one.trains_trunk and two.trains_trunk and three.trains_trunk
+    assert (
+        (one.lora_rank, two.lora_rank) == (0, 128) and not one.trains_trunk and two.trains_trunk and three.trains_trunk
+    )
     assert three.truncate_rate == 0.4 and three.keep_aspect and one.resolution == two.resolution == 1024
-    assert all(c.weight_decay == 0 and c.lr_scheduler == "constant" and c.mixed_precision == "bf16" for c in (one, two, three))
+    assert all(
+        c.weight_decay == 0 and c.lr_scheduler == "constant" and c.mixed_precision == "bf16" for c in (one, two, three)
+    )
     assert all((c.image_drop_rate, c.text_drop_rate, c.both_drop_rate) == (0.05, 0.05, 0.05) for c in (one, two, three))
     assert (one.batch_size * 32, two.batch_size * 32, three.batch_size * 32) == (256, 256, 128)
 
@@ -301,28 +347,54 @@ def test_example_recipes_run_on_the_bundled_model(tmp_path, monkeypatch):
     __import__("importlib").util.find_spec("deepspeed") is None,
     reason="DeepSpeed is not installed (it is not a dependency; install it to run this check)",
 )
-def test_deepspeed_zero2_equals_plain_training_and_resumes_exactly(tiny_dirs, example_data, stage1_checkpoint, tmp_path):
+def test_deepspeed_zero2_equals_plain_training_and_resumes_exactly(
+    tiny_dirs, example_data, stage1_checkpoint, tmp_path
+):
     from easyref.train.config import RECIPES
 
     ds_config = yaml.safe_load((RECIPES / "deepspeed_zero2.yaml").read_text())
     ds_config.update(num_processes=1, mixed_precision="no")
     accelerate_cfg = tmp_path / "ds.yaml"
     accelerate_cfg.write_text(yaml.safe_dump(ds_config))
-    values = settings(tiny_dirs, example_data, tmp_path / "plain", 2, init_from=str(stage1_checkpoint), max_steps=4,
-                      checkpoint_every=2)
+    values = settings(
+        tiny_dirs,
+        example_data,
+        tmp_path / "plain",
+        2,
+        init_from=str(stage1_checkpoint),
+        max_steps=4,
+        checkpoint_every=2,
+    )
     cfg = write_config(tmp_path / "cfg.yaml", values)
     assert main(["train", "--config", str(cfg)]) == 0
 
     def launch(out, steps, *extra):
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_cfg), "-m",
-                   "easyref", "train", "--config", str(cfg), "--output-dir", str(tmp_path / out), "--max-steps", str(steps), *extra]
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(accelerate_cfg),
+            "-m",
+            "easyref",
+            "train",
+            "--config",
+            str(cfg),
+            "--output-dir",
+            str(tmp_path / out),
+            "--max-steps",
+            str(steps),
+            *extra,
+        ]
         result = subprocess.run(command, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
 
     launch("ds", 4)
     launch("resumed", 2)
     launch("resumed", 4, "--resume", "latest")
-    assert (tmp_path / "ds" / "checkpoint-0000004" / "accelerate").is_dir()  # ZeRO's sharded state went through accelerate
+    assert (
+        tmp_path / "ds" / "checkpoint-0000004" / "accelerate"
+    ).is_dir()  # ZeRO's sharded state went through accelerate
     plain = load_file(str(tmp_path / "plain" / "final" / WEIGHTS_NAME))
     for run in ("ds", "resumed"):
         other = load_file(str(tmp_path / run / "final" / WEIGHTS_NAME))

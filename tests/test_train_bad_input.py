@@ -44,11 +44,26 @@ def example(tmp_path_factory):
 
 def settings(tiny_dirs, data_root: Path, out: Path, **overrides) -> dict:
     values = dict(
-        stage=1, base=str(tiny_dirs["sdxl"]), mllm=str(tiny_dirs["qwen"]), output_dir=str(out),
-        data=str(data_root / "pairs.json"), data_root=str(data_root), resolution=32, bucket_stride=16,
-        reference_image_size=56, max_references=4, num_workers=0, mixed_precision="no",
-        gradient_checkpointing=False, batch_size=2, learning_rate=1e-3, lora_rank=4, max_steps=2,
-        checkpoint_every=1000, log_every=1, tensorboard=False,
+        stage=1,
+        base=str(tiny_dirs["sdxl"]),
+        mllm=str(tiny_dirs["qwen"]),
+        output_dir=str(out),
+        data=str(data_root / "pairs.json"),
+        data_root=str(data_root),
+        resolution=32,
+        bucket_stride=16,
+        reference_image_size=56,
+        max_references=4,
+        num_workers=0,
+        mixed_precision="no",
+        gradient_checkpointing=False,
+        batch_size=2,
+        learning_rate=1e-3,
+        lora_rank=4,
+        max_steps=2,
+        checkpoint_every=1000,
+        log_every=1,
+        tensorboard=False,
     )
     values.update(overrides)
     return values
@@ -144,9 +159,13 @@ def test_trainer_and_validation_decode_with_the_shared_rule(tmp_path):
     paths = _awkward_images(tmp_path / "img")
     assert train_data.load_image is open_image and not hasattr(train_data, "_high_depth_to_l")
     validation = load_validation_references([str(p) for p in paths])
-    dataset = TrainDataset([{"target": p.name} for p in paths], tmp_path / "img",
-                           DataSettings(resolution=16, bucket_stride=8, crop="center", image_drop_rate=0,
-                                        text_drop_rate=0, both_drop_rate=0))
+    dataset = TrainDataset(
+        [{"target": p.name} for p in paths],
+        tmp_path / "img",
+        DataSettings(
+            resolution=16, bucket_stride=8, crop="center", image_drop_rate=0, text_drop_rate=0, both_drop_rate=0
+        ),
+    )
     for index, (path, image) in enumerate(zip(paths, validation)):
         expected = np.asarray(open_image(path))
         assert np.array_equal(np.asarray(image), expected), path.name
@@ -157,13 +176,17 @@ def test_trainer_and_validation_decode_with_the_shared_rule(tmp_path):
 
 
 @pytest.mark.parametrize("kind, phrase", [("truncated", "damaged or truncated"), ("text", "not an image")])
-def test_bad_validation_reference_is_one_line_before_models_load(tiny_dirs, example, tmp_path, capsys, monkeypatch, kind, phrase):
+def test_bad_validation_reference_is_one_line_before_models_load(
+    tiny_dirs, example, tmp_path, capsys, monkeypatch, kind, phrase
+):
     ref = tmp_path / "ref.png"
     good = (example / "images" / "000_0.png").read_bytes()
     ref.write_bytes(good[: len(good) // 2] if kind == "truncated" else b"hello")
     monkeypatch.setattr("easyref.train.trainer.load_stage_models", _no_models)
-    cfg = write_config(tmp_path / "cfg.yaml", settings(tiny_dirs, example, tmp_path / "run", validation_every=1,
-                                                       validation_references=[str(ref)]))
+    cfg = write_config(
+        tmp_path / "cfg.yaml",
+        settings(tiny_dirs, example, tmp_path / "run", validation_every=1, validation_references=[str(ref)]),
+    )
     code, err = train(capsys, "--config", cfg)
     assert code == 2
     one_error(err, f"validation_references: {ref} ")
@@ -201,9 +224,18 @@ def test_unreadable_stage3_references_fail_without_final(tiny_dirs, example, bas
         group["image_file"] = [f"gone/{Path(ref).name}" for ref in group["image_file"]]
     (data / "broken.jsonl").write_text("".join(json.dumps(g) + "\n" for g in groups))
     before = snapshot(data)
-    values = settings(tiny_dirs, data, tmp_path / "run", stage=3, init_from=str(base_run / "final"),
-                      data=str(data / "broken.jsonl"), batch_size=1, image_drop_rate=0.0, both_drop_rate=0.0,
-                      max_steps=12)
+    values = settings(
+        tiny_dirs,
+        data,
+        tmp_path / "run",
+        stage=3,
+        init_from=str(base_run / "final"),
+        data=str(data / "broken.jsonl"),
+        batch_size=1,
+        image_drop_rate=0.0,
+        both_drop_rate=0.0,
+        max_steps=12,
+    )
     code, err = train(capsys, "--config", write_config(tmp_path / "cfg.yaml", values))
     assert code == 2
     one_error(err, "too many samples skipped")
@@ -238,8 +270,9 @@ def test_max_skip_fraction_1_never_stops_and_logs_no_fake_loss(tiny_dirs, exampl
 def test_max_skip_fraction_0_stops_at_the_first_skip(tiny_dirs, example, tmp_path, capsys):
     data = copy_data(example, tmp_path / "data")
     (data / "images" / "001_1.png").unlink()
-    cfg = write_config(tmp_path / "cfg.yaml", settings(tiny_dirs, data, tmp_path / "run", max_steps=6,
-                                                       max_skip_fraction=0))
+    cfg = write_config(
+        tmp_path / "cfg.yaml", settings(tiny_dirs, data, tmp_path / "run", max_steps=6, max_skip_fraction=0)
+    )
     code, err = train(capsys, "--config", cfg)
     assert code == 2
     one_error(err, "more than max_skip_fraction 0 of the epoch")
@@ -278,8 +311,9 @@ def test_fail_on_bad_data_with_workers_is_one_line(tiny_dirs, example, tmp_path,
     data = copy_data(example, tmp_path / "data")
     for image in (data / "images").glob("*.png"):
         _truncate(image)
-    cfg = write_config(tmp_path / "cfg.yaml", settings(tiny_dirs, data, tmp_path / "run", num_workers=2,
-                                                       fail_on_bad_data=True))
+    cfg = write_config(
+        tmp_path / "cfg.yaml", settings(tiny_dirs, data, tmp_path / "run", num_workers=2, fail_on_bad_data=True)
+    )
     code, err = train(capsys, "--config", cfg)
     assert code == 2
     one_error(err, "fail_on_bad_data is set")
@@ -292,7 +326,9 @@ def test_fifo_image_with_keep_aspect_does_not_hang(tiny_dirs, example, tmp_path)
     fifo = data / "images" / "002_0.png"
     fifo.unlink()
     os.mkfifo(fifo)
-    cfg = write_config(tmp_path / "cfg.yaml", settings(tiny_dirs, data, tmp_path / "run", keep_aspect=True, max_steps=6))
+    cfg = write_config(
+        tmp_path / "cfg.yaml", settings(tiny_dirs, data, tmp_path / "run", keep_aspect=True, max_steps=6)
+    )
     command = [sys.executable, "-m", "easyref", "train", "--config", str(cfg)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     try:
@@ -325,8 +361,15 @@ def test_fifo_inputs_are_refused_at_once(tiny_dirs, example, tmp_path, capsys, m
 # ---------------------------------------------------------------------- 4. symlinks
 @pytest.mark.parametrize("name", ["train_config.yaml", "metrics.jsonl", "final", "checkpoint-0000002", "validation"])
 def test_resume_refuses_symlinks_planted_in_the_run_folder(tiny_dirs, example, base_run, tmp_path, capsys, name):
-    out, cfg = resume_copy(base_run, tiny_dirs, example, tmp_path, validation_every=1,
-                           validation_references=[str(example / "images" / "000_0.png")], validation_steps=1)
+    out, cfg = resume_copy(
+        base_run,
+        tiny_dirs,
+        example,
+        tmp_path,
+        validation_every=1,
+        validation_references=[str(example / "images" / "000_0.png")],
+        validation_steps=1,
+    )
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "precious.txt").write_text("keep me")
@@ -439,8 +482,10 @@ def test_the_suggested_allow_outside_root_option_exists(tiny_dirs, example, tmp_
     records = [{"target": str(example / "images" / f"00{i}_0.png"), "text": "x"} for i in range(2)]
     (tmp_path / "abs.json").write_text(json.dumps(records))
     (tmp_path / "root").mkdir()
-    cfg = write_config(tmp_path / "cfg.yaml", settings(tiny_dirs, tmp_path / "root", tmp_path / "run",
-                                                       data=str(tmp_path / "abs.json"), max_steps=1))
+    cfg = write_config(
+        tmp_path / "cfg.yaml",
+        settings(tiny_dirs, tmp_path / "root", tmp_path / "run", data=str(tmp_path / "abs.json"), max_steps=1),
+    )
     code, err = train(capsys, "--config", cfg)
     assert code == 2
     line = one_error(err, "escapes the data root")
@@ -451,8 +496,9 @@ def test_the_suggested_allow_outside_root_option_exists(tiny_dirs, example, tmp_
     assert (tmp_path / "run" / "final").is_dir()
 
 
-@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
-                                   RuntimeError("basic_ios::clear: iostream error")])
+@pytest.mark.parametrize(
+    "error", [OSError(errno.ENOSPC, "No space left on device"), RuntimeError("basic_ios::clear: iostream error")]
+)
 def test_disk_full_is_one_line_exit_1(tiny_dirs, example, tmp_path, capsys, monkeypatch, error):
     def full(obj, path, *args, **kwargs):
         Path(path).write_bytes(b"partial")
@@ -565,8 +611,12 @@ def test_deeply_nested_input_is_one_line(tiny_dirs, example, tmp_path, capsys, w
 def test_more_bad_settings_fail_before_the_models(tiny_dirs, example, tmp_path, capsys, monkeypatch, overrides, phrase):
     (tmp_path / "afile").write_text("mine")
     (tmp_path / "datadir.json").mkdir()
-    names = {"AFILE": tmp_path / "afile", "NOWHERE": tmp_path / "nowhere", "DATADIR": tmp_path / "datadir.json",
-             "RUN": tmp_path / "run"}
+    names = {
+        "AFILE": tmp_path / "afile",
+        "NOWHERE": tmp_path / "nowhere",
+        "DATADIR": tmp_path / "datadir.json",
+        "RUN": tmp_path / "run",
+    }
     for key, path in names.items():
         overrides = [o.replace(key, str(path)) for o in overrides]
     monkeypatch.setattr("easyref.train.trainer.load_stage_models", _no_models)

@@ -472,8 +472,10 @@ def test_keep_aspect_batches_have_one_size(tmp_path):
 
 @pytest.mark.parametrize("keep_aspect", [False, True])
 def test_rank_slices_union_equals_single_process(tmp_path, keep_aspect):
-    data = aspect_dataset(tmp_path, count=30) if keep_aspect else TrainDataset(
-        [{"target": f"{i}.png"} for i in range(30)], tmp_path, settings()
+    data = (
+        aspect_dataset(tmp_path, count=30)
+        if keep_aspect
+        else TrainDataset([{"target": f"{i}.png"} for i in range(30)], tmp_path, settings())
     )
     single = list(RankBatchSampler(data, 4, 1, 0, seed=5, epoch=3))
     halves = [list(RankBatchSampler(data, 4, 2, rank, seed=5, epoch=3)) for rank in (0, 1)]

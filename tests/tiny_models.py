@@ -149,12 +149,23 @@ def save_tiny_clip(path: str | Path, seed: int = 0) -> Path:
     tokenizer = tiny_clip_tokenizer()
     config = CLIPConfig(
         text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
         ),
         vision_config=dict(
-            hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
         ),
         projection_dim=16,
     )
@@ -167,22 +178,26 @@ def save_tiny_clip(path: str | Path, seed: int = 0) -> Path:
 
 def save_tiny_dino(path: str | Path, kind: str = "vit", seed: int = 1) -> Path:
     """A tiny DINO folder: `vit` (ViTModel without pooler, as facebook/dino-vits16 ships) or `dinov2`."""
-    from transformers import (BitImageProcessorPil, Dinov2Config, Dinov2Model, ViTConfig, ViTImageProcessorPil,
-                              ViTModel)
+    from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model, ViTConfig, ViTImageProcessorPil, ViTModel
 
     torch.manual_seed(seed)
     if kind == "vit":
-        config = ViTConfig(hidden_size=24, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8)
+        config = ViTConfig(
+            hidden_size=24,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        )
         ViTModel(config, add_pooling_layer=False).save_pretrained(path)
         ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(path)
     elif kind == "dinov2":
-        config = Dinov2Config(hidden_size=24, mlp_ratio=2, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-                              patch_size=8)
+        config = Dinov2Config(
+            hidden_size=24, mlp_ratio=2, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+        )
         Dinov2Model(config).save_pretrained(path)
         BitImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
     else:
         raise ValueError(f"kind must be vit or dinov2, got {kind!r}")
     return Path(path)
-
-

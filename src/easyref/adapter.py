@@ -155,8 +155,9 @@ def adapter_named_parameters(unet) -> dict[str, list[tuple[str, torch.nn.Paramet
     """The adapter's parameters under their UNet names, by part: `reference_attention` (k/v per
     cross-attention), `projection`, `lora` (empty without LoRA)."""
     return {
-        "reference_attention": [(f"{name}.{n}", p) for name, proc in reference_processors(unet).items()
-                                for n, p in proc.named_parameters()],
+        "reference_attention": [
+            (f"{name}.{n}", p) for name, proc in reference_processors(unet).items() for n, p in proc.named_parameters()
+        ],
         "projection": [(f"encoder_hid_proj.{n}", p) for n, p in unet.encoder_hid_proj.named_parameters()],
         "lora": [(n, p) for n, p in unet.named_parameters() if f".{LORA_ADAPTER_NAME}." in n and "lora_" in n],
     }

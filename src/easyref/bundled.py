@@ -18,7 +18,8 @@ BUNDLED_DIR = Path(__file__).parent / "assets" / "bundled_model"
 WORLD_FILE = "world.json"
 NOTICE = (
     "using the bundled default model: a tiny EasyRef trained on CPU on the synthetic shapes world "
-    "(64 px; references of one coloured, patterned shape; prompts like 'an object on a white background, at the top left'). "
+    "(64 px; references of one coloured, patterned shape; prompts like "
+    "'an object on a white background, at the top left'). "
     "It keeps the references' subject about half the time, not yet the asked place (see README, Status)"
 )
 

@@ -12,7 +12,6 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from .config import CONFIG_NAME, EasyRefConfig

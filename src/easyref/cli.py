@@ -88,9 +88,12 @@ def _add_bench(sub) -> None:
     from .bench.command import add_bench_parsers
     from .shapes.command import add_shapes_parser
 
-    p = sub.add_parser("bench", help="benchmarks of reference-conditioned generation",
-                       description="MRBench-style benchmarks: `run`/`score`/`convert` for real models, "
-                       "`shapes` for the miniature one on the synthetic shapes world.")
+    p = sub.add_parser(
+        "bench",
+        help="benchmarks of reference-conditioned generation",
+        description="MRBench-style benchmarks: `run`/`score`/`convert` for real models, "
+        "`shapes` for the miniature one on the synthetic shapes world.",
+    )
     bench_sub = p.add_subparsers(dest="bench_command", required=True)
     add_bench_parsers(bench_sub)
     add_shapes_parser(bench_sub)
@@ -110,12 +113,20 @@ def _add_generate(sub) -> None:
     p.add_argument("--refs-dir", type=Path, help="use every image file in this folder (sorted by name)")
     p.add_argument("--prompt", help="text prompt (required, unless --from-metadata gives it)")
     p.add_argument("--negative-prompt", help="negative text prompt (default: the checkpoint's)")
-    p.add_argument("--out", type=Path, help="output PNG (with --num-images N: OUT_0.png ...); existing outputs are "
-                   "replaced, a name that is one of the references is refused (required, unless --from-metadata: "
-                   "default SOURCE-regen.png beside it)")
-    p.add_argument("--from-metadata", type=Path, metavar="PNG",
-                   help="regenerate the image of a PNG this command wrote, from the settings, references and model "
-                   "recorded in it (the same pixels on the same machine and versions); flags given override them")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="output PNG (with --num-images N: OUT_0.png ...); existing outputs are "
+        "replaced, a name that is one of the references is refused (required, unless --from-metadata: "
+        "default SOURCE-regen.png beside it)",
+    )
+    p.add_argument(
+        "--from-metadata",
+        type=Path,
+        metavar="PNG",
+        help="regenerate the image of a PNG this command wrote, from the settings, references and model "
+        "recorded in it (the same pixels on the same machine and versions); flags given override them",
+    )
     add_model_options(p)
     p.add_argument("--scale", type=float, help="reference strength, 0 to 10 (default 1.0)")
     p.add_argument("--steps", type=int, help="denoising steps, 1 to 1000 (default 30)")
@@ -126,18 +137,26 @@ def _add_generate(sub) -> None:
     p.add_argument("--width", type=int, help="output width in px (multiple of 8, at most 4096; default: the model's)")
     add_device_options(p)
     p.add_argument("--grid", action="store_true", help="also write OUT_grid.png: references on top, outputs below")
-    p.add_argument("--explain", action="store_true",
-                   help="also write OUT_explain.png: each reference with where the reference tokens looked "
-                   "in it, and its share of their attention")
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="also write OUT_explain.png: each reference with where the reference tokens looked "
+        "in it, and its share of their attention",
+    )
     p.set_defaults(func=cmd_generate)
 
 
 def add_model_options(p) -> None:
-    p.add_argument("--base", help="SDXL folder or hub id (default: the adapter's; 'default': the bundled model's, "
-                   "with its Qwen2-VL)")
+    p.add_argument(
+        "--base",
+        help="SDXL folder or hub id (default: the adapter's; 'default': the bundled model's, with its Qwen2-VL)",
+    )
     p.add_argument("--mllm", help="Qwen2-VL-Instruct folder or hub id (default: the checkpoint's)")
-    p.add_argument("--adapter", help="EasyRef checkpoint: a folder of ours, the authors' release file or folder, "
-                   "or a hub id (zongzhuofan/EasyRef); alone, it brings the base and MLLM it records")
+    p.add_argument(
+        "--adapter",
+        help="EasyRef checkpoint: a folder of ours, the authors' release file or folder, "
+        "or a hub id (zongzhuofan/EasyRef); alone, it brings the base and MLLM it records",
+    )
 
 
 def add_device_options(p) -> None:
@@ -156,13 +175,19 @@ def _add_serve(sub) -> None:
     )
     add_model_options(p)
     add_device_options(p)
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every network)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every network)",
+    )
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
-    p.add_argument("--out-dir", type=Path,
-                   help="keep every generated PNG here, a folder per request (default: a temporary folder, "
-                   "removed when the server stops)")
+    p.add_argument(
+        "--out-dir",
+        type=Path,
+        help="keep every generated PNG here, a folder per request (default: a temporary folder, "
+        "removed when the server stops)",
+    )
     p.set_defaults(func=cmd_serve)
 
 
@@ -195,8 +220,9 @@ def _check_port_free(host: str, port: int) -> None:
         try:
             probe.bind(address)
         except OSError as err:
-            raise UserError(f"cannot listen on {host}:{port} ({describe_os_error(err)}); choose another --port "
-                            "or --host") from None
+            raise UserError(
+                f"cannot listen on {host}:{port} ({describe_os_error(err)}); choose another --port or --host"
+            ) from None
 
 
 def _add_info(sub) -> None:
@@ -234,10 +260,16 @@ def _add_convert(sub) -> None:
     )
     p.add_argument("src", help=f"release file, folder holding model.safetensors, or hub id ({RELEASE_REPO})")
     p.add_argument("dst", type=Path, help="output folder")
-    p.add_argument("--base", default=RELEASE_BASE,
-                   help="SDXL base the checkpoint was trained on, recorded in the output (default: %(default)s)")
-    p.add_argument("--mllm", default=RELEASE_MLLM,
-                   help="MLLM the checkpoint was trained on, recorded in the output (default: %(default)s)")
+    p.add_argument(
+        "--base",
+        default=RELEASE_BASE,
+        help="SDXL base the checkpoint was trained on, recorded in the output (default: %(default)s)",
+    )
+    p.add_argument(
+        "--mllm",
+        default=RELEASE_MLLM,
+        help="MLLM the checkpoint was trained on, recorded in the output (default: %(default)s)",
+    )
     p.set_defaults(func=cmd_convert)
 
 
@@ -368,13 +400,38 @@ def _check_local(value: str, flag: str, kind: str = "model") -> str:
 # generator draws the noise of the whole batch, so image i of --num-images N depends on N: the record
 # keeps num_images and index, and regenerating image i makes the batch again and keeps image i.
 RECORD_TYPES = {
-    "version": str, "prompt": str, "negative_prompt": str, "references": list, "scale": (int, float),
-    "steps": int, "guidance": (int, float), "seed": int, "num_images": int, "index": int, "height": int,
-    "width": int, "device": str, "dtype": str, "model": dict, "grid": bool, "explain": bool,
+    "version": str,
+    "prompt": str,
+    "negative_prompt": str,
+    "references": list,
+    "scale": (int, float),
+    "steps": int,
+    "guidance": (int, float),
+    "seed": int,
+    "num_images": int,
+    "index": int,
+    "height": int,
+    "width": int,
+    "device": str,
+    "dtype": str,
+    "model": dict,
+    "grid": bool,
+    "explain": bool,
 }
 RECORD_REQUIRED = ("version", "prompt", "references", "scale", "steps", "guidance", "seed", "num_images")
-RECORDED_SETTINGS = ("prompt", "negative_prompt", "scale", "steps", "guidance", "seed", "num_images", "height",
-                     "width", "device", "dtype")
+RECORDED_SETTINGS = (
+    "prompt",
+    "negative_prompt",
+    "scale",
+    "steps",
+    "guidance",
+    "seed",
+    "num_images",
+    "height",
+    "width",
+    "device",
+    "dtype",
+)
 
 
 def read_record(path: Path) -> dict:
@@ -404,8 +461,10 @@ def read_record(path: Path) -> dict:
 def _check_record(record: dict, flag: str) -> None:
     missing = [key for key in RECORD_REQUIRED if key not in record]
     if missing:
-        raise UserError(f"{flag}: the record lacks {', '.join(missing)} (written by an easyref before "
-                        "--from-metadata existed?); give the settings as flags instead")
+        raise UserError(
+            f"{flag}: the record lacks {', '.join(missing)} (written by an easyref before "
+            "--from-metadata existed?); give the settings as flags instead"
+        )
     for key, kind in RECORD_TYPES.items():
         value = record.get(key)
         if value is not None and (not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)):
@@ -460,8 +519,10 @@ def _check_recorded_device(args) -> None:
     import torch
 
     if not torch.cuda.is_available():
-        raise UserError(f"{args.from_metadata} was made on {args.device} and this machine has no CUDA GPU; "
-                        "add --device cpu to make it here (the pixels will differ)")
+        raise UserError(
+            f"{args.from_metadata} was made on {args.device} and this machine has no CUDA GPU; "
+            "add --device cpu to make it here (the pixels will differ)"
+        )
 
 
 def _warn_if_changed(record: dict, sources, source: Path) -> None:
@@ -475,8 +536,12 @@ def _warn_if_changed(record: dict, sources, source: Path) -> None:
         logger.warning("%s was made with other versions (%s); the pixels may differ", source, ", ".join(changed))
     resolved = json.loads(json.dumps(sources, default=str))
     if "sources" in record and record["sources"] != resolved:
-        logger.warning("%s was made with the model %s, now it is %s; the pixels may differ",
-                       source, json.dumps(record["sources"]), json.dumps(resolved))
+        logger.warning(
+            "%s was made with the model %s, now it is %s; the pixels may differ",
+            source,
+            json.dumps(record["sources"]),
+            json.dumps(resolved),
+        )
 
 
 # ---------------------------------------------------------------------------- outputs

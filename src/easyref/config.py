@@ -71,14 +71,23 @@ class EasyRefConfig:
     def __post_init__(self) -> None:
         for name, (low, high) in _INT_BOUNDS.items():
             _check_int(name, getattr(self, name), low, high)
-        for name in ("mllm", "base", "instruction", "negative_instruction", "negative_prompt", "attention_mode",
-                     "reference_mode"):
+        for name in (
+            "mllm",
+            "base",
+            "instruction",
+            "negative_instruction",
+            "negative_prompt",
+            "attention_mode",
+            "reference_mode",
+        ):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
         for name in ("mllm", "base"):
             if not 1 <= len(getattr(self, name)) <= MAX_NAME_CHARS:
-                raise ValueError(f"{name} must name a model in 1 to {MAX_NAME_CHARS} characters, "
-                                 f"got {len(getattr(self, name))} characters")
+                raise ValueError(
+                    f"{name} must name a model in 1 to {MAX_NAME_CHARS} characters, "
+                    f"got {len(getattr(self, name))} characters"
+                )
         if not isinstance(self.has_trunk, bool):
             raise ValueError(f"has_trunk must be true or false, got {self.has_trunk!r}")
         if not isinstance(self.extra, dict):
@@ -88,7 +97,9 @@ class EasyRefConfig:
             raise ValueError(f"attention_mode must be one of {ATTENTION_MODES}, got {self.attention_mode!r}")
         _check_instruction(self.instruction)
         if len(self.negative_instruction) > MAX_INSTRUCTION_CHARS or len(self.negative_prompt) > MAX_INSTRUCTION_CHARS:
-            raise ValueError(f"negative_instruction and negative_prompt must be at most {MAX_INSTRUCTION_CHARS} characters")
+            raise ValueError(
+                f"negative_instruction and negative_prompt must be at most {MAX_INSTRUCTION_CHARS} characters"
+            )
 
     @property
     def mode(self) -> ReferenceMode:
@@ -119,7 +130,7 @@ class EasyRefConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "EasyRefConfig":
+    def from_dict(cls, data: dict) -> EasyRefConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -135,7 +146,7 @@ class EasyRefConfig:
         return path
 
     @classmethod
-    def load(cls, directory: str | Path) -> "EasyRefConfig":
+    def load(cls, directory: str | Path) -> EasyRefConfig:
         path = Path(directory) / CONFIG_NAME
         data = load_json(path, "EasyRef config")
         if not isinstance(data, dict):
@@ -158,7 +169,9 @@ def _check_instruction(template: str) -> None:
     try:
         fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
     except ValueError as err:
-        raise ValueError(f"instruction is not a valid template ({err}); write literal braces as '{{{{' and '}}}}'") from None
+        raise ValueError(
+            f"instruction is not a valid template ({err}); write literal braces as '{{{{' and '}}}}'"
+        ) from None
     if not fields:
         raise ValueError("instruction must contain the placeholder '{prompt}'")
     for name, spec, conv in fields:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from PIL import Image
@@ -70,7 +70,9 @@ class ReferenceEncoder(nn.Module):
                 f"MLLM hidden size {hidden} does not match the EasyRef config's mllm_hidden_size "
                 f"{config.mllm_hidden_size}"
             )
-        self.aggregator = AggregationLayer(layers[-1], copy.deepcopy(language.norm), config.num_reference_tokens, hidden)
+        self.aggregator = AggregationLayer(
+            layers[-1], copy.deepcopy(language.norm), config.num_reference_tokens, hidden
+        )
         self.gradient_checkpointing = False
 
     # ----------------------------------------------------------------- construction
@@ -81,7 +83,7 @@ class ReferenceEncoder(nn.Module):
         config: EasyRefConfig | None = None,
         dtype: torch.dtype | None = None,
         **kwargs,
-    ) -> "ReferenceEncoder":
+    ) -> ReferenceEncoder:
         """Load Qwen2-VL (local folder or hub id) through transformers and split it into trunk + aggregator."""
         from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -115,8 +117,11 @@ class ReferenceEncoder(nn.Module):
 
     def trunk_state_dict(self) -> dict[str, torch.Tensor]:
         """The trunk's tensors as checkpoints hold them (without their `trunk.` prefix)."""
-        return {f"{name}.{key}": tensor for name, module in self.trunk_modules().items()
-                for key, tensor in module.state_dict().items()}
+        return {
+            f"{name}.{key}": tensor
+            for name, module in self.trunk_modules().items()
+            for key, tensor in module.state_dict().items()
+        }
 
     def gradient_checkpointing_enable(self) -> None:
         """Recompute activations in backward: decoder layers here, vision blocks through transformers."""
@@ -167,8 +172,14 @@ class ReferenceEncoder(nn.Module):
         maps = None
         if with_maps:
             merge = self.mllm_config.vision_config.spatial_merge_size
-            rows = image_token_maps(captured[-1], inputs.input_ids, self.image_token_id, inputs.image_grid_thw,
-                                    merge, self.config.num_reference_tokens)
+            rows = image_token_maps(
+                captured[-1],
+                inputs.input_ids,
+                self.image_token_id,
+                inputs.image_grid_thw,
+                merge,
+                self.config.num_reference_tokens,
+            )
             maps = group_maps(rows, inputs.group_sizes)
         return self.config.mode.combine(tokens, inputs.group_sizes), maps
 
@@ -217,7 +228,11 @@ class ReferenceEncoder(nn.Module):
         for layer in layers:
             if self.gradient_checkpointing and self.training:
                 hidden = checkpoint(
-                    layer, hidden, attention_mask=attn_mask, position_embeddings=position_embeddings, use_reentrant=False
+                    layer,
+                    hidden,
+                    attention_mask=attn_mask,
+                    position_embeddings=position_embeddings,
+                    use_reentrant=False,
                 )
             else:
                 hidden = layer(hidden, attention_mask=attn_mask, position_embeddings=position_embeddings)

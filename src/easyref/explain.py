@@ -38,8 +38,14 @@ def capture_attention(layer: nn.Module):
         handle.remove()
 
 
-def image_token_maps(weights: torch.Tensor, input_ids: torch.Tensor, image_token_id: int, grid_thw: torch.Tensor,
-                     merge: int, num_tokens: int) -> list[list[torch.Tensor]]:
+def image_token_maps(
+    weights: torch.Tensor,
+    input_ids: torch.Tensor,
+    image_token_id: int,
+    grid_thw: torch.Tensor,
+    merge: int,
+    num_tokens: int,
+) -> list[list[torch.Tensor]]:
     """Per row, per image in the row: the reference tokens' attention to that image's tokens, as a
     (height, width) grid, normalised so a row's images sum to 1."""
     received = weights[:, :, -num_tokens:, : input_ids.shape[1]].float().sum(dim=(1, 2))  # (rows, L)
@@ -99,6 +105,9 @@ def explain_sheet(references, maps: list[torch.Tensor], cell: int = 256):
     for i, (image, grid) in enumerate(zip(references, maps)):
         tile = overlay(image, grid, cell)
         sheet.paste(tile, (i * cell + (cell - tile.width) // 2, (cell - tile.height) // 2))
-        draw.text((i * cell + 6, cell + 6), f"reference {i + 1}: {100 * float(grid.sum()):.0f}% of the attention",
-                  fill="black")
+        draw.text(
+            (i * cell + 6, cell + 6),
+            f"reference {i + 1}: {100 * float(grid.sum()):.0f}% of the attention",
+            fill="black",
+        )
     return sheet

@@ -146,19 +146,28 @@ def _warn_about_bundled_limits(pipe, args) -> None:
     as what it knows (a blue background is drawn in one of its four background colours)."""
     import re
 
-    from .pipeline import default_size
     from .bundled import trained_world
+    from .pipeline import default_size
 
     side = default_size(pipe)
     height, width = args.height or side, args.width or side
     if (height, width) != (side, side):
-        logger.warning("the bundled model was trained at %d x %d px only; at %d x %d px (width x height) it draws "
-                       "outside what it learned", side, side, width, height)
+        logger.warning(
+            "the bundled model was trained at %d x %d px only; at %d x %d px (width x height) it draws "
+            "outside what it learned",
+            side,
+            side,
+            width,
+            height,
+        )
     backgrounds = trained_world()["backgrounds"]
     asked = [w for w in re.findall(r"(\w+)\s+background", args.prompt) if w not in backgrounds]
     if asked:
-        logger.warning("the bundled model knows the backgrounds %s only; %s will come out as one of them",
-                       ", ".join(backgrounds), ", ".join(f"'{w} background'" for w in dict.fromkeys(asked)))
+        logger.warning(
+            "the bundled model knows the backgrounds %s only; %s will come out as one of them",
+            ", ".join(backgrounds),
+            ", ".join(f"'{w} background'" for w in dict.fromkeys(asked)),
+        )
 
 
 MODEL_FLAGS = ("base", "mllm", "adapter")
@@ -216,16 +225,19 @@ def planned_outputs(out: Path, count: int, grid: bool, explain: bool = False) ->
     return output_paths(out, count) + ([grid_path(out)] if grid else []) + ([explain_path(out)] if explain else [])
 
 
-def write_outputs(images, references, out: Path, params: dict, grid: bool,
-                  indices: list[int] | None = None, explained=None) -> list[Path]:
+def write_outputs(
+    images, references, out: Path, params: dict, grid: bool, indices: list[int] | None = None, explained=None
+) -> list[Path]:
     """All outputs or none: every file is written to a temporary name first, then all are renamed.
 
     `indices`: each image's place in its batch (recorded: regenerating image i makes the batch again).
     `explained`: the reference-attention sheet, written as OUT_explain.png.
     """
     indices = list(range(len(images))) if indices is None else indices
-    planned = [(image, path, {**params, "index": i, "width": image.width, "height": image.height})
-               for i, image, path in zip(indices, images, output_paths(out, len(images)))]
+    planned = [
+        (image, path, {**params, "index": i, "width": image.width, "height": image.height})
+        for i, image, path in zip(indices, images, output_paths(out, len(images)))
+    ]
     if grid:
         size = {"width": images[0].width, "height": images[0].height}
         sheet = {**params, **size, "grid": True}

@@ -96,8 +96,9 @@ def describe_set(folder: Path) -> list[str]:
     lines = [f"EasyRef model: {folder}  ({title})"]
     size = native_size(folder / "sdxl")
     if size:
-        lines.append(f"  trained at: {size[1]} x {size[0]} px (width x height); other sizes are outside what it "
-                     "learned")
+        lines.append(
+            f"  trained at: {size[1]} x {size[0]} px (width x height); other sizes are outside what it learned"
+        )
     words = vocabulary(folder / "sdxl")
     if words is not None:
         lines.append(f"  vocabulary ({len(words)} words; any other word reads as unknown): {' '.join(words)}")
@@ -136,8 +137,10 @@ def describe_sdxl(folder: Path) -> list[str]:
             continue
         counts = parameter_counts(folder / name)
         lines.append(f"    {name:<15} {entry[1]:<28} {_params_field(counts):<22} {_bytes(folder_bytes(folder / name))}")
-    lines.append(f"  total: {_count(sum(parameter_counts(folder, recursive=True).values()))} parameters, "
-                 f"{_bytes(folder_bytes(folder))} on disk")
+    lines.append(
+        f"  total: {_count(sum(parameter_counts(folder, recursive=True).values()))} parameters, "
+        f"{_bytes(folder_bytes(folder))} on disk"
+    )
     return lines
 
 
@@ -147,19 +150,25 @@ def describe_mllm(folder: Path) -> list[str]:
     vision = config.get("vision_config") if isinstance(config.get("vision_config"), dict) else {}
     arch = ", ".join(config.get("architectures") or []) or "?"
     lines = [f"Qwen2-VL (MLLM): {folder}  ({arch}, {config.get('model_type')})"]
-    lines.append(f"  text: hidden size {text.get('hidden_size')}, {text.get('num_hidden_layers')} layers, "
-                 f"{text.get('num_attention_heads')} heads, vocabulary {text.get('vocab_size')} tokens")
+    lines.append(
+        f"  text: hidden size {text.get('hidden_size')}, {text.get('num_hidden_layers')} layers, "
+        f"{text.get('num_attention_heads')} heads, vocabulary {text.get('vocab_size')} tokens"
+    )
     if vision:
-        lines.append(f"  vision: depth {vision.get('depth')}, width {vision.get('embed_dim')}, "
-                     f"patch {vision.get('patch_size')} px merged {vision.get('spatial_merge_size')}x"
-                     f"{vision.get('spatial_merge_size')}")
+        lines.append(
+            f"  vision: depth {vision.get('depth')}, width {vision.get('embed_dim')}, "
+            f"patch {vision.get('patch_size')} px merged {vision.get('spatial_merge_size')}x"
+            f"{vision.get('spatial_merge_size')}"
+        )
     counts = parameter_counts(folder)
     lines.append(f"  parameters: {_params_field(counts)}; {_bytes(folder_bytes(folder))} on disk")
     training = _read_json(folder / "training.json") if (folder / "training.json").is_file() else {}
     if "steps" in training:
         loss = training.get("final_loss")
-        lines.append(f"  trained here (training.json): {training['steps']} steps"
-                     + (f", final loss {loss:.3g}" if isinstance(loss, (int, float)) else ""))
+        lines.append(
+            f"  trained here (training.json): {training['steps']} steps"
+            + (f", final loss {loss:.3g}" if isinstance(loss, (int, float)) else "")
+        )
     return lines
 
 
@@ -169,19 +178,26 @@ def describe_adapter(folder: Path) -> list[str]:
     made_with = [f"{k} {config[k]}" for k in ("base", "mllm") if config.get(k)]
     if made_with:
         lines.append(f"  made with: {', '.join(made_with)}")
-    lines.append(f"  reference tokens {config.get('num_reference_tokens')}, reference images "
-                 f"{config.get('reference_image_size')} px, at most {config.get('max_references')} references, "
-                 f"mode {config.get('reference_mode')}, attention {config.get('attention_mode')}")
+    lines.append(
+        f"  reference tokens {config.get('num_reference_tokens')}, reference images "
+        f"{config.get('reference_image_size')} px, at most {config.get('max_references')} references, "
+        f"mode {config.get('reference_mode')}, attention {config.get('attention_mode')}"
+    )
     trunk = "yes" if config.get("has_trunk") else "no"
-    lines.append(f"  LoRA rank {config.get('lora_rank')}, finetuned MLLM trunk: {trunk}, widths: MLLM "
-                 f"{config.get('mllm_hidden_size')} -> cross-attention {config.get('cross_attention_dim')}")
+    lines.append(
+        f"  LoRA rank {config.get('lora_rank')}, finetuned MLLM trunk: {trunk}, widths: MLLM "
+        f"{config.get('mllm_hidden_size')} -> cross-attention {config.get('cross_attention_dim')}"
+    )
     counts = parameter_counts(folder)
     groups = Counter()
     for key, n in counts.items():
         groups[key.split(".", 1)[0]] += n
     split = ", ".join(f"{g} {_count(n)}" for g, n in sorted(groups.items()))
-    lines.append(f"  parameters: {_params_field(counts)}" + (f" ({split})" if split else "")
-                 + f"; {_bytes(folder_bytes(folder))} on disk")
+    lines.append(
+        f"  parameters: {_params_field(counts)}"
+        + (f" ({split})" if split else "")
+        + f"; {_bytes(folder_bytes(folder))} on disk"
+    )
     return lines
 
 
@@ -189,8 +205,13 @@ def describe_files(folder: Path) -> list[str]:
     return [f"{folder}: not a model folder ({_bytes(folder_bytes(folder))})"]
 
 
-DESCRIBE = {"set": describe_set, "sdxl": describe_sdxl, "mllm": describe_mllm, "adapter": describe_adapter,
-            "files": describe_files}
+DESCRIBE = {
+    "set": describe_set,
+    "sdxl": describe_sdxl,
+    "mllm": describe_mllm,
+    "adapter": describe_adapter,
+    "files": describe_files,
+}
 
 
 # ---------------------------------------------------------------------- limits (generate warns with these)

@@ -41,8 +41,11 @@ def named_parameters(group: str, encoder, unet) -> list[tuple[str, object]]:
     if group == "aggregator":
         return [(f"encoder.aggregator.{n}", p) for n, p in encoder.aggregator.named_parameters()]
     if group == "trunk":
-        return [(f"encoder.{part}.{n}", p) for part, module in encoder.trunk_modules().items()
-                for n, p in module.named_parameters()]
+        return [
+            (f"encoder.{part}.{n}", p)
+            for part, module in encoder.trunk_modules().items()
+            for n, p in module.named_parameters()
+        ]
     from .adapter import adapter_named_parameters  # diffusers: imported only where parameters are handled
 
     return [(f"unet.{n}", p) for n, p in adapter_named_parameters(unet)[group]]

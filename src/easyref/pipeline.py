@@ -12,9 +12,10 @@ import dataclasses
 import inspect
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import diffusers
 import torch
@@ -101,7 +102,7 @@ class EasyRefPipeline(DiffusionPipeline):
         config_overrides: dict | None = None,
         revision: str | None = None,
         **base_kwargs,
-    ) -> "EasyRefPipeline":
+    ) -> EasyRefPipeline:
         """An SDXL, a Qwen2-VL-Instruct and an EasyRef checkpoint (ours or the release's), each named
         by `"default"` (the bundled model's), a folder, or a hub id (`owner/name`, `owner/name@rev`).
 
@@ -114,9 +115,15 @@ class EasyRefPipeline(DiffusionPipeline):
         """
         from .resolve import resolve_parts
 
-        parts = resolve_parts(base, mllm, adapter, config=config, revision=revision,
-                              local_files_only=base_kwargs.pop("local_files_only", False),
-                              cache_dir=base_kwargs.pop("cache_dir", None))
+        parts = resolve_parts(
+            base,
+            mllm,
+            adapter,
+            config=config,
+            revision=revision,
+            local_files_only=base_kwargs.pop("local_files_only", False),
+            cache_dir=base_kwargs.pop("cache_dir", None),
+        )
         return cls.from_parts(parts, config, dtype, base_pipeline, config_overrides, **base_kwargs)
 
     @classmethod
@@ -128,7 +135,7 @@ class EasyRefPipeline(DiffusionPipeline):
         base_pipeline: str = "StableDiffusionXLPipeline",
         config_overrides: dict | None = None,
         **base_kwargs,
-    ) -> "EasyRefPipeline":
+    ) -> EasyRefPipeline:
         """Load `easyref.resolve.Parts` (names already resolved to local paths)."""
         dtype = base_kwargs.pop("torch_dtype", dtype)  # the older name, still common in user code
         if base_pipeline not in BASE_PIPELINES:
@@ -152,7 +159,7 @@ class EasyRefPipeline(DiffusionPipeline):
     @classmethod
     def from_components(
         cls, sdxl_pipe, encoder: ReferenceEncoder, tensors: dict | None = None, base_pipeline: str | None = None
-    ) -> "EasyRefPipeline":
+    ) -> EasyRefPipeline:
         """Wrap an existing diffusers SDXL pipeline (its modules are shared, not copied)."""
         components = {k: v for k, v in sdxl_pipe.components.items() if k in _component_names()}
         unet = components["unet"]
@@ -192,8 +199,9 @@ class EasyRefPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ encoding
     @torch.no_grad()
-    def encode_references(self, groups: Sequence[Sequence[Image.Image]], prompts: Sequence[str],
-                          return_maps: bool = False):
+    def encode_references(
+        self, groups: Sequence[Sequence[Image.Image]], prompts: Sequence[str], return_maps: bool = False
+    ):
         """All groups in one MLLM pass -> (B, num_reference_tokens, hidden); with `return_maps`, also
         each reference's attention map from the same pass (`easyref.explain`)."""
         return self.reference_encoder(groups, prompts, return_maps=return_maps)
@@ -272,7 +280,14 @@ class EasyRefPipeline(DiffusionPipeline):
         `return_reference_maps`: also return where the reference tokens looked in each reference."""
         # 1. inputs
         groups, prompts, negatives = self.check_inputs(
-            references, prompt, negative_prompt, scale, num_images_per_prompt, reference_embeds, generator, seed,
+            references,
+            prompt,
+            negative_prompt,
+            scale,
+            num_images_per_prompt,
+            reference_embeds,
+            generator,
+            seed,
             guidance_scale,
         )
         if return_reference_maps and groups is None:
@@ -344,8 +359,12 @@ def _component_names() -> set[str]:
 
 def _config_for(parts, unet) -> EasyRefConfig:
     logger.warning("no EasyRef checkpoint given: the reference path starts from random weights")
-    return EasyRefConfig(mllm=parts.mllm.name, base=parts.base.name, mllm_hidden_size=mllm_hidden_size(parts.mllm.path),
-                         cross_attention_dim=unet.config.cross_attention_dim)
+    return EasyRefConfig(
+        mllm=parts.mllm.name,
+        base=parts.base.name,
+        mllm_hidden_size=mllm_hidden_size(parts.mllm.path),
+        cross_attention_dim=unet.config.cross_attention_dim,
+    )
 
 
 def mllm_hidden_size(folder) -> int:

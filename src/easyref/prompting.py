@@ -27,7 +27,7 @@ class MLLMInputs:
     image_grid_thw: torch.LongTensor  # (num images, 3)
     group_sizes: list[int] | None = None  # mean/concat modes: rows are single references, this many per group
 
-    def to(self, device: torch.device) -> "MLLMInputs":
+    def to(self, device: torch.device) -> MLLMInputs:
         tensors = (self.input_ids, self.attention_mask, self.pixel_values, self.image_grid_thw)
         return MLLMInputs(*(t.to(device) for t in tensors), group_sizes=self.group_sizes)
 

@@ -13,7 +13,8 @@ the CLI's checks and the training YAML accept its name from then on.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -50,8 +51,10 @@ class ReferenceMode:
     def check_tokens_shape(self, shape: tuple, count: int, num_tokens: int, width: int) -> None:
         """Precomputed reference tokens must be (count, T', width) with a length this mode can produce."""
         if len(shape) != 3 or shape[0] != count or shape[2] != width or not self._valid_length(shape[1], num_tokens):
-            raise ValueError(f"reference_embeds must have shape {self._expected(count, num_tokens, width)} (one row "
-                             f"per prompt), got {tuple(shape)}")
+            raise ValueError(
+                f"reference_embeds must have shape {self._expected(count, num_tokens, width)} (one row "
+                f"per prompt), got {tuple(shape)}"
+            )
 
     def _valid_length(self, length: int, num_tokens: int) -> bool:
         return length == num_tokens
@@ -84,7 +87,9 @@ class ConcatMode(ReferenceMode):
 
         longest = max(group_sizes)
         parts = tokens.split(group_sizes)
-        return torch.stack([part[torch.arange(longest, device=part.device) % len(part)].flatten(0, 1) for part in parts])
+        return torch.stack(
+            [part[torch.arange(longest, device=part.device) % len(part)].flatten(0, 1) for part in parts]
+        )
 
     def tokens_per_group(self, group_size: int, num_tokens: int) -> int:
         return group_size * num_tokens

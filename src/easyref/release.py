@@ -60,7 +60,6 @@ _TRUNK = {
 }
 
 
-
 def read_checkpoint(path: str | Path) -> tuple[EasyRefConfig, dict[str, torch.Tensor]]:
     """An adapter in either format: our checkpoint folder, or the authors' release (imported on the fly)."""
     path = Path(path)
@@ -68,13 +67,16 @@ def read_checkpoint(path: str | Path) -> tuple[EasyRefConfig, dict[str, torch.Te
     check_finite(tensors, path)
     return config, tensors
 
+
 def find_release_file(path: Path) -> Path:
     if path.is_file():
         return path
     for name in RELEASE_NAMES:
         if (path / name).is_file():
             return path / name
-    raise CheckpointError(f"{path}: no easyref_config.json + easyref.safetensors, and no release file ({', '.join(RELEASE_NAMES)})")
+    raise CheckpointError(
+        f"{path}: no easyref_config.json + easyref.safetensors, and no release file ({', '.join(RELEASE_NAMES)})"
+    )
 
 
 def read_release_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -109,13 +109,19 @@ class Parts:
 
     def names(self) -> dict:
         """{"base", "mllm", "adapter"} as given or recorded (for PNG metadata and run records)."""
-        return {"base": self.base.name, "mllm": self.mllm.name,
-                "adapter": None if self.adapter is None else self.adapter.name}
+        return {
+            "base": self.base.name,
+            "mllm": self.mllm.name,
+            "adapter": None if self.adapter is None else self.adapter.name,
+        }
 
     def record(self) -> dict:
         """{"base", "mllm", "adapter"}: each part's name, absolute path and hub commit (`Resolved.record`)."""
-        return {"base": self.base.record(), "mllm": self.mllm.record(),
-                "adapter": None if self.adapter is None else self.adapter.record()}
+        return {
+            "base": self.base.record(),
+            "mllm": self.mllm.record(),
+            "adapter": None if self.adapter is None else self.adapter.record(),
+        }
 
 
 API_LABELS = {"base": "base", "mllm": "mllm", "adapter": "adapter"}
@@ -213,13 +219,15 @@ def _check_adapter(path: Path, label: str) -> Path:
     if adapter_format(path) is None:
         from .release import RELEASE_NAMES
 
-        raise ResolveError(f"{label}: neither easyref_config.json + easyref.safetensors nor a release file "
-                           f"({', '.join(RELEASE_NAMES)}) is here (not an EasyRef checkpoint?)")
+        raise ResolveError(
+            f"{label}: neither easyref_config.json + easyref.safetensors nor a release file "
+            f"({', '.join(RELEASE_NAMES)}) is here (not an EasyRef checkpoint?)"
+        )
     return path
 
 
 def adapter_format(path: Path) -> str | None:
-    """"easyref" (our folder), "release" (the authors' file, or a folder holding one), or None."""
+    """ "easyref" (our folder), "release" (the authors' file, or a folder holding one), or None."""
     from .checkpoint import is_easyref_checkpoint
     from .release import RELEASE_NAMES
 
@@ -232,8 +240,9 @@ def adapter_format(path: Path) -> str | None:
 
 
 # ---------------------------------------------------------------------- the hub
-def cached_snapshot(repo_id: str, revision: str | None, probes: tuple[str, ...], cache_dir=None,
-                    label: str = "") -> Path | None:
+def cached_snapshot(
+    repo_id: str, revision: str | None, probes: tuple[str, ...], cache_dir=None, label: str = ""
+) -> Path | None:
     """The snapshot folder of `repo_id` at `revision` in the Hugging Face cache, if it holds a probe file."""
     from huggingface_hub import try_to_load_from_cache
 
@@ -241,7 +250,9 @@ def cached_snapshot(repo_id: str, revision: str | None, probes: tuple[str, ...],
         try:
             found = try_to_load_from_cache(repo_id, probe, cache_dir=cache_dir, revision=revision)
         except ValueError as err:  # HFValidationError: not a valid repo id (nor an existing path)
-            raise ResolveError(f"{label}: no such file or folder, and not a valid hub id ({_first_line(err)})") from None
+            raise ResolveError(
+                f"{label}: no such file or folder, and not a valid hub id ({_first_line(err)})"
+            ) from None
         if isinstance(found, str):  # else None, or the marker of a file known to be absent
             # snapshots/<commit>/ (not the blob the file links to), also for a probe in a subfolder
             return Path(found).parents[len(Path(probe).parts) - 1]
@@ -310,8 +321,10 @@ def _download(repo_id: str, revision: str | None, kind: str, cache_dir, label: s
         patterns = list(MLLM_DOWNLOAD) if kind == "mllm" else [*adapter_probes(), "easyref.safetensors"]
         return snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns)
     except Exception as err:  # not found, gated, a revision that does not exist, a dropped connection ...
-        raise ResolveError(f"{label}: could not download it from the hub ({_first_line(err)}); "
-                           f"try `{download_command(repo_id, kind, revision)}`") from None
+        raise ResolveError(
+            f"{label}: could not download it from the hub ({_first_line(err)}); "
+            f"try `{download_command(repo_id, kind, revision)}`"
+        ) from None
 
 
 def _first_line(err: BaseException) -> str:
@@ -388,8 +401,9 @@ def _recorded(adapter: Resolved | None, config) -> Recorded:
     return Recorded(config.base, config.mllm)
 
 
-def _resolve_part(kind: str, given, recorded: Recorded, adapter: Resolved | None, labels: dict,
-                  revision: str | None = None, **hub) -> Resolved:
+def _resolve_part(
+    kind: str, given, recorded: Recorded, adapter: Resolved | None, labels: dict, revision: str | None = None, **hub
+) -> Resolved:
     """An explicit name as given; else the recorded one, with a message that says where it came from."""
     if given is not None:
         return resolve(given, kind, label=f"{labels[kind]} {given}", revision=revision, **hub)

@@ -94,7 +94,9 @@ def append_line(path: str | Path, text: str, root: str | Path | None = None, fsy
         fd = os.open(path, flags, 0o666)
     except OSError as err:
         if err.errno in (errno.ELOOP, errno.ENXIO):  # a symlink planted since the check; a FIFO without reader
-            raise UnsafePathError(f"{path} is a symlink or a pipe; refusing to write through it (remove it first)") from None
+            raise UnsafePathError(
+                f"{path} is a symlink or a pipe; refusing to write through it (remove it first)"
+            ) from None
         raise
     with os.fdopen(fd, "r+b") as handle:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -192,7 +194,7 @@ class RunLock:
         self.what = what
         self._fd: int | None = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         import fcntl
 
         self.folder.mkdir(parents=True, exist_ok=True)

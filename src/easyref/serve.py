@@ -29,6 +29,8 @@ from pathlib import Path
 
 import gradio as gr
 
+from .errors import RunFailure, UserError
+from .explain import explain_sheet
 from .generation import (
     GENERATE_DEFAULTS,
     check_generate_args,
@@ -38,8 +40,6 @@ from .generation import (
     warn_about_limits,
     write_outputs,
 )
-from .errors import RunFailure, UserError
-from .explain import explain_sheet
 from .images import ImageFileError, open_image
 from .pipeline import default_size
 from .shapes.data import demo_group, demo_prompts, write_demo_references
@@ -99,20 +99,59 @@ class Server:
         return [(image, path.name) for image, path in zip(images, paths)], f"{count} ready"
 
     # ------------------------------------------------------------------ generation
-    def generate(self, files, prompt, negative_prompt, scale, steps, guidance, seed, random_seed, num_images,
-                 height, width, progress=gr.Progress()):
+    def generate(
+        self,
+        files,
+        prompt,
+        negative_prompt,
+        scale,
+        steps,
+        guidance,
+        seed,
+        random_seed,
+        num_images,
+        height,
+        width,
+        progress=gr.Progress(),  # noqa: B008 - how gradio asks for a progress tracker
+    ):
         try:
-            return self._generate(files, prompt, negative_prompt, scale, steps, guidance, seed, random_seed,
-                                  num_images, height, width, progress)
+            return self._generate(
+                files,
+                prompt,
+                negative_prompt,
+                scale,
+                steps,
+                guidance,
+                seed,
+                random_seed,
+                num_images,
+                height,
+                width,
+                progress,
+            )
         except (UserError, RunFailure) as err:
             message = re.sub(r"--([a-z-]+)", lambda flag: flag.group(1).replace("-", " "), str(err))  # flag -> field
             logger.warning("request refused: %s", message)
             raise gr.Error(message, print_exception=False) from None
 
-    def _generate(self, files, prompt, negative_prompt, scale, steps, guidance, seed, random_seed, num_images,
-                  height, width, progress):
-        args = self.settings(prompt, negative_prompt, scale, steps, guidance, seed, random_seed, num_images,
-                             height, width)
+    def _generate(
+        self,
+        files,
+        prompt,
+        negative_prompt,
+        scale,
+        steps,
+        guidance,
+        seed,
+        random_seed,
+        num_images,
+        height,
+        width,
+        progress,
+    ):
+        args = self.settings(
+            prompt, negative_prompt, scale, steps, guidance, seed, random_seed, num_images, height, width
+        )
         paths, references = self.references(files)
         folder = self._new_folder()
         args.out = folder / "easyref.png"
@@ -136,8 +175,9 @@ class Server:
         status += "".join(f"\n\nNote: {note}" for note in notes)
         return images, [str(p) for p in written], str(explain_path(args.out)), args.seed, status
 
-    def settings(self, prompt, negative_prompt, scale, steps, guidance, seed, random_seed, num_images, height,
-                 width) -> argparse.Namespace:
+    def settings(
+        self, prompt, negative_prompt, scale, steps, guidance, seed, random_seed, num_images, height, width
+    ) -> argparse.Namespace:
         """The form as `generate`'s arguments, checked by the same rules."""
         if random_seed or seed is None:
             seed = int.from_bytes(os.urandom(4), "little") % 2**31
@@ -202,46 +242,72 @@ def build_app(server: Server, examples_dir: Path) -> gr.Blocks:
         gr.Markdown("# EasyRef\nGenerate images that keep what the reference images share, steered by the prompt.")
         with gr.Row():
             with gr.Column(scale=1):
-                refs = gr.File(label=f"References (1 to {server.max_references} images)", file_count="multiple",
-                               elem_id="references")
-                preview = gr.Gallery(label="As the model reads them", columns=4, height=160, interactive=False,
-                                     elem_id="preview")
+                refs = gr.File(
+                    label=f"References (1 to {server.max_references} images)",
+                    file_count="multiple",
+                    elem_id="references",
+                )
+                preview = gr.Gallery(
+                    label="As the model reads them", columns=4, height=160, interactive=False, elem_id="preview"
+                )
                 ref_status = gr.Markdown(elem_id="reference-status")
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
                 with gr.Accordion("Settings", open=False):
                     negative = gr.Textbox(label="Negative prompt (empty: the model's)", elem_id="negative")
-                    scale = gr.Slider(0, 2, value=GENERATE_DEFAULTS["scale"], step=0.05,
-                                      label="Reference strength (scale)", elem_id="scale")
-                    steps = gr.Slider(1, 100, value=GENERATE_DEFAULTS["steps"], step=1, label="Steps",
-                                      elem_id="steps")
-                    guidance = gr.Slider(0, 20, value=GENERATE_DEFAULTS["guidance"], step=0.5,
-                                         label="Guidance", elem_id="guidance")
+                    scale = gr.Slider(
+                        0,
+                        2,
+                        value=GENERATE_DEFAULTS["scale"],
+                        step=0.05,
+                        label="Reference strength (scale)",
+                        elem_id="scale",
+                    )
+                    steps = gr.Slider(1, 100, value=GENERATE_DEFAULTS["steps"], step=1, label="Steps", elem_id="steps")
+                    guidance = gr.Slider(
+                        0, 20, value=GENERATE_DEFAULTS["guidance"], step=0.5, label="Guidance", elem_id="guidance"
+                    )
                     with gr.Row():
                         seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id="seed")
                         random_seed = gr.Checkbox(value=True, label="Random seed", elem_id="random-seed")
                     count = gr.Slider(1, MAX_UI_IMAGES, value=1, step=1, label="Images", elem_id="num-images")
                     with gr.Row():
-                        height = gr.Slider(8, max(size * 2, 64), value=size, step=8, label="Height",
-                                           elem_id="height")
+                        height = gr.Slider(8, max(size * 2, 64), value=size, step=8, label="Height", elem_id="height")
                         width = gr.Slider(8, max(size * 2, 64), value=size, step=8, label="Width", elem_id="width")
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=1):
                 with gr.Tabs():
                     with gr.Tab("Images", id="images"):
-                        gallery = gr.Gallery(label="Outputs", columns=2, interactive=False, format="png",
-                                             buttons=["download", "fullscreen"], elem_id="outputs")
+                        gallery = gr.Gallery(
+                            label="Outputs",
+                            columns=2,
+                            interactive=False,
+                            format="png",
+                            buttons=["download", "fullscreen"],
+                            elem_id="outputs",
+                        )
                         status = gr.Markdown(elem_id="status")
-                        files = gr.File(label="PNG files (settings recorded in each)", file_count="multiple",
-                                        interactive=False, elem_id="files")
+                        files = gr.File(
+                            label="PNG files (settings recorded in each)",
+                            file_count="multiple",
+                            interactive=False,
+                            elem_id="files",
+                        )
                     with gr.Tab("What it took from each reference", id="explain", elem_id="explain-tab"):
                         gr.Markdown(EXPLAIN_NOTE)
-                        explained = gr.Image(type="filepath", label="Reference attention", interactive=False,
-                                             format="png", elem_id="explain")
+                        explained = gr.Image(
+                            type="filepath",
+                            label="Reference attention",
+                            interactive=False,
+                            format="png",
+                            elem_id="explain",
+                        )
         group = demo_group()
         demo_refs = [str(p) for p in write_demo_references(examples_dir)]
-        gr.Examples([[demo_refs, text] for text in demo_prompts(group)], inputs=[refs, prompt],
-                    label="Examples: the demo group holds the same two subjects in every reference; "
-                    "each prompt names one")
+        gr.Examples(
+            [[demo_refs, text] for text in demo_prompts(group)],
+            inputs=[refs, prompt],
+            label="Examples: the demo group holds the same two subjects in every reference; each prompt names one",
+        )
         refs.change(server.preview, inputs=refs, outputs=[preview, ref_status], queue=False)
         inputs = [refs, prompt, negative, scale, steps, guidance, seed, random_seed, count, height, width]
         outputs = [gallery, files, explained, seed, status]
@@ -264,11 +330,23 @@ def serve(pipe, parts, args: argparse.Namespace) -> int:
         signal.signal(signum, _interrupt)
     try:
         # quiet: gradio's own banner tells to set `share=True` in launch(), which is --share here
-        app.launch(server_name=args.host, server_port=args.port, share=args.share, theme=THEME, css=CSS,
-                   ssr_mode=False, allowed_paths=[str(out_dir), str(examples_dir)], footer_links=["api"],
-                   show_error=True, max_file_size=MAX_UPLOAD, prevent_thread_lock=True, quiet=True)
-        logger.info("serving on %s (Ctrl+C stops)%s", app.local_url,
-                    "" if args.share else "; --share for a public link")
+        app.launch(
+            server_name=args.host,
+            server_port=args.port,
+            share=args.share,
+            theme=THEME,
+            css=CSS,
+            ssr_mode=False,
+            allowed_paths=[str(out_dir), str(examples_dir)],
+            footer_links=["api"],
+            show_error=True,
+            max_file_size=MAX_UPLOAD,
+            prevent_thread_lock=True,
+            quiet=True,
+        )
+        logger.info(
+            "serving on %s (Ctrl+C stops)%s", app.local_url, "" if args.share else "; --share for a public link"
+        )
         if app.share_url:
             logger.info("public link: %s", app.share_url)
         app.block_thread()  # returns on Ctrl+C, having closed the server

@@ -68,8 +68,7 @@ def tiny_clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def tiny_qwen2vl_config(vocab_size: int, initializer_range: float = 0.2, vision_width: int = 32,
-                        vision_depth: int = 2):
+def tiny_qwen2vl_config(vocab_size: int, initializer_range: float = 0.2, vision_width: int = 32, vision_depth: int = 2):
     """`vision_width`/`vision_depth`: the shapes-world model needs a wider, deeper vision tower than
     the tests do (a 2-layer, width-32 ViT does not learn shape in a CPU budget)."""
     from transformers import Qwen2VLConfig
@@ -114,8 +113,9 @@ def tiny_qwen2vl_config(vocab_size: int, initializer_range: float = 0.2, vision_
     )
 
 
-def save_tiny_qwen2vl(path: str | Path, seed: int = 0, for_training: bool = False, vision_width: int = 32,
-                      vision_depth: int = 2) -> Path:
+def save_tiny_qwen2vl(
+    path: str | Path, seed: int = 0, for_training: bool = False, vision_width: int = 32, vision_depth: int = 2
+) -> Path:
     """Write a tiny random Qwen2-VL-Instruct folder (model, tokenizer, processor, chat template).
 
     `for_training`: the usual initialisation (0.02, unit norms) instead of the test-friendly one."""
@@ -125,7 +125,9 @@ def save_tiny_qwen2vl(path: str | Path, seed: int = 0, for_training: bool = Fals
     path = Path(path)
     tok = tiny_qwen_tokenizer()
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(tiny_qwen2vl_config(len(tok), 0.02 if for_training else 0.2, vision_width, vision_depth))
+    model = Qwen2VLForConditionalGeneration(
+        tiny_qwen2vl_config(len(tok), 0.02 if for_training else 0.2, vision_width, vision_depth)
+    )
     with torch.no_grad():  # trained norms are not all ones; random ones make norm placement observable
         for name, param in model.named_parameters():
             if not for_training and (name.endswith("norm.weight") or "layernorm" in name):

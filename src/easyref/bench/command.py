@@ -1,12 +1,12 @@
 """`easyref bench run | score | convert`: MRBench-style evaluation of real models.
 
-    easyref bench convert folders GROUPS_DIR OUT.jsonl           # one folder per group + prompts.txt
-    easyref bench convert coco captions_val2017.json val2017/ OUT.jsonl --limit 1000
-    easyref bench run --manifest M.jsonl --method easyref --adapter CKPT --out runs/er   # CKPT names its base, MLLM
-    easyref bench run --manifest M.jsonl --method ip-adapter-mean --base SDXL --out runs/ipa-mean
-    easyref bench score --manifest M.jsonl --images OTHER_TOOL_OUT --out runs/other
-    easyref bench table runs/er runs/ipa-mean runs/other                # the methods side by side
-    accelerate launch -m easyref bench run ...                    # one share of the groups per process
+easyref bench convert folders GROUPS_DIR OUT.jsonl           # one folder per group + prompts.txt
+easyref bench convert coco captions_val2017.json val2017/ OUT.jsonl --limit 1000
+easyref bench run --manifest M.jsonl --method easyref --adapter CKPT --out runs/er   # CKPT names its base, MLLM
+easyref bench run --manifest M.jsonl --method ip-adapter-mean --base SDXL --out runs/ipa-mean
+easyref bench score --manifest M.jsonl --images OTHER_TOOL_OUT --out runs/other
+easyref bench table runs/er runs/ipa-mean runs/other                # the methods side by side
+accelerate launch -m easyref bench run ...                    # one share of the groups per process
 """
 
 from __future__ import annotations
@@ -38,8 +38,12 @@ def _add_manifest_args(p) -> None:
 def _add_metric_args(p) -> None:
     from . import DEFAULT_CLIP, DEFAULT_DINO
 
-    p.add_argument("--clip", default=DEFAULT_CLIP, help=f"CLIP model folder or hub id for CLIP-I/CLIP-T (default {DEFAULT_CLIP})")
-    p.add_argument("--dino", default=DEFAULT_DINO, help=f"DINO model folder or hub id for DINO-I (default {DEFAULT_DINO})")
+    p.add_argument(
+        "--clip", default=DEFAULT_CLIP, help=f"CLIP model folder or hub id for CLIP-I/CLIP-T (default {DEFAULT_CLIP})"
+    )
+    p.add_argument(
+        "--dino", default=DEFAULT_DINO, help=f"DINO model folder or hub id for DINO-I (default {DEFAULT_DINO})"
+    )
     p.add_argument("--device", help="cuda, cpu, ... (default: this process's accelerator)")
 
 
@@ -47,7 +51,8 @@ def _add_run(bench_sub) -> None:
     from . import DEFAULT_IP_ADAPTER, DEFAULT_IP_ADAPTER_SUBFOLDER, DEFAULT_IP_ADAPTER_WEIGHTS, METHOD_NAMES
 
     p = bench_sub.add_parser(
-        "run", help="generate and score a manifest's groups with one method",
+        "run",
+        help="generate and score a manifest's groups with one method",
         description="Generate one image per prompt and sample for every group with one method, score it "
         "(CLIP-I, CLIP-T, DINO-I; also against the target when a group has one) and write records, contact "
         "sheets and summary.{md,csv,json} into --out. Resumable: run the same command again after a crash. "
@@ -55,11 +60,18 @@ def _add_run(bench_sub) -> None:
     )
     _add_manifest_args(p)
     p.add_argument("--method", choices=METHOD_NAMES, required=True)
-    p.add_argument("--base", help="SDXL folder, hub id or `default`; required but for easyref, where the adapter "
-                   "names its own (default: the adapter's, or with no adapter the bundled model)")
+    p.add_argument(
+        "--base",
+        help="SDXL folder, hub id or `default`; required but for easyref, where the adapter "
+        "names its own (default: the adapter's, or with no adapter the bundled model)",
+    )
     p.add_argument("--mllm", help="easyref: Qwen2-VL folder or hub id (default: the adapter's)")
     p.add_argument("--adapter", help="easyref: EasyRef checkpoint (ours, the release's file or zongzhuofan/EasyRef)")
-    p.add_argument("--ip-adapter", default=DEFAULT_IP_ADAPTER, help=f"ip-adapter-*: folder or hub id (default {DEFAULT_IP_ADAPTER})")
+    p.add_argument(
+        "--ip-adapter",
+        default=DEFAULT_IP_ADAPTER,
+        help=f"ip-adapter-*: folder or hub id (default {DEFAULT_IP_ADAPTER})",
+    )
     p.add_argument("--ip-adapter-subfolder", default=DEFAULT_IP_ADAPTER_SUBFOLDER)
     p.add_argument("--ip-adapter-weights", default=DEFAULT_IP_ADAPTER_WEIGHTS)
     p.add_argument("--scale", type=float, default=1.0, help="reference attention scale (easyref, ip-adapter-*)")
@@ -67,7 +79,9 @@ def _add_run(bench_sub) -> None:
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
-    p.add_argument("--seed", type=int, default=0, help="base seed; each image's seed also depends on its group, prompt and sample")
+    p.add_argument(
+        "--seed", type=int, default=0, help="base seed; each image's seed also depends on its group, prompt and sample"
+    )
     p.add_argument("--samples", type=int, default=1, help="images per prompt (default 1)")
     p.add_argument("--negative-prompt", help="the same for every method (default: the EasyRef release's)")
     p.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
@@ -78,7 +92,8 @@ def _add_run(bench_sub) -> None:
 
 def _add_score(bench_sub) -> None:
     p = bench_sub.add_parser(
-        "score", help="score images generated elsewhere (or re-score a run with other metric models)",
+        "score",
+        help="score images generated elsewhere (or re-score a run with other metric models)",
         description="Score images laid out as IMAGES/<group id>/p<prompt>-s<sample>.png (the layout "
         "`bench run` writes) against a manifest; writes records and summary.{md,csv,json} into --out.",
     )
@@ -90,19 +105,27 @@ def _add_score(bench_sub) -> None:
 
 
 def _add_table(bench_sub) -> None:
-    p = bench_sub.add_parser("table", help="one table of several runs (methods side by side, per split)",
-                             description="Merge the records of several run folders into the paper's table.")
+    p = bench_sub.add_parser(
+        "table",
+        help="one table of several runs (methods side by side, per split)",
+        description="Merge the records of several run folders into the paper's table.",
+    )
     p.add_argument("runs", type=Path, nargs="+", help="run folders written by `bench run` or `bench score`")
     p.add_argument("--out", type=Path, help="also write the table here (.md; a .csv beside it)")
     p.set_defaults(func=cmd_table)
 
 
 def _add_convert(bench_sub) -> None:
-    p = bench_sub.add_parser("convert", help="build a manifest from a folder of groups or from COCO captions",
-                             description="Write an MRBench-format manifest (JSON Lines).")
+    p = bench_sub.add_parser(
+        "convert",
+        help="build a manifest from a folder of groups or from COCO captions",
+        description="Write an MRBench-format manifest (JSON Lines).",
+    )
     kinds = p.add_subparsers(dest="kind", required=True)
-    folders = kinds.add_parser("folders", help="one folder per group (images, optional target.*, prompts.txt); "
-                               "optionally under held-in/ and held-out/")
+    folders = kinds.add_parser(
+        "folders",
+        help="one folder per group (images, optional target.*, prompts.txt); optionally under held-in/ and held-out/",
+    )
     folders.add_argument("root", type=Path)
     folders.add_argument("out", type=Path)
     folders.add_argument("--split", choices=("held-in", "held-out"), default="held-in")
@@ -131,8 +154,19 @@ def _failure(message: str) -> Exception:
 
 # paths the user gave or can fix (permissions, a file where a folder belongs ...): exit 2; the rest
 # (a full disk, an I/O error) is not their mistake: exit 1
-_USER_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EEXIST,
-                          errno.ENAMETOOLONG, errno.ENOENT, errno.ELOOP})
+_USER_ERRNOS = frozenset(
+    {
+        errno.EACCES,
+        errno.EPERM,
+        errno.EROFS,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.EEXIST,
+        errno.ENAMETOOLONG,
+        errno.ENOENT,
+        errno.ELOOP,
+    }
+)
 
 
 def _os_error(err: OSError) -> Exception:
@@ -222,14 +256,17 @@ def _check_run_args(args) -> None:
         if value is not None and (value % 8 or not 8 <= value <= MAX_SIDE):
             raise UserError(f"{flag} must be a multiple of 8 between 8 and {MAX_SIDE}, got {value}")
     if args.height and args.width and args.height * args.width > MAX_PIXELS:
-        raise UserError(f"--height x --width is {args.height * args.width} pixels; at most {MAX_PIXELS} "
-                        "(2048 x 2048) are allowed")
+        raise UserError(
+            f"--height x --width is {args.height * args.width} pixels; at most {MAX_PIXELS} (2048 x 2048) are allowed"
+        )
     check_finite_range("--guidance", args.guidance, 0.0, MAX_GUIDANCE)
     check_finite_range("--scale", args.scale, 0.0, MAX_SCALE)
     check_range("--seed", args.seed, 0, MAX_SEED)
     if args.negative_prompt is not None and len(args.negative_prompt) > MAX_PROMPT_CHARS:
-        raise UserError(f"--negative-prompt is {len(args.negative_prompt)} characters long; "
-                        f"at most {MAX_PROMPT_CHARS} characters are read")
+        raise UserError(
+            f"--negative-prompt is {len(args.negative_prompt)} characters long; "
+            f"at most {MAX_PROMPT_CHARS} characters are read"
+        )
     _check_device(args.device)
 
 
@@ -293,11 +330,13 @@ def _scorer(args, state, sources: dict):
     # folders and cached hub snapshots load from their paths: no update checks, nothing to retry
     offline = {"local_files_only": True} if clip.offline_ok and dino.offline_ok else {}
     try:
-        return FeatureModels.from_pretrained(clip=clip.path, dino=dino.path, device=args.device or state.device,
-                                             **offline)
+        return FeatureModels.from_pretrained(
+            clip=clip.path, dino=dino.path, device=args.device or state.device, **offline
+        )
     except Exception as err:  # a folder that is not the model: OSError, ValueError, KeyError ... one line
-        raise UserError(f"could not load the metric models (--clip {args.clip}, --dino {args.dino}): "
-                        f"{_first_line(err)}") from None
+        raise UserError(
+            f"could not load the metric models (--clip {args.clip}, --dino {args.dino}): {_first_line(err)}"
+        ) from None
 
 
 def _method(args, device):
@@ -310,8 +349,12 @@ def _method(args, device):
     if args.method == "easyref":
         options.update(mllm=args.mllm, adapter=args.adapter, scale=args.scale)
     elif args.method.startswith("ip-adapter"):
-        options.update(ip_adapter=args.ip_adapter, subfolder=args.ip_adapter_subfolder,
-                       weight_name=args.ip_adapter_weights, scale=args.scale)
+        options.update(
+            ip_adapter=args.ip_adapter,
+            subfolder=args.ip_adapter_subfolder,
+            weight_name=args.ip_adapter_weights,
+            scale=args.scale,
+        )
     try:
         return load_method(args.method, **options)
     except Exception as err:  # a folder that is not the model: OSError, ValueError, KeyError ... one line
@@ -338,8 +381,14 @@ def _settings(args):
     from .methods import GenerationSettings
 
     negative = DEFAULT_NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt
-    return GenerationSettings(steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
-                              seed=args.seed, negative_prompt=negative)
+    return GenerationSettings(
+        steps=args.steps,
+        guidance=args.guidance,
+        height=args.height,
+        width=args.width,
+        seed=args.seed,
+        negative_prompt=negative,
+    )
 
 
 @contextmanager
@@ -427,8 +476,9 @@ def cmd_run(args) -> int:
             start_run(out, settings_header(method, settings, args.manifest, args.samples), state.is_main_process)
         state.wait_for_everyone()
         with _one_line_errors(generating=True):
-            made = run_bench(items, method, settings, out, args.samples, scorer, rank, world,
-                             progress=state.is_local_main_process)
+            made = run_bench(
+                items, method, settings, out, args.samples, scorer, rank, world, progress=state.is_local_main_process
+            )
         logger.info("process %d made %d images", rank, made)
         return _finish(out, state, scored=scorer is not None)
 
@@ -469,8 +519,17 @@ def cmd_score(args) -> int:
         scorer = _scorer(args, state, sources)
         state.wait_for_everyone()
         with _one_line_errors():
-            score_folder(items, args.images, out, scorer, args.method_name, rank, world,
-                         progress=state.is_local_main_process, found=found)
+            score_folder(
+                items,
+                args.images,
+                out,
+                scorer,
+                args.method_name,
+                rank,
+                world,
+                progress=state.is_local_main_process,
+                found=found,
+            )
         return _finish(out, state, scored=True)
 
 
@@ -526,8 +585,9 @@ def cmd_convert(args) -> int:
         if args.kind == "folders":
             items = manifest_from_folders(args.root, out=args.out, split=args.split, domain=args.domain)
         else:
-            items = manifest_from_coco(args.captions, args.images, out=args.out, limit=args.limit,
-                                       captions_per_image=args.captions_per_image)
+            items = manifest_from_coco(
+                args.captions, args.images, out=args.out, limit=args.limit, captions_per_image=args.captions_per_image
+            )
     except FileNotFoundError as err:
         raise UserError(f"no such file or folder: {err.filename}") from None
     except ManifestError as err:

@@ -539,8 +539,7 @@ def manifest_from_coco(
         if path is not None and prompts:
             items.append(BenchItem(str(image_id), "coco", "held-in", (path,), path, tuple(prompts)))
     logger.debug("Built %d COCO items from %s", len(items), captions_json)
-    return _finish_conversion(items, problems, captions_json, f"{captions_json}: no images", out, root,
-                              [captions_json])
+    return _finish_conversion(items, problems, captions_json, f"{captions_json}: no images", out, root, [captions_json])
 
 
 def _item_files(item: BenchItem) -> tuple[Path, ...]:
@@ -561,8 +560,15 @@ def _output_problems(out: Path, inputs: Sequence[Path]) -> list[str]:
     return []
 
 
-def _finish_conversion(items: list[BenchItem], problems: list[str], source, empty: str,
-                       out: str | os.PathLike | None, root: Path, inputs: Sequence[Path] = ()) -> list[BenchItem]:
+def _finish_conversion(
+    items: list[BenchItem],
+    problems: list[str],
+    source,
+    empty: str,
+    out: str | os.PathLike | None,
+    root: Path,
+    inputs: Sequence[Path] = (),
+) -> list[BenchItem]:
     """What every converter ends with: report all problems (an empty result is one), else write and return.
 
     The output may replace an older manifest, never one of the files it was built from."""

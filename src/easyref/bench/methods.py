@@ -16,9 +16,10 @@ or the device.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from PIL import Image
@@ -204,8 +205,9 @@ class EasyRefMethod:
             "easyref_config": self.pipe.easyref_config.to_dict(),
         }
 
-    def check_group(self, reference_sizes: Sequence[tuple[int, int]], prompts: Sequence[str],
-                    what: str = "group") -> None:
+    def check_group(
+        self, reference_sizes: Sequence[tuple[int, int]], prompts: Sequence[str], what: str = "group"
+    ) -> None:
         """Refuse, before anything is generated, a group the pipeline would refuse mid-run: a prompt with
         the MLLM's control tokens or too many tokens (`prompting.check_prompt`, as `generate` does), more
         references than the checkpoint allows, or a reference Qwen2-VL cannot resize (aspect ratio past
@@ -289,7 +291,9 @@ class IPAdapterMethod:
         weights = "/".join(x for x in (self.subfolder, self.weight_name) if x)
         self.resolved_ip_adapter = resolve(self.ip_adapter, label=f"--ip-adapter {self.ip_adapter}", probe=weights)
         root = self.resolved_ip_adapter.path
-        encoder = CLIPVisionModelWithProjection.from_pretrained(root, subfolder=self.encoder_subfolder, dtype=self.dtype)
+        encoder = CLIPVisionModelWithProjection.from_pretrained(
+            root, subfolder=self.encoder_subfolder, dtype=self.dtype
+        )
         # registered before `load_ip_adapter`, which then loads neither; the processor is the one
         # diffusers would build (CLIP resize + centre crop to the encoder's size), but the PIL
         # backend explicitly, since the default CLIPImageProcessor wants torchvision
@@ -399,8 +403,9 @@ def _clip_processor(size: int):
     return CLIPImageProcessorPil(size=size, crop_size=size)
 
 
-def check_group(method, reference_sizes: Sequence[tuple[int, int]], prompts: Sequence[str],
-                what: str = "group") -> None:
+def check_group(
+    method, reference_sizes: Sequence[tuple[int, int]], prompts: Sequence[str], what: str = "group"
+) -> None:
     """What `method` would refuse in a group (references as (width, height)), refused before any
     generation; methods without such limits pass everything."""
     check = getattr(method, "check_group", None)

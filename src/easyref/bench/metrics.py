@@ -20,9 +20,9 @@ loads the two encoders through transformers and turns PIL images and prompts int
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

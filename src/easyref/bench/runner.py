@@ -32,9 +32,9 @@ import logging
 import math
 import re
 import zlib
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from PIL import Image
 
@@ -55,8 +55,11 @@ from .manifest import BenchItem
 logger = logging.getLogger(__name__)
 
 METRIC_COLUMNS = (
-    ("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"), ("dino_i", "DINO-I"),
-    ("clip_i_target", "CLIP-I (target)"), ("dino_i_target", "DINO-I (target)"),
+    ("clip_i", "CLIP-I"),
+    ("clip_t", "CLIP-T"),
+    ("dino_i", "DINO-I"),
+    ("clip_i_target", "CLIP-I (target)"),
+    ("dino_i_target", "DINO-I (target)"),
 )
 SHEET_TILE = 192
 RUN_FILE = "run.json"
@@ -110,8 +113,10 @@ def plan(items: Sequence[BenchItem], samples: int, seed: int) -> list[list[Unit]
     """Per item, the units it needs."""
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
-    return [[Unit(item, p, s, unit_seed(seed, item.id, p, s)) for p in range(len(item.prompts)) for s in range(samples)]
-            for item in items]
+    return [
+        [Unit(item, p, s, unit_seed(seed, item.id, p, s)) for p in range(len(item.prompts)) for s in range(samples)]
+        for item in items
+    ]
 
 
 def shard(groups: Sequence, rank: int, world: int) -> list:
@@ -199,8 +204,9 @@ def read_run_header(out: Path) -> dict | None:
     except JSONFileError as err:
         raise RunError(f"{err}; this run folder cannot be resumed: use another --out") from None
     if not isinstance(saved, dict):
-        raise RunError(f"{path} is not a run description (a JSON object); this run folder cannot be resumed: "
-                       "use another --out")
+        raise RunError(
+            f"{path} is not a run description (a JSON object); this run folder cannot be resumed: use another --out"
+        )
     return saved
 
 
@@ -240,8 +246,10 @@ def check_run_folder(out: Path) -> None:
         return
     strange = sorted(n for n in names if n not in _RUN_NAMES and not _is_temp(n))
     if strange:
-        raise RunError(f"--out {out} already holds files that are not a bench run's (e.g. {strange[0]!r}); "
-                       "use a new or empty folder")
+        raise RunError(
+            f"--out {out} already holds files that are not a bench run's (e.g. {strange[0]!r}); "
+            "use a new or empty folder"
+        )
 
 
 def _is_temp(name: str) -> bool:
@@ -255,8 +263,10 @@ def check_item_names(items: Sequence[BenchItem]) -> None:
     for item in items:
         name = safe_name(item.id).casefold()  # casefold: names one case-insensitive disk would merge
         if name in by_name:
-            raise RunError(f"groups {by_name[name]!r} and {item.id!r} would share the folder "
-                           f"images/{safe_name(item.id)}; rename one")
+            raise RunError(
+                f"groups {by_name[name]!r} and {item.id!r} would share the folder "
+                f"images/{safe_name(item.id)}; rename one"
+            )
         by_name[name] = item.id
 
 
@@ -297,16 +307,29 @@ def clean_run_temps(out: Path) -> list[Path]:
 
 
 # ---------------------------------------------------------------------- generation and scoring
-def run_bench(items: Sequence[BenchItem], method, settings, out: Path, samples: int = 1, scorer=None,
-              rank: int = 0, world: int = 1, progress: bool = True, sheets: bool = True) -> int:
+def run_bench(
+    items: Sequence[BenchItem],
+    method,
+    settings,
+    out: Path,
+    samples: int = 1,
+    scorer=None,
+    rank: int = 0,
+    world: int = 1,
+    progress: bool = True,
+    sheets: bool = True,
+) -> int:
     """Make (and score, when `scorer` is given) this process's share of the images; returns how many it made."""
     from tqdm.auto import tqdm
 
     out = Path(out)
     done = read_records(out)
     # a group whose images are all there may still lack its sheet (a run killed just before it)
-    mine = [units for units in shard(plan(items, samples, settings.seed), rank, world)
-            if any(u.key not in done for u in units) or (sheets and not _sheet_path(out, units[0].item).is_file())]
+    mine = [
+        units
+        for units in shard(plan(items, samples, settings.seed), rank, world)
+        if any(u.key not in done for u in units) or (sheets and not _sheet_path(out, units[0].item).is_file())
+    ]
     records_file = out / f"records-r{rank}w{world}.jsonl"
     drop_torn_line(records_file, out)
     made = 0
@@ -329,9 +352,18 @@ def run_bench(items: Sequence[BenchItem], method, settings, out: Path, samples: 
 
 def base_record(unit: Unit, method: str) -> dict:
     item = unit.item
-    return {"key": unit.key, "item": item.id, "split": item.split, "domain": item.domain, "method": method,
-            "prompt_index": unit.prompt_index, "prompt": unit.prompt, "sample": unit.sample, "seed": unit.seed,
-            "image": unit.image}
+    return {
+        "key": unit.key,
+        "item": item.id,
+        "split": item.split,
+        "domain": item.domain,
+        "method": method,
+        "prompt_index": unit.prompt_index,
+        "prompt": unit.prompt,
+        "sample": unit.sample,
+        "seed": unit.seed,
+        "image": unit.image,
+    }
 
 
 def score_unit(scorer, unit: Unit, image: Image.Image) -> dict:
@@ -341,8 +373,17 @@ def score_unit(scorer, unit: Unit, image: Image.Image) -> dict:
     return scorer.score_embedded(image, references, unit.prompt, target)
 
 
-def score_folder(items: Sequence[BenchItem], images: Path, out: Path, scorer, method: str = "external",
-                 rank: int = 0, world: int = 1, progress: bool = True, found: Sequence[Unit] | None = None) -> int:
+def score_folder(
+    items: Sequence[BenchItem],
+    images: Path,
+    out: Path,
+    scorer,
+    method: str = "external",
+    rank: int = 0,
+    world: int = 1,
+    progress: bool = True,
+    found: Sequence[Unit] | None = None,
+) -> int:
     """Score images made elsewhere, laid out as `images/<item>/p<prompt>-s<sample>.png` (as `run` writes them).
 
     `found`: the units of `discover_images(items, images)`, when the caller has already listed (and checked) them.
@@ -384,8 +425,11 @@ def discover_images(items: Sequence[BenchItem], images: Path) -> list[Unit]:
             p, s = int(match[1]), int(match[2])
             units.append(Unit(item, p, s, -1))
     if unknown:
-        logger.warning("%d images are not named p<prompt>-s<sample>.png for a prompt of their item and were "
-                       "skipped, e.g. %s", len(unknown), unknown[0])
+        logger.warning(
+            "%d images are not named p<prompt>-s<sample>.png for a prompt of their item and were skipped, e.g. %s",
+            len(unknown),
+            unknown[0],
+        )
     if not units:
         raise RunError(f"no images named <item>/p<prompt>-s<sample>.png for this manifest under {images}")
     return units
@@ -444,8 +488,9 @@ def summary_tables(rows: list[dict]) -> tuple[str, str]:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["method", "split", "groups", "images", *(k for k, _ in metrics)])
     for r in rows:
-        writer.writerow([r["method"], r["split"], r["groups"], r["images"],
-                         *(repr(r[k]) if k in r else "" for k, _ in metrics)])
+        writer.writerow(
+            [r["method"], r["split"], r["groups"], r["images"], *(repr(r[k]) if k in r else "" for k, _ in metrics)]
+        )
     return "\n".join(lines) + "\n", buffer.getvalue()
 
 
@@ -455,8 +500,11 @@ def write_summary(out: Path) -> list[dict]:
     records = read_records(out)
     rows = summarize(records.values())
     markdown, table = summary_tables(rows)
-    for name, text in (("summary.md", markdown), ("summary.csv", table),
-                       ("summary.json", json.dumps({"rows": rows, "images": len(records)}, indent=1))):
+    for name, text in (
+        ("summary.md", markdown),
+        ("summary.csv", table),
+        ("summary.json", json.dumps({"rows": rows, "images": len(records)}, indent=1)),
+    ):
         atomic_write_text(out / name, text, root=out)
     if any(math.isnan(v) for r in rows for v in r.values() if isinstance(v, float)):
         logger.warning("some metrics are NaN (an image or prompt the models could not embed?)")
@@ -471,8 +519,12 @@ def settings_header(method, settings, manifest: Path, samples: int) -> dict:
     from ..info import environment
 
     manifest = Path(manifest)
-    header = {"settings": asdict(settings), "manifest": str(manifest.resolve()),
-              "manifest_sha256": file_sha256(manifest), "samples": samples}
+    header = {
+        "settings": asdict(settings),
+        "manifest": str(manifest.resolve()),
+        "manifest_sha256": file_sha256(manifest),
+        "samples": samples,
+    }
     if method is None:
         return header
     # the device differs between the processes of one sharded run, and may change on resume

@@ -19,7 +19,17 @@ import torch
 import torch.nn.functional as F
 
 from .loop import optimise
-from .world import BACKGROUNDS, COLOURS, PATTERNS, POSITIONS, SHAPES, all_subjects, reference_scene, render, target_scene
+from .world import (
+    BACKGROUNDS,
+    COLOURS,
+    PATTERNS,
+    POSITIONS,
+    SHAPES,
+    all_subjects,
+    reference_scene,
+    render,
+    target_scene,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +70,11 @@ def shapes_clip_tokenizer():
 # UNet resolution levels, (down block, up block, channels) each; the third (4 x 4 latents) is what lets the
 # UNet tell corners apart: a 2-level UNet trained 11,000 steps drew "center" right every time but put
 # "top left" objects in a random corner (its convolutions see too little of the image's border)
-UNET_LEVELS = (("DownBlock2D", "UpBlock2D", 64), ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D", 128),
-               ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D", 128))
+UNET_LEVELS = (
+    ("DownBlock2D", "UpBlock2D", 64),
+    ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D", 128),
+    ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D", 128),
+)
 
 
 def build_pipeline(seed: int = 0, levels: int = 3):
@@ -72,9 +85,17 @@ def build_pipeline(seed: int = 0, levels: int = 3):
     torch.manual_seed(seed)
     tokenizer = shapes_clip_tokenizer()
     text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=tokenizer.model_max_length, projection_dim=32, bos_token_id=0, eos_token_id=1,
-        pad_token_id=1, hidden_act="gelu",
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        projection_dim=32,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_act="gelu",
     )
     chosen = UNET_LEVELS[:levels]
     unet = UNet2DConditionModel(
@@ -155,8 +176,16 @@ class _Pool:
 
 
 # ---------------------------------------------------------------------- 1. the VAE
-def train_vae(vae, steps: int, batch_size: int = 32, lr: float = 1e-3, kl_weight: float = 1e-6, seed: int = 0,
-              device: str = "cpu", pool_size: int = 4096) -> list[float]:
+def train_vae(
+    vae,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    kl_weight: float = 1e-6,
+    seed: int = 0,
+    device: str = "cpu",
+    pool_size: int = 4096,
+) -> list[float]:
     """Reconstruction (L1 + MSE) with a small KL term; returns the loss curve."""
     rng = random.Random(f"shapes-vae-{seed}")
     torch.manual_seed(seed)
@@ -214,8 +243,9 @@ SUBJECTLESS_SHARE = 0.3
 PARTIAL_SHARE = 0.2
 
 
-def _captioned_target(rng: random.Random, subjects, subjectless: float = SUBJECTLESS_SHARE,
-                      partial: float = PARTIAL_SHARE):
+def _captioned_target(
+    rng: random.Random, subjects, subjectless: float = SUBJECTLESS_SHARE, partial: float = PARTIAL_SHARE
+):
     from .world import PICK_ATTRIBUTES, caption_for, pick_prompt, prompt_for
 
     subject = rng.choice(subjects)
@@ -230,8 +260,16 @@ def _captioned_target(rng: random.Random, subjects, subjectless: float = SUBJECT
     return render(target_scene(subject, background, position)), text
 
 
-def train_base(pipe, steps: int, batch_size: int = 32, lr: float = 5e-4, seed: int = 0, subjects=None,
-               device: str = "cpu", pool_size: int = 8192) -> list[float]:
+def train_base(
+    pipe,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 5e-4,
+    seed: int = 0,
+    subjects=None,
+    device: str = "cpu",
+    pool_size: int = 8192,
+) -> list[float]:
     """Epsilon-prediction training of the UNet and both text encoders on captioned target renders."""
     from diffusers import DDPMScheduler
 
@@ -261,13 +299,17 @@ def train_base(pipe, steps: int, batch_size: int = 32, lr: float = 5e-4, seed: i
         # captions dropped 10% of the time, so classifier-free guidance has an unconditional branch to use
         keep = (torch.rand(batch_size, generator=gen) > 0.1).float().to(device)
         if keep.min() < 1:
-            empty, _, empty_pooled, _ = pipe.encode_prompt([""] * batch_size, device=device, do_classifier_free_guidance=False)
+            empty, _, empty_pooled, _ = pipe.encode_prompt(
+                [""] * batch_size, device=device, do_classifier_free_guidance=False
+            )
             embeds = keep[:, None, None] * embeds + (1 - keep[:, None, None]) * empty
             pooled = keep[:, None] * pooled + (1 - keep[:, None]) * empty_pooled
         noise = torch.randn(latents.shape, generator=gen).to(device)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=gen).to(device)
         noisy = noise_scheduler.add_noise(latents, noise, t)
-        pred = pipe.unet(noisy, t, encoder_hidden_states=embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        pred = pipe.unet(
+            noisy, t, encoder_hidden_states=embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}
+        ).sample
         return F.mse_loss(pred, noise)
 
     losses = optimise("base", steps, params, optimizer, scheduler, loss_of_a_batch)
@@ -276,9 +318,17 @@ def train_base(pipe, steps: int, batch_size: int = 32, lr: float = 5e-4, seed: i
     return losses
 
 
-def build_base_model(out: str | Path, vae_steps: int, base_steps: int, batch_size: int = 32, seed: int = 0,
-                     device: str = "cpu", levels: int = 3, vae_from: str | Path | None = None,
-                     chunk: int | None = None) -> Path:
+def build_base_model(
+    out: str | Path,
+    vae_steps: int,
+    base_steps: int,
+    batch_size: int = 32,
+    seed: int = 0,
+    device: str = "cpu",
+    levels: int = 3,
+    vae_from: str | Path | None = None,
+    chunk: int | None = None,
+) -> Path:
     """Train the VAE (or take a finished one from the SDXL folder `vae_from`), then the UNet + text
     encoders; save an SDXL folder (written elsewhere, then renamed). `chunk`: train the UNet in runs of
     this many steps, each continuing the saved folder (what a build spread over sessions does)."""
@@ -295,7 +345,9 @@ def build_base_model(out: str | Path, vae_steps: int, base_steps: int, batch_siz
         pipe.vae.register_to_config(scaling_factor=fit_scaling_factor(pipe.vae))
     first = min(base_steps, chunk or base_steps)
     base_losses = train_base(pipe, first, batch_size, seed=seed, device=device)
-    record.update(base_steps=first, base_final_loss=_tail_mean(base_losses), scaling_factor=pipe.vae.config.scaling_factor)
+    record.update(
+        base_steps=first, base_final_loss=_tail_mean(base_losses), scaling_factor=pipe.vae.config.scaling_factor
+    )
     out = _save_base(pipe, Path(out), record)
     while first < base_steps:
         first = min(base_steps, first + chunk)
@@ -319,8 +371,12 @@ def continue_base_model(folder: str | Path, base_steps: int, batch_size: int = 3
     pipe = StableDiffusionXLPipeline.from_pretrained(folder)
     losses = train_base(pipe, base_steps - done, batch_size, seed=record["seed"] + done, device=device)
     record.setdefault("base_runs", [done]).append(base_steps - done)
-    record.update(base_steps=base_steps, base_final_loss=_tail_mean(losses), subjectless_share=SUBJECTLESS_SHARE,
-                  partial_share=PARTIAL_SHARE)
+    record.update(
+        base_steps=base_steps,
+        base_final_loss=_tail_mean(losses),
+        subjectless_share=SUBJECTLESS_SHARE,
+        partial_share=PARTIAL_SHARE,
+    )
     return _save_base(pipe, folder, record)
 
 

@@ -38,8 +38,12 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("easyref", "easyref-bi", "mean", "concat")
 # (reference_mode, attention_mode) of each method's stage 3
-MODES = {"easyref": ("joint", "official"), "easyref-bi": ("joint", "bidirectional"),
-         "mean": ("mean", "official"), "concat": ("concat", "official")}
+MODES = {
+    "easyref": ("joint", "official"),
+    "easyref-bi": ("joint", "bidirectional"),
+    "mean": ("mean", "official"),
+    "concat": ("concat", "official"),
+}
 DEFAULT_SEEDS = (0, 1)
 DISTRACTOR_CELLS = [("plain", split, 3, d) for split in SPLITS for d in (0, 1, 2)]
 REFERENCE_CELLS = [("plain", "held-out", n, 1) for n in (1, 2, 3, 5, 8)]
@@ -74,8 +78,13 @@ def train_methods(work: Path, recipe, cpu: bool = True, methods=METHODS, seeds=D
             own = method == "easyref" and seed == recipe.seed
             stage_dir = work / ("stage3" if own else f"stage3-{method}-s{seed}")
             if not (stage_dir / "final" / "easyref.safetensors").is_file():
-                config = dataclasses.replace(stage_config(recipe, 3, work, cpu), output_dir=str(stage_dir), seed=seed,
-                                             reference_mode=reference_mode, attention_mode=attention_mode)
+                config = dataclasses.replace(
+                    stage_config(recipe, 3, work, cpu),
+                    output_dir=str(stage_dir),
+                    seed=seed,
+                    reference_mode=reference_mode,
+                    attention_mode=attention_mode,
+                )
                 # a run stopped part way goes on from its newest checkpoint, exactly as `--resume latest`
                 resume = "latest" if stage_dir.is_dir() and list_checkpoints(stage_dir) else None
                 Trainer(config, resume=resume, cpu=cpu).train()
@@ -115,8 +124,16 @@ def select_cells(kinds=None, splits=None) -> list[tuple]:
     return [c for c in CELLS if (kinds is None or c[0] in kinds) and (splits is None or c[1] in splits)]
 
 
-def evaluate_methods(folders: dict, out: Path, groups: int = 64, steps: int = 30, guidance: float = 5.0,
-                     seed: int = 0, device: str = "cpu", cells=None) -> dict:
+def evaluate_methods(
+    folders: dict,
+    out: Path,
+    groups: int = 64,
+    steps: int = 30,
+    guidance: float = 5.0,
+    seed: int = 0,
+    device: str = "cpu",
+    cells=None,
+) -> dict:
     """Generate and score every cell (or `cells`) for every (method, training seed); write items.jsonl,
     summary.json, summary.md and the plots. Each scored cell is kept under `out/cells/`, so a stopped
     benchmark, or one run again with more methods, scores only what it has not scored with these weights
@@ -143,10 +160,19 @@ def evaluate_methods(folders: dict, out: Path, groups: int = 64, steps: int = 30
             cell_fields = {"method": method, "seed": train_seed, "kind": kind, "refs": refs, "distractors": distractors}
             items += [json.dumps({**cell_fields, **dataclasses.asdict(s)}) for s in scores]
             runs.append({**cell_fields, "split": split, **summarize(scores)})
-            logger.info("%s seed %d %s: identity %.3f prompt %.3f", method, train_seed, cell_name(cell),
-                        runs[-1]["identity"], runs[-1]["prompt"])
-    summary = {"settings": {**settings, "training_seeds": sorted({s for _, s in folders})},
-               "runs": runs, "cells": aggregate(runs)}
+            logger.info(
+                "%s seed %d %s: identity %.3f prompt %.3f",
+                method,
+                train_seed,
+                cell_name(cell),
+                runs[-1]["identity"],
+                runs[-1]["prompt"],
+            )
+    summary = {
+        "settings": {**settings, "training_seeds": sorted({s for _, s in folders})},
+        "runs": runs,
+        "cells": aggregate(runs),
+    }
     if any(m == "easyref" for m, _ in folders) and len({m for m, _ in folders}) > 1:
         summary["paired"] = paired_identity(outcomes, summary["cells"])
     atomic_write_text(out / "items.jsonl", "".join(line + "\n" for line in items))
@@ -186,8 +212,9 @@ def _cached_scores(record: Path, key: dict) -> list[ItemScore] | None:
 def _score_cell(pipe, oracle, cell, settings: dict, examples: Path) -> list[ItemScore]:
     started = time.perf_counter()
     batch = cell_groups(cell, settings["groups"], settings["seed"])
-    images = generate_for_groups(pipe, batch, seed=settings["seed"], steps=settings["steps"],
-                                 guidance=settings["guidance"])
+    images = generate_for_groups(
+        pipe, batch, seed=settings["seed"], steps=settings["steps"], guidance=settings["guidance"]
+    )
     scores = score_images(oracle, batch, images)
     _save_examples(examples, batch[:6], images[:6])
     logger.info("scored %s in %.0fs", cell_name(cell), time.perf_counter() - started)
@@ -202,8 +229,15 @@ def aggregate(runs: list[dict]) -> list[dict]:
         rows.setdefault((run["method"], run["kind"], run["split"], run["refs"], run["distractors"]), []).append(run)
     out = []
     for (method, kind, split, refs, distractors), seeds in rows.items():
-        row = {"method": method, "kind": kind, "split": split, "refs": refs, "distractors": distractors,
-               "seeds": [r["seed"] for r in seeds], "count": sum(r["count"] for r in seeds)}
+        row = {
+            "method": method,
+            "kind": kind,
+            "split": split,
+            "refs": refs,
+            "distractors": distractors,
+            "seeds": [r["seed"] for r in seeds],
+            "count": sum(r["count"] for r in seeds),
+        }
         for metric in METRICS:
             row[metric] = sum(r[metric] for r in seeds) / len(seeds)
         for metric in ("identity", "prompt"):
@@ -223,7 +257,10 @@ def _save_examples(path: Path, groups, images) -> None:
     sheet = Image.new("RGB", (64 * cols, 64 * len(groups)), "white")
     for row, (group, image) in enumerate(zip(groups, images)):
         tiles = [render(s) for s in group.references]
-        tiles += [Image.new("RGB", (64, 64), "white")] * (cols - 2 - len(tiles)) + [render(group.target), image.resize((64, 64))]
+        tiles += [Image.new("RGB", (64, 64), "white")] * (cols - 2 - len(tiles)) + [
+            render(group.target),
+            image.resize((64, 64)),
+        ]
         for col, tile in enumerate(tiles):
             sheet.paste(tile, (64 * col, 64 * row))
     sheet.save(path)
@@ -244,25 +281,34 @@ def markdown_tables(summary: dict) -> str:
         rows = [row for cell in wanted for row in cells if _cell_of(row) == cell]
         if not rows:  # a run that scored some kinds or splits only
             continue
-        lines += [f"### {title}", "", "| " + " | ".join([*keys, "method", "identity", "identity by seed",
-                                                      *METRICS[1:]]) + " |",
-                  "|" + "---|" * (len(keys) + 2 + len(METRICS)), ]
+        lines += [
+            f"### {title}",
+            "",
+            "| " + " | ".join([*keys, "method", "identity", "identity by seed", *METRICS[1:]]) + " |",
+            "|" + "---|" * (len(keys) + 2 + len(METRICS)),
+        ]
         for row in rows:
             by_seed = " / ".join(f"{100 * v:.1f}" for v in row["identity_by_seed"])
             lines.append(_row([row[k] for k in keys] + [row["method"]], row, by_seed))
         lines.append("")
     if summary.get("paired"):
-        lines += ["### EasyRef against each other method, paired by group (identity)", "",
-                  "Groups only EasyRef drew right and groups only the other method did, summed over the training "
-                  "seeds (each seed's runs compared on the same groups), the exact sign test's p, the gap of the seed "
-                  "means, and whether it is larger than either method's own seed-to-seed spread.", "",
-                  "| method | cell | only EasyRef | only method | p | gap (points) | larger than seed spread |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "### EasyRef against each other method, paired by group (identity)",
+            "",
+            "Groups only EasyRef drew right and groups only the other method did, summed over the training "
+            "seeds (each seed's runs compared on the same groups), the exact sign test's p, the gap of the seed "
+            "means, and whether it is larger than either method's own seed-to-seed spread.",
+            "",
+            "| method | cell | only EasyRef | only method | p | gap (points) | larger than seed spread |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in summary["paired"]:
             gap = "" if r.get("gap") is None else f"{100 * r['gap']:+.1f}"
             beyond = {None: "", True: "yes", False: "no"}[r.get("beyond_spread")]
-            lines.append(f"| {r['baseline']} | {r['cell']} | {r['only_method']} | {r['only_baseline']} | "
-                         f"{_p_text(r['p'])} | {gap} | {beyond} |")
+            lines.append(
+                f"| {r['baseline']} | {r['cell']} | {r['only_method']} | {r['only_baseline']} | "
+                f"{_p_text(r['p'])} | {gap} | {beyond} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -301,8 +347,14 @@ def paired_identity(outcomes: dict, cells: list[dict] | None = None, method: str
                 wins += sum(a and not b for a, b in zip(ours, theirs))
                 losses += sum(b and not a for a, b in zip(ours, theirs))
             total = [total[0] + wins, total[1] + losses]
-            row = {"baseline": baseline, "cell": cell_name(cell), "seeds": seeds, "only_method": wins,
-                   "only_baseline": losses, "p": sign_test_p(wins, losses)}
+            row = {
+                "baseline": baseline,
+                "cell": cell_name(cell),
+                "seeds": seeds,
+                "only_method": wins,
+                "only_baseline": losses,
+                "p": sign_test_p(wins, losses),
+            }
             a, b = means.get((method, cell)), means.get((baseline, cell))
             if a and b:
                 row["gap"] = a["identity"] - b["identity"]
@@ -310,8 +362,15 @@ def paired_identity(outcomes: dict, cells: list[dict] | None = None, method: str
                 # one seed gives no spread to compare with
                 row["beyond_spread"] = None if len(seeds) < 2 else abs(row["gap"]) > row["seed_spread"]
             rows.append(row)
-        rows.append({"baseline": baseline, "cell": "all cells", "only_method": total[0],
-                     "only_baseline": total[1], "p": sign_test_p(*total)})
+        rows.append(
+            {
+                "baseline": baseline,
+                "cell": "all cells",
+                "only_method": total[0],
+                "only_baseline": total[1],
+                "p": sign_test_p(*total),
+            }
+        )
     return rows
 
 
@@ -342,7 +401,9 @@ def plot_by_references(summary: dict, path: Path, metric: str = "identity") -> N
     draw.text((width // 2 - 60, height - 20), "number of references", fill="black")
     draw.text((margin, 12), f"{metric} accuracy, held-out subjects, 1 distractor (mean over seeds)", fill="black")
     for i, method in enumerate(METHODS):
-        rows = {c["refs"]: c[metric] for c in summary["cells"] if c["method"] == method and _cell_of(c) in REFERENCE_CELLS}
+        rows = {
+            c["refs"]: c[metric] for c in summary["cells"] if c["method"] == method and _cell_of(c) in REFERENCE_CELLS
+        }
         if not rows:
             continue
         points = [(to_x(n), to_y(rows[n])) for n in xs if n in rows]
@@ -355,9 +416,18 @@ def plot_by_references(summary: dict, path: Path, metric: str = "identity") -> N
 
 
 # ---------------------------------------------------------------------- the command
-def run(out: Path, preset: str = "cpu", groups: int | None = None, steps: int | None = None,
-        work: Path | None = None, cpu: bool = True, seed: int = 0, seeds=DEFAULT_SEEDS, methods=METHODS,
-        cells=None) -> dict:
+def run(
+    out: Path,
+    preset: str = "cpu",
+    groups: int | None = None,
+    steps: int | None = None,
+    work: Path | None = None,
+    cpu: bool = True,
+    seed: int = 0,
+    seeds=DEFAULT_SEEDS,
+    methods=METHODS,
+    cells=None,
+) -> dict:
     """From nothing: the bundled-model build (base + stages 1-3), every method's stage 3 per training seed,
     the evaluation. `groups` / `steps` default to the preset's scoring sizes (`EVAL_SIZES`)."""
     from .build import PRESETS, build

@@ -54,13 +54,23 @@ class Recipe:
 
 
 PRESETS = {
-    "smoke": Recipe(groups=48, vae_steps=3, base_steps=3, mllm_steps=3, stage_steps=(2, 2, 2), batch_size=4,
-                    vision_steps=3),
+    "smoke": Recipe(
+        groups=48, vae_steps=3, base_steps=3, mllm_steps=3, stage_steps=(2, 2, 2), batch_size=4, vision_steps=3
+    ),
     # sized for one lent GPU in under ten minutes (not yet run with the 3-level base, which needs more
     # steps than the 2-level one did); the data loader needs the machine's many cores
-    "gpu": Recipe(groups=3000, vae_steps=1500, base_steps=12000, mllm_steps=1500,
-                  stage_steps=(600, 1200, 1800), batch_size=32, num_workers=12,
-                  vision_steps=12000, vision_width=64, vision_depth=3),
+    "gpu": Recipe(
+        groups=3000,
+        vae_steps=1500,
+        base_steps=12000,
+        mllm_steps=1500,
+        stage_steps=(600, 1200, 1800),
+        batch_size=32,
+        num_workers=12,
+        vision_steps=12000,
+        vision_width=64,
+        vision_depth=3,
+    ),
     # about 1 h 45 min on this project's 2-core CPU machine, estimated from timed fractions: the bundled
     # VAE reused (it took 4,000 x 0.29 s), the 3-level base 10,000 x 0.42 s in runs of 2,000, MLLM 750 s,
     # stages 1-3 1,351 s (timed). History: 600 VAE + 2500 base steps were too few (VAE MSE 0.054, colours washed
@@ -68,11 +78,30 @@ PRESETS = {
     # asked for a corner in a random corner (benchmarks RESULTS 5d); a 3-level base read 38% background
     # and 25% position at 4,000 steps, 58% at 8,000 and 61% at 10,000, where it levels off (5d), so the
     # recipe stops there. A finished base trains on to more if base_steps is raised.
-    "cpu": Recipe(groups=1500, vae_steps=4000, base_steps=10000, mllm_steps=1500, stage_steps=(400, 800, 1500),
-                 batch_size=16, vision_steps=9000, vision_width=64, vision_depth=3, vae_from="bundled",
-                 base_chunk=2000),
-    "full": Recipe(groups=3000, vae_steps=3000, base_steps=8000, mllm_steps=3000,
-                  stage_steps=(1500, 1500, 3000), batch_size=32, vision_steps=20000, vision_width=64, vision_depth=3),
+    "cpu": Recipe(
+        groups=1500,
+        vae_steps=4000,
+        base_steps=10000,
+        mllm_steps=1500,
+        stage_steps=(400, 800, 1500),
+        batch_size=16,
+        vision_steps=9000,
+        vision_width=64,
+        vision_depth=3,
+        vae_from="bundled",
+        base_chunk=2000,
+    ),
+    "full": Recipe(
+        groups=3000,
+        vae_steps=3000,
+        base_steps=8000,
+        mllm_steps=3000,
+        stage_steps=(1500, 1500, 3000),
+        batch_size=32,
+        vision_steps=20000,
+        vision_width=64,
+        vision_depth=3,
+    ),
 }
 
 
@@ -125,21 +154,50 @@ def build(out: Path, recipe: Recipe, work: Path, cpu: bool) -> Path:
     _continue_base(work, recipe, device)
     _drop_stale_mllm(work, recipe)
     phases = [
-        ("data", work / "data" / "groups.jsonl",
-         lambda: write_training_data(work / "data", groups=recipe.groups, seed=recipe.seed)),
-        ("base", work / "base" / "model_index.json",
-         lambda: build_base_model(work / "base", recipe.vae_steps, recipe.base_steps, recipe.batch_size,
-                                  seed=recipe.seed, device=device, levels=recipe.unet_levels,
-                                  vae_from=_vae_source(recipe), chunk=recipe.base_chunk)),
-        ("qwen2vl", work / "qwen2vl" / "config.json",
-         lambda: build_mllm(work / "qwen2vl", recipe.mllm_steps, 32, seed=recipe.seed,
-                            reference_image_size=recipe.reference_image_size, device=device,
-                            vision_steps=recipe.vision_steps, vision_width=recipe.vision_width,
-                            vision_depth=recipe.vision_depth)),
+        (
+            "data",
+            work / "data" / "groups.jsonl",
+            lambda: write_training_data(work / "data", groups=recipe.groups, seed=recipe.seed),
+        ),
+        (
+            "base",
+            work / "base" / "model_index.json",
+            lambda: build_base_model(
+                work / "base",
+                recipe.vae_steps,
+                recipe.base_steps,
+                recipe.batch_size,
+                seed=recipe.seed,
+                device=device,
+                levels=recipe.unet_levels,
+                vae_from=_vae_source(recipe),
+                chunk=recipe.base_chunk,
+            ),
+        ),
+        (
+            "qwen2vl",
+            work / "qwen2vl" / "config.json",
+            lambda: build_mllm(
+                work / "qwen2vl",
+                recipe.mllm_steps,
+                32,
+                seed=recipe.seed,
+                reference_image_size=recipe.reference_image_size,
+                device=device,
+                vision_steps=recipe.vision_steps,
+                vision_width=recipe.vision_width,
+                vision_depth=recipe.vision_depth,
+            ),
+        ),
     ]
     for stage in (1, 2, 3):
-        phases.append((f"stage{stage}", work / f"stage{stage}" / "final" / "easyref.safetensors",
-                       lambda stage=stage: Trainer(stage_config(recipe, stage, work, cpu), cpu=cpu).train()))
+        phases.append(
+            (
+                f"stage{stage}",
+                work / f"stage{stage}" / "final" / "easyref.safetensors",
+                lambda stage=stage: Trainer(stage_config(recipe, stage, work, cpu), cpu=cpu).train(),
+            )
+        )
     for name, done, run in phases:
         if done.exists():
             logger.info("%s: already built (%s), skipped", name, done)
@@ -173,8 +231,11 @@ def _continue_base(work: Path, recipe: Recipe, device: str) -> None:
         return
     built = json.loads(record.read_text())
     if built.get("levels", 2) != recipe.unet_levels:  # records from before `levels` existed are 2-level
-        logger.info("base: a %s-level UNet, the recipe asks %d levels; rebuilding it and what was trained on it",
-                    built.get("levels", 2), recipe.unet_levels)
+        logger.info(
+            "base: a %s-level UNet, the recipe asks %d levels; rebuilding it and what was trained on it",
+            built.get("levels", 2),
+            recipe.unet_levels,
+        )
         shutil.rmtree(work / "base")
         _drop_stages(work)
         return
@@ -200,8 +261,12 @@ def _drop_stale_mllm(work: Path, recipe: Recipe) -> None:
     if not record.is_file():
         return
     built = json.loads(record.read_text())
-    wanted = {"steps": recipe.mllm_steps, "vision_steps": recipe.vision_steps,
-              "vision_width": recipe.vision_width, "vision_depth": recipe.vision_depth}
+    wanted = {
+        "steps": recipe.mllm_steps,
+        "vision_steps": recipe.vision_steps,
+        "vision_width": recipe.vision_width,
+        "vision_depth": recipe.vision_depth,
+    }
     older = {"vision_steps": 0, "vision_width": 32, "vision_depth": 2}  # records from before phase 1 existed
     if all(built.get(key, older.get(key)) == value for key, value in wanted.items()):
         return
@@ -269,8 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
     parser.add_argument("--work", type=Path, help="working folder (default: OUT.work)")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
-    parser.add_argument("--package-only", action="store_true",
-                        help="package the most advanced checkpoint of an existing (maybe interrupted) build")
+    parser.add_argument(
+        "--package-only",
+        action="store_true",
+        help="package the most advanced checkpoint of an existing (maybe interrupted) build",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     work = args.work or args.out.with_name(args.out.name + ".work")

@@ -9,10 +9,12 @@ from pathlib import Path
 logger = logging.getLogger("easyref")
 
 # the presets' times on 2 cores (the Makefile's bench-shapes comment has the breakdown)
-PRESET_HELP = ("training and scoring sizes: smoke (a check of the whole chain, about 36 s from nothing; "
-               "tiny models, 1 group x 2 steps per cell), cpu (the default: about 4 h from nothing with two "
-               "seeds, 2 h 10 min with a finished bundled-model build as --work, 46 min of it scoring), "
-               "gpu (sized for one GPU), full")
+PRESET_HELP = (
+    "training and scoring sizes: smoke (a check of the whole chain, about 36 s from nothing; "
+    "tiny models, 1 group x 2 steps per cell), cpu (the default: about 4 h from nothing with two "
+    "seeds, 2 h 10 min with a finished bundled-model build as --work, 46 min of it scoring), "
+    "gpu (sized for one GPU), full"
+)
 
 
 def add_shapes_parser(bench_sub) -> None:
@@ -27,29 +29,50 @@ def add_shapes_parser(bench_sub) -> None:
         "example sheets into --out.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--out", type=Path, default=Path("runs/bench-shapes"), help="output folder (default runs/bench-shapes)")
+    p.add_argument(
+        "--out", type=Path, default=Path("runs/bench-shapes"), help="output folder (default runs/bench-shapes)"
+    )
     p.add_argument("--preset", default="cpu", help=PRESET_HELP)
-    p.add_argument("--models-dir", type=Path,
-                   help="evaluate the existing model-METHOD-sSEED/ folders here (a finished run's work folder)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
-                   help="training seeds: each method's stage 3 is trained once per seed (default 0 1)")
-    p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
-                   help="easyref, easyref-bi (bidirectional aggregation), mean, concat (default: all four)")
-    p.add_argument("--kinds", nargs="+", metavar="KIND", help="score only these group kinds: plain, rival, repeat, pick")
+    p.add_argument(
+        "--models-dir",
+        type=Path,
+        help="evaluate the existing model-METHOD-sSEED/ folders here (a finished run's work folder)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1],
+        help="training seeds: each method's stage 3 is trained once per seed (default 0 1)",
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        metavar="METHOD",
+        help="easyref, easyref-bi (bidirectional aggregation), mean, concat (default: all four)",
+    )
+    p.add_argument(
+        "--kinds", nargs="+", metavar="KIND", help="score only these group kinds: plain, rival, repeat, pick"
+    )
     p.add_argument("--splits", nargs="+", metavar="SPLIT", help="score only these splits: held-in, held-out")
     p.add_argument("--groups", type=int, help="groups per cell (default: the preset's; 64, smoke 1)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the preset's; 30, smoke 2)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--work", type=Path, help="training folder to create or reuse (default OUT/work); "
-                   "a finished bundled-model build's work folder skips straight to the baselines")
+    p.add_argument(
+        "--work",
+        type=Path,
+        help="training folder to create or reuse (default OUT/work); "
+        "a finished bundled-model build's work folder skips straight to the baselines",
+    )
     p.set_defaults(func=cmd_shapes)
 
 
 def cmd_shapes(args) -> int:
     from ..errors import UserError
     from .bench import EVAL_SIZES, METHODS, evaluate_methods, find_models, run, select_cells
-    from .world import KINDS, SPLITS
     from .build import PRESETS
+    from .world import KINDS, SPLITS
 
     if args.preset not in PRESETS:
         raise UserError(f"--preset must be one of {', '.join(sorted(PRESETS))}, got {args.preset!r}")
@@ -70,15 +93,27 @@ def cmd_shapes(args) -> int:
     groups = args.groups or EVAL_SIZES[args.preset][0]
     steps = args.steps or EVAL_SIZES[args.preset][1]
     if args.models_dir:
-        folders = {key: path for key, path in find_models(args.models_dir).items()
-                   if key[0] in methods and key[1] in seeds}
+        folders = {
+            key: path for key, path in find_models(args.models_dir).items() if key[0] in methods and key[1] in seeds
+        }
         if not folders:
-            raise UserError(f"--models-dir: no model-METHOD-sSEED/ folder under {args.models_dir} for "
-                            f"{', '.join(methods)} and seeds {' '.join(map(str, seeds))}")
+            raise UserError(
+                f"--models-dir: no model-METHOD-sSEED/ folder under {args.models_dir} for "
+                f"{', '.join(methods)} and seeds {' '.join(map(str, seeds))}"
+            )
         evaluate_methods(folders, args.out, groups=groups, steps=steps, seed=args.seed, cells=cells)
     else:
-        run(args.out, preset=args.preset, groups=groups, steps=steps, work=args.work, seed=args.seed,
-            seeds=seeds, methods=methods, cells=cells)
+        run(
+            args.out,
+            preset=args.preset,
+            groups=groups,
+            steps=steps,
+            work=args.work,
+            seed=args.seed,
+            seeds=seeds,
+            methods=methods,
+            cells=cells,
+        )
     logger.info("wrote %s", args.out / "summary.md")
     print((args.out / "summary.md").read_text(), end="")
     return 0

@@ -37,17 +37,27 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
 KIND_DISTRACTORS = {"rival": (1, 2), "repeat": (1, 2), "pick": (0, 1)}
 
 
-def write_training_data(root: str | Path, groups: int = 2000, min_refs: int = 2, max_refs: int = 5,
-                        distractors: tuple[int, ...] = (0, 1, 2), seed: int = 0,
-                        kinds: tuple[str, ...] = KINDS) -> dict[str, Path]:
+def write_training_data(
+    root: str | Path,
+    groups: int = 2000,
+    min_refs: int = 2,
+    max_refs: int = 5,
+    distractors: tuple[int, ...] = (0, 1, 2),
+    seed: int = 0,
+    kinds: tuple[str, ...] = KINDS,
+) -> dict[str, Path]:
     """Render `groups` held-in groups (kinds, reference counts and distractor counts varied, in equal
     shares) with their records."""
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"shapes-training-{seed}")
     base, pairs, faces, stage3 = [], [], [], []
-    settings = [(kind, d, n) for kind in kinds for d in KIND_DISTRACTORS.get(kind, distractors)
-                for n in range(min_refs, max_refs + 1)]
+    settings = [
+        (kind, d, n)
+        for kind in kinds
+        for d in KIND_DISTRACTORS.get(kind, distractors)
+        for n in range(min_refs, max_refs + 1)
+    ]
     per_setting = max(1, groups // len(settings))
     for kind, d, n in settings:
         for group in make_groups("held-in", per_setting, n, d, seed=rng.randrange(2**31), kind=kind):

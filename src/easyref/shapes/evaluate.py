@@ -52,7 +52,9 @@ def score_images(oracle: OracleNet, groups: list[Group], images) -> list[ItemSco
         s = group.subject
         shape, colour, pattern = reading.shape == s.shape, reading.colour == s.colour, reading.pattern == s.pattern
         prompt = reading.background == group.background and reading.position == group.position
-        scores.append(ItemScore(group.id, group.split, shape and colour and pattern, shape, colour, pattern, prompt, sim))
+        scores.append(
+            ItemScore(group.id, group.split, shape and colour and pattern, shape, colour, pattern, prompt, sim)
+        )
     return scores
 
 
@@ -66,8 +68,15 @@ def summarize(scores: list[ItemScore]) -> dict[str, float]:
     return out
 
 
-def generate_for_groups(pipe, groups: list[Group], seed: int = 0, steps: int = 30, guidance: float = 5.0,
-                        batch_size: int = 16, scale: float = 1.0):
+def generate_for_groups(
+    pipe,
+    groups: list[Group],
+    seed: int = 0,
+    steps: int = 30,
+    guidance: float = 5.0,
+    batch_size: int = 16,
+    scale: float = 1.0,
+):
     """EasyRef's image for each group (its references and prompt), batched, fixed seeds."""
     import torch
 
@@ -76,7 +85,13 @@ def generate_for_groups(pipe, groups: list[Group], seed: int = 0, steps: int = 3
         chunk = groups[start : start + batch_size]
         references = [[render(scene) for scene in g.references] for g in chunk]
         generator = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
-        out = pipe(references, [g.prompt for g in chunk], num_inference_steps=steps, guidance_scale=guidance,
-                   generator=generator, scale=scale)
+        out = pipe(
+            references,
+            [g.prompt for g in chunk],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=generator,
+            scale=scale,
+        )
         images.extend(out.images)
     return images

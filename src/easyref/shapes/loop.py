@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 logger = logging.getLogger(__name__)
 
 
-def optimise(name: str, steps: int, parameters: list, optimizer, schedule, loss_of_a_batch: Callable[[], torch.Tensor],
-             clip: float | None = 1.0) -> list[float]:
+def optimise(
+    name: str,
+    steps: int,
+    parameters: list,
+    optimizer,
+    schedule,
+    loss_of_a_batch: Callable[[], torch.Tensor],
+    clip: float | None = 1.0,
+) -> list[float]:
     """`steps` times: a fresh batch's loss, gradients clipped to norm `clip` (None: not clipped), a
     step of the optimiser and the schedule. Returns the loss curve; logs its mean every 100 steps."""
     losses, started = [], time.perf_counter()
@@ -26,6 +33,12 @@ def optimise(name: str, steps: int, parameters: list, optimizer, schedule, loss_
         schedule.step()
         losses.append(loss.item())
         if (step + 1) % 100 == 0:
-            logger.info("%s step %d/%d loss %.4f (%.0fs)", name, step + 1, steps, sum(losses[-100:]) / 100,
-                        time.perf_counter() - started)
+            logger.info(
+                "%s step %d/%d loss %.4f (%.0fs)",
+                name,
+                step + 1,
+                steps,
+                sum(losses[-100:]) / 100,
+                time.perf_counter() - started,
+            )
     return losses

@@ -11,10 +11,10 @@ image encoder before any vision-language training):
    the background (linear heads on its mean-pooled output, thrown away afterwards). Through a
    caption loss alone a ViT trained from scratch takes thousands of steps to see shape at all; fed
    straight, it does within the budget;
-2. **captions**: the language model (the vision tower now frozen) learns to caption single reference renders, every object in them,
-   left to right ("a red striped star and a blue solid circle on a tan background"), with the
-   ordinary next-token loss on the caption, through the same chat template and image preprocessing
-   EasyRef uses.
+2. **captions**: the language model (the vision tower now frozen) learns to caption single reference
+   renders, every object in them, left to right ("a red striped star and a blue solid circle on a tan
+   background"), with the ordinary next-token loss on the caption, through the same chat template and
+   image preprocessing EasyRef uses.
 """
 
 from __future__ import annotations
@@ -73,20 +73,28 @@ def pretraining_subjects():
 
 # colour, pattern and background are learned within a few hundred steps; shape is what is slow
 VISION_WEIGHTS = {"shape": 3.0}
-VISION_ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "pattern": PATTERNS,
-                     "background": tuple(BACKGROUNDS)}
+VISION_ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "pattern": PATTERNS, "background": tuple(BACKGROUNDS)}
 
 
 def _attribute_labels(scenes: list[Scene]) -> dict[str, torch.Tensor]:
-    values = {"shape": lambda sc: sc.subject.subject.shape, "colour": lambda sc: sc.subject.subject.colour,
-              "pattern": lambda sc: sc.subject.subject.pattern, "background": lambda sc: sc.background}
-    return {name: torch.tensor([VISION_ATTRIBUTES[name].index(values[name](sc)) for sc in scenes])
-            for name in VISION_ATTRIBUTES}
+    values = {
+        "shape": lambda sc: sc.subject.subject.shape,
+        "colour": lambda sc: sc.subject.subject.colour,
+        "pattern": lambda sc: sc.subject.subject.pattern,
+        "background": lambda sc: sc.background,
+    }
+    return {
+        name: torch.tensor([VISION_ATTRIBUTES[name].index(values[name](sc)) for sc in scenes])
+        for name in VISION_ATTRIBUTES
+    }
 
 
 def _pixels(scenes: list[Scene], image_processor, config: EasyRefConfig):
-    return image_processor([normalize_image(render(scene)) for scene in scenes], return_tensors="pt",
-                           size={"shortest_edge": config.min_pixels, "longest_edge": config.max_pixels})
+    return image_processor(
+        [normalize_image(render(scene)) for scene in scenes],
+        return_tensors="pt",
+        size={"shortest_edge": config.min_pixels, "longest_edge": config.max_pixels},
+    )
 
 
 class VisionProbe(torch.nn.Module):
@@ -95,8 +103,9 @@ class VisionProbe(torch.nn.Module):
     def __init__(self, visual, width: int):
         super().__init__()
         self.visual = visual
-        self.heads = torch.nn.ModuleDict({name: torch.nn.Linear(width, len(values))
-                                          for name, values in VISION_ATTRIBUTES.items()})
+        self.heads = torch.nn.ModuleDict(
+            {name: torch.nn.Linear(width, len(values)) for name, values in VISION_ATTRIBUTES.items()}
+        )
 
     def forward(self, pixel_values, image_grid_thw) -> dict[str, torch.Tensor]:
         tokens = self.visual(pixel_values, grid_thw=image_grid_thw).pooler_output
@@ -107,12 +116,20 @@ class VisionProbe(torch.nn.Module):
 
 def _warmup_cosine(optimizer, steps: int):
     warmup = max(1, min(200, steps // 10))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))
+    )
 
 
-def pretrain_vision(folder: str | Path, steps: int, batch_size: int = 32, lr: float = 3e-3, seed: int = 0,
-                    reference_image_size: int = 112, device: str = "cpu") -> tuple[list[float], dict[str, float]]:
+def pretrain_vision(
+    folder: str | Path,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    seed: int = 0,
+    reference_image_size: int = 112,
+    device: str = "cpu",
+) -> tuple[list[float], dict[str, float]]:
     """Phase 1: train the folder's vision tower in place on lone subjects; returns the loss curve and
     the attribute accuracies on a fixed check set of held-out subjects."""
     model, _, image_processor = load(folder)
@@ -128,8 +145,10 @@ def pretrain_vision(folder: str | Path, steps: int, batch_size: int = 32, lr: fl
         scenes = [random_scene(rng, subjects, max_distractors=0) for _ in range(batch_size)]
         vision, labels = _pixels(scenes, image_processor, config), _attribute_labels(scenes)
         logits = probe(vision["pixel_values"].to(device), vision["image_grid_thw"].to(device))
-        return sum(VISION_WEIGHTS.get(k, 1.0) * torch.nn.functional.cross_entropy(logits[k], labels[k].to(device))
-                   for k in logits)
+        return sum(
+            VISION_WEIGHTS.get(k, 1.0) * torch.nn.functional.cross_entropy(logits[k], labels[k].to(device))
+            for k in logits
+        )
 
     losses = optimise("vision", steps, list(probe.parameters()), optimizer, schedule, loss_of_a_batch)
     accuracy = vision_accuracy(probe.to("cpu").eval(), image_processor, config)
@@ -139,8 +158,9 @@ def pretrain_vision(folder: str | Path, steps: int, batch_size: int = 32, lr: fl
 
 
 @torch.no_grad()
-def vision_accuracy(probe: VisionProbe, image_processor, config: EasyRefConfig, count: int = 192,
-                    split: str = "held-out") -> dict[str, float]:
+def vision_accuracy(
+    probe: VisionProbe, image_processor, config: EasyRefConfig, count: int = 192, split: str = "held-out"
+) -> dict[str, float]:
     subjects = subjects_in(split)
     rng = random.Random(f"shapes-vision-check-{split}")
     scenes = [random_scene(rng, subjects, max_distractors=0) for _ in range(count)]
@@ -171,16 +191,27 @@ def _answered(prompts: list[list[int]], answers: list[str], tokenizer, vision) -
     length = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id or 0
     mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows])
-    return {"input_ids": torch.tensor([r + [pad] * (length - len(r)) for r in rows]),
-            "labels": torch.tensor([r + [IGNORE] * (length - len(r)) for r in labels]),
-            "attention_mask": mask,
-            # plain 1-D positions, as EasyRef's encoder feeds the trunk (the release's quirk), not M-RoPE
-            "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
-            "pixel_values": vision["pixel_values"], "image_grid_thw": vision["image_grid_thw"]}
+    return {
+        "input_ids": torch.tensor([r + [pad] * (length - len(r)) for r in rows]),
+        "labels": torch.tensor([r + [IGNORE] * (length - len(r)) for r in labels]),
+        "attention_mask": mask,
+        # plain 1-D positions, as EasyRef's encoder feeds the trunk (the release's quirk), not M-RoPE
+        "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+        "pixel_values": vision["pixel_values"],
+        "image_grid_thw": vision["image_grid_thw"],
+    }
 
 
-def pretrain_mllm(folder: str | Path, steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
-                  reference_image_size: int = 112, device: str = "cpu", freeze_vision: bool = False) -> list[float]:
+def pretrain_mllm(
+    folder: str | Path,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+    seed: int = 0,
+    reference_image_size: int = 112,
+    device: str = "cpu",
+    freeze_vision: bool = False,
+) -> list[float]:
     """Train the Qwen2-VL folder's weights in place; returns the loss curve.
 
     `freeze_vision`: keep a pretrained vision tower as it is. Trained along with a language model
@@ -199,11 +230,13 @@ def pretrain_mllm(folder: str | Path, steps: int, batch_size: int = 32, lr: floa
     # warm up, then decay linearly to 5%: the caption loss plateaus early at a constant rate
     warmup = max(1, min(100, steps // 10))
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / max(1, steps)))
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / max(1, steps))
+    )
 
     def loss_of_a_batch():
-        batch = caption_batch([random_scene(rng, subjects) for _ in range(batch_size)], tokenizer, image_processor,
-                              config)
+        batch = caption_batch(
+            [random_scene(rng, subjects) for _ in range(batch_size)], tokenizer, image_processor, config
+        )
         return model(**{k: v.to(device) for k, v in batch.items()}).loss
 
     losses = optimise("mllm", steps, trainable, optimizer, schedule, loss_of_a_batch)
@@ -211,8 +244,17 @@ def pretrain_mllm(folder: str | Path, steps: int, batch_size: int = 32, lr: floa
     return losses
 
 
-def build_mllm(out: str | Path, steps: int, batch_size: int = 32, seed: int = 0, reference_image_size: int = 112,
-               device: str = "cpu", vision_steps: int = 0, vision_width: int = 32, vision_depth: int = 2) -> Path:
+def build_mllm(
+    out: str | Path,
+    steps: int,
+    batch_size: int = 32,
+    seed: int = 0,
+    reference_image_size: int = 112,
+    device: str = "cpu",
+    vision_steps: int = 0,
+    vision_width: int = 32,
+    vision_depth: int = 2,
+) -> Path:
     """A tiny Qwen2-VL-Instruct folder, vision- then caption-pretrained on the world (written
     aside, then renamed)."""
     from ..tiny import save_tiny_qwen2vl
@@ -221,21 +263,50 @@ def build_mllm(out: str | Path, steps: int, batch_size: int = 32, seed: int = 0,
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_tiny_qwen2vl(tmp, seed=seed + 1, for_training=True, vision_width=vision_width, vision_depth=vision_depth)
-    vision = pretrain_vision(tmp, vision_steps, batch_size, seed=seed, reference_image_size=reference_image_size,
-                             device=device)[1] if vision_steps else {}
-    losses = pretrain_mllm(tmp, steps, batch_size, seed=seed, reference_image_size=reference_image_size, device=device,
-                           freeze_vision=bool(vision_steps))
+    vision = (
+        pretrain_vision(
+            tmp, vision_steps, batch_size, seed=seed, reference_image_size=reference_image_size, device=device
+        )[1]
+        if vision_steps
+        else {}
+    )
+    losses = pretrain_mllm(
+        tmp,
+        steps,
+        batch_size,
+        seed=seed,
+        reference_image_size=reference_image_size,
+        device=device,
+        freeze_vision=bool(vision_steps),
+    )
     accuracy = caption_accuracy(tmp, reference_image_size=reference_image_size) if steps else 0.0
     logger.info("mllm caption accuracy (every token right) %.1f%%", 100 * accuracy)
-    words = {split: caption_attribute_accuracy(tmp, split=split, reference_image_size=reference_image_size)
-             for split in ("held-in", "held-out")} if steps else {}
+    words = (
+        {
+            split: caption_attribute_accuracy(tmp, split=split, reference_image_size=reference_image_size)
+            for split in ("held-in", "held-out")
+        }
+        if steps
+        else {}
+    )
     logger.info("mllm caption words right: %s", words)
-    (tmp / "training.json").write_text(json.dumps({
-        "steps": steps, "vision_steps": vision_steps, "batch_size": batch_size, "seed": seed,
-        "vision_width": vision_width, "vision_depth": vision_depth, "vision_held_out_accuracy": vision,
-        "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])), "caption_accuracy": accuracy,
-        "caption_attribute_accuracy": words,
-    }, indent=1))
+    (tmp / "training.json").write_text(
+        json.dumps(
+            {
+                "steps": steps,
+                "vision_steps": vision_steps,
+                "batch_size": batch_size,
+                "seed": seed,
+                "vision_width": vision_width,
+                "vision_depth": vision_depth,
+                "vision_held_out_accuracy": vision,
+                "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
+                "caption_accuracy": accuracy,
+                "caption_attribute_accuracy": words,
+            },
+            indent=1,
+        )
+    )
     replace_folder(tmp, out)
     return out
 
@@ -258,8 +329,9 @@ def caption_accuracy(folder: str | Path, count: int = 64, seed: int = 1, referen
 
 
 @torch.no_grad()
-def caption_attribute_accuracy(folder: str | Path, split: str = "held-out", count: int = 96, seed: int = 0,
-                               reference_image_size: int = 112) -> dict[str, float]:
+def caption_attribute_accuracy(
+    folder: str | Path, split: str = "held-out", count: int = 96, seed: int = 0, reference_image_size: int = 112
+) -> dict[str, float]:
     """Share of lone subjects whose shape / colour / pattern / background word the captioner gets
     wholly right from the tokens before it: what the model sees, word by word."""
     model, tokenizer, image_processor = load(folder)
@@ -280,8 +352,12 @@ def caption_attribute_accuracy(folder: str | Path, split: str = "held-out", coun
             text += piece
         subject = scene.subject.subject
         background_at = text.index(" on a ")
-        for name, word in (("shape", subject.shape), ("colour", subject.colour), ("pattern", subject.pattern),
-                           ("background", scene.background)):
+        for name, word in (
+            ("shape", subject.shape),
+            ("colour", subject.colour),
+            ("pattern", subject.pattern),
+            ("background", scene.background),
+        ):
             start = text.index(word, background_at if name == "background" else 0)
             hits[name] += all(ok for a, b, ok in spans if a < start + len(word) and b > start)
     return {name: hit / count for name, hit in hits.items()}
@@ -296,8 +372,9 @@ def caption_attribute_accuracy(folder: str | Path, split: str = "held-out", coun
 GROUNDING_KINDS = ("plain", "rival", "repeat", "pick")
 
 
-def grounding_groups(rng: random.Random, count: int, split: str = "held-in",
-                     kinds: tuple[str, ...] = GROUNDING_KINDS) -> list:
+def grounding_groups(
+    rng: random.Random, count: int, split: str = "held-in", kinds: tuple[str, ...] = GROUNDING_KINDS
+) -> list:
     """`count` groups of the split, kind, reference count (2-5) and clutter drawn at random."""
     from .data import KIND_DISTRACTORS
     from .world import make_groups
@@ -313,13 +390,24 @@ def grounding_groups(rng: random.Random, count: int, split: str = "held-in",
 def grounding_batch(groups: list, tokenizer, image_processor, config: EasyRefConfig) -> dict[str, torch.Tensor]:
     """Every group's chat prompt as the encoder builds it, followed by "a <subject>"; the loss sees the answer."""
     vision = _pixels([scene for group in groups for scene in group.references], image_processor, config)
-    prompts = chat_ids(tokenizer, [config.format_instruction(group.prompt) for group in groups],
-                       [len(group.references) for group in groups], _token_counts(vision, image_processor))
+    prompts = chat_ids(
+        tokenizer,
+        [config.format_instruction(group.prompt) for group in groups],
+        [len(group.references) for group in groups],
+        _token_counts(vision, image_processor),
+    )
     return _answered(prompts, [f"a {group.subject.key}" for group in groups], tokenizer, vision)
 
 
-def pretrain_grounding(folder: str | Path, steps: int, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
-                       reference_image_size: int = 112, device: str = "cpu") -> list[float]:
+def pretrain_grounding(
+    folder: str | Path,
+    steps: int,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    seed: int = 0,
+    reference_image_size: int = 112,
+    device: str = "cpu",
+) -> list[float]:
     """Train the folder's language model (vision tower frozen) on `grounding_batch`, in place."""
     model, tokenizer, image_processor = load(folder)
     model.to(device).train()
@@ -341,8 +429,15 @@ def pretrain_grounding(folder: str | Path, steps: int, batch_size: int = 16, lr:
 
 
 @torch.no_grad()
-def grounding_accuracy(folder: str | Path, kind: str, split: str = "held-out", count: int = 64, seed: int = 0,
-                       reference_image_size: int = 112, batch_size: int = 16) -> float:
+def grounding_accuracy(
+    folder: str | Path,
+    kind: str,
+    split: str = "held-out",
+    count: int = 64,
+    seed: int = 0,
+    reference_image_size: int = 112,
+    batch_size: int = 16,
+) -> float:
     """Share of groups whose subject the model names wholly right (every answer token, teacher-forced)."""
     model, tokenizer, image_processor = load(folder)
     model.eval()

@@ -59,7 +59,8 @@ def _conv_block(cin: int, cout: int, kernel: int) -> nn.Sequential:
     # a strided conv rather than conv + max-pool: several times cheaper on CPU, and as accurate here
     return nn.Sequential(
         nn.Conv2d(cin, cout, kernel, stride=2, padding=(kernel - 1) // 2, bias=False),
-        nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
     )
 
 
@@ -70,11 +71,20 @@ class OracleNet(nn.Module):
     wherever it sits; the scene branch keeps the 4x4 layout, because position is a spatial question.
     """
 
-    def __init__(self, channels: Sequence[int] = (32, 64, 96, 128), embed_dim: int = 128, scene_dim: int = 64,
-                 scene_reduce: int = 16) -> None:
+    def __init__(
+        self,
+        channels: Sequence[int] = (32, 64, 96, 128),
+        embed_dim: int = 128,
+        scene_dim: int = 64,
+        scene_reduce: int = 16,
+    ) -> None:
         super().__init__()
-        self.config = {"channels": list(channels), "embed_dim": embed_dim, "scene_dim": scene_dim,
-                       "scene_reduce": scene_reduce}
+        self.config = {
+            "channels": list(channels),
+            "embed_dim": embed_dim,
+            "scene_dim": scene_dim,
+            "scene_reduce": scene_reduce,
+        }
         widths = [3, *channels]
         # a 4x4 stem keeps the 2-pixel dots and stripes visible after the first stride
         self.features = nn.Sequential(
@@ -84,8 +94,11 @@ class OracleNet(nn.Module):
         self.subject = nn.Sequential(nn.Linear(2 * last, embed_dim), nn.ReLU(inplace=True))
         grid = (world.IMAGE_SIZE // 2 ** len(channels)) ** 2
         self.scene = nn.Sequential(
-            nn.Conv2d(last, scene_reduce, 1), nn.ReLU(inplace=True), nn.Flatten(),
-            nn.Linear(scene_reduce * grid, scene_dim), nn.ReLU(inplace=True),
+            nn.Conv2d(last, scene_reduce, 1),
+            nn.ReLU(inplace=True),
+            nn.Flatten(),
+            nn.Linear(scene_reduce * grid, scene_dim),
+            nn.ReLU(inplace=True),
         )
         self.heads = nn.ModuleDict(
             {a: nn.Linear(embed_dim if a in SUBJECT_ATTRIBUTES else scene_dim, len(CLASSES[a])) for a in ATTRIBUTES}
@@ -147,12 +160,19 @@ def training_example(rng: random.Random) -> tuple[Image.Image, dict[str, int]]:
     position = rng.choice(CLASSES["position"])
     cx, cy = world.POSITIONS[position]
     placement = world.Placement(
-        subject, cx + rng.uniform(-CENTRE_JITTER, CENTRE_JITTER), cy + rng.uniform(-CENTRE_JITTER, CENTRE_JITTER),
+        subject,
+        cx + rng.uniform(-CENTRE_JITTER, CENTRE_JITTER),
+        cy + rng.uniform(-CENTRE_JITTER, CENTRE_JITTER),
         rng.uniform(*SIZE_RANGE),
     )
     image = _augment(world.render(world.Scene(background, placement)), rng)
-    names = {"shape": subject.shape, "colour": subject.colour, "pattern": subject.pattern,
-             "background": background, "position": position}
+    names = {
+        "shape": subject.shape,
+        "colour": subject.colour,
+        "pattern": subject.pattern,
+        "background": background,
+        "position": position,
+    }
     return image, {a: CLASSES[a].index(names[a]) for a in ATTRIBUTES}
 
 
@@ -167,8 +187,14 @@ def _loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> t
     return sum(F.cross_entropy(logits[a], labels[a]) for a in ATTRIBUTES)
 
 
-def train_oracle(steps: int = 2000, batch_size: int = 64, seed: int = 0, lr: float = 3e-3,
-                 on_step: Callable[[int, float], None] | None = None, log_every: int = 100) -> OracleNet:
+def train_oracle(
+    steps: int = 2000,
+    batch_size: int = 64,
+    seed: int = 0,
+    lr: float = 3e-3,
+    on_step: Callable[[int, float], None] | None = None,
+    log_every: int = 100,
+) -> OracleNet:
     """Train from scratch; the same seed (and thread count) gives the same weights.
 
     `on_step(step, loss)` is called after every optimiser step (tests use it to watch the loss fall).
@@ -202,8 +228,9 @@ def train_oracle(steps: int = 2000, batch_size: int = 64, seed: int = 0, lr: flo
             on_step(step, value)
         if (step + 1) % log_every == 0 or step + 1 == steps:
             count = (step % log_every) + 1
-            logger.info("oracle step %d/%d loss %.4f (%.0fs)", step + 1, steps, running / count,
-                        time.perf_counter() - start)
+            logger.info(
+                "oracle step %d/%d loss %.4f (%.0fs)", step + 1, steps, running / count, time.perf_counter() - start
+            )
             running = 0.0
     return model.eval()
 
@@ -250,7 +277,7 @@ def predict(model: OracleNet, images: Sequence[Image.Image], batch_size: int = 2
     model.eval()
     chunks: dict[str, list[torch.Tensor]] = {a: [] for a in ATTRIBUTES}
     for begin in range(0, len(images), batch_size):
-        logits = model(images_to_tensor(images[begin:begin + batch_size]))
+        logits = model(images_to_tensor(images[begin : begin + batch_size]))
         for a in ATTRIBUTES:
             chunks[a].append(logits[a].argmax(dim=1))
     return {a: torch.cat(chunks[a]) if chunks[a] else torch.empty(0, dtype=torch.long) for a in ATTRIBUTES}
@@ -265,8 +292,10 @@ def clean_scenes(count: int, seed: int) -> list[tuple[world.Subject, str, str]]:
     """`count` (subject, background, position) triples, alternating held-in and held-out subjects."""
     rng = random.Random(f"oracle-clean-{seed}")
     pools = [world.subjects_in(split) for split in world.SPLITS]
-    return [(rng.choice(pools[i % 2]), rng.choice(CLASSES["background"]), rng.choice(CLASSES["position"]))
-            for i in range(count)]
+    return [
+        (rng.choice(pools[i % 2]), rng.choice(CLASSES["background"]), rng.choice(CLASSES["position"]))
+        for i in range(count)
+    ]
 
 
 def clean_accuracy(model: OracleNet, count: int, seed: int) -> dict[str, float]:
@@ -318,10 +347,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = train_oracle(steps=args.steps, batch_size=args.batch_size, seed=args.seed, lr=args.lr)
         seconds = time.perf_counter() - start
         result = clean_accuracy(model, args.count, EVAL_SEED)
-        training = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-                    "seconds": round(seconds, 1), "torch_threads": torch.get_num_threads()}
-        save_oracle(model, args.out, {"training": training,
-                                      "clean_accuracy": {"count": args.count, "seed": EVAL_SEED, **result}})
+        training = {
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "seed": args.seed,
+            "seconds": round(seconds, 1),
+            "torch_threads": torch.get_num_threads(),
+        }
+        save_oracle(
+            model,
+            args.out,
+            {"training": training, "clean_accuracy": {"count": args.count, "seed": EVAL_SEED, **result}},
+        )
     else:
         result = clean_accuracy(load_oracle(args.dir), args.count, args.seed)
     print(json.dumps(result, indent=2))

@@ -202,9 +202,14 @@ def _apart(rng: random.Random, sizes: list[float]) -> list[tuple[float, float, f
     by a tenth after every 200 failed draws, so three large objects always find room."""
     while True:
         for _ in range(200):
-            spots = [(rng.uniform(s / 2 + 0.02, 0.98 - s / 2), rng.uniform(s / 2 + 0.02, 0.98 - s / 2), s) for s in sizes]
-            if all(max(abs(a[0] - b[0]), abs(a[1] - b[1])) > (a[2] + b[2]) / 2 + 0.02
-                   for i, a in enumerate(spots) for b in spots[i + 1:]):
+            spots = [
+                (rng.uniform(s / 2 + 0.02, 0.98 - s / 2), rng.uniform(s / 2 + 0.02, 0.98 - s / 2), s) for s in sizes
+            ]
+            if all(
+                max(abs(a[0] - b[0]), abs(a[1] - b[1])) > (a[2] + b[2]) / 2 + 0.02
+                for i, a in enumerate(spots)
+                for b in spots[i + 1 :]
+            ):
                 return spots
         sizes = [s * 0.9 for s in sizes]
 
@@ -246,8 +251,15 @@ class Group:
     attribute: str | None = None  # pick: the attribute the prompt names
 
 
-def make_group(group_id: str, subject: Subject, num_references: int, distractors: int, rng: random.Random,
-               pool: list[Subject] | None = None, kind: str = "plain") -> Group:
+def make_group(
+    group_id: str,
+    subject: Subject,
+    num_references: int,
+    distractors: int,
+    rng: random.Random,
+    pool: list[Subject] | None = None,
+    kind: str = "plain",
+) -> Group:
     """One group of `kind`; `distractors` is the number of other objects per reference (rival, repeat:
     the rivals, at least 1; pick: small distractors beside the two subjects)."""
     if kind not in KINDS:
@@ -284,8 +296,9 @@ def _differs_in_all(a: Subject, b: Subject) -> bool:
     return a.shape != b.shape and a.colour != b.colour and a.pattern != b.pattern
 
 
-def _rival_references(subject: Subject, count: int, rivals: int, rng: random.Random, pool: list[Subject],
-                      repeat: bool) -> list[Scene]:
+def _rival_references(
+    subject: Subject, count: int, rivals: int, rng: random.Random, pool: list[Subject], repeat: bool
+) -> list[Scene]:
     """Rivals drawn without replacement across the group, so none recurs unless `repeat` makes one
     recur in every reference but one."""
     others = [s for s in pool if s != subject]
@@ -301,8 +314,7 @@ def _rival_references(subject: Subject, count: int, rivals: int, rng: random.Ran
     return scenes
 
 
-def _pick_scene(subject: Subject, other: Subject, distractors: int, rng: random.Random,
-                pool: list[Subject]) -> Scene:
+def _pick_scene(subject: Subject, other: Subject, distractors: int, rng: random.Random, pool: list[Subject]) -> Scene:
     """Both recurring subjects at similar sizes, plus small distractors that are neither."""
     sizes = [rng.uniform(0.28, 0.36), rng.uniform(0.28, 0.36)] + [rng.uniform(0.16, 0.2) for _ in range(distractors)]
     spots = _apart(rng, sizes)
@@ -311,11 +323,15 @@ def _pick_scene(subject: Subject, other: Subject, distractors: int, rng: random.
     return Scene(rng.choice(list(BACKGROUNDS)), Placement(subject, *spots[0]), placed)
 
 
-def make_groups(split: str, count: int, num_references: int, distractors: int, seed: int,
-                kind: str = "plain") -> list[Group]:
+def make_groups(
+    split: str, count: int, num_references: int, distractors: int, seed: int, kind: str = "plain"
+) -> list[Group]:
     """`count` groups cycling over the split's subjects; other objects come from the same split only."""
-    name = f"{split}-{num_references}-{distractors}-{seed}" if kind == "plain" else \
-        f"{kind}-{split}-{num_references}-{distractors}-{seed}"
+    name = (
+        f"{split}-{num_references}-{distractors}-{seed}"
+        if kind == "plain"
+        else f"{kind}-{split}-{num_references}-{distractors}-{seed}"
+    )
     rng = random.Random(f"shapes-groups-{name}")
     subjects = subjects_in(split)
     rng.shuffle(subjects)

@@ -35,11 +35,18 @@ def add_train_parser(sub) -> None:
     p.add_argument("--output-dir", help="where checkpoints and logs go (overrides the config's output_dir)")
     p.add_argument("--max-steps", type=int, help="optimizer steps to reach (overrides max_steps)")
     p.add_argument("--resume", metavar="latest|DIR", help="continue exactly from a checkpoint of this run")
-    p.add_argument("--allow-outside-root", action="store_true",
-                   help="let data paths leave data_root (absolute, .., symlinks out); = --set allow_outside_root=true")
+    p.add_argument(
+        "--allow-outside-root",
+        action="store_true",
+        help="let data paths leave data_root (absolute, .., symlinks out); = --set allow_outside_root=true",
+    )
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
-    p.add_argument("--write-example-data", metavar="DIR", help="write a small synthetic dataset (all three formats) and exit")
-    p.add_argument("--show-recipe", metavar="NAME", help="print a shipped recipe (stage1/2/3, deepspeed_zero2) and exit")
+    p.add_argument(
+        "--write-example-data", metavar="DIR", help="write a small synthetic dataset (all three formats) and exit"
+    )
+    p.add_argument(
+        "--show-recipe", metavar="NAME", help="print a shipped recipe (stage1/2/3, deepspeed_zero2) and exit"
+    )
     p.set_defaults(func=cmd_train)
 
 

@@ -96,7 +96,9 @@ class TrainConfig:
         if self.stage not in STAGE_NAMES:
             raise ConfigError(f"stage must be 1, 2 or 3, got {self.stage!r}")
         if self.mixed_precision not in MIXED_PRECISION:
-            raise ConfigError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
+            raise ConfigError(
+                f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}"
+            )
         for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "checkpoint_every", "log_every"):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("num_workers", "lora_rank", "lr_warmup_steps", "validation_every", "keep_checkpoints"):
@@ -115,7 +117,9 @@ class TrainConfig:
         except ValueError as err:
             raise ConfigError(str(err)) from None
         if self.attention_mode is not None and self.attention_mode not in ATTENTION_MODES:
-            raise ConfigError(f"attention_mode must be one of {', '.join(ATTENTION_MODES)}, got {self.attention_mode!r}")
+            raise ConfigError(
+                f"attention_mode must be one of {', '.join(ATTENTION_MODES)}, got {self.attention_mode!r}"
+            )
         if self.stage > 1 and self.init_from is None:
             raise ConfigError(f"stage {self.stage} starts from the previous stage's checkpoint: set init_from")
         if self.validation_every and not self.validation_references:
@@ -134,7 +138,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict, source: str = "config") -> "TrainConfig":
+    def from_dict(cls, values: dict, source: str = "config") -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -164,7 +168,7 @@ def check_data_root(root: str | Path) -> None:
         raise ConfigError(f"data_root {root} {what}")
 
 
-def check_paths(config: "TrainConfig") -> None:
+def check_paths(config: TrainConfig) -> None:
     """The files a run needs first, checked before the heavy imports so that a typo is reported at once."""
     check_data_file(config.data)
     check_data_root(config.data_root)
@@ -178,7 +182,7 @@ def _require(condition: bool, message: str) -> None:
 _SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
 
 
-def _check_types(config: "TrainConfig") -> None:
+def _check_types(config: TrainConfig) -> None:
     """Each setting has its annotated type (YAML reads `2024-01-01` as a date, `[` as a list, ...)."""
     if config.mixed_precision is False:  # YAML 1.1 reads an unquoted `no` as false
         config.mixed_precision = "no"

@@ -27,9 +27,10 @@ import operator
 import os
 import random
 import struct
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -393,7 +394,7 @@ def _failure_reason(path: Path, exc: BaseException, opened: Path | None = None) 
         text = _one_line(exc)
         for name in {str(path), str(opened or path)}:
             if text.startswith(name):
-                return text[len(name):].lstrip(":").strip().removeprefix("is ") or text
+                return text[len(name) :].lstrip(":").strip().removeprefix("is ") or text
         return text
     return f"unreadable image ({type(exc).__name__}: {_one_line(exc)})"
 

@@ -15,12 +15,15 @@ from ..safe_io import atomic_write_bytes, check_no_symlink
 class ExampleDataError(ValueError):
     """The example data cannot be written where asked (one line)."""
 
+
 COLOURS = ["red", "blue", "green", "orange", "purple", "teal"]
 BACKGROUNDS = ["white", "lightgray", "beige", "lavender"]
 SHAPES = ["circle", "square", "triangle"]
 
 
-def draw_subject(shape: str, colour: str, background: str, size: int, rng: random.Random) -> tuple[Image.Image, list[int]]:
+def draw_subject(
+    shape: str, colour: str, background: str, size: int, rng: random.Random
+) -> tuple[Image.Image, list[int]]:
     """One subject at a random place and size; returns the image and the subject's box."""
     image = Image.new("RGB", (size, size), background)
     side = rng.randint(size // 3, size // 2)
@@ -36,7 +39,9 @@ def draw_subject(shape: str, colour: str, background: str, size: int, rng: rando
     return image, box
 
 
-def write_example_data(root: str | Path, subjects: int = 6, per_subject: int = 4, size: int = 64, seed: int = 0) -> dict[str, Path]:
+def write_example_data(
+    root: str | Path, subjects: int = 6, per_subject: int = 4, size: int = 64, seed: int = 0
+) -> dict[str, Path]:
     """Images under root/images and pairs.json (stage 1), faces.json (stage 2), groups.jsonl (stage 3).
 
     The data is deterministic, so writing it again into the same folder changes nothing; a file there

@@ -166,7 +166,9 @@ class TrainingModel(nn.Module):
             "time_ids": time_ids.to(dtype),
             "image_embeds": [tokens.unsqueeze(1).to(dtype)],
         }
-        out = self.unet(noisy_latents.to(dtype), timesteps, encoder_hidden_states=prompt_embeds.to(dtype), added_cond_kwargs=added)
+        out = self.unet(
+            noisy_latents.to(dtype), timesteps, encoder_hidden_states=prompt_embeds.to(dtype), added_cond_kwargs=added
+        )
         return out.sample
 
 

@@ -40,8 +40,8 @@ from ..release import read_checkpoint
 from ..safe_io import (
     LOCK_NAME,
     JSONFileError,
-    append_line,
     RunLock,
+    append_line,
     check_no_symlink,
     clean_stale_temps,
     describe_os_error,
@@ -276,8 +276,13 @@ class Trainer:
                 save_config(c, self.output_dir / CONFIG_FILE, root=self.output_dir)
             logger.info(
                 "stage %d (%s): %d records, %d trainable tensors (%s parameters), global batch %d x %d accumulation",
-                c.stage, STAGE_NAMES[c.stage], len(self.dataset), len(self.trainables),
-                f"{sum(p.numel() for _, p in self.trainables):,}", self.global_batch, c.gradient_accumulation_steps,
+                c.stage,
+                STAGE_NAMES[c.stage],
+                len(self.dataset),
+                len(self.trainables),
+                f"{sum(p.numel() for _, p in self.trainables):,}",
+                self.global_batch,
+                c.gradient_accumulation_steps,
             )
         progress = _progress(max_steps, self.state.step, acc.is_main_process)
         meter = _Meter()
@@ -320,7 +325,12 @@ class Trainer:
         """This process's batches from the current data position to the end of the epoch."""
         c, acc = self.config, self.accelerator
         sampler = RankBatchSampler(
-            self.dataset, self.global_batch, acc.num_processes, acc.process_index, c.seed, self.state.epoch,
+            self.dataset,
+            self.global_batch,
+            acc.num_processes,
+            acc.process_index,
+            c.seed,
+            self.state.epoch,
             start=self.state.batch,
         )
         loader = torch.utils.data.DataLoader(
@@ -461,7 +471,7 @@ class Trainer:
         return embeds, pooled
 
     # ------------------------------------------------------------------ after each step
-    def _after_step(self, meter: "_Meter", progress) -> None:
+    def _after_step(self, meter: _Meter, progress) -> None:
         c, step = self.config, self.state.step
         if step % c.log_every == 0 or step == c.max_steps:
             self._log(meter.flush(self.accelerator), progress)
@@ -578,7 +588,10 @@ class Trainer:
         _warn_config_changes(point.saved_config, self.config)
         logger.info(
             "resuming from %s at step %d (epoch %d, batch %d)",
-            point.folder, self.state.step, self.state.epoch, self.state.batch,
+            point.folder,
+            self.state.step,
+            self.state.epoch,
+            self.state.batch,
         )
 
     def _load_optimizer_state(self, point: ResumePoint) -> None:
@@ -872,9 +885,13 @@ def _example_group(record: dict | None, root: Path) -> tuple[list[str], str]:
 
 
 def _warn_config_changes(saved: dict, config: TrainConfig) -> None:
-    changed = sorted(k for k, v in config.to_dict().items() if saved.get(k) != v and k not in ("max_steps", "output_dir"))
+    changed = sorted(
+        k for k, v in config.to_dict().items() if saved.get(k) != v and k not in ("max_steps", "output_dir")
+    )
     if changed:
-        logger.warning("resuming with changed settings (the run will not repeat the original exactly): %s", ", ".join(changed))
+        logger.warning(
+            "resuming with changed settings (the run will not repeat the original exactly): %s", ", ".join(changed)
+        )
 
 
 def _encode_latents(vae, pixels: torch.Tensor, generators) -> torch.Tensor:
