@@ -48,7 +48,7 @@ def main() -> None:
     stage_dir = args.work / "stage3-plain-only-s0"
     if not (stage_dir / "final" / "easyref.safetensors").is_file():
         config = dataclasses.replace(
-            stage_config(recipe, 3, args.work, True), output_dir=str(stage_dir), data=str(data / "groups-plain.jsonl")
+            stage_config(recipe, 3, args.work), output_dir=str(stage_dir), data=str(data / "groups-plain.jsonl")
         )
         Trainer(config, cpu=True).train()
     plain_only = args.work / "model-easyref-plain-only-s0"

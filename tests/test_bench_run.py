@@ -178,29 +178,32 @@ def test_a_run_folder_refuses_other_settings(manifest, tmp_path, sdxl_method):
 
 
 # ---------------------------------------------------------------------- command line
+def _cli_run_args(manifest: Path, method: str, base: Path, out: Path, mllm: Path | None = None) -> list[str]:
+    args = ["bench", "run", "--manifest", str(manifest), "--method", method, "--base", str(base)]
+    if mllm is not None:
+        args += ["--mllm", str(mllm)]
+    # small enough for the tiny CPU models to finish in seconds
+    return args + ["--steps", "2", "--height", "64", "--width", "64", "--out", str(out)]
+
+
+def _cli_score_args(manifest: Path, images: Path, out: Path, method_name: str, metrics: list[str]) -> list[str]:
+    args = ["bench", "score", "--manifest", str(manifest), "--images", str(images), "--out", str(out)]
+    return args + ["--method-name", method_name, *metrics]
+
+
+def _assert_same_image_scores(original_out: Path, rescored_out: Path) -> None:
+    original, again = _rows(original_out), _rows(rescored_out)
+    assert [r["images"] for r in again] == [r["images"] for r in original]
+    for a, b in zip(original, again):
+        assert a["clip_i"] == pytest.approx(b["clip_i"], abs=1e-6) and a["dino_i"] == pytest.approx(
+            b["dino_i"], abs=1e-6
+        )
+
+
 def test_cli_run_easyref_then_score_the_images_elsewhere(manifest, tmp_path, tiny_dirs, metric_dirs, capsys):
     out = tmp_path / "er"
     metrics = ["--clip", str(metric_dirs["clip"]), "--dino", str(metric_dirs["dino"]), "--device", "cpu"]
-    args = [
-        "bench",
-        "run",
-        "--manifest",
-        str(manifest),
-        "--method",
-        "easyref",
-        "--base",
-        str(tiny_dirs["sdxl"]),
-        "--mllm",
-        str(tiny_dirs["qwen"]),
-        "--steps",
-        "2",
-        "--height",
-        "64",
-        "--width",
-        "64",
-        "--out",
-        str(out),
-    ]
+    args = _cli_run_args(manifest, "easyref", tiny_dirs["sdxl"], out, mllm=tiny_dirs["qwen"])
     assert main(args + metrics) == 0
     table = capsys.readouterr().out
     assert "| easyref | held-in | 2 | 3 |" in table and "CLIP-T" in table and "DINO-I (target)" in table
@@ -210,62 +213,19 @@ def test_cli_run_easyref_then_score_the_images_elsewhere(manifest, tmp_path, tin
     assert len(read_records(out)) == 4
 
     rescored = tmp_path / "rescored"
-    assert (
-        main(
-            [
-                "bench",
-                "score",
-                "--manifest",
-                str(manifest),
-                "--images",
-                str(out / "images"),
-                "--out",
-                str(rescored),
-                "--method-name",
-                "easyref",
-                *metrics,
-            ]
-        )
-        == 0
-    )
-    assert main(["bench", "table", str(out), str(tmp_path / "sdxl-floor"), "--out", str(tmp_path / "t.md")]) == 2
-    assert (
-        main(
-            [
-                "bench",
-                "run",
-                "--manifest",
-                str(manifest),
-                "--method",
-                "sdxl",
-                "--base",
-                str(tiny_dirs["sdxl"]),
-                "--steps",
-                "2",
-                "--height",
-                "64",
-                "--width",
-                "64",
-                "--out",
-                str(tmp_path / "sdxl-floor"),
-                *metrics,
-            ]
-        )
-        == 0
-    )
+    assert main(_cli_score_args(manifest, out / "images", rescored, "easyref", metrics)) == 0
+    floor = tmp_path / "sdxl-floor"
+    table_args = ["bench", "table", str(out), str(floor), "--out", str(tmp_path / "t.md")]
+    assert main(table_args) == 2  # the floor run does not exist yet
+    assert main(_cli_run_args(manifest, "sdxl", tiny_dirs["sdxl"], floor) + metrics) == 0
     capsys.readouterr()
-    assert main(["bench", "table", str(out), str(tmp_path / "sdxl-floor"), "--out", str(tmp_path / "t.md")]) == 0
+    assert main(table_args) == 0
     merged = (tmp_path / "t.md").read_text()
     assert capsys.readouterr().out == merged
     assert "| easyref | held-out | 1 | 1 |" in merged and "| sdxl | held-out | 1 | 1 |" in merged
     assert (tmp_path / "t.csv").is_file()
 
-    original, again = _rows(out), _rows(rescored)
-    assert [r["images"] for r in again] == [r["images"] for r in original]
-    for a, b in zip(original, again):
-        assert a["clip_i"] == pytest.approx(b["clip_i"], abs=1e-6) and a["dino_i"] == pytest.approx(
-            b["dino_i"], abs=1e-6
-        )
+    _assert_same_image_scores(out, rescored)
 
 
 def test_cli_user_mistakes_are_one_line_errors(manifest, tmp_path, tiny_dirs, capsys):

@@ -45,9 +45,37 @@ def test_wrong_subject_or_wrong_place_is_caught(oracle):
     assert scored["identity"] == 1.0 and scored["prompt"] == 0.0
 
 
-def test_bench_shapes_runs_end_to_end_on_the_smoke_recipe(tmp_path, capsys):
+def _assert_smoke_summary(out: Path, methods: tuple[str, ...]) -> None:
     from easyref.shapes.bench import CELLS
 
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(CELLS) == 16  # 6 by distractors + 5 by references (one shared) + 6 by kind
+    assert {(r["method"], r["seed"]) for r in summary["runs"]} == {(m, s) for m in methods for s in (0, 1)}
+    assert len(summary["runs"]) == 2 * 2 * 16 and len(summary["cells"]) == 2 * 16
+    assert all(c["seeds"] == [0, 1] and len(c["identity_by_seed"]) == 2 for c in summary["cells"])
+    assert [r["baseline"] for r in summary["paired"]] == ["easyref-bi"] * 17  # 16 cells + pooled
+    assert all(
+        r["seeds"] == [0, 1] and r["beyond_spread"] in (True, False)
+        for r in summary["paired"]
+        if r["cell"] != "all cells"
+    )
+    table = (out / "summary.md").read_text()
+    assert table.count("| easyref |") == 17 and "By group kind" in table and "| pick | held-out | easyref |" in table
+    assert (out / "by_references.png").is_file() and (out / "by_references_colour.png").is_file()
+
+
+def _assert_adapters_differ_by_modes_and_seed(out: Path, methods: tuple[str, ...]) -> None:
+    adapter = {(m, s): out / "work" / f"model-{m}-s{s}" / "adapter" for m in methods for s in (0, 1)}
+    configs = {key: json.loads((folder / "easyref_config.json").read_text()) for key, folder in adapter.items()}
+    assert {m: (c["reference_mode"], c["attention_mode"]) for (m, _), c in configs.items()} == {
+        "easyref": ("joint", "official"),
+        "easyref-bi": ("joint", "bidirectional"),
+    }
+    weights = {key: (folder / "easyref.safetensors").read_bytes() for key, folder in adapter.items()}
+    assert weights["easyref-bi", 0] != weights["easyref-bi", 1]  # the seeds are separate runs
+
+
+def test_bench_shapes_runs_end_to_end_on_the_smoke_recipe(tmp_path, capsys):
     out = tmp_path / "bench"
     methods = ("easyref", "easyref-bi")  # the four methods differ only in two settings, checked below
     assert (
@@ -69,35 +97,9 @@ def test_bench_shapes_runs_end_to_end_on_the_smoke_recipe(tmp_path, capsys):
         )
         == 0
     )
-    summary = json.loads((out / "summary.json").read_text())
-    assert len(CELLS) == 16  # 6 by distractors + 5 by references (one shared) + 6 by kind
-    assert {(r["method"], r["seed"]) for r in summary["runs"]} == {(m, s) for m in methods for s in (0, 1)}
-    assert len(summary["runs"]) == 2 * 2 * 16 and len(summary["cells"]) == 2 * 16
-    assert all(c["seeds"] == [0, 1] and len(c["identity_by_seed"]) == 2 for c in summary["cells"])
-    assert [r["baseline"] for r in summary["paired"]] == ["easyref-bi"] * 17  # 16 cells + pooled
-    assert all(
-        r["seeds"] == [0, 1] and r["beyond_spread"] in (True, False)
-        for r in summary["paired"]
-        if r["cell"] != "all cells"
-    )
-    table = (out / "summary.md").read_text()
-    assert table.count("| easyref |") == 17 and "By group kind" in table and "| pick | held-out | easyref |" in table
-    assert (out / "by_references.png").is_file() and (out / "by_references_colour.png").is_file()
+    _assert_smoke_summary(out, methods)
     assert "By number of references" in capsys.readouterr().out
-    configs = {
-        (m, s): json.loads((out / "work" / f"model-{m}-s{s}" / "adapter" / "easyref_config.json").read_text())
-        for m in methods
-        for s in (0, 1)
-    }
-    assert {m: (c["reference_mode"], c["attention_mode"]) for (m, _), c in configs.items()} == {
-        "easyref": ("joint", "official"),
-        "easyref-bi": ("joint", "bidirectional"),
-    }
-    weights = {
-        key: (out / "work" / f"model-{key[0]}-s{key[1]}" / "adapter" / "easyref.safetensors").read_bytes()
-        for key in configs
-    }
-    assert weights["easyref-bi", 0] != weights["easyref-bi", 1]  # the seeds are separate runs
+    _assert_adapters_differ_by_modes_and_seed(out, methods)
     # the models are reused: evaluating the trained folders again needs no training
     assert (
         main(

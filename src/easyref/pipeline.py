@@ -293,47 +293,56 @@ class EasyRefPipeline(DiffusionPipeline):
         if return_reference_maps and groups is None:
             raise ValueError("return_reference_maps needs references, not reference_embeds")
         # 2. reference tokens: once per call, all groups in one pass
-        maps = None
-        if reference_embeds is not None:
-            tokens = reference_embeds
-        elif return_reference_maps:
-            tokens, maps = self.encode_references(groups, prompts, return_maps=True)
-        else:
-            tokens = self.encode_references(groups, prompts)
+        tokens, maps = self._reference_tokens(groups, prompts, reference_embeds, return_reference_maps)
         # 3. repeat per image ourselves: diffusers tiles ip embeds but interleaves prompts
         n = num_images_per_prompt
         tokens = tokens.to(self._execution_device, self.unet.dtype).repeat_interleave(n, dim=0)
-        embeds = tokens
-        if guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None:
-            negative = self.negative_reference_tokens().to(tokens.device, tokens.dtype)
-            embeds = torch.cat([self.easyref_config.mode.tile_negative(negative, tokens), tokens])
+        embeds = self._with_negative_branch(tokens, guidance_scale)
         # 4. denoise with the diffusers base pipeline
         self.set_scale(scale)
         if seed is not None:
             generator = torch.Generator("cpu").manual_seed(seed)
-        base = self._base_pipeline()
-        ready = [embeds.unsqueeze(1)]  # (2 * B * n, 1 image, tokens, hidden), negative half first
-        # diffusers tiles `ip_adapter_image_embeds` by the batch size (it expects one embedding for the
-        # whole batch); ours already hold one row per image, so this per-call instance uses them as-is
-        base.prepare_ip_adapter_image_embeds = lambda *args, **kwargs: ready
-        result = base(
+        images = self._denoise(
+            embeds,
             prompt=[p for p in prompts for _ in range(n)],
             negative_prompt=[p for p in negatives for _ in range(n)],
-            ip_adapter_image_embeds=ready,
             guidance_scale=guidance_scale,
             num_inference_steps=num_inference_steps,
             generator=generator,
             height=height,
             width=width,
-            # PIL conversion would turn NaN into black pixels: take arrays, check them, convert after
-            output_type="np" if output_type == "pil" else output_type,
+            output_type=output_type,
             **pipeline_kwargs,
+        )
+        return EasyRefPipelineOutput(images=images, reference_embeds=tokens[::n].detach(), reference_maps=maps)
+
+    def _reference_tokens(self, groups, prompts, reference_embeds, return_maps: bool):
+        if reference_embeds is not None:
+            return reference_embeds, None
+        if return_maps:
+            return self.encode_references(groups, prompts, return_maps=True)
+        return self.encode_references(groups, prompts), None
+
+    def _with_negative_branch(self, tokens: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+        """The tokens with the negative branch's in front when classifier-free guidance runs."""
+        if guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None:
+            negative = self.negative_reference_tokens().to(tokens.device, tokens.dtype)
+            return torch.cat([self.easyref_config.mode.tile_negative(negative, tokens), tokens])
+        return tokens
+
+    def _denoise(self, embeds: torch.Tensor, output_type: str, **kwargs):
+        base = self._base_pipeline()
+        ready = [embeds.unsqueeze(1)]  # (2 * B * n, 1 image, tokens, hidden), negative half first
+        # diffusers tiles `ip_adapter_image_embeds` by the batch size (it expects one embedding for the
+        # whole batch); ours already hold one row per image, so this per-call instance uses them as-is
+        base.prepare_ip_adapter_image_embeds = lambda *args, **kw: ready
+        # PIL conversion would turn NaN into black pixels: take arrays, check them, convert after
+        result = base(
+            ip_adapter_image_embeds=ready, output_type="np" if output_type == "pil" else output_type, **kwargs
         )
         images = result.images
         _check_finite_images(images)
-        if output_type == "pil":
-            images = base.image_processor.numpy_to_pil(images)
-        return EasyRefPipelineOutput(images=images, reference_embeds=tokens[::n].detach(), reference_maps=maps)
+        return base.image_processor.numpy_to_pil(images) if output_type == "pil" else images
 
     def _base_pipeline(self):
         """The diffusers pipeline over this pipeline's own modules (built per call, nothing copied)."""

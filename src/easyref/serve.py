@@ -236,85 +236,90 @@ def _warnings_of(call) -> list[str]:
 # ---------------------------------------------------------------------------- the page
 def build_app(server: Server, examples_dir: Path) -> gr.Blocks:
     """The page. `examples_dir` receives the demo group's references for the examples row."""
-    size = server.size
     # delete_cache: gradio's copies of uploads and outputs older than a day go, hourly and at exit
     with gr.Blocks(title="EasyRef", analytics_enabled=False, delete_cache=(3600, 86400)) as app:
         gr.Markdown("# EasyRef\nGenerate images that keep what the reference images share, steered by the prompt.")
         with gr.Row():
             with gr.Column(scale=1):
-                refs = gr.File(
-                    label=f"References (1 to {server.max_references} images)",
-                    file_count="multiple",
-                    elem_id="references",
-                )
-                preview = gr.Gallery(
-                    label="As the model reads them", columns=4, height=160, interactive=False, elem_id="preview"
-                )
-                ref_status = gr.Markdown(elem_id="reference-status")
-                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
+                refs, preview, ref_status, prompt = _reference_and_prompt_fields(server)
                 with gr.Accordion("Settings", open=False):
-                    negative = gr.Textbox(label="Negative prompt (empty: the model's)", elem_id="negative")
-                    scale = gr.Slider(
-                        0,
-                        2,
-                        value=GENERATE_DEFAULTS["scale"],
-                        step=0.05,
-                        label="Reference strength (scale)",
-                        elem_id="scale",
-                    )
-                    steps = gr.Slider(1, 100, value=GENERATE_DEFAULTS["steps"], step=1, label="Steps", elem_id="steps")
-                    guidance = gr.Slider(
-                        0, 20, value=GENERATE_DEFAULTS["guidance"], step=0.5, label="Guidance", elem_id="guidance"
-                    )
-                    with gr.Row():
-                        seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id="seed")
-                        random_seed = gr.Checkbox(value=True, label="Random seed", elem_id="random-seed")
-                    count = gr.Slider(1, MAX_UI_IMAGES, value=1, step=1, label="Images", elem_id="num-images")
-                    with gr.Row():
-                        height = gr.Slider(8, max(size * 2, 64), value=size, step=8, label="Height", elem_id="height")
-                        width = gr.Slider(8, max(size * 2, 64), value=size, step=8, label="Width", elem_id="width")
+                    settings = _settings_fields(server.size)
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=1):
-                with gr.Tabs():
-                    with gr.Tab("Images", id="images"):
-                        gallery = gr.Gallery(
-                            label="Outputs",
-                            columns=2,
-                            interactive=False,
-                            format="png",
-                            buttons=["download", "fullscreen"],
-                            elem_id="outputs",
-                        )
-                        status = gr.Markdown(elem_id="status")
-                        files = gr.File(
-                            label="PNG files (settings recorded in each)",
-                            file_count="multiple",
-                            interactive=False,
-                            elem_id="files",
-                        )
-                    with gr.Tab("What it took from each reference", id="explain", elem_id="explain-tab"):
-                        gr.Markdown(EXPLAIN_NOTE)
-                        explained = gr.Image(
-                            type="filepath",
-                            label="Reference attention",
-                            interactive=False,
-                            format="png",
-                            elem_id="explain",
-                        )
-        group = demo_group()
-        demo_refs = [str(p) for p in write_demo_references(examples_dir)]
-        gr.Examples(
-            [[demo_refs, text] for text in demo_prompts(group)],
-            inputs=[refs, prompt],
-            label="Examples: the demo group holds the same two subjects in every reference; each prompt names one",
-        )
+                gallery, status, files, explained = _output_fields()
+        _examples_row(refs, prompt, examples_dir)
         refs.change(server.preview, inputs=refs, outputs=[preview, ref_status], queue=False)
-        inputs = [refs, prompt, negative, scale, steps, guidance, seed, random_seed, count, height, width]
+        inputs = [refs, prompt, *settings]
+        seed = next(field for field in settings if field.elem_id == "seed")  # the seed used is written back
         outputs = [gallery, files, explained, seed, status]
         # one queue for both triggers: a concurrency limit is per event unless they share an id
         run.click(server.generate, inputs=inputs, outputs=outputs, api_name="generate", concurrency_id="generate")
         prompt.submit(server.generate, inputs=inputs, outputs=outputs, api_name=False, concurrency_id="generate")
     return app.queue(default_concurrency_limit=1)
+
+
+def _reference_and_prompt_fields(server: Server):
+    refs = gr.File(
+        label=f"References (1 to {server.max_references} images)", file_count="multiple", elem_id="references"
+    )
+    preview = gr.Gallery(label="As the model reads them", columns=4, height=160, interactive=False, elem_id="preview")
+    ref_status = gr.Markdown(elem_id="reference-status")
+    prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
+    return refs, preview, ref_status, prompt
+
+
+def _settings_fields(size: int) -> list:
+    """In `Server.generate`'s argument order after the references and the prompt."""
+    negative = gr.Textbox(label="Negative prompt (empty: the model's)", elem_id="negative")
+    scale = gr.Slider(
+        0, 2, value=GENERATE_DEFAULTS["scale"], step=0.05, label="Reference strength (scale)", elem_id="scale"
+    )
+    steps = gr.Slider(1, 100, value=GENERATE_DEFAULTS["steps"], step=1, label="Steps", elem_id="steps")
+    guidance = gr.Slider(0, 20, value=GENERATE_DEFAULTS["guidance"], step=0.5, label="Guidance", elem_id="guidance")
+    with gr.Row():
+        seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id="seed")
+        random_seed = gr.Checkbox(value=True, label="Random seed", elem_id="random-seed")
+    count = gr.Slider(1, MAX_UI_IMAGES, value=1, step=1, label="Images", elem_id="num-images")
+    with gr.Row():
+        height = gr.Slider(8, max(size * 2, 64), value=size, step=8, label="Height", elem_id="height")
+        width = gr.Slider(8, max(size * 2, 64), value=size, step=8, label="Width", elem_id="width")
+    return [negative, scale, steps, guidance, seed, random_seed, count, height, width]
+
+
+def _output_fields():
+    with gr.Tabs():
+        with gr.Tab("Images", id="images"):
+            gallery = gr.Gallery(
+                label="Outputs",
+                columns=2,
+                interactive=False,
+                format="png",
+                buttons=["download", "fullscreen"],
+                elem_id="outputs",
+            )
+            status = gr.Markdown(elem_id="status")
+            files = gr.File(
+                label="PNG files (settings recorded in each)",
+                file_count="multiple",
+                interactive=False,
+                elem_id="files",
+            )
+        with gr.Tab("What it took from each reference", id="explain", elem_id="explain-tab"):
+            gr.Markdown(EXPLAIN_NOTE)
+            explained = gr.Image(
+                type="filepath", label="Reference attention", interactive=False, format="png", elem_id="explain"
+            )
+    return gallery, status, files, explained
+
+
+def _examples_row(refs, prompt, examples_dir: Path) -> None:
+    group = demo_group()
+    demo_refs = [str(p) for p in write_demo_references(examples_dir)]
+    gr.Examples(
+        [[demo_refs, text] for text in demo_prompts(group)],
+        inputs=[refs, prompt],
+        label="Examples: the demo group holds the same two subjects in every reference; each prompt names one",
+    )
 
 
 def serve(pipe, parts, args: argparse.Namespace) -> int:

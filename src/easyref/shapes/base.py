@@ -79,12 +79,31 @@ UNET_LEVELS = (
 
 def build_pipeline(seed: int = 0, levels: int = 3):
     """Untrained SDXL-architecture components sized for 64 px images; `levels` 2 is the earlier base's UNet."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     tokenizer = shapes_clip_tokenizer()
-    text_config = CLIPTextConfig(
+    text_config = _text_config(tokenizer)
+    unet, vae = _unet(levels), _vae()  # in this order: the random draws follow it
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel(text_config),
+        text_encoder_2=CLIPTextModelWithProjection(text_config),
+        tokenizer=tokenizer,
+        tokenizer_2=shapes_clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+    )
+
+
+def _text_config(tokenizer):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
@@ -97,8 +116,13 @@ def build_pipeline(seed: int = 0, levels: int = 3):
         pad_token_id=1,
         hidden_act="gelu",
     )
+
+
+def _unet(levels: int):
+    from diffusers import UNet2DConditionModel
+
     chosen = UNET_LEVELS[:levels]
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         sample_size=16,
         in_channels=4,
         out_channels=4,
@@ -115,7 +139,12 @@ def build_pipeline(seed: int = 0, levels: int = 3):
         projection_class_embeddings_input_dim=6 * 8 + 32,
         norm_num_groups=16,
     )
-    vae = AutoencoderKL(
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 3,
@@ -125,18 +154,6 @@ def build_pipeline(seed: int = 0, levels: int = 3):
         latent_channels=4,
         norm_num_groups=8,
         sample_size=64,
-    )
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
-    )
-    return StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=CLIPTextModel(text_config),
-        text_encoder_2=CLIPTextModelWithProjection(text_config),
-        tokenizer=tokenizer,
-        tokenizer_2=shapes_clip_tokenizer(),
-        unet=unet,
-        scheduler=scheduler,
     )
 
 

@@ -79,7 +79,7 @@ def train_methods(work: Path, recipe, cpu: bool = True, methods=METHODS, seeds=D
             stage_dir = work / ("stage3" if own else f"stage3-{method}-s{seed}")
             if not (stage_dir / "final" / "easyref.safetensors").is_file():
                 config = dataclasses.replace(
-                    stage_config(recipe, 3, work, cpu),
+                    stage_config(recipe, 3, work),
                     output_dir=str(stage_dir),
                     seed=seed,
                     reference_mode=reference_mode,

@@ -105,7 +105,7 @@ PRESETS = {
 }
 
 
-def stage_config(recipe: Recipe, stage: int, work: Path, device_cpu: bool):
+def stage_config(recipe: Recipe, stage: int, work: Path):
     from ..train.config import TrainConfig
 
     data = work / "data"
@@ -142,63 +142,13 @@ def stage_config(recipe: Recipe, stage: int, work: Path, device_cpu: bool):
 def build(out: Path, recipe: Recipe, work: Path, cpu: bool) -> Path:
     import torch
 
-    from ..train.trainer import Trainer
-    from .base import build_base_model
-    from .data import write_training_data
-    from .mllm import build_mllm
-
     timings = {}
     device = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
     # each phase is skipped when an earlier (interrupted) build already finished it: a phase's
     # output appears only once it is complete, so a half-done phase simply runs again
     _continue_base(work, recipe, device)
     _drop_stale_mllm(work, recipe)
-    phases = [
-        (
-            "data",
-            work / "data" / "groups.jsonl",
-            lambda: write_training_data(work / "data", groups=recipe.groups, seed=recipe.seed),
-        ),
-        (
-            "base",
-            work / "base" / "model_index.json",
-            lambda: build_base_model(
-                work / "base",
-                recipe.vae_steps,
-                recipe.base_steps,
-                recipe.batch_size,
-                seed=recipe.seed,
-                device=device,
-                levels=recipe.unet_levels,
-                vae_from=_vae_source(recipe),
-                chunk=recipe.base_chunk,
-            ),
-        ),
-        (
-            "qwen2vl",
-            work / "qwen2vl" / "config.json",
-            lambda: build_mllm(
-                work / "qwen2vl",
-                recipe.mllm_steps,
-                32,
-                seed=recipe.seed,
-                reference_image_size=recipe.reference_image_size,
-                device=device,
-                vision_steps=recipe.vision_steps,
-                vision_width=recipe.vision_width,
-                vision_depth=recipe.vision_depth,
-            ),
-        ),
-    ]
-    for stage in (1, 2, 3):
-        phases.append(
-            (
-                f"stage{stage}",
-                work / f"stage{stage}" / "final" / "easyref.safetensors",
-                lambda stage=stage: Trainer(stage_config(recipe, stage, work, cpu), cpu=cpu).train(),
-            )
-        )
-    for name, done, run in phases:
+    for name, done, run in _phases(recipe, work, device, cpu):
         if done.exists():
             logger.info("%s: already built (%s), skipped", name, done)
             continue
@@ -207,6 +157,54 @@ def build(out: Path, recipe: Recipe, work: Path, cpu: bool) -> Path:
         timings[f"{name}_s"] = time.perf_counter() - started
     package(work, out, recipe, timings)
     return out
+
+
+def _phases(recipe: Recipe, work: Path, device: str, cpu: bool) -> list[tuple[str, Path, object]]:
+    """(name, the file that exists once the phase is done, how to run it), in build order."""
+    from ..train.trainer import Trainer
+    from .base import build_base_model
+    from .data import write_training_data
+    from .mllm import build_mllm
+
+    def base():
+        build_base_model(
+            work / "base",
+            recipe.vae_steps,
+            recipe.base_steps,
+            recipe.batch_size,
+            seed=recipe.seed,
+            device=device,
+            levels=recipe.unet_levels,
+            vae_from=_vae_source(recipe),
+            chunk=recipe.base_chunk,
+        )
+
+    def mllm():
+        build_mllm(
+            work / "qwen2vl",
+            recipe.mllm_steps,
+            32,
+            seed=recipe.seed,
+            reference_image_size=recipe.reference_image_size,
+            device=device,
+            vision_steps=recipe.vision_steps,
+            vision_width=recipe.vision_width,
+            vision_depth=recipe.vision_depth,
+        )
+
+    phases = [
+        (
+            "data",
+            work / "data" / "groups.jsonl",
+            lambda: write_training_data(work / "data", groups=recipe.groups, seed=recipe.seed),
+        ),
+        ("base", work / "base" / "model_index.json", base),
+        ("qwen2vl", work / "qwen2vl" / "config.json", mllm),
+    ]
+    for stage in (1, 2, 3):
+        train = lambda stage=stage: Trainer(stage_config(recipe, stage, work), cpu=cpu).train()
+        phases.append((f"stage{stage}", work / f"stage{stage}" / "final" / "easyref.safetensors", train))
+    return phases
 
 
 def _vae_source(recipe: Recipe) -> Path | None:

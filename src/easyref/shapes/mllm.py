@@ -279,36 +279,36 @@ def build_mllm(
         device=device,
         freeze_vision=bool(vision_steps),
     )
-    accuracy = caption_accuracy(tmp, reference_image_size=reference_image_size) if steps else 0.0
-    logger.info("mllm caption accuracy (every token right) %.1f%%", 100 * accuracy)
-    words = (
-        {
-            split: caption_attribute_accuracy(tmp, split=split, reference_image_size=reference_image_size)
-            for split in ("held-in", "held-out")
-        }
-        if steps
-        else {}
-    )
-    logger.info("mllm caption words right: %s", words)
-    (tmp / "training.json").write_text(
-        json.dumps(
-            {
-                "steps": steps,
-                "vision_steps": vision_steps,
-                "batch_size": batch_size,
-                "seed": seed,
-                "vision_width": vision_width,
-                "vision_depth": vision_depth,
-                "vision_held_out_accuracy": vision,
-                "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
-                "caption_accuracy": accuracy,
-                "caption_attribute_accuracy": words,
-            },
-            indent=1,
-        )
-    )
+    accuracy, words = _caption_scores(tmp, steps, reference_image_size)
+    record = {
+        "steps": steps,
+        "vision_steps": vision_steps,
+        "batch_size": batch_size,
+        "seed": seed,
+        "vision_width": vision_width,
+        "vision_depth": vision_depth,
+        "vision_held_out_accuracy": vision,
+        "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
+        "caption_accuracy": accuracy,
+        "caption_attribute_accuracy": words,
+    }
+    (tmp / "training.json").write_text(json.dumps(record, indent=1))
     replace_folder(tmp, out)
     return out
+
+
+def _caption_scores(folder: Path, steps: int, reference_image_size: int) -> tuple[float, dict]:
+    """Whole captions right, and caption words right per split (nothing to score without caption steps)."""
+    if not steps:
+        return 0.0, {}
+    accuracy = caption_accuracy(folder, reference_image_size=reference_image_size)
+    logger.info("mllm caption accuracy (every token right) %.1f%%", 100 * accuracy)
+    words = {
+        split: caption_attribute_accuracy(folder, split=split, reference_image_size=reference_image_size)
+        for split in ("held-in", "held-out")
+    }
+    logger.info("mllm caption words right: %s", words)
+    return accuracy, words
 
 
 @torch.no_grad()
