@@ -36,6 +36,7 @@ SLOW_TESTS = {
     "test_shapes_mllm.py::test_pretraining_lowers_the_caption_loss_and_keeps_a_loadable_folder",  # 1.2 s
     "test_shapes_mllm.py::test_grounding_pretraining_lowers_its_loss",  # 30 steps of multi-image batches
     "test_train.py::test_example_recipes_run_on_the_bundled_model",  # 1.2 s
+    "test_train.py::test_every_model_setting_reaches_the_checkpoint_from_the_command_line",  # two stages
     "test_train_bad_input.py::test_deeply_nested_input_is_one_line",  # 2 x 1 s: subprocesses
     "test_shapes_oracle.py::test_short_training_lowers_the_loss",  # 1 s
     "test_cli_fast.py::test_a_normal_run_is_quiet_and_offline",  # 5.4 s: a generate subprocess

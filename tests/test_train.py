@@ -343,6 +343,28 @@ def test_example_recipes_run_on_the_bundled_model(tmp_path, monkeypatch):
     assert out.is_file()
 
 
+def test_every_model_setting_reaches_the_checkpoint_from_the_command_line(tmp_path, monkeypatch):
+    """Top-level model settings and the `model` mapping (here through `--set model.KEY=...`) are what the
+    checkpoint's config records; a later stage keeps the attention mode it does not set."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--write-example-data", "runs/example-data"]) == 0
+    stage1 = [
+        "--set",
+        "attention_mode=bidirectional",
+        "--set",
+        "model.negative_prompt=blurry",
+        "--set",
+        "model.instruction=Draw {prompt}",
+    ]
+    for stage, extra in ((1, stage1), (2, [])):
+        args = ["train", "--config", f"example-stage{stage}", "--max-steps", "1", "--set", "batch_size=2"]
+        assert main(args + extra) == 0
+    for stage in (1, 2):
+        config = json.loads((tmp_path / "runs" / f"example-stage{stage}" / "final" / "easyref_config.json").read_text())
+        assert config["attention_mode"] == "bidirectional"
+        assert config["negative_prompt"] == "blurry" and config["instruction"] == "Draw {prompt}"
+
+
 @pytest.mark.skipif(
     __import__("importlib").util.find_spec("deepspeed") is None,
     reason="DeepSpeed is not installed (it is not a dependency; install it to run this check)",

@@ -605,6 +605,10 @@ def test_deeply_nested_input_is_one_line(tiny_dirs, example, tmp_path, capsys, w
         (["max_steps=2.5"], "max_steps must be an integer"),
         (["attention_mode=sideways"], "attention_mode must be one of official, bidirectional"),
         (["lora_rank=["], "not valid YAML"),
+        (["model.base=elsewhere"], "model.base: not a model setting a run chooses"),
+        (["model.lora_rank=4"], "model.lora_rank: set lora_rank at the top level"),
+        (["model.instruction=no placeholder"], "instruction must contain the placeholder '{prompt}'"),
+        (["model=[1, 2]"], "model must be a mapping of settings"),
         (["stage=2", "init_from=RUN/final"], "is inside output_dir"),  # its final/ would be replaced
     ],
 )

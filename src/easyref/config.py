@@ -94,7 +94,7 @@ class EasyRefConfig:
             raise ValueError(f"extra must be a JSON object, got {type(self.extra).__name__}")
         reference_mode(self.reference_mode)
         if self.attention_mode not in ATTENTION_MODES:
-            raise ValueError(f"attention_mode must be one of {ATTENTION_MODES}, got {self.attention_mode!r}")
+            raise ValueError(f"attention_mode must be one of {', '.join(ATTENTION_MODES)}, got {self.attention_mode!r}")
         _check_instruction(self.instruction)
         if len(self.negative_instruction) > MAX_INSTRUCTION_CHARS or len(self.negative_prompt) > MAX_INSTRUCTION_CHARS:
             raise ValueError(

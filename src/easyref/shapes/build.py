@@ -105,36 +105,43 @@ PRESETS = {
 }
 
 
+# What every EasyRef stage in the shapes world uses: 64 px targets, small buckets, CPU-sized runs that
+# keep one checkpoint; the rest of a stage's config comes from the recipe (`stage_config`).
+WORLD_STAGE_SETTINGS = {
+    "resolution": 64,
+    "crop": "center",
+    "bucket_stride": 16,
+    "max_references": 8,
+    "keep_checkpoints": 1,
+    "mixed_precision": "no",
+    "gradient_checkpointing": False,
+    "tensorboard": False,
+}
+STAGE_DATA = {1: "pairs.jsonl", 2: "faces.jsonl", 3: "groups.jsonl"}
+
+
 def stage_config(recipe: Recipe, stage: int, work: Path):
     from ..train.config import TrainConfig
 
-    data = work / "data"
-    files = {1: "pairs.jsonl", 2: "faces.jsonl", 3: "groups.jsonl"}
+    steps = recipe.stage_steps[stage - 1]
     return TrainConfig(
+        **WORLD_STAGE_SETTINGS,
         stage=stage,
         base=str(work / "base"),
         mllm=str(work / "qwen2vl"),
         init_from=str(work / f"stage{stage - 1}" / "final") if stage > 1 else None,
         output_dir=str(work / f"stage{stage}"),
-        data=str(data / files[stage]),
-        data_root=str(data),
-        resolution=64,
-        crop="center",
-        bucket_stride=16,
-        max_references=8,
+        data=str(work / "data" / STAGE_DATA[stage]),
+        data_root=str(work / "data"),
         truncate_rate=0.4 if stage == 3 else 0.0,
         reference_image_size=recipe.reference_image_size,
         lora_rank=recipe.lora_rank,
         learning_rate=recipe.stage_lr[stage - 1],
         batch_size=recipe.batch_size,
-        max_steps=recipe.stage_steps[stage - 1],
-        checkpoint_every=max(1, recipe.stage_steps[stage - 1] // 3),
-        keep_checkpoints=1,
-        log_every=max(1, min(50, recipe.stage_steps[stage - 1])),
-        mixed_precision="no",
-        gradient_checkpointing=False,
+        max_steps=steps,
+        checkpoint_every=max(1, steps // 3),
+        log_every=max(1, min(50, steps)),
         num_workers=recipe.num_workers,
-        tensorboard=False,
         seed=recipe.seed,
     )
 

@@ -31,7 +31,15 @@ def add_train_parser(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", help="recipe name (stage1/stage2/stage3) or YAML/JSON config file")
-    p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE", help="override settings")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override settings (model.KEY=VALUE: a setting of the model mapping); repeatable",
+    )
     p.add_argument("--output-dir", help="where checkpoints and logs go (overrides the config's output_dir)")
     p.add_argument("--max-steps", type=int, help="optimizer steps to reach (overrides max_steps)")
     p.add_argument("--resume", metavar="latest|DIR", help="continue exactly from a checkpoint of this run")

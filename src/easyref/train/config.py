@@ -18,6 +18,21 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 STAGE_NAMES = {1: "alignment pretraining", 2: "single-reference finetuning", 3: "multi-reference finetuning"}
 
 
+MODEL = {"section": "model"}
+NEW_MODEL = {"section": "model", "new_model_only": True}
+# EasyRefConfig fields a run decides itself: the parts it loads, their widths, what it trains
+RUN_DECIDES = (
+    "base",
+    "mllm",
+    "mllm_hidden_size",
+    "cross_attention_dim",
+    "max_references",
+    "has_trunk",
+    "version",
+    "extra",
+)
+
+
 class ConfigError(ValueError):
     """A training configuration that cannot be used (one line naming the field)."""
 
@@ -54,15 +69,18 @@ class TrainConfig:
     face_expand_max: float = 0.5
     flip_rate: float = 0.5
     num_workers: int = 2
-    # model shape (only used when there is no init_from checkpoint to take it from)
-    num_reference_tokens: int = 64
-    reference_image_size: int = 336
-    lora_rank: int = 0
-    reference_mode: str = "joint"  # joint = EasyRef; mean / concat = the per-reference baselines
+    # the model (`EasyRefConfig` settings, which the checkpoint records). Its shape is taken from the
+    # init_from checkpoint when there is one, so these three apply to a new model only:
+    num_reference_tokens: int = field(default=64, metadata=NEW_MODEL)
+    reference_image_size: int = field(default=336, metadata=NEW_MODEL)
+    lora_rank: int = field(default=0, metadata=NEW_MODEL)  # the UNet LoRA, trained from stage 2 on
+    reference_mode: str = field(default="joint", metadata=MODEL)  # joint = EasyRef; mean / concat = baselines
     # the aggregation layer's attention: "official" (causal, what the released weights were trained with)
     # or "bidirectional" (the reference tokens also attend to each other and are attended to);
     # None: the previous stage's, else official
-    attention_mode: str | None = None
+    attention_mode: str | None = field(default=None, metadata=MODEL)
+    # any other `EasyRefConfig` setting, e.g. {instruction: "...{prompt}", negative_prompt: ""}
+    model: dict = field(default_factory=dict)
     # optimisation
     learning_rate: float = 1e-4
     weight_decay: float = 0.0
@@ -109,30 +127,45 @@ class TrainConfig:
             0.0 <= self.max_skip_fraction <= 1.0,
             f"max_skip_fraction must be in [0, 1] (0 = stop at the first skipped sample), got {self.max_skip_fraction}",
         )
-        from ..config import ATTENTION_MODES
-        from ..reference_modes import reference_mode
-
-        try:
-            reference_mode(self.reference_mode)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-        if self.attention_mode is not None and self.attention_mode not in ATTENTION_MODES:
-            raise ConfigError(
-                f"attention_mode must be one of {', '.join(ATTENTION_MODES)}, got {self.attention_mode!r}"
-            )
+        self._check_model_settings()
         if self.stage > 1 and self.init_from is None:
             raise ConfigError(f"stage {self.stage} starts from the previous stage's checkpoint: set init_from")
         if self.validation_every and not self.validation_references:
             raise ConfigError("validation_every needs validation_references (image paths of a fixed group)")
 
+    def model_settings(self, new_model: bool) -> dict:
+        """The `EasyRefConfig` settings this run asks for; for a model continued from init_from, without
+        the shape settings it takes from there."""
+        settings = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.metadata.get("section") == "model" and (new_model or not f.metadata.get("new_model_only"))
+        }
+        return {k: v for k, v in settings.items() if v is not None} | self.model
+
+    def _check_model_settings(self) -> None:
+        """`EasyRefConfig` judges its own settings; here only which of them a run may choose."""
+        from ..config import EasyRefConfig
+
+        if not isinstance(self.model, dict) or not all(isinstance(k, str) for k in self.model):
+            raise ConfigError(f"model must be a mapping of settings, got {_short(self.model)}")
+        own = {f.name for f in dataclasses.fields(self) if f.metadata.get("section") == "model"}
+        choosable = {f.name for f in dataclasses.fields(EasyRefConfig)} - set(RUN_DECIDES) - own
+        for key in self.model:
+            if key in own:
+                raise ConfigError(f"model.{key}: set {key} at the top level of the config")
+            if key not in choosable:
+                known = ", ".join(sorted(choosable))
+                raise ConfigError(f"model.{key}: not a model setting a run chooses (known: {known})")
+        try:
+            EasyRefConfig(**self.model_settings(new_model=True))
+        except (TypeError, ValueError) as err:
+            raise ConfigError(str(err)) from None
+
     @property
     def trains_trunk(self) -> bool:
         """Stages 2-3 train the whole MLLM and the UNet LoRA; stage 1 only the new modules."""
         return self.stage > 1
-
-    @property
-    def global_batch_size_per_step(self) -> int:
-        return self.batch_size * self.gradient_accumulation_steps
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -278,7 +311,13 @@ def parse_overrides(items: list[str]) -> dict:
 
 def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
     values = read_config_file(path)
-    values.update(overrides or {})
+    for key, value in (overrides or {}).items():
+        section, dot, name = key.partition(".")
+        if dot and section == "model":  # `--set model.negative_prompt=...`: one setting of the mapping
+            model = values.get("model") if isinstance(values.get("model"), dict) else {}
+            values["model"] = {**model, name: value}
+        else:
+            values[key] = value
     return TrainConfig.from_dict(values, source=str(path))
 
 

@@ -19,6 +19,7 @@ after start-up is refused for that sample (it is skipped with the reason, or fat
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -220,6 +221,12 @@ class DataSettings:
     face_expand_max: float = 0.5  # stage 2: the square face box grows by U[0, this) of its side per side
     flip_rate: float = 0.5  # stage 2: horizontal flip of the face crop
     seed: int = 0
+
+    @classmethod
+    def from_config(cls, config) -> DataSettings:
+        """A `TrainConfig`'s settings of the same names (the training config holds every one but
+        `drop_image_size`)."""
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls) if hasattr(config, f.name)})
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2, 3):

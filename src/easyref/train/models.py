@@ -72,39 +72,39 @@ def _provenance(base, mllm) -> dict:
 
 
 def _model_config(config: TrainConfig, base, mllm, previous: EasyRefConfig | None, unet) -> EasyRefConfig:
-    """The checkpoint records the base and MLLM it was trained with (`recorded_name`), and where they were read."""
-    names = {"base": recorded_name(base), "mllm": recorded_name(mllm)}
+    """The run's model settings (`TrainConfig.model_settings`) over what the parts and the stage decide; the
+    checkpoint records the base and MLLM it was trained with (`recorded_name`), and where they were read."""
+    settings = config.model_settings(new_model=previous is None)
+    rank = settings.pop("lora_rank", 0)
+    decided = {
+        "base": recorded_name(base),
+        "mllm": recorded_name(mllm),
+        "max_references": max(
+            previous.max_references if previous else EasyRefConfig.max_references, config.max_references
+        ),
+        "extra": {**(previous.extra if previous else {}), **_provenance(base, mllm)},
+    }
     if previous is None:
         from transformers import AutoConfig
 
         return EasyRefConfig(
-            **names,
+            **decided,
+            **settings,
             mllm_hidden_size=AutoConfig.from_pretrained(mllm.path).text_config.hidden_size,
             cross_attention_dim=unet.config.cross_attention_dim,
-            num_reference_tokens=config.num_reference_tokens,
-            reference_image_size=config.reference_image_size,
-            max_references=max(EasyRefConfig.max_references, config.max_references),
-            reference_mode=config.reference_mode,
-            **({"attention_mode": config.attention_mode} if config.attention_mode else {}),
-            lora_rank=config.lora_rank if config.trains_trunk else 0,
+            lora_rank=rank if config.trains_trunk else 0,
             has_trunk=config.trains_trunk,
-            extra=_provenance(base, mllm),
         )
-    for part, name in names.items():
-        if getattr(previous, part) != name:
-            logger.warning("init_from was trained with %s %s; this stage uses %s", part, getattr(previous, part), name)
-    lora_rank = previous.lora_rank or (config.lora_rank if config.trains_trunk else 0)
+    for part in ("base", "mllm"):
+        if getattr(previous, part) != decided[part]:
+            logger.warning(
+                "init_from was trained with %s %s; this stage uses %s", part, getattr(previous, part), decided[part]
+            )
     if previous.lora_rank and config.lora_rank and config.lora_rank != previous.lora_rank:
-        logger.warning("lora_rank %d ignored: the previous stage trained rank %d", config.lora_rank, lora_rank)
+        logger.warning("lora_rank %d ignored: the previous stage trained rank %d", config.lora_rank, previous.lora_rank)
+    lora_rank = previous.lora_rank or (config.lora_rank if config.trains_trunk else 0)
     return dataclasses.replace(
-        previous,
-        **names,
-        max_references=max(previous.max_references, config.max_references),
-        reference_mode=config.reference_mode,
-        attention_mode=config.attention_mode or previous.attention_mode,
-        lora_rank=lora_rank,
-        has_trunk=config.trains_trunk or previous.has_trunk,
-        extra={**previous.extra, **_provenance(base, mllm)},
+        previous, **decided, **settings, lora_rank=lora_rank, has_trunk=config.trains_trunk or previous.has_trunk
     )
 
 

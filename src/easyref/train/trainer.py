@@ -166,21 +166,7 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
     def _dataset(self) -> TrainDataset:
         c = self.config
-        settings = DataSettings(
-            stage=c.stage,
-            resolution=c.resolution,
-            crop=c.crop,
-            keep_aspect=c.keep_aspect,
-            bucket_stride=c.bucket_stride,
-            max_references=c.max_references,
-            truncate_rate=c.truncate_rate,
-            image_drop_rate=c.image_drop_rate,
-            text_drop_rate=c.text_drop_rate,
-            both_drop_rate=c.both_drop_rate,
-            face_expand_max=c.face_expand_max,
-            flip_rate=c.flip_rate,
-            seed=c.seed,
-        )
+        settings = DataSettings.from_config(c)
         records = load_records(c.data)
         self._example = records[0] if records else None  # for the command printed at the end
         root = Path(c.data_root)
@@ -223,10 +209,6 @@ class Trainer:
         self.text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if acc.is_main_process and acc.log_with:
             acc.init_trackers("easyref", config=_flat_config(c))
-
-    @property
-    def per_process_batch(self) -> int:
-        return self.config.batch_size
 
     @property
     def global_batch(self) -> int:
