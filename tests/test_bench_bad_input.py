@@ -562,7 +562,7 @@ def test_a_local_metric_folder_never_touches_the_network(metric_dirs, monkeypatc
         (["--scale", "-1"], "--scale must be a finite number between 0 and 10"),
         (["--seed", "-1"], "--seed must be between 0 and"),
         (["--height", "4096", "--width", "4096"], "pixels; at most 4194304"),
-        (["--device", "nonsense"], "unknown --device 'nonsense'"),
+        (["--device", "nonsense"], "unknown device 'nonsense'"),
         (["--limit", "0"], "--limit must be >= 1"),
     ],
 )

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from .devices import DTYPE_NAMES
 from .errors import RunFailure, UserError
 from .generation import (
     GENERATE_DEFAULTS,
@@ -44,7 +45,7 @@ from .safe_io import describe_os_error
 logger = logging.getLogger("easyref")
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-DTYPES = ("auto", "float32", "float16", "bfloat16")
+DTYPES = DTYPE_NAMES
 
 
 # ---------------------------------------------------------------------------- parser
@@ -161,7 +162,9 @@ def add_model_options(p) -> None:
 
 def add_device_options(p) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", choices=DTYPES, help="default: float16 on GPU, float32 on CPU")
+    p.add_argument(
+        "--dtype", choices=DTYPES, help="default: bfloat16 on a GPU (float16 where it lacks bfloat16), float32 on CPU"
+    )
 
 
 def _add_serve(sub) -> None:
@@ -342,19 +345,12 @@ def load_image(path: Path) -> Image.Image:
 
 
 def resolve_device(name: str, dtype_name: str):
-    import torch
+    from .devices import DeviceError, resolve_device_dtype
 
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown --device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but no CUDA GPU is available")
-    if dtype_name == "auto":
-        dtype_name = "float16" if device.type == "cuda" else "float32"
-    return device, getattr(torch, dtype_name)
+        return resolve_device_dtype(name, dtype_name)
+    except DeviceError as err:
+        raise UserError(f"--device/--dtype: {err}") from None
 
 
 def load_pipeline(args):

@@ -216,21 +216,15 @@ def _first_line(err: BaseException) -> str:
 
 
 def _check_device(name: str | None) -> None:
+    from ..devices import DeviceError, resolve_device
     from ..errors import UserError
 
     if name is None:
         return
-    import torch
-
     try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UserError(f"unknown --device {name!r} (use e.g. cpu, cuda, cuda:1)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name} asked for, but no CUDA GPU is available")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        resolve_device(name)
+    except DeviceError as err:
+        raise UserError(f"--device: {err}") from None
 
 
 def _check_run_args(args) -> None:

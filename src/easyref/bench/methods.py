@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from ..config import DEFAULT_NEGATIVE_PROMPT
+from ..devices import resolve_device_dtype
 from . import (  # noqa: F401  (METHOD_NAMES is part of this module's interface)
     DEFAULT_IMAGE_ENCODER_FOLDER,
     DEFAULT_IP_ADAPTER,
@@ -80,19 +81,6 @@ class Method(Protocol):
 
 # ---------------------------------------------------------------------------------------------------
 # shared helpers
-
-
-def resolve_device_dtype(device: str | torch.device | None, dtype: torch.dtype | str | None):
-    """None -> CUDA when present; bfloat16 there (safe for both SDXL and Qwen2-VL), float32 on CPU."""
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if isinstance(dtype, str):
-        resolved = getattr(torch, dtype.removeprefix("torch."), None)
-        if not isinstance(resolved, torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r} (use e.g. 'float32', 'float16', 'bfloat16')")
-        dtype = resolved
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return device, dtype
 
 
 def generators(seeds: Sequence[int]) -> list[torch.Generator]:

@@ -1,0 +1,58 @@
+"""Where models run and in which precision: one rule for generation, serving and the benchmark.
+
+Default device: the first CUDA GPU when there is one, else the CPU. Default dtype: bfloat16 on a GPU
+that supports it (SDXL and Qwen2-VL both run safely in it; Qwen2-VL was trained in it), float16 on an
+older GPU, float32 on the CPU. torch is imported only when a device is resolved, so argument checks
+stay light.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
+
+
+class DeviceError(ValueError):
+    """A device or dtype that does not exist here (one line)."""
+
+
+def resolve_device(name: str | torch.device | None = None) -> torch.device:
+    """`None` or `auto`: CUDA when present, else the CPU; a named device must exist on this machine."""
+    import torch
+
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise DeviceError(f"unknown device {str(name)!r} (use e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {name} asked for, but no CUDA GPU is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype):
+        raise DeviceError(f"unknown dtype {dtype!r} (use one of {', '.join(DTYPE_NAMES)})")
+    return resolved
+
+
+def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
+    resolved = resolve_device(device)
+    return resolved, resolve_dtype(dtype, resolved)
