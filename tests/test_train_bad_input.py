@@ -157,7 +157,7 @@ def _awkward_images(folder: Path) -> list[Path]:
 
 def test_trainer_and_validation_decode_with_the_shared_rule(tmp_path):
     paths = _awkward_images(tmp_path / "img")
-    assert train_data.load_image is open_image and not hasattr(train_data, "_high_depth_to_l")
+    assert train_data.open_image is open_image and not hasattr(train_data, "_high_depth_to_l")
     validation = load_validation_references([str(p) for p in paths])
     dataset = TrainDataset(
         [{"target": p.name} for p in paths],

@@ -16,6 +16,7 @@ import os
 import stat
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
@@ -50,6 +51,31 @@ def open_regular(path: str | Path):
     if hasattr(os, "O_NONBLOCK"):
         os.set_blocking(fd, True)
     return os.fdopen(fd, "rb")
+
+
+_ORIENTATION_TAG = 0x0112  # EXIF
+_TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})  # turned by 90 degrees: width and height swap
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    size: tuple[int, int]  # (width, height) as stored
+    format: str | None
+    orientation: int | None  # EXIF orientation, when asked for
+
+    @property
+    def upright_size(self) -> tuple[int, int]:
+        """(width, height) once the EXIF turn is applied, as `open_image` returns the pixels."""
+        width, height = self.size
+        return (height, width) if self.orientation in _TRANSPOSED_ORIENTATIONS else (width, height)
+
+
+def read_header(path: str | Path, orientation: bool = False) -> ImageHeader:
+    """Size and format (and EXIF orientation) from the header alone: PIL opens lazily, so no pixels are
+    decoded. Regular files only, like every read here."""
+    with open_regular(path) as handle, Image.open(handle) as image:
+        turn = image.getexif().get(_ORIENTATION_TAG) if orientation else None
+        return ImageHeader(image.size, image.format, turn)
 
 
 def open_image(path: str | Path) -> Image.Image:

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..images import ImageFileError, open_image, open_regular, verify_image
+from ..images import ImageFileError, open_image, open_regular, read_header, verify_image
 from ..safe_io import JSONFileError, atomic_write_text, parse_json
 
 logger = logging.getLogger(__name__)
@@ -337,11 +337,8 @@ def image_problem(path: Path) -> str | None:
 
 def image_size(path: Path) -> tuple[int, int]:
     """(width, height) as stored, from the header alone (an EXIF turn swaps them; ratios do not care)."""
-    from PIL import Image
-
     try:
-        with open_regular(path) as handle, Image.open(handle) as image:
-            return image.size
+        return read_header(path).size
     except ImageFileError:
         raise
     except Exception as err:  # PIL's many exception types for a header it cannot read
@@ -349,11 +346,8 @@ def image_size(path: Path) -> tuple[int, int]:
 
 
 def _format(path: Path) -> str | None:
-    from PIL import Image
-
     try:
-        with open_regular(path) as handle, Image.open(handle) as image:
-            return image.format
+        return read_header(path).format
     except Exception:  # verify_image has just read it; a file that changed since is decoded in full
         return None
 

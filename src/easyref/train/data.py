@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ..images import ImageFileError, open_image, open_regular, to_rgb  # noqa: F401  (to_rgb: re-exported)
+from ..images import ImageFileError, open_image, open_regular, read_header
 from .config import check_data_file
 
 logger = logging.getLogger(__name__)
@@ -45,9 +45,6 @@ logger = logging.getLogger(__name__)
 Key = tuple[int, int]
 Box = tuple[float, float, float, float]
 
-_ORIENTATION_TAG = 0x0112
-# EXIF orientations 5-8 include a 90-degree turn, so the upright image has width and height swapped.
-_TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})
 # PIL decoders signal broken files with many exception types; all of them mean "this file is unusable".
 _IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 _CROP_MODES = ("random", "center")
@@ -380,19 +377,6 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 # Image files
 
 
-# The one decoding rule (regular files only, full decode, EXIF upright, 16-bit scaled, alpha on white),
-# kept under the names other modules import from here.
-load_image = open_image
-
-
-def _upright_size(path: Path) -> tuple[int, int]:
-    # Header only: PIL opens lazily, so this does not decode pixels. open_regular: never block on a FIFO.
-    with open_regular(path) as handle, Image.open(handle) as image:
-        width, height = image.size
-        orientation = image.getexif().get(_ORIENTATION_TAG)
-    return (height, width) if orientation in _TRANSPOSED_ORIENTATIONS else (width, height)
-
-
 def _failure_reason(path: Path, exc: BaseException, opened: Path | None = None) -> str:
     if isinstance(exc, FileNotFoundError) or not path.exists():
         return "file not found"
@@ -488,7 +472,9 @@ class TrainDataset(torch.utils.data.Dataset):
         """Upright (width, height) of the target from its header (cached), or None if unreadable."""
         if index not in self._sizes:
             try:
-                self._sizes[index] = _upright_size(self._contained(self._entries[index].target))
+                self._sizes[index] = read_header(
+                    self._contained(self._entries[index].target), orientation=True
+                ).upright_size
             except (_SampleFailed, *_IMAGE_ERRORS):
                 self._sizes[index] = None
         return self._sizes[index]
@@ -511,7 +497,7 @@ class TrainDataset(torch.utils.data.Dataset):
     def _load(self, path: Path) -> Image.Image:
         real = self._contained(path)
         try:
-            return load_image(real)
+            return open_image(real)
         except _IMAGE_ERRORS as exc:
             raise _SampleFailed(path, _failure_reason(path, exc, real)) from None
 
