@@ -54,6 +54,18 @@ import _common  # noqa: E402
 logger = logging.getLogger("benchmarks.encode_scaling")
 
 PROMPT = "a portrait in the same style"
+SCALING_HEADERS = [
+    "N refs",
+    "seq len",
+    "visual tokens",
+    "ours ms",
+    "naive ms",
+    "naive/ours time",
+    "ours peak",
+    "naive peak",
+    "naive/ours peak",
+    "max abs diff",
+]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -250,64 +262,70 @@ def parse_args(argv):
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    device, busy = _common.start_run(args)
-    torch.manual_seed(args.seed)
+def build_encoders(args, workdir: Path, device):
+    """(ours, naive, ours load s, naive load s), naive holding our aggregator's weights so both compute the same."""
+    if args.real_config:
+        ours, naive, ours_load, naive_load = build_real(args, device, args.dtype)
+    else:
+        ours, naive, ours_load, naive_load = build_tiny(args, workdir, device, args.dtype)
+    naive.to(device, args.dtype)
+    naive.load_aggregator_from(ours)
+    return ours, naive, ours_load, naive_load
 
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.real_config:
-            ours, naive, ours_load, naive_load = build_real(args, device, args.dtype)
-        else:
-            ours, naive, ours_load, naive_load = build_tiny(args, Path(tmp), device, args.dtype)
-        naive.to(device, args.dtype)
-        naive.load_aggregator_from(ours)
 
-        rows = []
-        with torch.inference_mode():
-            for n in args.sizes:
-                inputs = ours.prepare([make_images(n, args.input_size, args.seed + n)], [PROMPT]).to(device)
-                length = inputs.input_ids.shape[1]
-                visual_tokens = int((inputs.input_ids == ours.image_token_id).sum())
-                a, b = ours.encode(inputs), naive.encode(inputs)
-                diff = (a.float() - b.float()).abs().max().item()
-                del a, b
-                t = _common.interleaved_times(
-                    {"ours": lambda: ours.encode(inputs), "naive": lambda: naive.encode(inputs)},
-                    args.repeats,
-                    args.warmup,
-                    device,
-                )
-                t_ours, t_naive, speedup = t.median("ours"), t.median("naive"), t.ratio("naive", "ours")
-                m_ours, how = _common.peak_memory(lambda: ours.encode(inputs), device)
-                m_naive, _ = _common.peak_memory(lambda: naive.encode(inputs), device)
-                logger.info(
-                    "N=%d L=%d ours %.4fs naive %.4fs peak %s / %s diff %.2e",
-                    n,
-                    length,
-                    t_ours,
-                    t_naive,
-                    _common.fmt_bytes(m_ours),
-                    _common.fmt_bytes(m_naive),
-                    diff,
-                )
-                rows.append(
-                    [
-                        n,
-                        length,
-                        visual_tokens,
-                        f"{t_ours * 1e3:.1f}",
-                        f"{t_naive * 1e3:.1f}",
-                        f"{speedup:.2f}x",
-                        _common.fmt_bytes(m_ours),
-                        _common.fmt_bytes(m_naive),
-                        f"{m_naive / m_ours:.2f}x" if m_ours > 0 else "n/a",
-                        f"{diff:.1e}",
-                    ]
-                )
+def measure_size(ours, naive, n: int, args, device) -> tuple[list, str]:
+    """(table row, how peak memory was measured) for `n` references."""
+    inputs = ours.prepare([make_images(n, args.input_size, args.seed + n)], [PROMPT]).to(device)
+    length = inputs.input_ids.shape[1]
+    visual_tokens = int((inputs.input_ids == ours.image_token_id).sum())
+    a, b = ours.encode(inputs), naive.encode(inputs)
+    diff = (a.float() - b.float()).abs().max().item()
+    del a, b
+    t = _common.interleaved_times(
+        {"ours": lambda: ours.encode(inputs), "naive": lambda: naive.encode(inputs)},
+        args.repeats,
+        args.warmup,
+        device,
+    )
+    t_ours, t_naive, speedup = t.median("ours"), t.median("naive"), t.ratio("naive", "ours")
+    m_ours, how = _common.peak_memory(lambda: ours.encode(inputs), device)
+    m_naive, _ = _common.peak_memory(lambda: naive.encode(inputs), device)
+    logger.info(
+        "N=%d L=%d ours %.4fs naive %.4fs peak %s / %s diff %.2e",
+        n,
+        length,
+        t_ours,
+        t_naive,
+        _common.fmt_bytes(m_ours),
+        _common.fmt_bytes(m_naive),
+        diff,
+    )
+    row = [
+        n,
+        length,
+        visual_tokens,
+        f"{t_ours * 1e3:.1f}",
+        f"{t_naive * 1e3:.1f}",
+        f"{speedup:.2f}x",
+        _common.fmt_bytes(m_ours),
+        _common.fmt_bytes(m_naive),
+        f"{m_naive / m_ours:.2f}x" if m_ours > 0 else "n/a",
+        f"{diff:.1e}",
+    ]
+    return row, how
 
-    p_ours = _common.param_bytes([ours])
-    p_naive = _common.param_bytes(naive.modules())
+
+def measure_sizes(ours, naive, args, device) -> tuple[list, str]:
+    """(table rows, how peak memory was measured) over `--sizes`."""
+    rows = []
+    with torch.inference_mode():
+        for n in args.sizes:
+            row, how = measure_size(ours, naive, n, args, device)
+            rows.append(row)
+    return rows, how
+
+
+def print_scaling_table(args, device, busy, how: str, rows: list) -> None:
     what = "Qwen2-VL-2B architecture (random weights)" if args.real_config else "tiny Qwen2-VL (easyref.tiny)"
     if args.real_config and (args.num_layers != 28 or args.vision_depth != 32):
         what += f", shrunk to {args.num_layers} text layers / vision depth {args.vision_depth}"
@@ -317,25 +335,14 @@ def main(argv=None) -> int:
         f"reference_image_size {args.image_size}; median of {args.repeats} after {args.warmup} warm-up; "
         f"peak memory = {how}; naive release extras: {'on' if args.release_extras else 'off'}\n"
     )
-    print(
-        _common.markdown_table(
-            [
-                "N refs",
-                "seq len",
-                "visual tokens",
-                "ours ms",
-                "naive ms",
-                "naive/ours time",
-                "ours peak",
-                "naive peak",
-                "naive/ours peak",
-                "max abs diff",
-            ],
-            rows,
-        )
-    )
-    print()
-    load = lambda t: "n/a" if t is None else f"{t:.2f}"  # noqa: E731
+    print(_common.markdown_table(SCALING_HEADERS, rows))
+
+
+def fmt_load(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds:.2f}"
+
+
+def print_parameter_table(p_ours, p_naive, ours_load: float | None, naive_load: float | None) -> None:
     print(
         _common.markdown_table(
             ["encoder", "parameters", "parameter bytes", "load s"],
@@ -344,13 +351,13 @@ def main(argv=None) -> int:
                     "ours (trunk + aggregation layer, MLLM held once)",
                     f"{p_ours[0]:,}",
                     _common.fmt_bytes(p_ours[1]),
-                    load(ours_load),
+                    fmt_load(ours_load),
                 ],
                 [
                     "naive (two whole Qwen2-VL copies)",
                     f"{p_naive[0]:,}",
                     _common.fmt_bytes(p_naive[1]),
-                    load(naive_load),
+                    fmt_load(naive_load),
                 ],
                 [
                     "naive / ours",
@@ -361,6 +368,20 @@ def main(argv=None) -> int:
             ],
         )
     )
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device, busy = _common.start_run(args)
+    torch.manual_seed(args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        ours, naive, ours_load, naive_load = build_encoders(args, Path(tmp), device)
+        rows, how = measure_sizes(ours, naive, args, device)
+    p_ours = _common.param_bytes([ours])
+    p_naive = _common.param_bytes(naive.modules())
+    print_scaling_table(args, device, busy, how, rows)
+    print()
+    print_parameter_table(p_ours, p_naive, ours_load, naive_load)
     return 0
 
 

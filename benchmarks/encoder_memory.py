@@ -47,6 +47,12 @@ logger = logging.getLogger("benchmarks.encoder_memory")
 
 TOKENS_PER_REFERENCE = 146  # 144 merged visual tokens of a 336-px square + <|vision_start|>, <|vision_end|>
 TEXT_TOKENS = 60  # system turn + instruction + a short prompt + generation prompt (estimate)
+ENCODERS = [  # (row label, key of measure()'s result)
+    ("full Qwen2VLForConditionalGeneration", "full"),
+    ("**ours**: ReferenceEncoder (trunk + aggregation layer)", "ours"),
+    ("naive: two full models held (+ reference tokens)", "naive"),
+    ("release code after its own pruning (+ reference tokens)", "release_pruned"),
+]
 
 
 def count(modules) -> int:
@@ -130,16 +136,8 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    _common.setup_logging(args.verbose)
-    dtype = _common.parse_dtype(args.dtype)
-    results = [measure(tied, dtype, args.num_tokens) for tied in (True, False)]
-    tied, untied = results
-    bpp = tied["bytes_per_param"]
-    b = lambda n: _common.fmt_bytes(n * bpp)  # noqa: E731
-    dname = str(dtype).removeprefix("torch.")
-
+def consistency_ok(results: list[dict]) -> bool:
+    """Whether the measured counts agree with the config formula and the parts; logs each disagreement."""
     ok = True
     for r in results:
         label = "tied" if r["tied"] else "untied"
@@ -158,7 +156,10 @@ def main(argv=None) -> int:
             if not good:
                 logger.error("%s: %s: NO", label, what)
                 ok = False
+    return ok
 
+
+def print_parts_table(tied: dict, untied: dict, b, dname: str, bpp: int) -> None:
     print(
         f"### Reference-encoder parameter memory: Qwen2-VL-2B-Instruct architecture ({dname}, "
         f"{bpp} bytes/param, meta device: no weights allocated)\n"
@@ -181,25 +182,21 @@ def main(argv=None) -> int:
             ],
         )
     )
-    print()
-    rows = []
-    for name, key in [
-        ("full Qwen2VLForConditionalGeneration", "full"),
-        ("**ours**: ReferenceEncoder (trunk + aggregation layer)", "ours"),
-        ("naive: two full models held (+ reference tokens)", "naive"),
-        ("release code after its own pruning (+ reference tokens)", "release_pruned"),
-    ]:
-        rows.append(
-            [
-                name,
-                f"{tied[key]:,}",
-                b(tied[key]),
-                f"{tied[key] / tied['ours']:.3f}",
-                f"{untied[key]:,}",
-                b(untied[key]),
-                f"{untied[key] / untied['ours']:.3f}",
-            ]
-        )
+
+
+def print_encoder_table(tied: dict, untied: dict, b, dname: str) -> None:
+    rows = [
+        [
+            name,
+            f"{tied[key]:,}",
+            b(tied[key]),
+            f"{tied[key] / tied['ours']:.3f}",
+            f"{untied[key]:,}",
+            b(untied[key]),
+            f"{untied[key] / untied['ours']:.3f}",
+        ]
+        for name, key in ENCODERS
+    ]
     print(
         _common.markdown_table(
             [
@@ -214,15 +211,20 @@ def main(argv=None) -> int:
             rows,
         )
     )
-    print()
+
+
+def print_checks(results: list[dict], b, num_tokens: int) -> bool:
+    """Print the expected-vs-measured lines; whether every expected count matched."""
+    tied, untied = results
     d = tied["text"].hidden_size
+    ok = True
     for r in results:
         label = "tied (real 2B)" if r["tied"] else "untied"
         match = r["ours"] == r["expected_ours"]
         ok &= match
         print(
             f"- {label}: expected ours = full {r['full']:,} - lm_head {r['parts']['lm_head (separate tensor)']:,} "
-            f"+ aggregator norm {d:,} + reference tokens {args.num_tokens} x {d} = {r['expected_ours']:,}; "
+            f"+ aggregator norm {d:,} + reference tokens {num_tokens} x {d} = {r['expected_ours']:,}; "
             f"measured {r['ours']:,}: **{'match' if match else 'MISMATCH'}**"
         )
     print(
@@ -237,28 +239,27 @@ def main(argv=None) -> int:
         f"vs the release after pruning: {b(tied['release_pruned'] - tied['ours'])} (tied), "
         f"{b(untied['release_pruned'] - untied['ours'])} (untied)"
     )
+    return ok
 
+
+def activation_row(n: int, text, bpp: int) -> list:
+    length = TOKENS_PER_REFERENCE * n + TEXT_TOKENS
+    logits = length * text.vocab_size * 4
+    states = (text.num_hidden_layers - 1 + 1) * length * text.hidden_size * bpp  # 27 trunk-layer inputs + normed output
+    return [
+        n,
+        f"~{length:,}",
+        _common.fmt_bytes(logits),
+        _common.fmt_bytes(states),
+        _common.fmt_bytes(logits + states),
+    ]
+
+
+def print_activation_table(text, sizes: list[int], bpp: int, dname: str) -> None:
     print(
         "\n### Per-call activations the release's path keeps alive and ours never makes "
         f"(estimate, Qwen2-VL-2B, {dname})\n"
     )
-    text = tied["text"]
-    act_rows = []
-    for n in args.sizes:
-        length = TOKENS_PER_REFERENCE * n + TEXT_TOKENS
-        logits = length * text.vocab_size * 4
-        states = (
-            (text.num_hidden_layers - 1 + 1) * length * text.hidden_size * bpp
-        )  # 27 trunk-layer inputs + normed output
-        act_rows.append(
-            [
-                n,
-                f"~{length:,}",
-                _common.fmt_bytes(logits),
-                _common.fmt_bytes(states),
-                _common.fmt_bytes(logits + states),
-            ]
-        )
     print(
         _common.markdown_table(
             [
@@ -268,9 +269,28 @@ def main(argv=None) -> int:
                 "kept hidden states (27 layer inputs + normed output)",
                 "total",
             ],
-            act_rows,
+            [activation_row(n, text, bpp) for n in sizes],
         )
     )
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    _common.setup_logging(args.verbose)
+    dtype = _common.parse_dtype(args.dtype)
+    results = [measure(tied, dtype, args.num_tokens) for tied in (True, False)]
+    tied, untied = results
+    bpp = tied["bytes_per_param"]
+    b = lambda n: _common.fmt_bytes(n * bpp)  # noqa: E731
+    dname = str(dtype).removeprefix("torch.")
+
+    ok = consistency_ok(results)
+    print_parts_table(tied, untied, b, dname, bpp)
+    print()
+    print_encoder_table(tied, untied, b, dname)
+    print()
+    ok &= print_checks(results, b, args.num_tokens)
+    print_activation_table(tied["text"], args.sizes, bpp, dname)
     if not ok:
         logger.error("some checks failed (see above)")
     return 0 if ok else 1

@@ -79,7 +79,24 @@ def make_images(count: int, size: int, seed: int) -> list[Image.Image]:
 
 
 # ------------------------------------------------------------------------------------------------ tiny, whole pipelines
-def run_tiny(args, device, dtype) -> None:
+TINY_HEADERS = [
+    "steps",
+    "plain s",
+    "EasyRef s",
+    "EasyRef/plain",
+    "EasyRef, embeds given s",
+    "embeds given/plain",
+    "EasyRef, negative recomputed s",
+    "recomputed/plain",
+    "encode s",
+    "negative branch s",
+    "negative cached",
+    "ratio <= 1.10",
+]
+
+
+def load_tiny_pipelines(args, device, dtype):
+    """(plain, easyref): tiny SDXL pipelines loaded twice so that the plain one keeps an adapter-free UNet."""
     from diffusers import StableDiffusionXLPipeline
 
     from easyref import EasyRefConfig, EasyRefPipeline, ReferenceEncoder
@@ -98,9 +115,12 @@ def run_tiny(args, device, dtype) -> None:
     assert plain.unet is not easyref.unet, "the plain pipeline must keep its own, adapter-free UNet"
     for pipe in (plain, easyref):
         pipe.set_progress_bar_config(disable=True)
+    return plain, easyref
 
-    refs = make_images(args.references, args.input_size, args.seed)
-    common = dict(
+
+def generation_kwargs(args) -> dict:
+    """The call arguments both pipelines share, so that only the reference branch differs."""
+    return dict(
         prompt=PROMPT,
         negative_prompt=NEGATIVE,
         guidance_scale=args.guidance_scale,
@@ -109,9 +129,9 @@ def run_tiny(args, device, dtype) -> None:
         output_type="pil",
     )
 
-    def gen():
-        return torch.Generator("cpu").manual_seed(args.seed)
 
+def time_reference_encoding(easyref, refs, args, device):
+    """(embeds, encode s, negative s, whether the negative branch is cached)."""
     with torch.inference_mode():
         embeds = easyref.encode_references([refs], [PROMPT])
         t = _common.interleaved_times(
@@ -126,55 +146,65 @@ def run_tiny(args, device, dtype) -> None:
         t_encode, t_negative = t.median("encode"), t.median("negative")
     easyref.negative_reference_tokens()
     cached = easyref.negative_reference_tokens() is easyref.negative_reference_tokens()
+    return embeds, t_encode, t_negative, cached
 
-    def uncached_call(steps):
+
+def time_generation(plain, easyref, refs, embeds, steps: int, args, device) -> _common.Timings:
+    """The four whole-pipeline variants at `steps`, taking turns call by call."""
+    common = generation_kwargs(args)
+
+    def gen():
+        return torch.Generator("cpu").manual_seed(args.seed)
+
+    def uncached_call():
         easyref.clear_reference_cache()
         return easyref(references=refs, num_inference_steps=steps, generator=gen(), **common)
 
-    rows = []
-    for steps in args.steps:
-        t = _common.interleaved_times(
-            {
-                "plain": lambda: plain(num_inference_steps=steps, generator=gen(), **common),
-                "easyref": lambda: easyref(references=refs, num_inference_steps=steps, generator=gen(), **common),
-                "embeds": lambda: easyref(
-                    reference_embeds=embeds, num_inference_steps=steps, generator=gen(), **common
-                ),
-                "uncached": lambda: uncached_call(steps),
-            },
-            args.repeats,
-            args.warmup,
-            device,
-        )
-        t_plain, t_ref, t_embeds, t_uncached = (t.median(k) for k in ("plain", "easyref", "embeds", "uncached"))
-        r_ref, r_embeds, r_uncached = (t.ratio(k, "plain") for k in ("easyref", "embeds", "uncached"))
-        logger.info(
-            "steps=%d plain %.3fs easyref %.3fs (embeds given %.3fs, uncached %.3fs)",
-            steps,
-            t_plain,
-            t_ref,
-            t_embeds,
-            t_uncached,
-        )
-        rows.append(
-            [
-                steps,
-                f"{t_plain:.3f}",
-                f"{t_ref:.3f}",
-                f"**{r_ref:.3f}**",
-                f"{t_embeds:.3f}",
-                f"{r_embeds:.3f}",
-                f"{t_uncached:.3f}",
-                f"{r_uncached:.3f}",
-                f"{t_encode:.3f}",
-                f"{t_negative:.3f}",
-                "yes" if cached else "no",
-                "yes" if r_ref <= 1.10 else "no",
-            ]
-        )
-    easyref.negative_reference_tokens()  # leave the cache filled
+    return _common.interleaved_times(
+        {
+            "plain": lambda: plain(num_inference_steps=steps, generator=gen(), **common),
+            "easyref": lambda: easyref(references=refs, num_inference_steps=steps, generator=gen(), **common),
+            "embeds": lambda: easyref(reference_embeds=embeds, num_inference_steps=steps, generator=gen(), **common),
+            "uncached": uncached_call,
+        },
+        args.repeats,
+        args.warmup,
+        device,
+    )
 
-    # the adapter's own cost per UNet call: same weights, CFG batch 2, with / without the reference branch
+
+def generation_row(steps: int, t: _common.Timings, t_encode: float, t_negative: float, cached: bool) -> list:
+    t_plain, t_ref, t_embeds, t_uncached = (t.median(k) for k in ("plain", "easyref", "embeds", "uncached"))
+    r_ref, r_embeds, r_uncached = (t.ratio(k, "plain") for k in ("easyref", "embeds", "uncached"))
+    logger.info(
+        "steps=%d plain %.3fs easyref %.3fs (embeds given %.3fs, uncached %.3fs)",
+        steps,
+        t_plain,
+        t_ref,
+        t_embeds,
+        t_uncached,
+    )
+    return [
+        steps,
+        f"{t_plain:.3f}",
+        f"{t_ref:.3f}",
+        f"**{r_ref:.3f}**",
+        f"{t_embeds:.3f}",
+        f"{r_embeds:.3f}",
+        f"{t_uncached:.3f}",
+        f"{r_uncached:.3f}",
+        f"{t_encode:.3f}",
+        f"{t_negative:.3f}",
+        "yes" if cached else "no",
+        "yes" if r_ref <= 1.10 else "no",
+    ]
+
+
+def time_unet_call(plain, easyref, embeds, args, device, dtype):
+    """(timings, latent shape): one UNet call with / without the adapter, same weights, CFG batch 2.
+
+    Isolates the decoupled cross-attention's own cost from pipeline-level noise.
+    """
     unet_cfg = plain.unet.config
     scale = plain.vae_scale_factor  # 2 for the tiny VAE, 8 for SDXL's
     latents = torch.randn(
@@ -199,7 +229,10 @@ def run_tiny(args, device, dtype) -> None:
             3,
             device,
         )
+    return u, latents.shape
 
+
+def print_tiny_report(args, device, dtype, rows: list, u: _common.Timings, latent_shape) -> None:
     print("### EasyRef generation time / plain SDXL time: tiny SDXL + tiny Qwen2-VL (easyref.tiny)\n")
     print(
         f"{_common.machine_line(device, args.busy)}; dtype {str(dtype).removeprefix('torch.')}; "
@@ -207,32 +240,14 @@ def run_tiny(args, device, dtype) -> None:
         f"guidance {args.guidance_scale}; median of {args.repeats} after {args.warmup} warm-up, variants interleaved; "
         f"ratios = median of per-round ratios\n"
     )
-    print(
-        _common.markdown_table(
-            [
-                "steps",
-                "plain s",
-                "EasyRef s",
-                "EasyRef/plain",
-                "EasyRef, embeds given s",
-                "embeds given/plain",
-                "EasyRef, negative recomputed s",
-                "recomputed/plain",
-                "encode s",
-                "negative branch s",
-                "negative cached",
-                "ratio <= 1.10",
-            ],
-            rows,
-        )
-    )
+    print(_common.markdown_table(TINY_HEADERS, rows))
     print()
     print(
         _common.markdown_table(
             ["one UNet call (CFG batch 2)", "plain ms", "with adapter ms", "adapter/plain"],
             [
                 [
-                    f"tiny UNet, {latents.shape[-2]}x{latents.shape[-1]} latents, 77 text + 64 reference tokens",
+                    f"tiny UNet, {latent_shape[-2]}x{latent_shape[-1]} latents, 77 text + 64 reference tokens",
                     f"{u.median('plain') * 1e3:.2f}",
                     f"{u.median('adapter') * 1e3:.2f}",
                     f"{u.ratio('adapter', 'plain'):.3f}",
@@ -242,65 +257,108 @@ def run_tiny(args, device, dtype) -> None:
     )
 
 
-# ------------------------------------------------------------------------------------------------ real SDXL UNet only
-def run_real(args, device, dtype) -> None:
-    from diffusers import UNet2DConditionModel
+def run_tiny(args, device, dtype) -> None:
+    plain, easyref = load_tiny_pipelines(args, device, dtype)
+    refs = make_images(args.references, args.input_size, args.seed)
+    embeds, t_encode, t_negative, cached = time_reference_encoding(easyref, refs, args, device)
+    rows = []
+    for steps in args.steps:
+        t = time_generation(plain, easyref, refs, embeds, steps, args, device)
+        rows.append(generation_row(steps, t, t_encode, t_negative, cached))
+    easyref.negative_reference_tokens()  # leave the cache filled
+    u, latent_shape = time_unet_call(plain, easyref, embeds, args, device, dtype)
+    print_tiny_report(args, device, dtype, rows, u, latent_shape)
 
-    from easyref import EasyRefConfig
-    from easyref.adapter import install_adapter, unload_adapter
+
+# ------------------------------------------------------------------------------------------------ real SDXL UNet only
+REAL_HEADERS = [
+    "steps",
+    "UNet loop plain s (before / after)",
+    "UNet loop + adapter s",
+    "adapter/plain (mean)",
+    "extra ms per step",
+]
+
+
+def build_real_unet(args, device, dtype):
+    """(unet, parameter count): SDXL's real UNet config with random weights, built directly on the device."""
+    from diffusers import UNet2DConditionModel
 
     torch.manual_seed(args.seed)
     unet_config = dict(SDXL_UNET_CONFIG, sample_size=args.sample_size)
     logger.info("building SDXL's UNet (random %s weights) on %s", dtype, device)
     with torch.device(device):
         unet = UNet2DConditionModel(**unet_config).to(dtype).eval()
-    n_params = sum(p.numel() for p in unet.parameters())
+    return unet, sum(p.numel() for p in unet.parameters())
+
+
+def real_unet_inputs(args, device, dtype) -> dict:
+    """Random CFG-batch inputs: latents, 77 text tokens, SDXL's added conditions, 64 reference tokens."""
     batch = 2  # classifier-free guidance
-    latents0 = torch.randn(batch, 4, args.sample_size, args.sample_size, device=device, dtype=dtype)
+    latents = torch.randn(batch, 4, args.sample_size, args.sample_size, device=device, dtype=dtype)
     text = torch.randn(batch, 77, 2048, device=device, dtype=dtype)
     added = {
         "text_embeds": torch.randn(batch, 1280, device=device, dtype=dtype),
         "time_ids": torch.tensor([[1024, 1024, 0, 0, 1024, 1024]] * batch, device=device, dtype=dtype),
     }
     reference = torch.randn(batch, 1, 64, 1536, device=device, dtype=dtype)
+    return {"latents": latents, "text": text, "added": added, "reference": reference}
+
+
+def denoise_loop(unet, inputs: dict, timesteps: list[int], steps: int, with_reference: bool):
+    added = inputs["added"]
+    kwargs = dict(added, image_embeds=[inputs["reference"]]) if with_reference else added
+    latents = inputs["latents"]
+    for t in timesteps[:steps]:
+        noise = unet(latents, t, encoder_hidden_states=inputs["text"], added_cond_kwargs=kwargs).sample
+        latents = latents - 0.001 * noise
+    return latents
+
+
+def time_loops(unet, inputs: dict, timesteps: list[int], with_reference: bool, args, device) -> dict[int, float]:
+    """Median seconds of the denoise loop for each `--steps` value."""
+    return {
+        s: _common.median_time(
+            lambda: denoise_loop(unet, inputs, timesteps, s, with_reference), args.repeats, args.warmup, device
+        )[0]
+        for s in args.steps
+    }
+
+
+def real_row(steps: int, before: float, with_adapter: float, after: float) -> list:
+    t_plain, t_ref = (before + after) / 2, with_adapter
+    logger.info("steps=%d plain %.3fs adapter %.3fs", steps, t_plain, t_ref)
+    return [
+        steps,
+        f"{before:.3f} / {after:.3f}",
+        f"{t_ref:.3f}",
+        f"**{t_ref / t_plain:.3f}**",
+        f"{(t_ref - t_plain) / steps * 1e3:.2f}",
+    ]
+
+
+def time_with_and_without_adapter(unet, n_params: int, args, device, dtype):
+    """(rows, adapter parameter count): one UNet plain, with the adapter installed, then plain again.
+
+    The second plain pass, after `unload_adapter`, checks that the machine did not drift meanwhile.
+    """
+    from easyref import EasyRefConfig
+    from easyref.adapter import install_adapter, unload_adapter
+
+    inputs = real_unet_inputs(args, device, dtype)
     timesteps = torch.linspace(999, 0, max(args.steps)).long().tolist()
-
-    def loop(steps: int, with_reference: bool):
-        kwargs = dict(added, image_embeds=[reference]) if with_reference else added
-        latents = latents0
-        for t in timesteps[:steps]:
-            noise = unet(latents, t, encoder_hidden_states=text, added_cond_kwargs=kwargs).sample
-            latents = latents - 0.001 * noise
-        return latents
-
-    rows = []
     with torch.inference_mode():
-        # one UNet: plain, then with the adapter installed, then plain again after unloading it (drift check)
-        before = {
-            s: _common.median_time(lambda: loop(s, False), args.repeats, args.warmup, device)[0] for s in args.steps
-        }
+        before = time_loops(unet, inputs, timesteps, False, args, device)
         install_adapter(unet, EasyRefConfig(cross_attention_dim=2048))
         adapter_params = sum(p.numel() for p in unet.parameters()) - n_params
-        with_adapter = {
-            s: _common.median_time(lambda: loop(s, True), args.repeats, args.warmup, device)[0] for s in args.steps
-        }
+        with_adapter = time_loops(unet, inputs, timesteps, True, args, device)
         unload_adapter(unet)
-        after = {
-            s: _common.median_time(lambda: loop(s, False), args.repeats, args.warmup, device)[0] for s in args.steps
-        }
-        for steps in args.steps:
-            t_plain, t_ref = (before[steps] + after[steps]) / 2, with_adapter[steps]
-            logger.info("steps=%d plain %.3fs adapter %.3fs", steps, t_plain, t_ref)
-            rows.append(
-                [
-                    steps,
-                    f"{before[steps]:.3f} / {after[steps]:.3f}",
-                    f"{t_ref:.3f}",
-                    f"**{t_ref / t_plain:.3f}**",
-                    f"{(t_ref - t_plain) / steps * 1e3:.2f}",
-                ]
-            )
+        after = time_loops(unet, inputs, timesteps, False, args, device)
+        rows = [real_row(s, before[s], with_adapter[s], after[s]) for s in args.steps]
+    return rows, adapter_params
 
+
+def print_real_report(args, device, dtype, rows: list, n_params: int, adapter_params: int) -> None:
     print("### SDXL UNet denoise loop without / with the EasyRef adapter: real SDXL UNet config, random weights\n")
     print(
         f"{_common.machine_line(device, args.busy)}; dtype {str(dtype).removeprefix('torch.')}; latents "
@@ -309,18 +367,13 @@ def run_real(args, device, dtype) -> None:
         "reference encoding not included; "
         f"median of {args.repeats} after {args.warmup} warm-up\n"
     )
-    print(
-        _common.markdown_table(
-            [
-                "steps",
-                "UNet loop plain s (before / after)",
-                "UNet loop + adapter s",
-                "adapter/plain (mean)",
-                "extra ms per step",
-            ],
-            rows,
-        )
-    )
+    print(_common.markdown_table(REAL_HEADERS, rows))
+
+
+def run_real(args, device, dtype) -> None:
+    unet, n_params = build_real_unet(args, device, dtype)
+    rows, adapter_params = time_with_and_without_adapter(unet, n_params, args, device, dtype)
+    print_real_report(args, device, dtype, rows, n_params, adapter_params)
 
 
 def parse_args(argv):

@@ -160,16 +160,12 @@ def measure(trainer, warmup: int, steps: int, device) -> tuple[float, float]:
     return (trainer.state.samples - samples) / elapsed, _peak_memory_gib()
 
 
-def run_row(args, method: str, stage: int, batch: int, checkpointing: bool, workdir: Path) -> dict:
-    from easyref.train.config import TrainConfig
-    from easyref.train.trainer import Trainer
-
-    device = torch.device(args.device)
-    real = args.real_config
-    data = write_dataset(
-        workdir / f"data{stage}", groups=64, refs=args.refs, size=args.resolution if real else 48, stage=stage
-    )
-    common = dict(
+def shared_train_options(
+    args, method: str, stage: int, batch: int, checkpointing: bool, workdir: Path, data: Path
+) -> dict:
+    """TrainConfig fields both modes share: no checkpoint or log falls inside the timed steps, and nothing is
+    dropped, so every sample runs the reference branch being compared."""
+    return dict(
         stage=stage,
         output_dir=str(workdir / f"run-{method}-{stage}-{checkpointing}"),
         data=str(data),
@@ -189,33 +185,57 @@ def run_row(args, method: str, stage: int, batch: int, checkpointing: bool, work
         learning_rate=1e-5,
         crop="center",
     )
+
+
+def real_trainer(args, common: dict, stage: int, device: torch.device, model_class):
+    from easyref.train.config import TrainConfig
+    from easyref.train.trainer import Trainer
+
+    models = build_real_models(args.scale_down, device, args.lora_rank, args.num_layers, args.vision_depth)
+    # the models are passed in, so init_from is never read; stage 2-3 configs only require one
+    config = TrainConfig(
+        **common,
+        init_from="(in memory)" if stage > 1 else None,
+        resolution=args.resolution,
+        reference_image_size=336,
+        lora_rank=args.lora_rank,
+    )
+    return Trainer(config, cpu=device.type == "cpu", models=models, model_class=model_class)
+
+
+def tiny_trainer(common: dict, stage: int, workdir: Path, model_class):
+    """A trainer on the tiny models that `prepare_tiny` wrote; stages 2-3 start from its stage-1 checkpoint."""
+    from easyref.train.config import TrainConfig
+    from easyref.train.trainer import Trainer
+
+    tiny = workdir / "tiny"
+    stage1 = workdir / "stage1-init"
+    extra = {"init_from": str(stage1)} if stage > 1 else {}
+    config = TrainConfig(
+        **common,
+        **extra,
+        base=str(tiny / "sdxl"),
+        mllm=str(tiny / "qwen2vl"),
+        resolution=32,
+        bucket_stride=16,
+        reference_image_size=56,
+        lora_rank=4,
+    )
+    return Trainer(config, cpu=True, model_class=model_class)
+
+
+def run_row(args, method: str, stage: int, batch: int, checkpointing: bool, workdir: Path) -> dict:
+    device = torch.device(args.device)
+    real = args.real_config
+    data = write_dataset(
+        workdir / f"data{stage}", groups=64, refs=args.refs, size=args.resolution if real else 48, stage=stage
+    )
+    common = shared_train_options(args, method, stage, batch, checkpointing, workdir, data)
     model_class = ReleaseStyleModel if method == "release" else TrainingModel
     if real:
-        models = build_real_models(args.scale_down, device, args.lora_rank, args.num_layers, args.vision_depth)
-        # the models are passed in, so init_from is never read; stage 2-3 configs only require one
-        config = TrainConfig(
-            **common,
-            init_from="(in memory)" if stage > 1 else None,
-            resolution=args.resolution,
-            reference_image_size=336,
-            lora_rank=args.lora_rank,
-        )
-        trainer = Trainer(config, cpu=device.type == "cpu", models=models, model_class=model_class)
+        trainer = real_trainer(args, common, stage, device, model_class)
     else:
-        tiny = workdir / "tiny"
-        stage1 = workdir / "stage1-init"
-        extra = {"init_from": str(stage1)} if stage > 1 else {}
-        config = TrainConfig(
-            **common,
-            **extra,
-            base=str(tiny / "sdxl"),
-            mllm=str(tiny / "qwen2vl"),
-            resolution=32,
-            bucket_stride=16,
-            reference_image_size=56,
-            lora_rank=4,
-        )
-        trainer = Trainer(config, cpu=True, model_class=model_class)
+        trainer = tiny_trainer(common, stage, workdir, model_class)
     try:
         sps, peak = measure(trainer, args.warmup, args.steps, device)
     except torch.OutOfMemoryError:

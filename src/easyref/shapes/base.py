@@ -290,6 +290,7 @@ def train_base(
     """Epsilon-prediction training of the UNet and both text encoders on captioned target renders."""
     from diffusers import DDPMScheduler
 
+    from ..train.models import denoising_loss
     from .world import subjects_in
 
     subjects = subjects or subjects_in("held-in")
@@ -323,11 +324,9 @@ def train_base(
             pooled = keep[:, None] * pooled + (1 - keep[:, None]) * empty_pooled
         noise = torch.randn(latents.shape, generator=gen).to(device)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=gen).to(device)
-        noisy = noise_scheduler.add_noise(latents, noise, t)
-        pred = pipe.unet(
-            noisy, t, encoder_hidden_states=embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}
-        ).sample
-        return F.mse_loss(pred, noise)
+        added = {"text_embeds": pooled, "time_ids": time_ids}
+        predict = lambda noisy: pipe.unet(noisy, t, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
+        return denoising_loss(predict, noise_scheduler, latents, noise, t)
 
     losses = optimise("base", steps, params, optimizer, scheduler, loss_of_a_batch)
     for m in modules:

@@ -172,6 +172,23 @@ class TrainingModel(nn.Module):
         return out.sample
 
 
+def denoising_loss(predict, scheduler, latents, noise, timesteps) -> torch.Tensor:
+    """The diffusion objective, for every model trained here: `predict(noisy_latents)` against the
+    scheduler's target (the noise for epsilon prediction, the velocity for v-prediction), MSE in fp32."""
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = prediction_target(scheduler, latents, noise, timesteps)
+    return nn.functional.mse_loss(predict(noisy).float(), target.float())
+
+
+def prediction_target(scheduler, latents, noise, timesteps) -> torch.Tensor:
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction_type {kind!r} in the base model's scheduler")
+
+
 class MLLMInputBuilder:
     """Tokenises and preprocesses reference groups in the data-loader workers (picklable)."""
 

@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate.utils import DistributedType
 
 from ..checkpoint import WEIGHTS_NAME, CheckpointError, apply_checkpoint, save_checkpoint
@@ -51,7 +50,15 @@ from ..safe_io import (
 )
 from .config import STAGE_NAMES, ConfigError, TrainConfig, check_data_root, save_config
 from .data import DataError, DataSettings, RankBatchSampler, TrainDataset, collate, global_batches, load_records
-from .models import MLLMInputBuilder, StageModels, TrainingModel, cast_frozen, load_stage_models, select_trainables
+from .models import (
+    MLLMInputBuilder,
+    StageModels,
+    TrainingModel,
+    cast_frozen,
+    denoising_loss,
+    load_stage_models,
+    select_trainables,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -415,12 +422,14 @@ class Trainer:
             noise = noise + self.config.noise_offset * offsets.to(device)
         steps = models.noise_scheduler.config.num_train_timesteps
         timesteps = torch.cat([torch.randint(0, steps, (1,), generator=g) for g in generators]).to(device)
-        noisy = models.noise_scheduler.add_noise(latents, noise, timesteps)
-        target = _target(models.noise_scheduler, latents, noise, timesteps)
         time_ids = batch.time_ids.to(device, prompt_embeds.dtype)
-        with acc.autocast():
-            pred = self.model(batch.mllm_inputs.to(device), noisy, timesteps, prompt_embeds, pooled, time_ids)
-        return F.mse_loss(pred.float(), target.float())
+        inputs = batch.mllm_inputs.to(device)
+
+        def predict(noisy):
+            with acc.autocast():
+                return self.model(inputs, noisy, timesteps, prompt_embeds, pooled, time_ids)
+
+        return denoising_loss(predict, models.noise_scheduler, latents, noise, timesteps)
 
     def fixed_batch(self, indices: list[int], epoch: int = 0):
         """The samples at these dataset indices, collated exactly as the loop would (for evaluation)."""
@@ -883,15 +892,6 @@ def _encode_latents(vae, pixels: torch.Tensor, generators) -> torch.Tensor:
     latents = posterior.mean + posterior.std * eps
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents - shift) * vae.config.scaling_factor
-
-
-def _target(scheduler, latents, noise, timesteps) -> torch.Tensor:
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(f"unsupported prediction_type {kind!r} in the base model's scheduler")
 
 
 def _zero_loss(trainables) -> torch.Tensor:
