@@ -113,6 +113,15 @@ def test_malformed_records_name_file_and_line(tmp_path, record, fragment):
         load_records(listed)
 
 
+def test_jsonl_lines_split_on_newlines_only(tmp_path):
+    """A caption may hold U+2028 (a line separator to `str.splitlines`, not to JSON Lines), as the
+    benchmark's manifests may: both read JSON Lines through the same splitter."""
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"target": "a.jpg", "text": "one\u2028two"}\n{"target": "b.jpg"}\n', encoding="utf-8")
+    records = load_records(path)
+    assert [r["target"] for r in records] == ["a.jpg", "b.jpg"] and records[0]["text"] == "one\u2028two"
+
+
 def test_invalid_json_and_file_types(tmp_path):
     lines = tmp_path / "bad.jsonl"
     lines.write_text('{"target": "a.jpg"}\n{"target": \n')

@@ -181,6 +181,21 @@ def parse_json(text: str, where: str) -> Any:
         raise JSONFileError(f"{where}: JSON nested too deeply") from None
 
 
+def iter_jsonl(text: str):
+    """(line number, value, problem) for each non-blank line of JSON Lines; `problem` is a one-line reason
+    (value None) when the line is not JSON. Lines are split on "\n" only: JSON strings may hold U+2028
+    and friends, which `splitlines()` would cut in two."""
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line), None
+        except json.JSONDecodeError as err:
+            yield number, None, f"invalid JSON: {err.msg} (column {err.colno})"
+        except RecursionError:
+            yield number, None, "invalid JSON: nested too deeply"
+
+
 # ---------------------------------------------------------------------------- locking
 class RunLock:
     """An advisory lock on a run folder (fcntl.flock on `.easyref.lock`); released when the process ends.

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..images import ImageFileError, open_image, open_regular, read_header, verify_image
-from ..safe_io import JSONFileError, atomic_write_text, parse_json
+from ..safe_io import JSONFileError, atomic_write_text, iter_jsonl, parse_json
 
 logger = logging.getLogger(__name__)
 
@@ -247,18 +247,10 @@ def load_manifest(
     problems: list[str] = []
     items: list[BenchItem] = []
     first_line_of: dict[str, int] = {}
-    # split("\n") rather than splitlines(): JSON strings may hold U+2028 and friends, which are not lines.
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
+    for lineno, record, problem in iter_jsonl(text):
         where = f"{path}:{lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            problems.append(f"{where}: invalid JSON: {err.msg} (column {err.colno})")
-            continue
-        except RecursionError:
-            problems.append(f"{where}: invalid JSON: nested too deeply")
+        if problem:
+            problems.append(f"{where}: {problem}")
             continue
         if not isinstance(record, dict):
             problems.append(f"{where}: expected a JSON object, got {type(record).__name__}")

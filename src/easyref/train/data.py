@@ -38,6 +38,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ..images import ImageFileError, open_image, open_regular, read_header
+from ..safe_io import iter_jsonl
 from .config import check_data_file
 
 logger = logging.getLogger(__name__)
@@ -97,16 +98,10 @@ def _parse_json_list(path: Path, text: str) -> list[dict]:
 
 def _parse_jsonl(path: Path, text: str) -> list[dict]:
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, record, problem in iter_jsonl(text):
         where = f"{path} line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: invalid JSON ({exc.msg})") from None
-        except RecursionError:
-            raise DataError(f"{where}: JSON nested too deeply") from None
+        if problem:
+            raise DataError(f"{where}: {problem}")
         check_record(record, where)
         records.append(record)
     return records
