@@ -24,7 +24,7 @@ LABEL = 34  # height of the text under each row
 
 
 def figure_groups():
-    from easyref.shapes.bench import cell_groups
+    from easyref.bench.shapes import cell_groups
     from easyref.shapes.data import demo_group, demo_prompts
     from easyref.shapes.world import target_scene
 
@@ -68,7 +68,7 @@ def compose(groups, outputs: dict[str, list[list[Image.Image]]]) -> Image.Image:
 
 
 def main() -> None:
-    from easyref.shapes.bench import load_method, model_folder
+    from easyref.bench.shapes import load_method, model_folder
     from easyref.shapes.evaluate import generate_for_groups
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -32,7 +32,7 @@ def plain_records(groups_file: Path, out: Path) -> int:
 
 
 def main() -> None:
-    from easyref.shapes.bench import CELLS, evaluate_methods, markdown_tables, model_folder
+    from easyref.bench.shapes import CELLS, evaluate_methods, markdown_tables, model_folder
     from easyref.shapes.build import PRESETS, package, stage_config
     from easyref.train.trainer import Trainer
 

@@ -89,7 +89,7 @@ def probe_accuracy(train: dict, test: dict, train_groups, test_groups) -> dict[s
 
 
 def main() -> None:
-    from easyref.shapes.bench import cell_groups, load_method, model_folder
+    from easyref.bench.shapes import cell_groups, load_method, model_folder
     from easyref.shapes.world import make_groups
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

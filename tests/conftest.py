@@ -20,7 +20,7 @@ SLOW_TESTS = {
     "test_bench_run.py::test_run_makes_scores_and_summarizes_every_image",  # 17 s
     "test_train.py::test_loss_decreases_on_a_fixed_batch",  # 17 s
     "test_train.py::test_resume_continues_exactly",  # 14 s
-    "test_shapes_bench.py::test_bench_shapes_runs_end_to_end_on_the_smoke_recipe",  # 13 s: the whole smoke build
+    "test_bench_shapes.py::test_bench_shapes_runs_end_to_end_on_the_smoke_recipe",  # 13 s: the whole smoke build
     "test_train.py::test_two_processes_equal_one_with_the_doubled_batch",  # 8 s: two processes
     "test_train_bad_input.py::test_fifo_image_with_keep_aspect_does_not_hang",  # 5.5 s: a subprocess
     "test_generate_bad_input.py::test_long_prompt_memory_is_bounded",  # 5.5 s: a subprocess

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from conftest import SLOW_TESTS
 
-from easyref.shapes.bench import CELLS, DEFAULT_SEEDS, EVAL_SIZES, METHODS
+from easyref.bench.shapes import CELLS, DEFAULT_SEEDS, EVAL_SIZES, METHODS
 from easyref.shapes.build import PRESETS
 
 

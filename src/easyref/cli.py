@@ -87,7 +87,7 @@ def _add_verbose(parser: argparse.ArgumentParser, top: bool = True) -> None:
 
 def _add_bench(sub) -> None:
     from .bench.command import add_bench_parsers
-    from .shapes.command import add_shapes_parser
+    from .bench.shapes_command import add_shapes_parser
 
     p = sub.add_parser(
         "bench",

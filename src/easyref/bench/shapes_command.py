@@ -70,9 +70,9 @@ def add_shapes_parser(bench_sub) -> None:
 
 def cmd_shapes(args) -> int:
     from ..errors import UserError
-    from .bench import EVAL_SIZES, METHODS, evaluate_methods, find_models, run, select_cells
-    from .build import PRESETS
-    from .world import KINDS, SPLITS
+    from ..shapes.build import PRESETS
+    from ..shapes.world import KINDS, SPLITS
+    from .shapes import EVAL_SIZES, METHODS, evaluate_methods, find_models, run, select_cells
 
     if args.preset not in PRESETS:
         raise UserError(f"--preset must be one of {', '.join(sorted(PRESETS))}, got {args.preset!r}")

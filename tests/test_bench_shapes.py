@@ -46,7 +46,7 @@ def test_wrong_subject_or_wrong_place_is_caught(oracle):
 
 
 def _assert_smoke_summary(out: Path, methods: tuple[str, ...]) -> None:
-    from easyref.shapes.bench import CELLS
+    from easyref.bench.shapes import CELLS
 
     summary = json.loads((out / "summary.json").read_text())
     assert len(CELLS) == 16  # 6 by distractors + 5 by references (one shared) + 6 by kind
@@ -128,7 +128,7 @@ def test_bench_shapes_runs_end_to_end_on_the_smoke_recipe(tmp_path, capsys):
 
 
 def test_scored_cells_are_kept_and_reused_only_for_the_same_weights_and_settings(tmp_path, monkeypatch):
-    from easyref.shapes import bench
+    from easyref.bench import shapes as bench
 
     models = tmp_path / "work"
     assert (
@@ -179,7 +179,8 @@ def test_scored_cells_are_kept_and_reused_only_for_the_same_weights_and_settings
 
 
 def test_each_method_trains_stage_3_with_its_modes_and_seed(tmp_path, monkeypatch):
-    from easyref.shapes import bench, build
+    from easyref.bench import shapes as bench
+    from easyref.shapes import build
 
     trained, packaged = [], []
 
@@ -228,7 +229,7 @@ def test_bench_shapes_rejects_bad_input(tmp_path, capsys):
 
 
 def test_cells_can_be_selected_by_kind_and_split():
-    from easyref.shapes.bench import CELLS, select_cells
+    from easyref.bench.shapes import CELLS, select_cells
 
     assert select_cells() == CELLS
     assert select_cells(["rival", "repeat", "pick"], ["held-out"]) == [
@@ -242,7 +243,7 @@ def test_cells_can_be_selected_by_kind_and_split():
 
 
 def test_sign_test_against_hand_values():
-    from easyref.shapes.bench import sign_test_p
+    from easyref.bench.shapes import sign_test_p
 
     assert sign_test_p(0, 0) == 1.0
     assert sign_test_p(5, 0) == sign_test_p(0, 5) == 2 / 32
@@ -251,7 +252,7 @@ def test_sign_test_against_hand_values():
 
 
 def test_paired_identity_sums_over_seeds_and_weighs_the_gap_against_seed_spread():
-    from easyref.shapes.bench import aggregate, markdown_tables, paired_identity, sign_test_p
+    from easyref.bench.shapes import aggregate, markdown_tables, paired_identity, sign_test_p
 
     hard, easy = ("repeat", "held-out", 3, 2), ("plain", "held-in", 3, 0)
     outcomes = {

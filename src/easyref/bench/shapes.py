@@ -31,8 +31,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from ..safe_io import atomic_write_text
-from .evaluate import METRICS, ItemScore, generate_for_groups, score_images, summarize
-from .world import SPLITS, make_groups
+from ..shapes.evaluate import METRICS, ItemScore, generate_for_groups, score_images, summarize
+from ..shapes.world import SPLITS, make_groups
 
 logger = logging.getLogger(__name__)
 
@@ -67,14 +67,14 @@ def model_folder(work: Path, method: str, seed: int) -> Path:
 def train_methods(work: Path, recipe, cpu: bool = True, methods=METHODS, seeds=DEFAULT_SEEDS) -> dict:
     """Stage 3 once per method and seed from the shared stage-2 checkpoint; returns {(method, seed): model folder}.
     A finished stage 3 is reused and a stopped one resumed, so an interrupted benchmark goes on where it stopped."""
+    from ..shapes.build import package, stage_config
     from ..train.trainer import Trainer, list_checkpoints
-    from .build import package, stage_config
 
     folders = {}
     for method in methods:
         reference_mode, attention_mode = MODES[method]
         for seed in seeds:
-            # the demo model's own stage 3 (work/stage3) is EasyRef's at the recipe's seed
+            # the bundled-model build's own stage 3 (work/stage3) is EasyRef's at the recipe's seed
             own = method == "easyref" and seed == recipe.seed
             stage_dir = work / ("stage3" if own else f"stage3-{method}-s{seed}")
             if not (stage_dir / "final" / "easyref.safetensors").is_file():
@@ -138,7 +138,7 @@ def evaluate_methods(
     summary.json, summary.md and the plots. Each scored cell is kept under `out/cells/`, so a stopped
     benchmark, or one run again with more methods, scores only what it has not scored with these weights
     and settings."""
-    from .oracle import load_oracle
+    from ..shapes.oracle import load_oracle
 
     out.mkdir(parents=True, exist_ok=True)
     settings = {"groups": groups, "steps": steps, "guidance": guidance, "seed": seed}
@@ -250,7 +250,7 @@ def aggregate(runs: list[dict]) -> list[dict]:
 
 def _save_examples(path: Path, groups, images) -> None:
     """One row per group: its references, the target render, the generated image."""
-    from .world import render
+    from ..shapes.world import render
 
     path.parent.mkdir(parents=True, exist_ok=True)
     cols = max(len(g.references) for g in groups) + 2
@@ -430,7 +430,7 @@ def run(
 ) -> dict:
     """From nothing: the bundled-model build (base + stages 1-3), every method's stage 3 per training seed,
     the evaluation. `groups` / `steps` default to the preset's scoring sizes (`EVAL_SIZES`)."""
-    from .build import PRESETS, build
+    from ..shapes.build import PRESETS, build
 
     recipe = PRESETS[preset]
     groups = groups or EVAL_SIZES[preset][0]
