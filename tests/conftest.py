@@ -41,7 +41,7 @@ SLOW_TESTS = {
     "test_shapes_oracle.py::test_short_training_lowers_the_loss",  # 1 s
     "test_cli_fast.py::test_a_normal_run_is_quiet_and_offline",  # 5.4 s: a generate subprocess
     "test_resolve.py::test_the_trainer_records_its_parts_and_prints_a_command_that_runs",  # 1.4 s
-    "test_checkpoint.py::test_release_import_round_trip",  # 1.5 s in all
+    "test_release.py::test_release_import_round_trip",  # 1.5 s in all
     "test_train.py::test_exactly_the_intended_parameters_change",  # 1.3 s in all
     "test_bench_bad_input.py::test_a_half_finished_group_resumes_to_the_same_pixels",  # 1.3 s in all
     "test_checkpoint.py::test_save_load_bit_exact",  # 1 s in all
