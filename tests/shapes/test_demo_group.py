@@ -10,7 +10,7 @@ from PIL import ImageChops
 from easyref.images import open_image
 from easyref.shapes.data import demo_group, demo_prompts, write_demo_references
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_committed_demo_references_are_the_demo_group(tmp_path):
