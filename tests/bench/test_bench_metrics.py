@@ -198,9 +198,9 @@ def test_image_files_are_embedded_once_and_cached(models, tmp_path):
     models.clear_cache()
     first = models.embed_image_files(paths)
     assert isinstance(first, ImageEmbeddings) and len(first) == 3
-    assert len(models._reference_cache) == 3
+    assert len(models.reference_cache) == 3
     again = models.embed_image_files([paths[2], paths[0], paths[2]])
-    assert len(models._reference_cache) == 3
+    assert len(models.reference_cache) == 3
     assert torch.equal(again.clip, first.clip[[2, 0, 2]]) and torch.equal(again.dino, first.dino[[2, 0, 2]])
     direct = models.embed_images([Image.open(p).convert("RGB") for p in paths])
     assert torch.allclose(first.clip, direct.clip, atol=1e-5) and torch.allclose(first.dino, direct.dino, atol=1e-5)

@@ -175,7 +175,7 @@ def test_scored_cells_are_kept_and_reused_only_for_the_same_weights_and_settings
     record = next((tmp_path / "cells").glob("*.json"))
     for text in ("{not json", "[1, 2]", '{"key": {"groups": 1}, "scores": [{"identity": true}]}'):
         record.write_text(text)
-        assert bench._cached_scores(record, {"groups": 1}) is None
+        assert bench.cached_scores(record, {"groups": 1}) is None
 
 
 def test_each_method_trains_stage_3_with_its_modes_and_seed(tmp_path, monkeypatch):

@@ -175,7 +175,7 @@ def test_a_base_continues_where_it_stopped_and_stale_stages_go(tmp_path):
     from safetensors.torch import load_file
 
     from easyref.shapes.base import build_base_model, continue_base_model
-    from easyref.shapes.build import PRESETS, _continue_base
+    from easyref.shapes.build import PRESETS, continue_base
 
     work = tmp_path / "work"
     build_base_model(work / "base", vae_steps=1, base_steps=2, batch_size=2, levels=PRESETS["smoke"].unet_levels)
@@ -185,7 +185,7 @@ def test_a_base_continues_where_it_stopped_and_stale_stages_go(tmp_path):
     (work / "stage1" / "final").mkdir(parents=True)
     (work / "model-mean").mkdir()
     recipe = dataclasses.replace(PRESETS["smoke"], base_steps=4, batch_size=2)
-    _continue_base(work, recipe, "cpu")
+    continue_base(work, recipe, "cpu")
     record = json.loads((work / "base" / "training.json").read_text())
     assert record["base_steps"] == 4 and record["base_runs"] == [2, 2]
     assert not (work / "stage1").exists() and not (work / "model-mean").exists()
@@ -194,20 +194,20 @@ def test_a_base_continues_where_it_stopped_and_stale_stages_go(tmp_path):
     assert all(torch.equal(v, load_file(vae_file)[k]) for k, v in vae_before.items())  # the VAE is kept
     (work / "stage1").mkdir()
     continue_base_model(work / "base", 3, batch_size=2)  # already past 3 steps: nothing happens
-    _continue_base(work, recipe, "cpu")
+    continue_base(work, recipe, "cpu")
     assert (work / "stage1").exists()
-    _continue_base(work, dataclasses.replace(recipe, base_steps=6, base_chunk=1), "cpu")  # in saved runs of 1
+    continue_base(work, dataclasses.replace(recipe, base_steps=6, base_chunk=1), "cpu")  # in saved runs of 1
     assert json.loads((work / "base" / "training.json").read_text())["base_runs"] == [2, 2, 1, 1]
-    _continue_base(work, dataclasses.replace(recipe, unet_levels=2), "cpu")  # another UNet shape: rebuilt
+    continue_base(work, dataclasses.replace(recipe, unet_levels=2), "cpu")  # another UNet shape: rebuilt
     assert not (work / "base").exists() and not (work / "stage1").exists()
 
 
 def test_base_captions_sometimes_leave_the_subject_out():
-    from easyref.shapes.base import _captioned_target
+    from easyref.shapes.base import captioned_target
     from easyref.shapes.world import subjects_in
 
     rng = random.Random(0)
-    captions = [_captioned_target(rng, subjects_in("held-in"))[1] for _ in range(200)]
+    captions = [captioned_target(rng, subjects_in("held-in"))[1] for _ in range(200)]
     subjectless = sum(c.startswith("an object") for c in captions)
     assert 30 < subjectless < 90  # about 30%, the form of EasyRef's prompts
 

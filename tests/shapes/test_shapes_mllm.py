@@ -102,7 +102,7 @@ def test_build_mllm_sizes_the_vision_tower_and_records_both_phases(tmp_path):
 def test_an_mllm_built_to_another_recipe_is_dropped_with_its_stages(tmp_path):
     import dataclasses
 
-    from easyref.shapes.build import PRESETS, _drop_stale_mllm
+    from easyref.shapes.build import PRESETS, drop_stale_mllm
 
     recipe = PRESETS["smoke"]
     (tmp_path / "qwen2vl").mkdir()
@@ -114,9 +114,9 @@ def test_an_mllm_built_to_another_recipe_is_dropped_with_its_stages(tmp_path):
         "vision_depth": recipe.vision_depth,
     }
     (tmp_path / "qwen2vl" / "training.json").write_text(json.dumps(record))
-    _drop_stale_mllm(tmp_path, recipe)
+    drop_stale_mllm(tmp_path, recipe)
     assert (tmp_path / "qwen2vl").exists() and (tmp_path / "stage2").exists()
-    _drop_stale_mllm(tmp_path, dataclasses.replace(recipe, vision_steps=recipe.vision_steps + 1))
+    drop_stale_mllm(tmp_path, dataclasses.replace(recipe, vision_steps=recipe.vision_steps + 1))
     assert not (tmp_path / "qwen2vl").exists() and not (tmp_path / "stage2").exists()
 
 

@@ -151,7 +151,7 @@ class FeatureModels:
         self.dino_model = dino_model.to(self.device, dtype).eval()
         self.dino_processor = dino_processor
         self.max_text_tokens = _max_text_tokens(clip_tokenizer, clip_model)
-        self._reference_cache: dict[str, ImageEmbeddings] = {}
+        self.reference_cache: dict[str, ImageEmbeddings] = {}
 
     @classmethod
     def from_pretrained(
@@ -203,16 +203,16 @@ class FeatureModels:
         """Embeddings of image files, cached by resolved path so a group's references (and targets)
         are embedded once however many methods and seeds are scored against them; each file alone."""
         keys = [str(Path(p).resolve()) for p in paths]
-        missing = list(dict.fromkeys(k for k in keys if k not in self._reference_cache))
+        missing = list(dict.fromkeys(k for k in keys if k not in self.reference_cache))
         for key in missing:
             # one file per call: an embedding depends on its image only, not on which other files happened
             # to be missing with it (else a resumed run, which starts with another cache, scores differently)
-            self._reference_cache[key] = self.embed_images([open_image(key)])
-        rows = [self._reference_cache[k] for k in keys]
+            self.reference_cache[key] = self.embed_images([open_image(key)])
+        rows = [self.reference_cache[k] for k in keys]
         return ImageEmbeddings(torch.cat([r.clip for r in rows]), torch.cat([r.dino for r in rows]))
 
     def clear_cache(self) -> None:
-        self._reference_cache.clear()
+        self.reference_cache.clear()
 
     # -- scores ------------------------------------------------------------------------------
 

@@ -148,7 +148,7 @@ def evaluate_methods(
         pipe = None
         for cell in cells or CELLS:
             record = out / "cells" / f"{method}-s{train_seed}-{_cell_slug(cell)}.json"
-            scores = _cached_scores(record, key)
+            scores = cached_scores(record, key)
             if scores is None:
                 oracle = oracle or load_oracle()
                 pipe = pipe or load_method(folder, device)
@@ -196,7 +196,7 @@ def _adapter_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def _cached_scores(record: Path, key: dict) -> list[ItemScore] | None:
+def cached_scores(record: Path, key: dict) -> list[ItemScore] | None:
     """The scores kept for this cell if they were made with the same weights and settings."""
     if not record.is_file():
         return None

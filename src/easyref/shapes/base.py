@@ -260,7 +260,7 @@ SUBJECTLESS_SHARE = 0.3
 PARTIAL_SHARE = 0.2
 
 
-def _captioned_target(
+def captioned_target(
     rng: random.Random, subjects, subjectless: float = SUBJECTLESS_SHARE, partial: float = PARTIAL_SHARE
 ):
     from .world import PICK_ATTRIBUTES, caption_for, pick_prompt, prompt_for
@@ -307,7 +307,7 @@ def train_base(
     pipe.vae.requires_grad_(False)
     side = pipe.vae.config.sample_size
     time_ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=torch.float32, device=device).expand(batch_size, -1)
-    pool = _Pool(lambda: _captioned_target(rng, subjects), min(pool_size, steps * batch_size), rng, device)
+    pool = _Pool(lambda: captioned_target(rng, subjects), min(pool_size, steps * batch_size), rng, device)
 
     def loss_of_a_batch():
         pixels, captions = pool.sample(batch_size)

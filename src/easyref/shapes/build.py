@@ -153,8 +153,8 @@ def build(out: Path, recipe: Recipe, work: Path, cpu: bool) -> Path:
     device = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
     # each phase is skipped when an earlier (interrupted) build already finished it: a phase's
     # output appears only once it is complete, so a half-done phase simply runs again
-    _continue_base(work, recipe, device)
-    _drop_stale_mllm(work, recipe)
+    continue_base(work, recipe, device)
+    drop_stale_mllm(work, recipe)
     for name, done, run in _phases(recipe, work, device, cpu):
         if done.exists():
             logger.info("%s: already built (%s), skipped", name, done)
@@ -225,7 +225,7 @@ def _vae_source(recipe: Recipe) -> Path | None:
     return None
 
 
-def _continue_base(work: Path, recipe: Recipe, device: str) -> None:
+def continue_base(work: Path, recipe: Recipe, device: str) -> None:
     """A finished base with fewer steps than the recipe asks trains on, so builds accumulate across
     sessions; everything trained on the old base is then stale and goes. A base of another UNet shape
     is rebuilt."""
@@ -260,7 +260,7 @@ def _drop_stages(work: Path) -> None:
         shutil.rmtree(stale)
 
 
-def _drop_stale_mllm(work: Path, recipe: Recipe) -> None:
+def drop_stale_mllm(work: Path, recipe: Recipe) -> None:
     """An MLLM built to another recipe is rebuilt, and the stages trained on it go with it."""
     record = work / "qwen2vl" / "training.json"
     if not record.is_file():
