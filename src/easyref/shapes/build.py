@@ -73,11 +73,11 @@ PRESETS = {
     ),
     # about 1 h 45 min on this project's 2-core CPU machine, estimated from timed fractions: the bundled
     # VAE reused (it took 4,000 x 0.29 s), the 3-level base 10,000 x 0.42 s in runs of 2,000, MLLM 750 s,
-    # stages 1-3 1,351 s (timed). History: 600 VAE + 2500 base steps were too few (VAE MSE 0.054, colours washed
-    # out); a 2-level base at 11,000 steps drew the asked background 98% of the time but put objects
-    # asked for a corner in a random corner (benchmarks RESULTS 5d); a 3-level base read 38% background
-    # and 25% position at 4,000 steps, 58% at 8,000 and 61% at 10,000, where it levels off (5d), so the
-    # recipe stops there. A finished base trains on to more if base_steps is raised.
+    # stages 1-3 1,351 s (timed). Why these sizes: a VAE of 600 steps washes colours out (MSE 0.054); a
+    # 3-level UNet is needed to put objects in the asked corner (a 2-level one picks a random corner);
+    # it reads background and place right 38% of the time at 4,000 base steps, 58% at 8,000 and 61% at
+    # 10,000, where it levels off (benchmarks/RESULTS.md 5d). A finished base trains on to more if
+    # base_steps is raised.
     "cpu": Recipe(
         groups=1500,
         vae_steps=4000,
