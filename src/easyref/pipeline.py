@@ -9,6 +9,7 @@ once, (3) take the cached negative branch, (4) hand the tokens to the diffusers 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import logging
 import math
@@ -333,9 +334,6 @@ class EasyRefPipeline(DiffusionPipeline):
     def _denoise(self, embeds: torch.Tensor, output_type: str, **kwargs):
         base = self._base_pipeline()
         ready = [embeds.unsqueeze(1)]  # (2 * B * n, 1 image, tokens, hidden), negative half first
-        # diffusers tiles `ip_adapter_image_embeds` by the batch size (it expects one embedding for the
-        # whole batch); ours already hold one row per image, so this per-call instance uses them as-is
-        base.prepare_ip_adapter_image_embeds = lambda *args, **kw: ready
         # PIL conversion would turn NaN into black pixels: take arrays, check them, convert after
         result = base(
             ip_adapter_image_embeds=ready, output_type="np" if output_type == "pil" else output_type, **kwargs
@@ -345,14 +343,29 @@ class EasyRefPipeline(DiffusionPipeline):
         return base.image_processor.numpy_to_pil(images) if output_type == "pil" else images
 
     def _base_pipeline(self):
-        """The diffusers pipeline over this pipeline's own modules (built per call, nothing copied)."""
-        cls = getattr(diffusers, self.config.base_pipeline)
+        """The diffusers pipeline over this pipeline's own modules (built per call, nothing copied, so a
+        component swapped on this pipeline, a scheduler say, is the one used)."""
+        cls = _rows_as_given(getattr(diffusers, self.config.base_pipeline))
         wanted = inspect.signature(cls.__init__).parameters
         components = {k: v for k, v in self.components.items() if k in wanted}
         extra = {k: None for k in ("image_encoder", "feature_extractor") if k in wanted}
         base = cls(**components, **extra)
         base.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
         return base
+
+
+class _ReferenceRowsAsGiven:
+    """diffusers tiles precomputed `ip_adapter_image_embeds` by the batch size, as it expects one embedding
+    for the whole batch; EasyRef's tokens already hold one row per image (negative half first under
+    classifier-free guidance), so they reach the UNet as given."""
+
+    def prepare_ip_adapter_image_embeds(self, ip_adapter_image, ip_adapter_image_embeds, device, *args, **kwargs):
+        return [embeds.to(device) for embeds in ip_adapter_image_embeds]
+
+
+@functools.cache
+def _rows_as_given(cls: type) -> type:
+    return type(cls.__name__, (_ReferenceRowsAsGiven, cls), {"__module__": __name__})
 
 
 def default_size(pipe) -> int:
