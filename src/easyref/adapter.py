@@ -110,27 +110,18 @@ def reference_processors(unet) -> dict[str, IPAdapterAttnProcessor2_0]:
 
 
 def set_scale(unet, scale: float | dict) -> None:
-    """Reference strength: one float, or diffusers' per-block dict ({"up": {"block_0": [0, 1, 0]}, ...})."""
-    from diffusers.loaders.unet_loader_utils import _maybe_expand_lora_scales
+    """Reference strength: one float, or diffusers' per-block dict ({"up": {"block_0": [0, 1, 0]}, ...}),
+    applied by diffusers' own `set_ip_adapter_scale`, which only reads the pipeline's `unet`."""
+    from diffusers.loaders import IPAdapterMixin
 
-    processors = reference_processors(unet)
-    if not processors:
+    if not reference_processors(unet):
         raise ValueError("no EasyRef adapter is installed on this UNet")
-    if isinstance(scale, dict):
-        expanded = _maybe_expand_lora_scales(unet, [scale], default_scale=0.0)[0]
-        for name, proc in processors.items():
-            proc.scale = [_block_scale(name, expanded)]
-    else:
-        for proc in processors.values():
-            proc.scale = [float(scale)]
+    IPAdapterMixin.set_ip_adapter_scale(_UNetHolder(unet), scale if isinstance(scale, dict) else float(scale))
 
 
-def _block_scale(name: str, expanded: dict) -> float:
-    value = 0.0
-    for prefix, s in expanded.items():
-        if name.startswith(prefix):
-            value = float(s)
-    return value
+class _UNetHolder:
+    def __init__(self, unet):
+        self.unet = unet
 
 
 def adapter_state_dict(unet) -> dict[str, torch.Tensor]:
