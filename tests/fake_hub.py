@@ -59,7 +59,7 @@ def release_pipeline(tiny_dirs):
 def build_hub(cache: Path, scratch: Path, tiny_dirs, metrics: bool = False) -> Path:
     """SDXL, Qwen2-VL and the release (in its own file format) under their ids; with `metrics`, also
     the bench's defaults: h94's SDXL IP-Adapter (`sdxl_models/`), CLIP ViT-L/14 and DINO ViT-S/16."""
-    from test_checkpoint import to_release_state_dict
+    from model_checks import to_release_state_dict
 
     into_cache(tiny_dirs["sdxl"], cache, SDXL_ID)
     into_cache(tiny_dirs["qwen"], cache, QWEN_ID)

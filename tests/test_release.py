@@ -5,53 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_checks import TINY_SETTINGS, perturb_trunk, tokens, unet_output
+from model_checks import TINY_SETTINGS, perturb_trunk, to_release_state_dict, tokens, unet_output
 from safetensors.torch import save_file
 
 from easyref import EasyRefPipeline
-from easyref.adapter import LORA_ADAPTER_NAME
 from easyref.checkpoint import CheckpointError
 from easyref.cli import main
 from easyref.release import read_checkpoint
-
-
-def to_release_state_dict(pipe, with_duplicates=True) -> dict[str, torch.Tensor]:
-    """The authors' layout, built from our modules with exactly the release's key names."""
-    from peft.utils import get_peft_model_state_dict
-
-    enc, unet = pipe.reference_encoder, pipe.unet
-    out = {}
-    proj = unet.encoder_hid_proj.image_projection_layers[0]
-    for index, module in (("0", proj.ff.net[0].proj), ("2", proj.ff.net[2]), ("3", proj.norm)):
-        for name, tensor in module.state_dict().items():
-            out[f"image_proj_model.proj.{index}.{name}"] = tensor
-    out.update({f"mllm_final_layer.{k}": v for k, v in enc.aggregator.state_dict().items()})
-    processor_names = list(unet.attn_processors)
-    for position, name in enumerate(processor_names):
-        proc = unet.attn_processors[name]
-        if hasattr(proc, "to_k_ip"):
-            for kv in ("to_k_ip", "to_v_ip"):
-                out[f"unet.{name}.{kv}.weight"] = getattr(proc, kv)[0].weight
-                if with_duplicates:
-                    out[f"adapter_modules.{position}.{kv}.weight"] = getattr(proc, kv)[0].weight.clone()
-    if pipe.easyref_config.lora_rank:
-        lora = get_peft_model_state_dict(unet, adapter_name=LORA_ADAPTER_NAME)
-        for key, tensor in lora.items():
-            attn, _, rest = key.rpartition(".to_")
-            target, side = rest.split(".lora_")[0], rest.split(".lora_")[1]
-            target = target.replace("out.0", "out")
-            kind = {"A.weight": "down", "B.weight": "up"}[side]
-            out[f"unet.{attn}.processor.to_{target}_lora.{kind}.weight"] = tensor
-    base_unet = {k: v for k, v in unet.state_dict().items() if ".processor." not in k and "lora" not in k}
-    out.update({f"unet.{k.replace('.base_layer', '')}": v for k, v in base_unet.items() if "encoder_hid_proj" not in k})
-    if pipe.easyref_config.has_trunk:
-        for key, tensor in enc.layers.state_dict().items():
-            out[f"multimodal_llm.model.layers.{key}"] = tensor
-        out["multimodal_llm.model.embed_tokens.weight"] = enc.embed_tokens.weight
-        out["multimodal_llm.model.norm.weight"] = enc.norm.weight
-        out["multimodal_llm.lm_head.weight"] = enc.embed_tokens.weight.clone()
-        out.update({f"multimodal_llm.visual.{k}": v for k, v in enc.visual.state_dict().items()})
-    return {k: v.detach().clone().contiguous() for k, v in out.items()}
 
 
 @pytest.mark.parametrize("rank, trunk, duplicates", [(0, False, False), (4, True, True)])
