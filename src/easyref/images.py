@@ -182,12 +182,16 @@ def stage_png(image: Image.Image, path: Path, params: dict) -> str:
 
 def contact_sheet(references, outputs, cell: int | None = None) -> Image.Image:
     """References in the top row, generated images in the bottom row, all as square cells."""
-    cell = cell or max(im.width for im in outputs)
-    cols = max(len(references), len(outputs))
-    sheet = Image.new("RGB", (cols * cell, 2 * cell), "white")
-    for row, images in enumerate((references, outputs)):
-        for col, image in enumerate(images):
+    return grid_sheet([references, outputs], cell or max(im.width for im in outputs))
+
+
+def grid_sheet(rows, cell: int) -> Image.Image:
+    """Rows of images as square cells of `cell` px, each image shrunk to fit and centred in its cell."""
+    cols = max(len(row) for row in rows)
+    sheet = Image.new("RGB", (cols * cell, len(rows) * cell), "white")
+    for y, images in enumerate(rows):
+        for x, image in enumerate(images):
             thumb = to_rgb(image)
             thumb.thumbnail((cell, cell))
-            sheet.paste(thumb, (col * cell + (cell - thumb.width) // 2, row * cell + (cell - thumb.height) // 2))
+            sheet.paste(thumb, (x * cell + (cell - thumb.width) // 2, y * cell + (cell - thumb.height) // 2))
     return sheet

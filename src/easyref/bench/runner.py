@@ -38,7 +38,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..images import ImageFileError, open_image, open_regular, to_rgb
+from ..images import ImageFileError, grid_sheet, open_image, open_regular
 from ..safe_io import (
     LOCK_NAME,
     TEMP_SUFFIX,
@@ -446,14 +446,7 @@ def write_sheet(out: Path, item: BenchItem, references: Sequence[Image.Image]) -
     rows = [list(references)]
     for p in range(len(item.prompts)):
         rows.append([open_image(f) for f in made if f.name.startswith(f"p{p:02d}-")])
-    columns = max(len(r) for r in rows)
-    sheet = Image.new("RGB", (columns * SHEET_TILE, len(rows) * SHEET_TILE), "white")
-    for y, row in enumerate(rows):
-        for x, image in enumerate(row):
-            tile = to_rgb(image)
-            tile.thumbnail((SHEET_TILE, SHEET_TILE))
-            sheet.paste(tile, (x * SHEET_TILE, y * SHEET_TILE))
-    save_image(sheet, _sheet_path(out, item), out)
+    save_image(grid_sheet(rows, SHEET_TILE), _sheet_path(out, item), out)
 
 
 def summarize(records: Iterable[dict]) -> list[dict]:

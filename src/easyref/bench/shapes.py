@@ -250,20 +250,19 @@ def aggregate(runs: list[dict]) -> list[dict]:
 
 def _save_examples(path: Path, groups, images) -> None:
     """One row per group: its references, the target render, the generated image."""
+    from ..images import grid_sheet, save_png
     from ..shapes.world import render
 
     path.parent.mkdir(parents=True, exist_ok=True)
     cols = max(len(g.references) for g in groups) + 2
-    sheet = Image.new("RGB", (64 * cols, 64 * len(groups)), "white")
-    for row, (group, image) in enumerate(zip(groups, images)):
-        tiles = [render(s) for s in group.references]
-        tiles += [Image.new("RGB", (64, 64), "white")] * (cols - 2 - len(tiles)) + [
-            render(group.target),
-            image.resize((64, 64)),
-        ]
-        for col, tile in enumerate(tiles):
-            sheet.paste(tile, (64 * col, 64 * row))
-    sheet.save(path)
+    blank = Image.new("RGB", (64, 64), "white")  # keeps the target and output columns aligned
+    rows = [
+        [render(s) for s in group.references]
+        + [blank] * (cols - 2 - len(group.references))
+        + [render(group.target), image.resize((64, 64))]
+        for group, image in zip(groups, images)
+    ]
+    save_png(grid_sheet(rows, 64), path, {"columns": "references, target, generated"})
 
 
 # ---------------------------------------------------------------------- reporting
