@@ -623,7 +623,9 @@ def test_references_and_sheets_use_the_one_decoding_rule(tmp_path, sdxl_method):
     settings = GenerationSettings(steps=1, guidance=1.0, height=32, width=32)
     run_bench(load_manifest(root / "m.jsonl"), sdxl_method, settings, out, progress=False)
     sheet = np.asarray(Image.open(out / "sheets" / "g.png"))
-    assert tuple(sheet[5, 5]) == (78, 78, 78)
-    assert tuple(sheet[5, SHEET_TILE + 5]) == (255, 255, 255)
-    assert tuple(sheet[35, 2 * SHEET_TILE + 5]) == (0, 0, 255)  # inside the upright 20 x 40 tile
-    assert tuple(sheet[5, 2 * SHEET_TILE + 30]) == (255, 255, 255)  # beside it: the sheet's background
+    mid = SHEET_TILE // 2  # each image is centred in its cell
+    assert tuple(sheet[mid, mid]) == (78, 78, 78)
+    assert tuple(sheet[mid, SHEET_TILE + mid]) == (255, 255, 255)
+    turned_x = 2 * SHEET_TILE + mid
+    assert tuple(sheet[mid + 15, turned_x]) == (0, 0, 255)  # inside the upright 20 x 40 image
+    assert tuple(sheet[mid, turned_x + 15]) == (255, 255, 255)  # beside it: the sheet's background
