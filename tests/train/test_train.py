@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tiny_run import TINY_RUN, write_config
 
 from easyref.checkpoint import WEIGHTS_NAME
 from easyref.cli import main
@@ -38,28 +39,10 @@ def settings(tiny_dirs, example_data, out: Path, stage: int = 1, **overrides) ->
         output_dir=str(out),
         data=str(paths[DATA_KEYS[stage]]),
         data_root=str(root),
-        resolution=32,
-        bucket_stride=16,
-        reference_image_size=56,
-        max_references=4,
-        num_workers=0,
-        mixed_precision="no",
-        gradient_checkpointing=False,
-        batch_size=2,
-        learning_rate=1e-3,
-        lora_rank=4,
-        max_steps=2,
-        checkpoint_every=1000,
-        log_every=1,
-        tensorboard=False,
+        **TINY_RUN,
     )
     values.update(overrides)
     return values
-
-
-def write_config(path: Path, values: dict) -> Path:
-    path.write_text(yaml.safe_dump(values))
-    return path
 
 
 @pytest.fixture(scope="session")

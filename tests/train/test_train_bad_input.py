@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
+from tiny_run import TINY_RUN, write_config
 
 from easyref.cli import main
 from easyref.images import open_image
@@ -50,28 +50,10 @@ def settings(tiny_dirs, data_root: Path, out: Path, **overrides) -> dict:
         output_dir=str(out),
         data=str(data_root / "pairs.json"),
         data_root=str(data_root),
-        resolution=32,
-        bucket_stride=16,
-        reference_image_size=56,
-        max_references=4,
-        num_workers=0,
-        mixed_precision="no",
-        gradient_checkpointing=False,
-        batch_size=2,
-        learning_rate=1e-3,
-        lora_rank=4,
-        max_steps=2,
-        checkpoint_every=1000,
-        log_every=1,
-        tensorboard=False,
+        **TINY_RUN,
     )
     values.update(overrides)
     return values
-
-
-def write_config(path: Path, values: dict) -> Path:
-    path.write_text(yaml.safe_dump(values))
-    return path
 
 
 def snapshot(*folders: Path) -> dict[str, str]:
