@@ -15,6 +15,7 @@ import pytest
 from conftest import shape_image
 
 from easyref import cli
+from easyref.devices import gpu_driver_present
 
 HEAVY = ("torch", "diffusers", "transformers", "accelerate")
 
@@ -76,6 +77,14 @@ def usage_errors(ref):
             ["bench", "run", "--manifest", "m.jsonl", "--method", "easyref", "--out", "o"],
             "no such file m.jsonl",
         ),
+        "no such adapter": ([*generate, "--adapter", "nowhere"], "--adapter nowhere: no such file or folder"),
+        "no such base": ([*generate, "--base", "nowhere"], "--base nowhere: no such file or folder"),
+        "unknown device": ([*generate, "--device", "tpu9"], "unknown device 'tpu9'"),
+        "cuda without a GPU": ([*generate, "--device", "cuda"], "no CUDA GPU is available"),
+        "bench run: unknown device": (
+            ["bench", "run", "--manifest", "m.jsonl", "--method", "easyref", "--out", "o", "--device", "tpu9"],
+            "unknown device 'tpu9'",
+        ),
         "bench shapes: unknown method": (["bench", "shapes", "--methods", "median"], "unknown method 'median'"),
         "bench shapes: no models": (["bench", "shapes", "--models-dir", str(ref.parent)], "no model-METHOD-sSEED/"),
     }
@@ -100,6 +109,13 @@ def usage_errors(ref):
         "convert: not a release",
         "bench run: no base",
         "bench run: no manifest",
+        "no such adapter",
+        "no such base",
+        "unknown device",
+        pytest.param(
+            "cuda without a GPU", marks=pytest.mark.skipif(gpu_driver_present(), reason="a GPU driver is here")
+        ),
+        "bench run: unknown device",
         "bench shapes: unknown method",
         "bench shapes: no models",
     ],

@@ -357,14 +357,19 @@ def load_pipeline(args):
     """Resolve --base/--mllm/--adapter (`easyref.resolve`: what is not given comes from the adapter's
     config, else the bundled model), then load; every way a name or checkpoint can be wrong is one line."""
     from .checkpoint import CheckpointError
-    from .pipeline import EasyRefPipeline
+    from .devices import DeviceError, check_device_name
     from .resolve import CLI_LABELS, ResolveError, resolve_parts
 
-    device, dtype = resolve_device(args.device, args.dtype)
-    try:
+    try:  # the names first, so that a mistake in them is reported before torch and diffusers load
+        check_device_name(args.device)
         parts = resolve_parts(args.base, args.mllm, args.adapter, labels=CLI_LABELS)
     except (ResolveError, CheckpointError) as err:
         raise UserError(str(err)) from None
+    except DeviceError as err:
+        raise UserError(f"--device: {err}") from None
+    device, dtype = resolve_device(args.device, args.dtype)
+    from .pipeline import EasyRefPipeline
+
     if parts.bundled_adapter:
         from .bundled import NOTICE
 

@@ -216,13 +216,11 @@ def _first_line(err: BaseException) -> str:
 
 
 def _check_device(name: str | None) -> None:
-    from ..devices import DeviceError, resolve_device
+    from ..devices import DeviceError, check_device_name
     from ..errors import UserError
 
-    if name is None:
-        return
     try:
-        resolve_device(name)
+        check_device_name(name)
     except DeviceError as err:
         raise UserError(f"--device: {err}") from None
 
