@@ -10,9 +10,12 @@ from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 
 from easyref.adapter import (
     adapter_state_dict,
+    fuse_lora,
     install_adapter,
+    is_fused,
     reference_processors,
     set_scale,
+    unfuse_lora,
     unload_adapter,
 )
 
@@ -113,3 +116,41 @@ def test_install_twice_and_unload_without_install_fail(unet, tiny_dirs):
 def test_cross_attention_dim_mismatch(unet, tiny_dirs):
     with pytest.raises(ValueError, match="cross_attention_dim"):
         install_adapter(unet, tiny_config(tiny_dirs["qwen"], cross_attention_dim=2048))
+
+
+def _trained_lora(unet, tiny_dirs):
+    install_adapter(unet, tiny_config(tiny_dirs["qwen"], lora_rank=4))
+    with torch.no_grad():  # a trained LoRA changes the UNet's output; fresh lora_B is zero
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)
+
+
+def test_fused_lora_computes_what_the_unfused_does_without_its_layers(unet, tiny_dirs):
+    _trained_lora(unet, tiny_dirs)
+    unfused = run(unet, with_tokens=True)
+    lora_calls = []
+    hooks = [
+        m.register_forward_hook(lambda *a: lora_calls.append(1))
+        for n, m in unet.named_modules()
+        if n.endswith("lora_A.easyref")
+    ]
+    assert hooks and fuse_lora(unet) and is_fused(unet)
+    fused = run(unet, with_tokens=True)
+    torch.testing.assert_close(fused, unfused, atol=1e-5, rtol=1e-5)
+    assert not lora_calls  # a fused UNet call runs no LoRA layer
+    assert not fuse_lora(unet)  # fusing twice is a no-op
+
+
+def test_unfuse_and_unload_after_fusing_are_bit_exact(unet, tiny_dirs):
+    plain = run(unet, with_tokens=False)
+    weights = {k: v.clone() for k, v in unet.state_dict().items()}
+    _trained_lora(unet, tiny_dirs)
+    unfused = run(unet, with_tokens=True)
+    fuse_lora(unet)
+    unfuse_lora(unet)
+    assert not is_fused(unet) and torch.equal(run(unet, with_tokens=True), unfused)
+    fuse_lora(unet)
+    unload_adapter(unet)
+    assert torch.equal(run(unet, with_tokens=False), plain)
+    assert all(torch.equal(unet.state_dict()[k], v) for k, v in weights.items())

@@ -15,7 +15,8 @@ from easyref.release import read_checkpoint
 
 
 def load(tiny_dirs, adapter):
-    pipe = EasyRefPipeline.from_pretrained(tiny_dirs["sdxl"], mllm=tiny_dirs["qwen"], adapter=adapter)
+    # unfused: the weights exactly as saved (fusing is its own transformation, tested in test_pipeline)
+    pipe = EasyRefPipeline.from_pretrained(tiny_dirs["sdxl"], mllm=tiny_dirs["qwen"], adapter=adapter, fuse_lora=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -168,3 +168,26 @@ def test_controlnet_base_pipeline(make_encoder, tiny_dirs, groups):
     control = shape_image("white", "black", size=(32, 32))
     out = pipe(groups[0], "a cat", image=control, generator=gens(0), **CALL)
     assert out.images.shape == (1, 32, 32, 3) and np.isfinite(out.images).all()
+
+
+def test_a_loaded_pipeline_fuses_its_lora_and_saves_the_same_checkpoint(make_pipeline, tiny_dirs, groups, tmp_path):
+    """`from_pretrained` folds the LoRA in (a UNet call then costs what plain SDXL's does); the images are
+    the unfused pipeline's within float tolerance, and what a fused pipeline saves is still the LoRA itself."""
+    from safetensors.torch import load_file
+
+    from easyref import EasyRefPipeline
+    from easyref.adapter import is_fused
+
+    pipe = make_pipeline(lora_rank=4)
+    pipe.save_adapter(tmp_path / "saved")
+    loaded = EasyRefPipeline.from_pretrained(tiny_dirs["sdxl"], mllm=tiny_dirs["qwen"], adapter=tmp_path / "saved")
+    loaded.set_progress_bar_config(disable=True)
+    assert is_fused(loaded.unet) and not is_fused(pipe.unet)
+    args = dict(references=groups[:1], prompt="a cat", num_inference_steps=2, seed=0, output_type="np")
+    np.testing.assert_allclose(loaded(**args).images, pipe(**args).images, atol=1e-4)
+    loaded.save_adapter(tmp_path / "again")
+    saved, again = (
+        load_file(tmp_path / "saved" / "easyref.safetensors"),
+        load_file(tmp_path / "again" / "easyref.safetensors"),
+    )
+    assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)

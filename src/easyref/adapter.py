@@ -34,6 +34,8 @@ class _OriginalUNetState:
     encoder_hid_dim_type: str | None
     lora: bool = False
     extra: dict = field(default_factory=dict)
+    # while the LoRA is fused: each adapted layer's own weight, kept on the CPU to be put back bit for bit
+    unfused_weights: dict | None = None
 
 
 def is_installed(unet) -> bool:
@@ -92,12 +94,55 @@ def _add_lora(unet, config: EasyRefConfig) -> None:
     unet.add_adapter(lora, adapter_name=LORA_ADAPTER_NAME)
 
 
-def unload_adapter(unet) -> None:
-    """Remove everything `install_adapter` added; the UNet computes exactly what it did before."""
-    state: _OriginalUNetState | None = getattr(unet, _STATE_ATTR, None)
+def fuse_lora(unet) -> bool:
+    """Fold the LoRA into the weights it adapts, so that a UNet call costs what a plain one does (for
+    generation; training keeps it apart). Returns whether there was a LoRA to fuse."""
+    state = _state(unet)
+    if not state.lora or state.unfused_weights is not None:
+        return False
+    weights = {}
+    for name, layer in _lora_layers(unet):
+        weights[name] = layer.get_base_layer().weight.detach().to("cpu", copy=True)
+        layer.merge(adapter_names=[LORA_ADAPTER_NAME])
+    state.unfused_weights = weights
+    return True
+
+
+def unfuse_lora(unet) -> None:
+    """Undo `fuse_lora` exactly: the adapted layers get their own weights back (not a subtraction)."""
+    state = _state(unet)
+    if state.unfused_weights is None:
+        return
+    with torch.no_grad():
+        for name, layer in _lora_layers(unet):
+            weight = layer.get_base_layer().weight
+            weight.copy_(state.unfused_weights[name].to(weight.device))
+            layer.merged_adapters.clear()
+    state.unfused_weights = None
+
+
+def is_fused(unet) -> bool:
+    return is_installed(unet) and _state(unet).unfused_weights is not None
+
+
+def _lora_layers(unet):
+    from peft.tuners.lora import LoraLayer
+
+    return [(name, module) for name, module in unet.named_modules() if isinstance(module, LoraLayer)]
+
+
+def _state(unet) -> _OriginalUNetState:
+    state = getattr(unet, _STATE_ATTR, None)
     if state is None:
         raise ValueError("no EasyRef adapter is installed on this UNet")
+    return state
+
+
+def unload_adapter(unet) -> None:
+    """Remove everything `install_adapter` added; the UNet computes exactly what it did before."""
+    state = _state(unet)
     if state.lora:
+        unfuse_lora(unet)
         unet.unload_lora()
     unet.set_attn_processor(state.processors)
     unet.encoder_hid_proj = state.encoder_hid_proj

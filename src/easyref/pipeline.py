@@ -24,7 +24,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from PIL import Image
 
-from .adapter import install_adapter, is_installed, set_scale, unload_adapter
+from .adapter import fuse_lora, install_adapter, is_installed, set_scale, unfuse_lora, unload_adapter
 from .checkpoint import CheckpointError, apply_checkpoint, save_checkpoint
 from .config import EasyRefConfig
 from .encoder import ReferenceEncoder
@@ -135,9 +135,12 @@ class EasyRefPipeline(DiffusionPipeline):
         dtype: torch.dtype | None = None,
         base_pipeline: str = "StableDiffusionXLPipeline",
         config_overrides: dict | None = None,
+        fuse_lora: bool = True,
         **base_kwargs,
     ) -> EasyRefPipeline:
-        """Load `easyref.resolve.Parts` (names already resolved to local paths)."""
+        """Load `easyref.resolve.Parts` (names already resolved to local paths). `fuse_lora`: fold the UNet
+        LoRA into its weights, so that denoising costs what plain SDXL's does (`unfuse_lora` and `unload`
+        undo it exactly)."""
         dtype = base_kwargs.pop("torch_dtype", dtype)  # the older name, still common in user code
         if base_pipeline not in BASE_PIPELINES:
             raise ValueError(f"base_pipeline must be one of {', '.join(BASE_PIPELINES)}, got {base_pipeline!r}")
@@ -155,7 +158,10 @@ class EasyRefPipeline(DiffusionPipeline):
             encoder = ReferenceEncoder.from_pretrained(parts.mllm.path, config, dtype=dtype)
         except ValueError as err:  # the MLLM's width against the checkpoint's, a tokenizer without chat template
             raise CheckpointError(f"the EasyRef checkpoint does not fit the MLLM {parts.mllm.name}: {err}") from None
-        return cls.from_components(sdxl, encoder, tensors, base_pipeline=base_pipeline)
+        pipe = cls.from_components(sdxl, encoder, tensors, base_pipeline=base_pipeline)
+        if fuse_lora:
+            pipe.fuse_lora()
+        return pipe
 
     @classmethod
     def from_components(
@@ -188,11 +194,20 @@ class EasyRefPipeline(DiffusionPipeline):
     def set_scale(self, scale: float | dict) -> None:
         set_scale(self.unet, scale)
 
+    def fuse_lora(self) -> bool:
+        """Fold the UNet LoRA into its weights (what `from_pretrained` does): no LoRA cost per UNet call.
+        Returns whether there was a LoRA to fuse."""
+        return fuse_lora(self.unet)
+
+    def unfuse_lora(self) -> None:
+        """Put the adapted layers' own weights back (bit for bit), e.g. before training this UNet."""
+        unfuse_lora(self.unet)
+
     def unload(self):
         """Remove the adapter; returns the plain diffusers pipeline over the user's restored UNet."""
         unload_adapter(self.unet)
         self._negative_cache.clear()
-        return self._base_pipeline()
+        return self._base_pipeline(plain=True)
 
     def clear_reference_cache(self) -> None:
         """Forget the cached negative branch (call after changing the encoder's weights)."""
@@ -342,10 +357,12 @@ class EasyRefPipeline(DiffusionPipeline):
         _check_finite_images(images)
         return base.image_processor.numpy_to_pil(images) if output_type == "pil" else images
 
-    def _base_pipeline(self):
+    def _base_pipeline(self, plain: bool = False):
         """The diffusers pipeline over this pipeline's own modules (built per call, nothing copied, so a
-        component swapped on this pipeline, a scheduler say, is the one used)."""
-        cls = _rows_as_given(getattr(diffusers, self.config.base_pipeline))
+        component swapped on this pipeline, a scheduler say, is the one used); `plain`: diffusers' own
+        class, as `unload` hands it back."""
+        cls = getattr(diffusers, self.config.base_pipeline)
+        cls = cls if plain else _rows_as_given(cls)
         wanted = inspect.signature(cls.__init__).parameters
         components = {k: v for k, v in self.components.items() if k in wanted}
         extra = {k: None for k in ("image_encoder", "feature_extractor") if k in wanted}
@@ -360,6 +377,8 @@ class _ReferenceRowsAsGiven:
     classifier-free guidance), so they reach the UNet as given."""
 
     def prepare_ip_adapter_image_embeds(self, ip_adapter_image, ip_adapter_image_embeds, device, *args, **kwargs):
+        if ip_adapter_image_embeds is None:
+            return super().prepare_ip_adapter_image_embeds(ip_adapter_image, None, device, *args, **kwargs)
         return [embeds.to(device) for embeds in ip_adapter_image_embeds]
 
 
