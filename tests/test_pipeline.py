@@ -191,3 +191,22 @@ def test_a_loaded_pipeline_fuses_its_lora_and_saves_the_same_checkpoint(make_pip
         load_file(tmp_path / "again" / "easyref.safetensors"),
     )
     assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
+
+
+def test_scale_zero_runs_nothing_of_the_reference_path(make_pipeline, groups, monkeypatch):
+    """At scale 0 the references cannot change the image: no encoding, no reference projection, no
+    reference attention; the adapted processors are back in place afterwards."""
+    pipe = make_pipeline(lora_rank=4)
+    processors = {name: type(proc) for name, proc in pipe.unet.attn_processors.items()}
+    calls = []
+    encode = pipe.reference_encoder.forward
+    monkeypatch.setattr(pipe.reference_encoder, "forward", lambda *a, **k: calls.append("encoder") or encode(*a, **k))
+    hooks = [pipe.unet.encoder_hid_proj.register_forward_hook(lambda *a: calls.append("projection"))]
+    for proc in pipe.unet.attn_processors.values():
+        for linear in getattr(proc, "to_k_ip", []):
+            hooks.append(linear.register_forward_hook(lambda *a: calls.append("to_k_ip")))
+    result = pipe(groups[0], "a cat", scale=0.0, generator=gens(0), **CALL)
+    assert calls == [] and result.reference_embeds is None
+    assert {name: type(proc) for name, proc in pipe.unet.attn_processors.items()} == processors
+    pipe(groups[0], "a cat", scale=1.0, generator=gens(0), **CALL)
+    assert {"encoder", "projection", "to_k_ip"} <= set(calls)  # the hooks see a call that uses the references

@@ -10,6 +10,7 @@ scale * reference attention (`IPAdapterAttnProcessor2_0`). The projection is
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -136,6 +137,21 @@ def _state(unet) -> _OriginalUNetState:
     if state is None:
         raise ValueError("no EasyRef adapter is installed on this UNet")
     return state
+
+
+@contextmanager
+def reference_branch_off(unet):
+    """For a call at reference scale 0: the UNet's own attention processors and no reference projection,
+    so that nothing of the reference path runs (the LoRA, part of the finetuned UNet, stays)."""
+    state = _state(unet)
+    adapted, projection, kind = dict(unet.attn_processors), unet.encoder_hid_proj, unet.config.encoder_hid_dim_type
+    unet.set_attn_processor(dict(state.processors))
+    unet.encoder_hid_proj, unet.config.encoder_hid_dim_type = None, None
+    try:
+        yield
+    finally:
+        unet.set_attn_processor(adapted)
+        unet.encoder_hid_proj, unet.config.encoder_hid_dim_type = projection, kind
 
 
 def unload_adapter(unet) -> None:

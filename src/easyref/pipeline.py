@@ -24,7 +24,15 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from PIL import Image
 
-from .adapter import fuse_lora, install_adapter, is_installed, set_scale, unfuse_lora, unload_adapter
+from .adapter import (
+    fuse_lora,
+    install_adapter,
+    is_installed,
+    reference_branch_off,
+    set_scale,
+    unfuse_lora,
+    unload_adapter,
+)
 from .checkpoint import CheckpointError, apply_checkpoint, save_checkpoint
 from .config import EasyRefConfig
 from .encoder import ReferenceEncoder
@@ -308,16 +316,20 @@ class EasyRefPipeline(DiffusionPipeline):
         )
         if return_reference_maps and groups is None:
             raise ValueError("return_reference_maps needs references, not reference_embeds")
-        # 2. reference tokens: once per call, all groups in one pass
-        tokens, maps = self._reference_tokens(groups, prompts, reference_embeds, return_reference_maps)
-        # 3. repeat per image ourselves: diffusers tiles ip embeds but interleaves prompts
         n = num_images_per_prompt
-        tokens = tokens.to(self._execution_device, self.unet.dtype).repeat_interleave(n, dim=0)
-        embeds = self._with_negative_branch(tokens, guidance_scale)
-        # 4. denoise with the diffusers base pipeline
-        self.set_scale(scale)
         if seed is not None:
             generator = torch.Generator("cpu").manual_seed(seed)
+        # at scale 0 the references change nothing: neither encoding nor the reference branch runs, so the
+        # call costs what SDXL's does (unless the maps are asked for)
+        maps, embeds, reference = None, None, reference_embeds
+        if not _is_zero(scale) or return_reference_maps:
+            # 2. reference tokens: once per call, all groups in one pass
+            tokens, maps = self._reference_tokens(groups, prompts, reference_embeds, return_reference_maps)
+            # 3. repeat per image ourselves: diffusers tiles ip embeds but interleaves prompts
+            tokens = tokens.to(self._execution_device, self.unet.dtype).repeat_interleave(n, dim=0)
+            embeds, reference = self._with_negative_branch(tokens, guidance_scale), tokens[::n].detach()
+            self.set_scale(scale)
+        # 4. denoise with the diffusers base pipeline
         images = self._denoise(
             embeds,
             prompt=[p for p in prompts for _ in range(n)],
@@ -330,7 +342,7 @@ class EasyRefPipeline(DiffusionPipeline):
             output_type=output_type,
             **pipeline_kwargs,
         )
-        return EasyRefPipelineOutput(images=images, reference_embeds=tokens[::n].detach(), reference_maps=maps)
+        return EasyRefPipelineOutput(images=images, reference_embeds=reference, reference_maps=maps)
 
     def _reference_tokens(self, groups, prompts, reference_embeds, return_maps: bool):
         if reference_embeds is not None:
@@ -346,13 +358,16 @@ class EasyRefPipeline(DiffusionPipeline):
             return torch.cat([self.easyref_config.mode.tile_negative(negative, tokens), tokens])
         return tokens
 
-    def _denoise(self, embeds: torch.Tensor, output_type: str, **kwargs):
+    def _denoise(self, embeds: torch.Tensor | None, output_type: str, **kwargs):
+        """`embeds` None: without the reference branch (scale 0), the UNet as plain SDXL runs it."""
         base = self._base_pipeline()
-        ready = [embeds.unsqueeze(1)]  # (2 * B * n, 1 image, tokens, hidden), negative half first
         # PIL conversion would turn NaN into black pixels: take arrays, check them, convert after
-        result = base(
-            ip_adapter_image_embeds=ready, output_type="np" if output_type == "pil" else output_type, **kwargs
-        )
+        kwargs["output_type"] = "np" if output_type == "pil" else output_type
+        if embeds is None:
+            with reference_branch_off(self.unet):
+                result = base(**kwargs)
+        else:  # (2 * B * n, 1 image, tokens, hidden), negative half first
+            result = base(ip_adapter_image_embeds=[embeds.unsqueeze(1)], **kwargs)
         images = result.images
         _check_finite_images(images)
         return base.image_processor.numpy_to_pil(images) if output_type == "pil" else images
@@ -479,6 +494,10 @@ def _negatives(negative_prompt, count: int, default: str) -> list[str]:
     if len(negatives) != count:
         raise ValueError(f"got {len(negatives)} negative prompts for {count} prompts")
     return negatives
+
+
+def _is_zero(scale) -> bool:
+    return not isinstance(scale, dict) and scale == 0
 
 
 def _check_scale(scale) -> None:
