@@ -210,3 +210,27 @@ def test_scale_zero_runs_nothing_of_the_reference_path(make_pipeline, groups, mo
     assert {name: type(proc) for name, proc in pipe.unet.attn_processors.items()} == processors
     pipe(groups[0], "a cat", scale=1.0, generator=gens(0), **CALL)
     assert {"encoder", "projection", "to_k_ip"} <= set(calls)  # the hooks see a call that uses the references
+
+
+def test_reference_keys_and_values_are_projected_once_per_call(make_pipeline, groups, monkeypatch):
+    """The reference tokens are fixed for a call: `to_k_ip`/`to_v_ip` run once per cross-attention layer
+    per call, not once per step, and the images are those of diffusers' per-step projections."""
+    import contextlib
+
+    from easyref import pipeline as pipeline_module
+    from easyref.adapter import reference_processors
+
+    pipe = make_pipeline()
+    layers, steps, calls = reference_processors(pipe.unet), 4, []
+    for proc in layers.values():
+        proc.to_k_ip[0].register_forward_hook(lambda *a: calls.append("k"))
+        proc.to_v_ip[0].register_forward_hook(lambda *a: calls.append("v"))
+    args = dict(references=groups[:1], prompt="a cat", num_inference_steps=steps, seed=0, output_type="np")
+    once = pipe(**args).images
+    assert calls.count("k") == calls.count("v") == len(layers)
+    calls.clear()
+    monkeypatch.setattr(pipeline_module, "reference_kv_once", lambda unet: contextlib.nullcontext())
+    every_step = pipe(**args).images
+    assert calls.count("k") == len(layers) * steps
+    np.testing.assert_allclose(once, every_step, atol=1e-5, rtol=0)
+    assert all(proc._kept is None and not proc.kv_once for proc in layers.values())  # nothing held after a call

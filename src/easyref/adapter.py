@@ -39,6 +39,77 @@ class _OriginalUNetState:
     unfused_weights: dict | None = None
 
 
+class _Fixed(torch.nn.Module):
+    """Stands in for a reference projection whose output for this call is already known."""
+
+    def __init__(self, output: torch.Tensor):
+        super().__init__()
+        self.output = output
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.output
+
+
+class ReferenceAttnProcessor(IPAdapterAttnProcessor2_0):
+    """diffusers' IP-Adapter attention, with the reference keys and values computed once per generation.
+
+    The reference tokens are fixed for a whole call, yet diffusers' processor projects them through
+    `to_k_ip` / `to_v_ip` at every denoising step. Inside `reference_kv_once(unet)` (what the pipeline
+    wraps each call in) the first step's projections are kept, keyed on the very token tensors they came
+    from, and later steps reuse them; outside it, and under `torch.compile`, this is diffusers' processor.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kv_once = False
+        self._kept: tuple | None = None  # (the token tensors, their keys, their values)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        if not (self.kv_once and isinstance(encoder_hidden_states, tuple)) or torch.compiler.is_compiling():
+            return super().__call__(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+        tokens = encoder_hidden_states[1]
+        if (
+            self._kept is None
+            or len(self._kept[0]) != len(tokens)
+            or any(a is not b for a, b in zip(self._kept[0], tokens))
+        ):
+            keys = [k(t) for k, t in zip(self.to_k_ip, tokens)]
+            values = [v(t) for v, t in zip(self.to_v_ip, tokens)]
+            self._kept = (list(tokens), keys, values)
+        projections = self.to_k_ip, self.to_v_ip
+        self.to_k_ip = torch.nn.ModuleList([_Fixed(k) for k in self._kept[1]])
+        self.to_v_ip = torch.nn.ModuleList([_Fixed(v) for v in self._kept[2]])
+        try:
+            return super().__call__(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+        finally:
+            self.to_k_ip, self.to_v_ip = projections
+
+
+@contextmanager
+def reference_kv_once(unet):
+    """One generation: reference keys/values are projected at the first step only. The projection's output
+    is kept too, so that every step hands the processors the same token tensors."""
+    processors = [p for p in reference_processors(unet).values() if isinstance(p, ReferenceAttnProcessor)]
+    kept: list = []
+
+    def same_tokens(module, args, output):
+        if kept and kept[0] is args[0]:
+            return kept[1]
+        kept[:] = [args[0], output]
+        return output
+
+    hook = unet.encoder_hid_proj.register_forward_hook(same_tokens) if unet.encoder_hid_proj is not None else None
+    for proc in processors:
+        proc.kv_once, proc._kept = True, None
+    try:
+        yield
+    finally:
+        for proc in processors:
+            proc.kv_once, proc._kept = False, None
+        if hook is not None:
+            hook.remove()
+
+
 def is_installed(unet) -> bool:
     return getattr(unet, _STATE_ATTR, None) is not None
 
@@ -76,7 +147,7 @@ def _reference_processor(unet, name: str, original, config: EasyRefConfig):
     attn = _attention_module(unet, name)
     if not attn.is_cross_attention:
         return original
-    proc = IPAdapterAttnProcessor2_0(
+    proc = ReferenceAttnProcessor(
         hidden_size=attn.to_k.out_features,
         cross_attention_dim=attn.to_k.in_features,
         num_tokens=(config.num_reference_tokens,),

@@ -29,6 +29,7 @@ from .adapter import (
     install_adapter,
     is_installed,
     reference_branch_off,
+    reference_kv_once,
     set_scale,
     unfuse_lora,
     unload_adapter,
@@ -367,7 +368,8 @@ class EasyRefPipeline(DiffusionPipeline):
             with reference_branch_off(self.unet):
                 result = base(**kwargs)
         else:  # (2 * B * n, 1 image, tokens, hidden), negative half first
-            result = base(ip_adapter_image_embeds=[embeds.unsqueeze(1)], **kwargs)
+            with reference_kv_once(self.unet):
+                result = base(ip_adapter_image_embeds=[embeds.unsqueeze(1)], **kwargs)
         images = result.images
         _check_finite_images(images)
         return base.image_processor.numpy_to_pil(images) if output_type == "pil" else images
