@@ -224,3 +224,18 @@ def test_per_reference_modes_weigh_each_reference_equally(make_encoder, groups):
         for group in maps:
             for m in group:
                 torch.testing.assert_close(m.sum(), torch.tensor(1 / len(group)), atol=1e-5, rtol=0)
+
+
+def test_an_unpadded_group_builds_no_dense_mask(make_encoder, groups, monkeypatch):
+    """One group (no padding) takes SDPA's causal path: no (B, 1, L, L) mask is built; a batch of groups of
+    unequal lengths still is masked (`test_batch_of_groups_equals_each_group_alone` checks they agree)."""
+    from easyref import encoder as encoder_module
+
+    built = []
+    original = encoder_module._attention_mask
+    monkeypatch.setattr(encoder_module, "_attention_mask", lambda *a: built.append(1) or original(*a))
+    encoder = make_encoder()
+    encode(encoder, groups[:1], ["a cat"])
+    assert built == []
+    encode(encoder, groups, ["a cat", "a house"])
+    assert built  # the padded batch

@@ -224,7 +224,11 @@ class ReferenceEncoder(nn.Module):
 
     def _run(self, layers, hidden, mask, positions, causal: bool) -> torch.Tensor:
         position_embeddings = self.rotary_emb(hidden, positions)
-        attn_mask = _attention_mask(mask, causal, hidden.dtype)
+        # rows without padding need no mask for causal attention under SDPA (its causal path, no (B, 1, L, L)
+        # tensor); eager attention, which `explain` switches to in order to read the weights, needs it
+        sdpa = all(layer.self_attn.config._attn_implementation == "sdpa" for layer in layers)
+        unmasked = causal and sdpa and bool(mask.bool().all())
+        attn_mask = None if unmasked else _attention_mask(mask, causal, hidden.dtype)
         for layer in layers:
             if self.gradient_checkpointing and self.training:
                 hidden = checkpoint(
