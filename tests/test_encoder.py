@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import shape_image
 from transformers import Qwen2VLForConditionalGeneration
@@ -33,13 +34,20 @@ def test_batch_of_groups_equals_each_group_alone(make_encoder, groups):
         torch.testing.assert_close(together[i : i + 1], encode(encoder, [group], [prompt]), atol=ATOL, rtol=0)
 
 
-def test_vision_tower_runs_once_per_batch(make_encoder, groups, monkeypatch):
+@pytest.mark.parametrize("batch, calls", [(None, 1), (1, 4), (3, 2), ("auto", 4)])
+def test_vision_batch_size_bounds_the_images_per_call_and_changes_no_token(
+    make_encoder, groups, monkeypatch, batch, calls
+):
+    """4 images in all: `vision_batch_size` images per vision call, and the same tokens whatever it is."""
     encoder = make_encoder()
-    calls = []
+    expected = encode(encoder, groups, ["a", "b"])
+    seen = []
     original = encoder.visual.forward
-    monkeypatch.setattr(encoder.visual, "forward", lambda *a, **k: calls.append(1) or original(*a, **k))
-    encode(encoder, groups, ["a", "b"])
-    assert len(calls) == 1
+    monkeypatch.setattr(encoder.visual, "forward", lambda *a, **k: seen.append(1) or original(*a, **k))
+    encoder.vision_batch_size = batch
+    # the same features up to the order of float sums in differently sized matrix products
+    torch.testing.assert_close(encode(encoder, groups, ["a", "b"]), expected, atol=1e-4, rtol=0)
+    assert len(seen) == calls
 
 
 # ---------------------------------------------------------------------------- official semantics

@@ -74,6 +74,10 @@ class ReferenceEncoder(nn.Module):
             layers[-1], copy.deepcopy(language.norm), config.num_reference_tokens, hidden
         )
         self.gradient_checkpointing = False
+        # images per vision-tower call (None: all at once; "auto": one at a time on a CPU, where it keeps one
+        # image's activations alive instead of every reference's at the same speed at real widths
+        # (benchmarks/RESULTS.md 1), all at once on a GPU until the GPU suite has measured it)
+        self.vision_batch_size: int | str | None = "auto"
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -195,12 +199,27 @@ class ReferenceEncoder(nn.Module):
         hidden = self._run(self.layers, hidden, mask, positions, causal=True)
         return self.norm(hidden), positions
 
+    def _vision(self, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """The vision tower over every image, `vision_batch_size` images per call (attention stays within
+        each image either way, so the features are the same)."""
+        pixels = pixels.to(self.visual.get_dtype())
+        step = self.vision_batch_size
+        if step == "auto":  # measured on CPU only: there one call is no faster than one image at a time
+            step = 1 if pixels.device.type == "cpu" else None
+        step = step or len(grid)
+        patches = grid.prod(-1).tolist()
+        features, start = [], 0
+        for first in range(0, len(grid), step):
+            count = sum(patches[first : first + step])
+            chunk = self.visual(pixels[start : start + count], grid_thw=grid[first : first + step])
+            features.append(chunk.pooler_output)
+            start += count
+        return torch.cat(features)
+
     def embed(self, inputs: MLLMInputs) -> torch.Tensor:
         """Token embeddings with each image's visual features in place of its image tokens."""
         hidden = self.embed_tokens(inputs.input_ids)
-        pixels = inputs.pixel_values.to(self.visual.get_dtype())
-        # one vision call for every image of every group; attention stays within each image (cu_seqlens)
-        image_embeds = self.visual(pixels, grid_thw=inputs.image_grid_thw).pooler_output.to(hidden.dtype)
+        image_embeds = self._vision(inputs.pixel_values, inputs.image_grid_thw).to(hidden.dtype)
         image_mask = (inputs.input_ids == self.image_token_id).unsqueeze(-1)
         if image_mask.sum() != image_embeds.shape[0]:
             raise ValueError(
