@@ -252,6 +252,11 @@ def parse_args(argv):
         action="store_true",
         help="naive also computes float32 logits at every position and keeps every hidden state, as the release did",
     )
+    p.add_argument(
+        "--vision-batch-size",
+        default="auto",
+        help="ours: images per vision-tower call (an integer, 'all', or 'auto': one at a time on a CPU)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -270,6 +275,8 @@ def build_encoders(args, workdir: Path, device):
         ours, naive, ours_load, naive_load = build_tiny(args, workdir, device, args.dtype)
     naive.to(device, args.dtype)
     naive.load_aggregator_from(ours)
+    choice = args.vision_batch_size
+    ours.vision_batch_size = None if choice == "all" else choice if choice == "auto" else int(choice)
     return ours, naive, ours_load, naive_load
 
 
@@ -333,7 +340,8 @@ def print_scaling_table(args, device, busy, how: str, rows: list) -> None:
     print(
         f"{_common.machine_line(device, busy)}; dtype {str(args.dtype).removeprefix('torch.')}; "
         f"reference_image_size {args.image_size}; median of {args.repeats} after {args.warmup} warm-up; "
-        f"peak memory = {how}; naive release extras: {'on' if args.release_extras else 'off'}\n"
+        f"peak memory = {how}; naive release extras: {'on' if args.release_extras else 'off'}; "
+        f"ours: vision_batch_size {args.vision_batch_size}\n"
     )
     print(_common.markdown_table(SCALING_HEADERS, rows))
 
