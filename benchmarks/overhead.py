@@ -277,6 +277,8 @@ REAL_HEADERS = [
     "UNet loop + adapter s",
     "adapter/plain (mean)",
     "extra ms per step",
+    "+ adapter, K/V once s",
+    "K/V once/plain",
 ]
 
 
@@ -325,7 +327,7 @@ def time_loops(unet, inputs: dict, timesteps: list[int], with_reference: bool, a
     }
 
 
-def real_row(steps: int, before: float, with_adapter: float, after: float) -> list:
+def real_row(steps: int, before: float, with_adapter: float, after: float, kv_once: float) -> list:
     t_plain, t_ref = (before + after) / 2, with_adapter
     logger.info("steps=%d plain %.3fs adapter %.3fs", steps, t_plain, t_ref)
     return [
@@ -334,6 +336,8 @@ def real_row(steps: int, before: float, with_adapter: float, after: float) -> li
         f"{t_ref:.3f}",
         f"**{t_ref / t_plain:.3f}**",
         f"{(t_ref - t_plain) / steps * 1e3:.2f}",
+        f"{kv_once:.3f}",
+        f"{kv_once / t_plain:.3f}",
     ]
 
 
@@ -343,7 +347,7 @@ def time_with_and_without_adapter(unet, n_params: int, args, device, dtype):
     The second plain pass, after `unload_adapter`, checks that the machine did not drift meanwhile.
     """
     from easyref import EasyRefConfig
-    from easyref.adapter import install_adapter, unload_adapter
+    from easyref.adapter import install_adapter, reference_kv_once, unload_adapter
 
     inputs = real_unet_inputs(args, device, dtype)
     timesteps = torch.linspace(999, 0, max(args.steps)).long().tolist()
@@ -352,14 +356,17 @@ def time_with_and_without_adapter(unet, n_params: int, args, device, dtype):
         install_adapter(unet, EasyRefConfig(cross_attention_dim=2048))
         adapter_params = sum(p.numel() for p in unet.parameters()) - n_params
         with_adapter = time_loops(unet, inputs, timesteps, True, args, device)
+        with reference_kv_once(unet):  # the reference keys/values of a loop projected at its first step only
+            kv_once = time_loops(unet, inputs, timesteps, True, args, device)
         unload_adapter(unet)
         after = time_loops(unet, inputs, timesteps, False, args, device)
-        rows = [real_row(s, before[s], with_adapter[s], after[s]) for s in args.steps]
+        rows = [real_row(s, before[s], with_adapter[s], after[s], kv_once[s]) for s in args.steps]
     return rows, adapter_params
 
 
 def print_real_report(args, device, dtype, rows: list, n_params: int, adapter_params: int) -> None:
-    print("### SDXL UNet denoise loop without / with the EasyRef adapter: real SDXL UNet config, random weights\n")
+    compiled = ", torch.compile" if args.compile else ""
+    print(f"### SDXL UNet denoise loop without / with the EasyRef adapter: real SDXL UNet config{compiled}\n")
     print(
         f"{_common.machine_line(device, args.busy)}; dtype {str(dtype).removeprefix('torch.')}; latents "
         f"{args.sample_size}x{args.sample_size} (= {8 * args.sample_size} px), CFG batch 2, "
@@ -372,6 +379,8 @@ def print_real_report(args, device, dtype, rows: list, n_params: int, adapter_pa
 
 def run_real(args, device, dtype) -> None:
     unet, n_params = build_real_unet(args, device, dtype)
+    if args.compile:
+        unet.forward = torch.compile(unet.forward)  # the module itself stays, so the adapter installs as usual
     rows, adapter_params = time_with_and_without_adapter(unet, n_params, args, device, dtype)
     print_real_report(args, device, dtype, rows, n_params, adapter_params)
 
@@ -396,6 +405,7 @@ def parse_args(argv):
     p.add_argument("--guidance-scale", type=float, default=5.0)
     p.add_argument("--real-config", action="store_true", help="SDXL's real UNet, UNet-only loop (use a GPU)")
     p.add_argument("--sample-size", type=int, default=128, help="--real-config: latent side (128 = 1024 px)")
+    p.add_argument("--compile", action="store_true", help="--real-config: torch.compile the UNet's forward")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-v", "--verbose", action="store_true")
