@@ -234,3 +234,39 @@ def test_reference_keys_and_values_are_projected_once_per_call(make_pipeline, gr
     assert calls.count("k") == len(layers) * steps
     np.testing.assert_allclose(once, every_step, atol=1e-5, rtol=0)
     assert all(proc._kept is None and not proc.kv_once for proc in layers.values())  # nothing held after a call
+
+
+def test_model_cpu_offload_hooks_the_mllm_first_and_changes_no_pixel(make_pipeline, groups):
+    """diffusers' offload sequence includes the MLLM: it is hooked first (it runs first in a call), then
+    the text encoders, the UNet and the VAE; a call through the hooks gives the same image."""
+    pipe = make_pipeline()
+    args = dict(references=groups[:1], prompt="a cat", num_inference_steps=2, seed=0, output_type="np")
+    expected = pipe(**args).images
+    pipe.enable_model_cpu_offload(device="cpu")
+    order = [type(hook.model).__name__ for hook in pipe._all_hooks]
+    assert order == [
+        "ReferenceEncoder",
+        "CLIPTextModel",
+        "CLIPTextModelWithProjection",
+        "UNet2DConditionModel",
+        "AutoencoderKL",
+    ]
+    np.testing.assert_allclose(pipe(**args).images, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("scheduler", ["LCMScheduler", "TCDScheduler", "EulerAncestralDiscreteScheduler"])
+def test_a_swapped_scheduler_is_the_one_used(make_pipeline, groups, scheduler, monkeypatch):
+    """Few-step schedulers (LCM, TCD) and others swap in as on any diffusers pipeline; the references still
+    steer the image."""
+    import diffusers
+
+    pipe = make_pipeline()
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    steps = []
+    step = pipe.scheduler.step
+    monkeypatch.setattr(pipe.scheduler, "step", lambda *a, **k: steps.append(1) or step(*a, **k))
+    args = dict(prompt="a cat", num_inference_steps=2, seed=0, guidance_scale=1.0, output_type="np")
+    with_refs = pipe(references=groups[:1], **args).images
+    assert len(steps) == 2 and np.isfinite(with_refs).all()
+    without = pipe(references=groups[:1], scale=0.0, **args).images
+    assert np.abs(with_refs - without).max() > 1e-3
