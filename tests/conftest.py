@@ -48,6 +48,7 @@ SLOW_TESTS = {
     "test_train.py::test_text_cache_and_bf16_autocast",  # 0.9 s
     "test_cli.py::test_same_seed_same_image",  # 0.8 s
     "test_gpu_suite.py::test_the_gpu_suite_runs_every_section_in_smoke_mode",  # 23 s: four benchmark scripts
+    "test_pipeline.py::test_a_compiled_unet_with_the_adapter_gives_the_same_images",  # 12 s: dynamo tracing
     "test_readme.py::test_the_readme_commands_run_as_written",  # 6 s: every runnable README command, fake hub
     "test_shapes.py::test_a_base_reuses_a_finished_vae_and_trains_in_chunks",  # two base builds
     "test_shapes_kinds.py::test_training_data_holds_every_kind",  # renders 36 groups

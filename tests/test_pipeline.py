@@ -270,3 +270,14 @@ def test_a_swapped_scheduler_is_the_one_used(make_pipeline, groups, scheduler, m
     assert len(steps) == 2 and np.isfinite(with_refs).all()
     without = pipe(references=groups[:1], scale=0.0, **args).images
     assert np.abs(with_refs - without).max() > 1e-3
+
+
+def test_a_compiled_unet_with_the_adapter_gives_the_same_images(make_pipeline, groups):
+    """`torch.compile` of the adapted UNet (dynamo tracing our processors; the aot_eager backend keeps the
+    test free of a C compiler) gives the uncompiled images; K/V once per call steps aside under it."""
+    pipe = make_pipeline(lora_rank=4)
+    pipe.fuse_lora()
+    args = dict(references=groups[:1], prompt="a cat", num_inference_steps=2, seed=0, output_type="np")
+    expected = pipe(**args).images
+    pipe.unet.forward = torch.compile(pipe.unet.forward, backend="aot_eager")
+    np.testing.assert_allclose(pipe(**args).images, expected, atol=1e-5, rtol=0)
