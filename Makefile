@@ -48,7 +48,7 @@ bundled-model: setup
 bench-shapes: setup
 	$(BIN)/easyref bench shapes --preset cpu --out runs/bench-shapes --work runs/bundled-model.work
 
-# the import contracts and ruff's checks (pyproject.toml), then the whole offline suite: about 3 min 30 s once set up (194-205 s of
+# the import contracts and ruff's checks (pyproject.toml), then the whole offline suite: about 3 min 50 s once set up (221 s of
 # pytest wall time, the browser tests of `easyref serve` included; 4 min 35 s from nothing on a fresh clone)
 test: setup
 	$(BIN)/lint-imports --no-cache
@@ -56,7 +56,7 @@ test: setup
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest
 
-# the inner loop, the contracts, ruff and the suite less the tests marked slow in tests/conftest.py: 61 s once set up
+# the inner loop, the contracts, ruff and the suite less the tests marked slow in tests/conftest.py: 63 s once set up
 test-fast: setup
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/ruff format --check src tests benchmarks
