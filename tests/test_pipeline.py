@@ -233,7 +233,7 @@ def test_reference_keys_and_values_are_projected_once_per_call(make_pipeline, gr
     every_step = pipe(**args).images
     assert calls.count("k") == len(layers) * steps
     np.testing.assert_allclose(once, every_step, atol=1e-5, rtol=0)
-    assert all(proc._kept is None and not proc.kv_once for proc in layers.values())  # nothing held after a call
+    assert all(proc.kept is None and not proc.kv_once for proc in layers.values())  # nothing held after a call
 
 
 def test_model_cpu_offload_hooks_the_mllm_first_and_changes_no_pixel(make_pipeline, groups):

@@ -62,23 +62,23 @@ class ReferenceAttnProcessor(IPAdapterAttnProcessor2_0):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.kv_once = False
-        self._kept: tuple | None = None  # (the token tensors, their keys, their values)
+        # within a call: the token tensors, and stand-ins for to_k_ip / to_v_ip that return their projections
+        self.kept: tuple | None = None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
         if not (self.kv_once and isinstance(encoder_hidden_states, tuple)) or torch.compiler.is_compiling():
             return super().__call__(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
-        tokens = encoder_hidden_states[1]
+        tokens = list(encoder_hidden_states[1])
         if (
-            self._kept is None
-            or len(self._kept[0]) != len(tokens)
-            or any(a is not b for a, b in zip(self._kept[0], tokens))
+            self.kept is None
+            or len(self.kept[0]) != len(tokens)
+            or any(a is not b for a, b in zip(self.kept[0], tokens))
         ):
-            keys = [k(t) for k, t in zip(self.to_k_ip, tokens)]
-            values = [v(t) for v, t in zip(self.to_v_ip, tokens)]
-            self._kept = (list(tokens), keys, values)
+            keys = torch.nn.ModuleList([_Fixed(k(t)) for k, t in zip(self.to_k_ip, tokens)])
+            values = torch.nn.ModuleList([_Fixed(v(t)) for v, t in zip(self.to_v_ip, tokens)])
+            self.kept = (tokens, keys, values)
         projections = self.to_k_ip, self.to_v_ip
-        self.to_k_ip = torch.nn.ModuleList([_Fixed(k) for k in self._kept[1]])
-        self.to_v_ip = torch.nn.ModuleList([_Fixed(v) for v in self._kept[2]])
+        self.to_k_ip, self.to_v_ip = self.kept[1], self.kept[2]
         try:
             return super().__call__(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
         finally:
@@ -100,12 +100,12 @@ def reference_kv_once(unet):
 
     hook = unet.encoder_hid_proj.register_forward_hook(same_tokens) if unet.encoder_hid_proj is not None else None
     for proc in processors:
-        proc.kv_once, proc._kept = True, None
+        proc.kv_once, proc.kept = True, None
     try:
         yield
     finally:
         for proc in processors:
-            proc.kv_once, proc._kept = False, None
+            proc.kv_once, proc.kept = False, None
         if hook is not None:
             hook.remove()
 

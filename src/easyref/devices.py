@@ -31,9 +31,9 @@ def check_device_name(name: str | None) -> None:
     if name is None:
         return
     if not DEVICE_NAME.fullmatch(str(name)):
-        raise DeviceError(f"unknown device {str(name)!r} (use e.g. cpu, cuda, cuda:1)")
+        raise _unknown_device(name)
     if str(name).startswith("cuda") and not gpu_driver_present():
-        raise DeviceError(f"device {name} asked for, but no CUDA GPU is available")
+        raise _no_gpu(name)
 
 
 def gpu_driver_present() -> bool:
@@ -49,13 +49,21 @@ def resolve_device(name: str | torch.device | None = None) -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise DeviceError(f"unknown device {str(name)!r} (use e.g. cpu, cuda, cuda:1)") from None
+        raise _unknown_device(name) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise DeviceError(f"device {name} asked for, but no CUDA GPU is available")
+            raise _no_gpu(name)
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise DeviceError(f"device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def _unknown_device(name) -> DeviceError:
+    return DeviceError(f"unknown device {str(name)!r} (use e.g. cpu, cuda, cuda:1)")
+
+
+def _no_gpu(name) -> DeviceError:
+    return DeviceError(f"device {name} asked for, but no CUDA GPU is available")
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
