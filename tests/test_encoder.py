@@ -129,6 +129,49 @@ def test_bidirectional_batch_equals_parts(make_encoder, groups):
     torch.testing.assert_close(together[1:], encode(encoder, groups[1:], ["y"]), atol=ATOL, rtol=0)
 
 
+def _aggregation_over_whole_sequence(encoder, context, mask, positions):
+    """The aggregation layer run over [context ; reference tokens], every row, as the release ran it."""
+    from easyref.encoder import _attention_mask
+
+    batch, n = context.shape[0], encoder.config.num_reference_tokens
+    tokens = encoder.aggregator.reference_tokens[None].expand(batch, -1, -1)
+    full_mask = torch.cat([mask, mask.new_ones(batch, n)], dim=1)
+    token_positions = mask.sum(-1, keepdim=True) + torch.arange(n)
+    rotary = encoder.rotary_emb(context, torch.cat([positions, token_positions], dim=1))
+    causal = encoder.config.attention_mode == "official"
+    layer = encoder.aggregator.layers[-1]
+    hidden = layer(
+        torch.cat([context, tokens], dim=1),
+        attention_mask=_attention_mask(full_mask, causal, context.dtype),
+        position_embeddings=rotary,
+    )
+    return encoder.aggregator.norm(hidden[:, -n:])
+
+
+@pytest.mark.parametrize("attention_mode", ["official", "bidirectional"])
+def test_aggregation_computes_only_the_reference_token_rows(make_encoder, groups, attention_mode):
+    """The context gives keys and values only: the layer's queries and MLP see n rows per group, and the
+    tokens equal the layer run over the whole sequence (a padded batch of two groups)."""
+    encoder = make_encoder(attention_mode=attention_mode)
+    inputs = encoder.prepare(groups, ["a cat", "a house on a hill"])
+    assert not inputs.attention_mask.bool().all(), "the batch must be padded"
+    rows = []
+    layer = encoder.aggregator.layers[-1]
+    handles = [
+        module.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:-1]))
+        for module in (layer.self_attn.q_proj, layer.mlp)
+    ]
+    with torch.no_grad():
+        context, positions = encoder.trunk(inputs)
+        ours = encoder.aggregate(context, inputs.attention_mask, positions)
+        for handle in handles:
+            handle.remove()
+        whole = _aggregation_over_whole_sequence(encoder, context, inputs.attention_mask, positions)
+    n = encoder.config.num_reference_tokens
+    assert rows == [torch.Size([2, n])] * 2
+    torch.testing.assert_close(ours, whole, atol=ATOL, rtol=0)
+
+
 # ---------------------------------------------------------------------------- memory, dtype, checkpointing
 def _unique_numel(module) -> int:
     return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 
 from .config import EasyRefConfig
 from .explain import capture_attention, group_maps, image_token_maps
@@ -229,17 +230,27 @@ class ReferenceEncoder(nn.Module):
 
     def aggregate(self, context: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The aggregation layer: reference tokens appended to the trunk's output (`trunk`), read by the last
-        decoder layer; returns their normed outputs (rows, num_reference_tokens, D)."""
-        batch, n = context.shape[0], self.config.num_reference_tokens
+        decoder layer; returns their normed outputs (rows, num_reference_tokens, D).
+
+        Only the reference tokens' rows are computed: the context contributes its keys and values, and its
+        own queries, attention outputs and MLP rows (discarded by the method) never run. That work grows with
+        the number of references, so skipping it shrinks the per-reference cost; the outputs are those of the
+        layer over [context ; tokens]."""
+        batch, length, n = context.shape[0], context.shape[1], self.config.num_reference_tokens
         tokens = self.aggregator.reference_tokens.to(context.dtype).unsqueeze(0).expand(batch, -1, -1)
-        hidden = torch.cat([context, tokens], dim=1)  # (B, L + n, D)
-        full_mask = torch.cat([mask, mask.new_ones(batch, n)], dim=1)
         # reference tokens continue each group's own sequence, whatever the padding
         token_positions = mask.sum(-1, keepdim=True) + torch.arange(n, device=mask.device)
-        full_positions = torch.cat([positions, token_positions], dim=1)
+        cos, sin = self.rotary_emb(context, torch.cat([positions, token_positions], dim=1))
+        layer = self.aggregator.layers[-1]
+        context_kv = _ContextKeysValues(layer, context, cos[:, :length], sin[:, :length])
         causal = self.config.attention_mode == "official"  # release quirk: its non-causal flag was ignored
-        hidden = self._run(self.aggregator.layers, hidden, full_mask, full_positions, causal=causal)
-        return self.aggregator.norm(hidden[:, -n:])
+        hidden = layer(
+            tokens,
+            attention_mask=_token_rows_mask(mask, n, causal, context.dtype),
+            position_embeddings=(cos[:, length:], sin[:, length:]),
+            past_key_values=context_kv,
+        )
+        return self.aggregator.norm(hidden)
 
     def _run(self, layers, hidden, mask, positions, causal: bool) -> torch.Tensor:
         position_embeddings = self.rotary_emb(hidden, positions)
@@ -272,6 +283,34 @@ class ReferenceEncoder(nn.Module):
             self.config,
         )
         return self(inputs=inputs)  # through forward, so offload hooks move the module first
+
+
+class _ContextKeysValues:
+    """The context's keys and values for one decoder layer, handed to its attention the way transformers
+    hands a KV cache: the attention's own keys and values (the reference tokens') are appended to them."""
+
+    def __init__(self, layer: nn.Module, context: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        attn = layer.self_attn
+        normed = layer.input_layernorm(context)
+        shape = (*context.shape[:2], -1, attn.head_dim)
+        keys = attn.k_proj(normed).view(shape).transpose(1, 2)
+        self.values = attn.v_proj(normed).view(shape).transpose(1, 2)
+        self.keys = apply_rotary_pos_emb(keys, keys, cos, sin)[1]
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, *args, **kwargs):
+        return torch.cat([self.keys, keys], dim=2), torch.cat([self.values, values], dim=2)
+
+
+def _token_rows_mask(mask: torch.Tensor, n: int, causal: bool, dtype: torch.dtype) -> torch.Tensor:
+    """Additive (B, 1, n, L + n) mask for the n reference-token queries: every real context token, and the
+    reference tokens up to their own (causal) or all of them."""
+    batch = mask.shape[0]
+    among_tokens = torch.ones(n, n, dtype=torch.bool, device=mask.device)
+    among_tokens = among_tokens.tril() if causal else among_tokens
+    allowed = torch.cat(
+        [mask.bool()[:, None, None, :].expand(-1, 1, n, -1), among_tokens.expand(batch, 1, n, n)], dim=-1
+    )
+    return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def _sequential_positions(mask: torch.Tensor) -> torch.LongTensor:
