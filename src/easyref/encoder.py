@@ -23,6 +23,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 
 from .config import EasyRefConfig
 from .explain import capture_attention, group_maps, image_token_maps
+from .feature_cache import FeatureCache, image_key
 from .prompting import MLLMInputs, build_inputs, negative_image, prepare_inputs
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,9 @@ class ReferenceEncoder(nn.Module):
         # image's activations alive instead of every reference's at the same speed at real widths
         # (benchmarks/RESULTS.md 1), all at once on a GPU until the GPU suite has measured it)
         self.vision_batch_size: int | str | None = "auto"
+        # features of recently seen references, reused without gradients (`easyref.feature_cache`); capacity
+        # 0 turns it off. 32 holds a whole group of the 28 references the model was trained with at most.
+        self.vision_cache = FeatureCache(capacity=32)
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -201,21 +205,37 @@ class ReferenceEncoder(nn.Module):
         return self.norm(hidden), positions
 
     def _vision(self, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-        """The vision tower over every image, `vision_batch_size` images per call (attention stays within
-        each image either way, so the features are the same)."""
+        """The vision tower's merged features of every image, in order. Without gradients, images seen
+        recently with the same weights come from `vision_cache` and only the others run."""
         pixels = pixels.to(self.visual.get_dtype())
+        ends = grid.prod(-1).cumsum(0).tolist()
+        rows = [pixels[end - count : end] for end, count in zip(ends, grid.prod(-1).tolist())]
+        if self.vision_cache.capacity <= 0 or torch.is_grad_enabled():
+            return torch.cat(self._tower(rows, grid, range(len(rows))))
+        self.vision_cache.sync(self.visual)
+        keys = [image_key(image_rows, image_grid) for image_rows, image_grid in zip(rows, grid)]
+        found = {key: self.vision_cache.get(key) for key in keys}
+        missing = {key: i for i, key in enumerate(keys) if found[key] is None}
+        for key, features in zip(missing, self._tower(rows, grid, list(missing.values()))):
+            found[key] = features
+            self.vision_cache.put(key, features)
+        return torch.cat([found[key] for key in keys])
+
+    def _tower(self, rows: list[torch.Tensor], grid: torch.Tensor, images) -> list[torch.Tensor]:
+        """Per image of `images` (indices), its merged features; `vision_batch_size` images per tower call
+        (attention stays within each image either way, so the features are the same)."""
+        images = list(images)
         step = self.vision_batch_size
         if step == "auto":  # measured on CPU only: there one call is no faster than one image at a time
-            step = 1 if pixels.device.type == "cpu" else None
-        step = step or len(grid)
-        patches = grid.prod(-1).tolist()
-        features, start = [], 0
-        for first in range(0, len(grid), step):
-            count = sum(patches[first : first + step])
-            chunk = self.visual(pixels[start : start + count], grid_thw=grid[first : first + step])
-            features.append(chunk.pooler_output)
-            start += count
-        return torch.cat(features)
+            step = 1 if rows[0].device.type == "cpu" else None
+        step = step or max(len(images), 1)
+        merge = self.mllm_config.vision_config.spatial_merge_size
+        features = []
+        for first in range(0, len(images), step):
+            chunk = images[first : first + step]
+            out = self.visual(torch.cat([rows[i] for i in chunk]), grid_thw=grid[chunk]).pooler_output
+            features += out.split([int(grid[i].prod()) // merge**2 for i in chunk])
+        return features
 
     def embed(self, inputs: MLLMInputs) -> torch.Tensor:
         """Token embeddings with each image's visual features in place of its image tokens."""
