@@ -18,10 +18,9 @@ from torch import nn
 
 def image_key(pixels: torch.Tensor, grid: torch.Tensor) -> bytes:
     """Digest of one image's preprocessed patch rows and its (t, h, w) grid."""
-    digest = hashlib.blake2b(digest_size=20)
-    digest.update(str((tuple(grid.tolist()), tuple(pixels.shape), str(pixels.dtype))).encode())
-    # raw bytes: numpy has no bfloat16
-    digest.update(pixels.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    # sha256: collision-resistant and, with the CPU's SHA instructions, about twice blake2b's speed here
+    digest = hashlib.sha256(str((tuple(grid.tolist()), tuple(pixels.shape), str(pixels.dtype))).encode())
+    digest.update(pixels.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())  # raw bytes, no copy
     return digest.digest()
 
 
