@@ -10,6 +10,8 @@ aggregation layer rather than loading the model twice as the release code does.
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import logging
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -268,7 +270,7 @@ class ReferenceEncoder(nn.Module):
             tokens,
             attention_mask=_token_rows_mask(mask, n, causal, context.dtype),
             position_embeddings=(cos[:, length:], sin[:, length:]),
-            past_key_values=context_kv,
+            **{_kv_cache_keyword(layer): context_kv},
         )
         return self.aggregator.norm(hidden)
 
@@ -319,6 +321,17 @@ class _ContextKeysValues:
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, *args, **kwargs):
         return torch.cat([self.keys, keys], dim=2), torch.cat([self.values, values], dim=2)
+
+
+@functools.cache
+def _kv_cache_keyword_of(layer_class: type) -> str:
+    parameters = inspect.signature(layer_class.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"  # renamed within transformers 5
+
+
+def _kv_cache_keyword(layer: nn.Module) -> str:
+    """The keyword under which this transformers version's decoder layer takes its KV cache."""
+    return _kv_cache_keyword_of(type(layer))
 
 
 def _token_rows_mask(mask: torch.Tensor, n: int, causal: bool, dtype: torch.dtype) -> torch.Tensor:
