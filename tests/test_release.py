@@ -60,3 +60,49 @@ def test_hostile_pickle_is_refused(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="cannot read"):
         read_checkpoint(tmp_path)
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_tensors_the_conversion_does_not_keep_are_never_read(make_pipeline, tmp_path, monkeypatch):
+    """The release file is mostly the frozen base UNet: those tensors are skipped by key, not loaded."""
+    import safetensors
+
+    tensors = to_release_state_dict(make_pipeline(), True)
+    tensors["multimodal_llm.lm_head.weight"] = torch.zeros(16, 64)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    read = []
+    real_open = safetensors.safe_open
+
+    class Spy:
+        def __init__(self, *args, **kwargs):
+            self._file = real_open(*args, **kwargs)
+
+        def keys(self):
+            return self._file.keys()
+
+        def get_tensor(self, key):
+            read.append(key)
+            return self._file.get_tensor(key)
+
+    monkeypatch.setattr(safetensors, "safe_open", Spy)
+    read_checkpoint(tmp_path)
+    frozen_base = {key for key in tensors if key.startswith("unet.") and ".processor." not in key}
+    duplicates = {key for key in tensors if key.startswith("adapter_modules.")}
+    skipped = frozen_base | duplicates | {"multimodal_llm.lm_head.weight"}
+    assert frozen_base and duplicates and read and not skipped & set(read)
+    assert set(read) == set(tensors) - skipped
+
+
+def test_a_torch_file_in_the_old_format_is_still_read(make_pipeline, tiny_dirs, groups, tmp_path):
+    """Files from before torch's zip format cannot be memory-mapped; they are read whole."""
+    pipe = make_pipeline()
+    torch.save(to_release_state_dict(pipe), tmp_path / "model.bin", _use_new_zipfile_serialization=False)
+    _, tensors = read_checkpoint(tmp_path)
+    _, expected = read_checkpoint_from_safetensors(pipe, tmp_path / "st")
+    assert tensors.keys() == expected.keys()
+    assert all(torch.equal(tensors[key], expected[key]) for key in tensors)
+
+
+def read_checkpoint_from_safetensors(pipe, folder):
+    folder.mkdir()
+    save_file(to_release_state_dict(pipe), str(folder / "model.safetensors"))
+    return read_checkpoint(folder)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -79,16 +80,19 @@ def find_release_file(path: Path) -> Path:
     )
 
 
-def read_release_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Read without unpickling anything: safetensors, or torch.load(weights_only=True) for .bin/.pt."""
+def read_release_tensors(path: Path) -> Mapping[str, torch.Tensor]:
+    """Read without unpickling anything: safetensors, or torch.load(weights_only=True) for .bin/.pt.
+
+    Tensors are read when asked for: the release file holds the whole training module (the frozen base
+    UNet and the language-model head too, most of its size), and the conversion takes only the adapter's
+    and the trunk's tensors, so the rest is never brought into memory (safetensors by key, a torch file
+    through a memory map)."""
     import torch
 
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        data = torch.load(path, map_location="cpu", weights_only=True)
+            return _SafetensorsFile(path)
+        data = _torch_load(path)
     except Exception as err:  # damaged or hostile files raise many different types
         raise CheckpointError(f"cannot read {path}: {err}") from None
     if isinstance(data, dict) and isinstance(data.get("module"), dict):  # DeepSpeed's wrapper
@@ -98,16 +102,44 @@ def read_release_tensors(path: Path) -> dict[str, torch.Tensor]:
     return data
 
 
+class _SafetensorsFile(Mapping):
+    """A safetensors file as a read-only mapping; each tensor is read from the file on access."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self._file = safe_open(str(path), framework="pt", device="cpu")
+        self._keys = list(self._file.keys())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._file.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _torch_load(path: Path):
+    import torch
+
+    try:  # a memory map pages in only the tensors that are read; files in the pre-zip format cannot be mapped
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def convert_release_tensors(
-    tensors: dict[str, torch.Tensor], mllm: str = RELEASE_MLLM, base: str = RELEASE_BASE
+    tensors: Mapping[str, torch.Tensor], mllm: str = RELEASE_MLLM, base: str = RELEASE_BASE
 ) -> tuple[EasyRefConfig, dict[str, torch.Tensor], dict[str, str]]:
     """Release state dict -> (config recording `base` and `mllm`, our tensors, {ignored key: reason})."""
     out: dict[str, torch.Tensor] = {}
     ignored: dict[str, str] = {}
-    for key, tensor in tensors.items():
+    for key in tensors:  # by key: a tensor the conversion does not keep is never read
         new_key, reason = _convert_key(key)
         if new_key is not None:
-            out[new_key] = tensor
+            out[new_key] = tensors[key]
         elif reason is not None:
             ignored[key] = reason
         else:
