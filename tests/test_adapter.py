@@ -13,6 +13,7 @@ from easyref.adapter import (
     fuse_lora,
     install_adapter,
     is_fused,
+    load_adapter_state_dict,
     reference_processors,
     set_scale,
     unfuse_lora,
@@ -140,6 +141,35 @@ def test_fused_lora_computes_what_the_unfused_does_without_its_layers(unet, tiny
     torch.testing.assert_close(fused, unfused, atol=1e-5, rtol=1e-5)
     assert not lora_calls  # a fused UNet call runs no LoRA layer
     assert not fuse_lora(unet)  # fusing twice is a no-op
+
+
+def test_a_fused_unet_holds_bare_layers_and_unfusing_puts_peft_back(unet, tiny_dirs):
+    """Fused, the adapted layers are plain `nn.Linear`s (no peft dispatch per call), and the tensors that
+    are saved are still the LoRA's; unfused, peft's layers are back in place."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    _trained_lora(unet, tiny_dirs)
+    saved = adapter_state_dict(unet)
+    adapted = [n for n, m in unet.named_modules() if isinstance(m, BaseTunerLayer)]
+    fuse_lora(unet)
+    assert not [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+    assert {type(unet.get_submodule(n)) for n in adapted} == {torch.nn.Linear}
+    assert adapter_state_dict(unet).keys() == saved.keys()
+    assert all(torch.equal(adapter_state_dict(unet)[k], v) for k, v in saved.items())
+    unfuse_lora(unet)
+    assert [n for n, m in unet.named_modules() if isinstance(m, BaseTunerLayer)] == adapted
+
+
+def test_loading_into_a_fused_unet_fuses_the_loaded_lora(unet, tiny_dirs):
+    _trained_lora(unet, tiny_dirs)
+    loaded = {k: v + 0.05 for k, v in adapter_state_dict(unet).items()}
+    load_adapter_state_dict(unet, loaded)  # unfused: the reference
+    expected = run(unet, with_tokens=True)
+    load_adapter_state_dict(unet, {k: v - 0.05 for k, v in loaded.items()})
+    fuse_lora(unet)
+    load_adapter_state_dict(unet, loaded)
+    assert is_fused(unet)
+    torch.testing.assert_close(run(unet, with_tokens=True), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_unfuse_and_unload_after_fusing_are_bit_exact(unet, tiny_dirs):
