@@ -48,15 +48,15 @@ bundled-model: setup
 bench-shapes: setup
 	$(BIN)/easyref bench shapes --preset cpu --out runs/bench-shapes --work runs/bundled-model.work
 
-# the import contracts and ruff's checks (pyproject.toml), then the whole offline suite: about 3 min 50 s once set up (221 s of
-# pytest wall time, the browser tests of `easyref serve` included; 5 min 11 s from nothing on a fresh clone)
+# the import contracts and ruff's checks (pyproject.toml), then the whole offline suite: about 4 min 05 s once set up (239 s of
+# pytest wall time, the browser tests of `easyref serve` included; 5 min 10 s from nothing on a fresh clone)
 test: setup
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest
 
-# the inner loop, the contracts, ruff and the suite less the tests marked slow in tests/conftest.py: 63 s once set up
+# the inner loop, the contracts, ruff and the suite less the tests marked slow in tests/conftest.py: 66 s once set up
 test-fast: setup
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/ruff format --check src tests benchmarks
