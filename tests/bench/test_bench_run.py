@@ -287,3 +287,22 @@ def test_write_manifest_round_trips(manifest, tmp_path):
     items = load_manifest(manifest)
     copy = write_manifest(items, manifest.parent / "copy.jsonl", manifest.parent)
     assert load_manifest(copy) == items
+
+
+def test_a_scored_easyref_run_loads_the_mllm_once(manifest, tmp_path, tiny_dirs, metric_dirs, monkeypatch):
+    """One process holds the pipeline (its MLLM loaded once, the trunk and aggregation layer sharing it)
+    beside the CLIP and DINO metric models, which bring no second copy."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    loads = []
+    original = Qwen2VLForConditionalGeneration.from_pretrained.__func__
+
+    def counted(cls, *args, **kwargs):
+        loads.append(args[0] if args else kwargs.get("pretrained_model_name_or_path"))
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Qwen2VLForConditionalGeneration, "from_pretrained", classmethod(counted))
+    metrics = ["--clip", str(metric_dirs["clip"]), "--dino", str(metric_dirs["dino"]), "--device", "cpu"]
+    args = _cli_run_args(manifest, "easyref", tiny_dirs["sdxl"], tmp_path / "er", mllm=tiny_dirs["qwen"])
+    assert main(args + metrics) == 0
+    assert [str(path) for path in loads] == [str(tiny_dirs["qwen"])]
