@@ -135,7 +135,8 @@ class ReferenceEncoder(nn.Module):
         }
 
     def gradient_checkpointing_enable(self) -> None:
-        """Recompute activations in backward: decoder layers here, vision blocks through transformers."""
+        """Recompute activations in backward: the trunk's decoder layers here, vision blocks through
+        transformers (the aggregation layer computes 64 rows only and keeps its activations)."""
         self.gradient_checkpointing = True
         self.visual.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -210,8 +211,7 @@ class ReferenceEncoder(nn.Module):
         """The vision tower's merged features of every image, in order. Without gradients, images seen
         recently with the same weights come from `vision_cache` and only the others run."""
         pixels = pixels.to(self.visual.get_dtype())
-        ends = grid.prod(-1).cumsum(0).tolist()
-        rows = [pixels[end - count : end] for end, count in zip(ends, grid.prod(-1).tolist())]
+        rows = list(pixels.split(grid.prod(-1).tolist()))  # each image's patch rows
         if self.vision_cache.capacity <= 0 or torch.is_grad_enabled():
             return torch.cat(self._tower(rows, grid, range(len(rows))))
         self.vision_cache.sync(self.visual)
@@ -270,7 +270,7 @@ class ReferenceEncoder(nn.Module):
             tokens,
             attention_mask=_token_rows_mask(mask, n, causal, context.dtype),
             position_embeddings=(cos[:, length:], sin[:, length:]),
-            **{_kv_cache_keyword(layer): context_kv},
+            **{_kv_cache_keyword(type(layer)): context_kv},
         )
         return self.aggregator.norm(hidden)
 
@@ -324,14 +324,10 @@ class _ContextKeysValues:
 
 
 @functools.cache
-def _kv_cache_keyword_of(layer_class: type) -> str:
-    parameters = inspect.signature(layer_class.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"  # renamed within transformers 5
-
-
-def _kv_cache_keyword(layer: nn.Module) -> str:
-    """The keyword under which this transformers version's decoder layer takes its KV cache."""
-    return _kv_cache_keyword_of(type(layer))
+def _kv_cache_keyword(layer_class: type) -> str:
+    """The keyword under which this transformers version's decoder layer takes its KV cache (renamed
+    within transformers 5)."""
+    return "cache" if "cache" in inspect.signature(layer_class.forward).parameters else "past_key_values"
 
 
 def _token_rows_mask(mask: torch.Tensor, n: int, causal: bool, dtype: torch.dtype) -> torch.Tensor:
