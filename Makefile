@@ -49,7 +49,7 @@ bench-shapes: setup
 	$(BIN)/easyref bench shapes --preset cpu --out runs/bench-shapes --work runs/bundled-model.work
 
 # the import contracts and ruff's checks (pyproject.toml), then the whole offline suite: about 4 min 05 s once set up (239 s of
-# pytest wall time, the browser tests of `easyref serve` included; 5 min 10 s from nothing on a fresh clone)
+# pytest wall time, the browser tests of `easyref serve` included; 5 min 14 s from nothing on a fresh clone)
 test: setup
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/ruff format --check src tests benchmarks
