@@ -197,6 +197,8 @@ def compare(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[float, float]:
 
 
 def measure_size(n: int, encoder, projection, theirs: Theirs, workdir: Path, args) -> list:
+    from safetensors.torch import load_file
+
     images = make_images(n, INPUT_SIZE, args.seed + n)
     paths = []
     for i, image in enumerate(images):
@@ -209,8 +211,6 @@ def measure_size(n: int, encoder, projection, theirs: Theirs, workdir: Path, arg
     def cold():
         encoder.vision_cache.clear()
         return ours_call(encoder, projection, images, PROMPT)
-
-    from safetensors.torch import load_file
 
     cosine, diff = compare(cold(), load_file(str(out_file))["embeds"])
     negative = encoder.config.negative_instruction
@@ -225,10 +225,9 @@ def measure_size(n: int, encoder, projection, theirs: Theirs, workdir: Path, arg
         args.warmup,
         args.device,
     )
-    per_generation = [p + q for p, q in zip(t["theirs"], t["theirs negative"])]
+    t["theirs per generation"] = [p + q for p, q in zip(t["theirs"], t["theirs negative"])]
     logger.info("N=%d ours %.2fs again %.2fs theirs %.2fs", n, t.median("ours"), t.median("again"), t.median("theirs"))
     ms = lambda name: f"{t.median(name) * 1e3:.0f}"  # noqa: E731
-    ratio = lambda times, name: sorted(a / b for a, b in zip(times, t[name]))[len(times) // 2]  # noqa: E731
     return [
         n,
         ms("ours"),
@@ -236,8 +235,8 @@ def measure_size(n: int, encoder, projection, theirs: Theirs, workdir: Path, arg
         ms("theirs"),
         ms("theirs negative"),
         f"{t.ratio('theirs', 'ours'):.2f}x",
-        f"{ratio(per_generation, 'ours'):.2f}x",
-        f"{ratio(per_generation, 'again'):.2f}x",
+        f"{t.ratio('theirs per generation', 'ours'):.2f}x",
+        f"{t.ratio('theirs per generation', 'again'):.2f}x",
         f"{cosine:.5f}",
         f"{diff:.1e}",
     ]

@@ -10,7 +10,7 @@ scale * reference attention (`IPAdapterAttnProcessor2_0`). The projection is
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -35,10 +35,9 @@ class _OriginalUNetState:
     encoder_hid_dim_type: str | None
     lora: bool = False
     extra: dict = field(default_factory=dict)
-    # while the LoRA is fused: each adapted layer's own weight, kept on the CPU to be put back bit for bit,
-    # and peft's wrapper of each layer, taken out of the UNet so that a call dispatches through nothing
-    unfused_weights: dict | None = None
-    lora_wrappers: dict = field(default_factory=dict)
+    # while the LoRA is fused, per adapted layer: peft's wrapper, taken out of the UNet so that a call
+    # dispatches through nothing, and the layer's own weight, kept on the CPU to be put back bit for bit
+    fused: dict[str, tuple[torch.nn.Module, torch.Tensor]] | None = None
 
 
 class _Fixed(torch.nn.Module):
@@ -174,57 +173,51 @@ def fuse_lora(unet) -> bool:
     560 of them in SDXL), so the fused layers go into the UNet bare and the wrappers wait outside.
     Returns whether there was a LoRA to fuse."""
     state = _state(unet)
-    if not state.lora or state.unfused_weights is not None:
+    if not state.lora or state.fused is not None:
         return False
-    weights = {}
+    state.fused = {}
     for name, layer in _lora_layers(unet):
-        weights[name] = layer.get_base_layer().weight.detach().to("cpu", copy=True)
+        state.fused[name] = (layer, layer.get_base_layer().weight.detach().to("cpu", copy=True))
         layer.merge(adapter_names=[LORA_ADAPTER_NAME])
-        state.lora_wrappers[name] = layer
-    state.unfused_weights = weights
-    _detach_lora_wrappers(unet, state)
+    _set_lora_wrappers(unet, state, attached=False)
     return True
 
 
 def unfuse_lora(unet) -> None:
     """Undo `fuse_lora` exactly: the adapted layers get their own weights back (not a subtraction)."""
     state = _state(unet)
-    if state.unfused_weights is None:
+    if state.fused is None:
         return
-    _attach_lora_wrappers(unet, state)
+    _set_lora_wrappers(unet, state, attached=True)
     with torch.no_grad():
-        for name, layer in _lora_layers(unet):
+        for layer, own_weight in state.fused.values():
             weight = layer.get_base_layer().weight
-            weight.copy_(state.unfused_weights[name].to(weight.device))
+            weight.copy_(own_weight.to(weight.device))
             layer.merged_adapters.clear()
-    state.unfused_weights = None
-    state.lora_wrappers = {}
+    state.fused = None
 
 
 def is_fused(unet) -> bool:
-    return is_installed(unet) and _state(unet).unfused_weights is not None
+    return is_installed(unet) and _state(unet).fused is not None
 
 
-def _detach_lora_wrappers(unet, state: _OriginalUNetState) -> None:
-    for name, wrapper in state.lora_wrappers.items():
-        unet.set_submodule(name, wrapper.get_base_layer())
-
-
-def _attach_lora_wrappers(unet, state: _OriginalUNetState) -> None:
-    for name, wrapper in state.lora_wrappers.items():
-        unet.set_submodule(name, wrapper)
+def _set_lora_wrappers(unet, state: _OriginalUNetState, attached: bool) -> None:
+    for name, (wrapper, _) in (state.fused or {}).items():
+        unet.set_submodule(name, wrapper if attached else wrapper.get_base_layer())
 
 
 @contextmanager
 def _lora_visible(unet):
     """Within the block a fused UNet holds its LoRA wrappers again, so that peft finds the LoRA's tensors."""
-    state = _state(unet)
-    _attach_lora_wrappers(unet, state)
+    state = getattr(unet, _STATE_ATTR, None)
+    if state is None:
+        yield
+        return
+    _set_lora_wrappers(unet, state, attached=True)
     try:
         yield
     finally:
-        if state.unfused_weights is not None:
-            _detach_lora_wrappers(unet, state)
+        _set_lora_wrappers(unet, state, attached=False)
 
 
 def _lora_layers(unet):
@@ -318,7 +311,7 @@ def adapter_named_parameters(unet) -> dict[str, list[tuple[str, torch.nn.Paramet
 
 
 def _lora_named_parameters(unet) -> list[tuple[str, torch.nn.Parameter]]:
-    with _lora_visible(unet) if is_installed(unet) else nullcontext():
+    with _lora_visible(unet):
         return [(n, p) for n, p in unet.named_parameters() if f".{LORA_ADAPTER_NAME}." in n and "lora_" in n]
 
 

@@ -58,8 +58,6 @@ class FeatureCache:
         return features
 
     def put(self, key: bytes, features: torch.Tensor) -> None:
-        if self.capacity <= 0:
-            return
         self._entries[key] = features.detach()
         self._entries.move_to_end(key)
         while len(self._entries) > self.capacity:
