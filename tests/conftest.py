@@ -59,7 +59,9 @@ SLOW_TESTS = {
     "test_serve.py::test_the_page_generates_explains_and_reports_bad_files",  # 3.3 s
     "test_serve.py::test_the_examples_row_loads_the_demo_group_and_a_waiting_tab_sees_its_place",  # 19 s: a queue
     "test_serve.py::test_ctrl_c_stops_the_server",
-    "test_serve.py::test_sigterm_stops_the_server_and_removes_its_temporary_folders",  # 7 s: a second server
+    "test_serve.py::test_sigterm_during_a_generation_stops_cleanly_and_removes_the_temporary_folders",  # a 2nd server
+    "test_serve.py::test_the_page_serves_only_the_files_a_request_made",
+    "test_serve.py::test_a_cancelled_request_stops_and_the_next_is_unaffected",
 }
 
 

@@ -121,6 +121,12 @@ BAD_RECORDS = {
     "index out of range": (json.dumps({**GOOD, "index": 2}), "index 2 is not one of its 2 images"),
     "unknown dtype": (json.dumps({**GOOD, "dtype": "int8"}), "dtype 'int8'"),
     "nested": ("[" * 10_000 + "]" * 10_000, "not a JSON object"),
+    "versions as text": (json.dumps({**GOOD, "versions": "torch 2.13"}), "versions is not a mapping"),
+    "prompt not UTF-8": (json.dumps({**GOOD, "prompt": "a caf\udce9 star"}), "prompt is not valid UTF-8 text"),
+    "lone surrogate": (json.dumps({**GOOD, "negative_prompt": "\ud800"}), "negative_prompt is not valid UTF-8"),
+    "NUL in a reference": (json.dumps({**GOOD, "references": ["/a\u0000b.png"]}), "references are not file names"),
+    "digest not hex": (json.dumps({**GOOD, "reference_sha256": ["xyz"]}), "reference_sha256 is not one digest"),
+    "digest count": (json.dumps({**GOOD, "reference_sha256": ["0" * 64] * 2}), "reference_sha256 is not one digest"),
     "missing reference": (json.dumps(GOOD), "/nope.png: file not found"),
     "out is the source": (json.dumps(GOOD), "would overwrite --from-metadata"),
 }
@@ -144,3 +150,20 @@ def test_unusable_records_are_one_line_before_any_model_loads(tmp_path, capsys, 
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("easyref: error:") and phrase in err, err
+
+
+def test_a_reference_changed_since_the_record_is_named(tmp_path, caplog):
+    ref = tmp_path / "ref.png"
+    shape_image("red", "white").save(ref)
+    out = tmp_path / "image.png"
+    base = ["--prompt", "an object on a white background, at the top left", "--steps", "1", "--seed", "2"]
+    assert main(["generate", "--ref", str(ref), "--out", str(out), *base]) == 0
+    assert len(record(out)["reference_sha256"]) == 1
+    with caplog.at_level("WARNING"):
+        assert main(["generate", "--from-metadata", str(out), "--out", str(tmp_path / "same.png")]) == 0
+    assert "has changed" not in caplog.text
+    shape_image("blue", "white").save(ref)  # the same name, other pixels
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert main(["generate", "--from-metadata", str(out), "--out", str(tmp_path / "other.png")]) == 0
+    assert f"{ref} has changed since {out} was made" in caplog.text

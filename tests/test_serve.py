@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -61,6 +62,9 @@ def pixels(data: bytes | Path) -> np.ndarray:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
+    (root / "out" / "private").mkdir(parents=True)
+    (root / "out" / "notes.txt").write_text("a secret")  # put there by someone else: the page must not serve it
+    (root / "out" / "private" / "key.txt").write_text("another secret")
     port = free_port()
     log = root / "server.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_TEMP_DIR": str(root / "gradio-cache")}
@@ -172,6 +176,64 @@ def test_api_writes_the_pngs_generate_writes(server, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["generate", "--from-metadata", str(downloaded[1]), "--out", "again.png"]) == 0
     np.testing.assert_array_equal(pixels(tmp_path / "again.png"), pixels(downloaded[1]))
+
+
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def test_the_page_serves_only_the_files_a_request_made(server, tmp_path):
+    from gradio_client import Client
+
+    client = Client(server.url, verbose=False, download_files=False)
+    images, files, explained, _, _ = generate(client, server.refs, count=2)
+    handed = [item["image"] for item in images] + files + [explained]
+    assert all(http_status(item["url"]) == 200 for item in handed)
+    made = sorted(server.out.glob("*/easyref_*.png"))
+    (made[0].parent / "later.txt").write_text("written into a request's folder while serving")
+    (server.out / "link.png").symlink_to(server.out / "notes.txt")
+    private = [
+        server.out / "notes.txt",
+        server.out / "private" / "key.txt",
+        made[0].parent / "later.txt",
+        server.out / "link.png",
+        made[0],  # the output folder is never served itself, only each request's own copies
+        made[0].parent / "references" / sorted(p.name for p in (made[0].parent / "references").iterdir())[0],
+        Path(handed[0]["path"]).parent.parent / "..",
+    ]
+    for path in private:
+        assert http_status(f"{server.url}gradio_api/file={os.path.abspath(path)}") == 403, path
+    # one request's hand-out folder is named at random: its neighbours cannot be guessed from it
+    assert re.fullmatch(r"[0-9a-f]{32}", Path(handed[0]["path"]).parent.name)
+
+
+def test_a_cancelled_request_stops_and_the_next_is_unaffected(server, tmp_path):
+    from gradio_client import Client, handle_file
+
+    client = Client(server.url, verbose=False, download_files=str(tmp_path / "downloads"))
+    before = generate(client, server.refs, count=2, seed=5)
+    folders = set(server.out.iterdir())
+    long = client.submit(
+        [handle_file(str(p)) for p in server.refs], STAR, "", 1.0, 100, 5.0, 3, False, 8, 64, 64, api_name="/generate"
+    )
+    wait_for_denoising(long)
+    long.cancel()
+    after = generate(client, server.refs, count=2, seed=5)  # as the cancelled one's orphan would have overlapped it
+    for a, b in zip(before[0], after[0]):
+        np.testing.assert_array_equal(pixels(Path(a["image"])), pixels(Path(b["image"])))
+    assert len(set(server.out.iterdir()) - folders) == 1, "the cancelled request wrote nothing"
+    assert "request cancelled" in server.log.read_text()
+
+
+def wait_for_denoising(job, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(p.desc == "denoising" for p in job.status().progress_data or []):
+        assert time.monotonic() < deadline, "the request never started denoising"
+        time.sleep(0.05)
 
 
 def test_api_random_seed_is_reported_and_reproduces(server, tmp_path):
@@ -305,9 +367,12 @@ def test_ctrl_c_stops_the_server(server):
     assert "serving on http://127.0.0.1" in server.log.read_text()
 
 
-def test_sigterm_stops_the_server_and_removes_its_temporary_folders(tmp_path):
+def test_sigterm_during_a_generation_stops_cleanly_and_removes_the_temporary_folders(tmp_path):
+    from gradio_client import Client, handle_file
+
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TMPDIR": str(tmp_path)}
+    env.pop("GRADIO_TEMP_DIR", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "easyref", "serve", "--port", str(port), "--device", "cpu"],
         stdout=subprocess.PIPE,
@@ -318,7 +383,16 @@ def test_sigterm_stops_the_server_and_removes_its_temporary_folders(tmp_path):
     for line in proc.stdout:
         if "serving on" in line:
             break
-    assert sorted(p.name.split("-")[1] for p in tmp_path.glob("easyref-*")) == ["examples", "serve"]
+    assert sorted(p.name.split("-")[1] for p in tmp_path.glob("easyref-*")) == ["page", "serve"]
+    refs = write_demo_references(tmp_path / "refs")
+    client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False)
+    job = client.submit(
+        [handle_file(str(p)) for p in refs], STAR, "", 1.0, 100, 5.0, 3, False, 8, 64, 64, api_name="/generate"
+    )
+    wait_for_denoising(job)
+    assert list(tmp_path.glob("easyref-page-*/*/*")), "the upload is in the page's folder"
     proc.terminate()
-    assert proc.wait(timeout=30) == 0
-    assert not list(tmp_path.glob("easyref-*"))
+    assert proc.wait(timeout=60) == 0
+    log = proc.stdout.read()
+    assert "terminate called" not in log and "Traceback" not in log, log
+    assert not list(tmp_path.glob("easyref-*")), "the outputs, uploads and examples are gone"

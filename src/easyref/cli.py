@@ -15,11 +15,13 @@ so a mistake is reported at once.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.abc
 import importlib.util
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -33,6 +35,8 @@ from .generation import (
     GENERATE_DEFAULTS,
     MODEL_FLAGS,
     check_generate_args,
+    check_text,
+    file_sha256,
     generation_record,
     planned_outputs,
     run_pipeline,
@@ -289,8 +293,9 @@ def cmd_generate(args) -> int:
     if record is not None:
         _check_not_the_source(outputs, args.from_metadata)
     check_outputs(outputs, inputs=paths)
-    references = [load_image(p) for p in paths]
+    references = load_images(paths)  # every header within the bounds before the first image decodes
     if record is not None:
+        _warn_if_references_changed(args, record, paths)
         _check_recorded_device(args)
     pipe, parts = load_pipeline(args)
     sources = parts.names()
@@ -340,6 +345,16 @@ def load_image(path: Path) -> Image.Image:
 
     try:
         return open_image(path)
+    except ImageFileError as err:
+        raise UserError(str(err)) from None
+
+
+def load_images(paths: list[Path]) -> list[Image.Image]:
+    """The references as one group (`images.open_images`: every size checked before any decoding)."""
+    from .images import ImageFileError, open_images
+
+    try:
+        return open_images(paths)
     except ImageFileError as err:
         raise UserError(str(err)) from None
 
@@ -418,7 +433,10 @@ RECORD_TYPES = {
     "model": dict,
     "grid": bool,
     "explain": bool,
+    "versions": dict,
+    "reference_sha256": list,
 }
+SHA256 = re.compile(r"[0-9a-f]{64}")
 RECORD_REQUIRED = ("version", "prompt", "references", "scale", "steps", "guidance", "seed", "num_images")
 RECORDED_SETTINGS = (
     "prompt",
@@ -470,8 +488,15 @@ def _check_record(record: dict, flag: str) -> None:
         value = record.get(key)
         if value is not None and (not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)):
             raise UserError(f"{flag}: the record's {key} is not a {_kind_name(kind)} (damaged)")
-    if not all(isinstance(r, str) for r in record["references"]):
+    if not all(isinstance(r, str) and r and "\0" not in r for r in record["references"]):
         raise UserError(f"{flag}: the record's references are not file names (damaged)")
+    digests = record.get("reference_sha256")
+    well_formed = digests is None or all(isinstance(d, str) and SHA256.fullmatch(d) for d in digests)
+    if not well_formed or (digests is not None and len(digests) != len(record["references"])):
+        raise UserError(f"{flag}: the record's reference_sha256 is not one digest per reference (damaged)")
+    for key in ("prompt", "negative_prompt"):
+        if isinstance(record.get(key), str):
+            check_text(f"{flag}: the record's {key}", record[key])
     if not all(isinstance(v, (str, type(None))) for v in (record.get("model") or {}).values()):
         raise UserError(f"{flag}: the record's model names are not text (damaged)")
     index = record.get("index")
@@ -505,6 +530,20 @@ def apply_record(args, record: dict) -> None:
     # one image of a batch: the batch again (its noise is drawn as one), then that image alone
     args.keep_index = index if index is not None and "num_images" not in given and args.num_images > 1 else None
     args.device_from_record = "device" not in given and record.get("device") is not None
+
+
+def _warn_if_references_changed(args, record: dict, paths: list[Path]) -> None:
+    """A recorded reference edited since (same name, other bytes) makes other pixels: say which."""
+    digests = record.get("reference_sha256")
+    if digests is None or [str(p) for p in paths] != list(record["references"]):
+        return  # an older record, or references given on the command line
+    for path, digest in zip(paths, digests):
+        if file_sha256(path) != digest:
+            logger.warning(
+                "%s has changed since %s was made (its SHA-256 differs); the pixels will differ",
+                path,
+                args.from_metadata,
+            )
 
 
 def _check_not_the_source(outputs: list[Path], source: Path) -> None:
@@ -620,6 +659,18 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailure as err:
         print(f"easyref: error: {err}", file=sys.stderr)
         return 1
+    except OSError as err:
+        if err.errno != errno.ENAMETOOLONG:
+            raise
+        # any path flag (--out, --refs-dir, --config, a model folder...): the system refuses the name itself
+        print(f"easyref: error: {_too_long(err.filename)}", file=sys.stderr)
+        return 2
+
+
+def _too_long(name) -> str:
+    name = os.fsdecode(name) if name is not None else "a path given"
+    shown = name if len(name) <= 80 else f"{name[:60]}...{name[-12:]}"
+    return f"file name too long: {shown} (a part of a path may hold at most 255 bytes)"
 
 
 # ---------------------------------------------------------------------------- what reaches the terminal

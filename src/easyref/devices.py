@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import re
+import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -19,6 +20,9 @@ DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
 DEVICE_NAME = re.compile(r"auto|cpu|mps|meta|(cuda|xpu)(:\d+)?")
 # what a CUDA (or ROCm, or WSL) driver puts under /dev; without any of them torch cannot see a GPU
 GPU_DRIVER_FILES = ("/dev/nvidia*", "/dev/kfd", "/dev/dxg")
+# what an Intel GPU driver puts under /dev (torch's xpu backend reads through it)
+XPU_DRIVER_FILES = ("/dev/dri/renderD*",)
+META_MESSAGE = "meta is a placeholder device with no data; use cpu or cuda"
 
 
 class DeviceError(ValueError):
@@ -30,10 +34,18 @@ def check_device_name(name: str | None) -> None:
     driver on this machine. `resolve_device` makes the full check once torch is loaded."""
     if name is None:
         return
-    if not DEVICE_NAME.fullmatch(str(name)):
+    name = str(name)
+    if not DEVICE_NAME.fullmatch(name):
         raise _unknown_device(name)
-    if str(name).startswith("cuda") and not gpu_driver_present():
+    kind = name.split(":", 1)[0]
+    if kind == "meta":
+        raise DeviceError(META_MESSAGE)
+    if kind == "cuda" and not gpu_driver_present():
         raise _no_gpu(name)
+    if kind == "mps" and sys.platform != "darwin":
+        raise _no_mps(name)
+    if kind == "xpu" and not any(glob.glob(pattern) for pattern in XPU_DRIVER_FILES):
+        raise _no_xpu(name)
 
 
 def gpu_driver_present() -> bool:
@@ -48,14 +60,56 @@ def resolve_device(name: str | torch.device | None = None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except (RuntimeError, ValueError):
+    except (RuntimeError, ValueError, TypeError):
         raise _unknown_device(name) from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise _no_gpu(name)
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise DeviceError(f"device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    check = DEVICE_CHECKS.get(device.type)
+    if check is None:  # a type torch names but nothing here runs on (hpu, ipu, vulkan, ...)
+        raise _unknown_device(name)
+    check(device, name)
     return device
+
+
+def _check_cuda(device: torch.device, name) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise _no_gpu(name)
+    _check_index(device, name, torch.cuda.device_count(), "CUDA")
+
+
+def _check_mps(device: torch.device, name) -> None:
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    if mps is None or not mps.is_available():
+        raise _no_mps(name)
+
+
+def _check_xpu(device: torch.device, name) -> None:
+    import torch
+
+    xpu = getattr(torch, "xpu", None)  # absent from older torch builds
+    if xpu is None or not xpu.is_available():
+        raise _no_xpu(name)
+    _check_index(device, name, xpu.device_count(), "XPU")
+
+
+def _check_meta(device: torch.device, name) -> None:
+    raise DeviceError(META_MESSAGE)
+
+
+def _check_index(device: torch.device, name, count: int, what: str) -> None:
+    if device.index is not None and device.index >= count:
+        raise DeviceError(f"device {name}: this machine has {count} {what} device(s)")
+
+
+DEVICE_CHECKS = {
+    "cpu": lambda device, name: None,
+    "cuda": _check_cuda,
+    "mps": _check_mps,
+    "xpu": _check_xpu,
+    "meta": _check_meta,
+}
 
 
 def _unknown_device(name) -> DeviceError:
@@ -64,6 +118,14 @@ def _unknown_device(name) -> DeviceError:
 
 def _no_gpu(name) -> DeviceError:
     return DeviceError(f"device {name} asked for, but no CUDA GPU is available")
+
+
+def _no_mps(name) -> DeviceError:
+    return DeviceError(f"device {name} asked for, but MPS (Apple silicon under macOS) is not available here")
+
+
+def _no_xpu(name) -> DeviceError:
+    return DeviceError(f"device {name} asked for, but no Intel XPU is available")
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

@@ -14,7 +14,6 @@ import functools
 import inspect
 import logging
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -178,11 +177,13 @@ class ReferenceEncoder(nn.Module):
     def _encode(self, inputs: MLLMInputs, with_maps: bool):
         inputs = inputs.to(self.device)
         hidden, positions = self.trunk(inputs)
-        capture = capture_attention(self.aggregator.layers[-1]) if with_maps else nullcontext()
-        with capture as captured:
-            tokens = self.aggregate(hidden, inputs.attention_mask, positions)
+        tokens = self.aggregate(hidden, inputs.attention_mask, positions)
         maps = None
         if with_maps:
+            # a second pass of the one layer, eager so that it returns its weights: the tokens stay those
+            # of the pass above, so asking for the maps never changes the images
+            with capture_attention(self.aggregator.layers[-1]) as captured:
+                self.aggregate(hidden, inputs.attention_mask, positions)
             merge = self.mllm_config.vision_config.spatial_merge_size
             rows = image_token_maps(
                 captured[-1],

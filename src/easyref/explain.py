@@ -9,9 +9,10 @@ sum of its map: attention to the instruction and prompt tokens is left out, sinc
 the images. In the `mean` and `concat` modes each reference is read alone and weighs the same in the
 result, so each reference's map is its own row's attention normalised to 1 / (group size).
 
-The attention is captured from the same forward that makes the tokens (`capture_attention`): the one
-layer runs with transformers' eager attention, the only implementation that returns the weights, and
-the tokens are the same as without it to float rounding.
+The attention is captured from a second pass of the aggregation layer over the same trunk output
+(`capture_attention`), run with transformers' eager attention, the only implementation that returns the
+weights. The tokens the images are made from come from the ordinary pass, so asking for the maps never
+changes a pixel (eager and SDPA attention differ in float rounding).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ Only the standard library and PIL at import: torch and the model libraries load 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -94,6 +95,19 @@ def check_generate_args(args) -> None:
                 f"{flag} is {len(text)} characters long; at most {MAX_PROMPT_CHARS} characters "
                 f"({MAX_PROMPT_TOKENS} tokens) are read"
             )
+        if text is not None:
+            check_text(flag, text)
+
+
+def check_text(flag: str, text: str) -> None:
+    """Text a tokenizer can read: Python hands undecodable command-line bytes over as lone surrogates
+    (a prompt typed in Latin-1, say), and a JSON record or request can hold them or NUL too."""
+    bad = next((c for c in text if "\ud800" <= c <= "\udfff" or c == "\0"), None)
+    if bad == "\0":
+        raise UserError(f"{flag} holds a NUL character")
+    if bad is not None:
+        byte = f" (byte 0x{ord(bad) - 0xDC00:02x})" if 0xDC80 <= ord(bad) <= 0xDCFF else ""
+        raise UserError(f"{flag} is not valid UTF-8 text{byte}; is the terminal set to UTF-8 (e.g. LANG=C.UTF-8)?")
 
 
 def warn_about_limits(pipe, args, sources: dict) -> None:
@@ -184,6 +198,7 @@ def generation_record(args, pipe, parts, paths: list[Path], seed: int) -> dict:
         "prompt": args.prompt,
         "negative_prompt": negative,
         "references": [os.path.abspath(p) for p in paths],  # absolute: the record works from any folder
+        "reference_sha256": [file_sha256(p) for p in paths],  # --from-metadata says when one has changed
         "scale": args.scale,
         "steps": args.steps,
         "guidance": args.guidance,
@@ -197,12 +212,24 @@ def generation_record(args, pipe, parts, paths: list[Path], seed: int) -> dict:
     }
 
 
+def file_sha256(path: Path) -> str:
+    """The hex digest of a file's bytes, read in chunks (a reference may be a large photo)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _recorded_name(value: str | None) -> str | None:
     """A model flag as given, a local path made absolute (a hub id or `default` stays a name)."""
     if value is None:
         return None
-    path = Path(value).expanduser()
-    return str(path.absolute()) if path.exists() else value
+    try:
+        path = Path(value).expanduser()
+        return str(path.absolute()) if path.exists() else value
+    except (OSError, RuntimeError, ValueError):  # a name that cannot be a local path (an unknown ~user)
+        return value
 
 
 # Outputs that exist are replaced, as diffusers' `image.save` and ImageMagick do (`cli.check_outputs`

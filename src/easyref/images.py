@@ -3,6 +3,8 @@
 One decoding rule everywhere, so a reference means the same pixels to the CLI, the trainer and the
 benchmark:
 - only regular files are opened (a FIFO or device would block or stream forever);
+- the decoded size is bounded from the header before any pixel is decoded (`limits.MAX_IMAGE_PIXELS`
+  each, `limits.MAX_GROUP_PIXELS` for a group read by `open_images`): a 10 kB file can declare gigabytes;
 - the file is decoded in full, so a truncated file fails here and not halfway through a run;
 - the EXIF orientation is applied (phones store portraits sideways);
 - 16-bit and float greyscale are scaled to 8 bits (PIL's own conversion clips them to white);
@@ -14,13 +16,17 @@ from __future__ import annotations
 import json
 import os
 import stat
+import struct
 import tempfile
 import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
+from . import limits
 from .safe_io import current_umask
 
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -73,50 +79,192 @@ class ImageHeader:
 def read_header(path: str | Path, orientation: bool = False) -> ImageHeader:
     """Size and format (and EXIF orientation) from the header alone: PIL opens lazily, so no pixels are
     decoded. Regular files only, like every read here."""
-    with open_regular(path) as handle, Image.open(handle) as image:
+    with open_regular(path) as handle, _lazy_open(handle, str(path), strict=False) as image:
         turn = image.getexif().get(_ORIENTATION_TAG) if orientation else None
         return ImageHeader(image.size, image.format, turn)
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """Decode an image file completely -> upright RGB (see the module docstring for the rule)."""
-    path = Path(path)
-    with open_regular(path) as handle:
-        image = _decode(handle, path)
-    return to_rgb(upright(image))
+def open_image(path: str | Path, name: str | None = None) -> Image.Image:
+    """Decode an image file completely -> upright RGB (see the module docstring for the rule).
+
+    ImageFileError (one line, naming the file as `name`, else its path) for a file over
+    `limits.MAX_IMAGE_PIXELS`, refused before decoding, and for every other way it is unusable."""
+    label = str(path) if name is None else name
+    with _opened(path, label) as image:
+        check_image_pixels(image.size, label)
+        decoded = _decode(image, label)
+    return _finish(decoded, label)
 
 
-def _decode(handle, path: Path) -> Image.Image:
+def open_images(paths: Sequence[str | Path], names: Sequence[str] | None = None) -> list[Image.Image]:
+    """A group of references, decoded as `open_image` does, once every header is within the bounds.
+
+    `names`: what to call each file in messages (e.g. the user's own file names of uploads stored under
+    temporary paths); the paths by default. ImageFileError (one line) for the first unusable file, or
+    for a group over `limits.MAX_GROUP_PIXELS`, raised before any of the group is decoded."""
+    labels = _labels(paths, names)
+    check_group(paths, labels)
+    images: list[Image.Image] = []
+    total = 0
+    for path, label in zip(paths, labels):
+        with _opened(path, label) as image:
+            # checked again on this opening: a file replaced since its header was read is still bounded
+            check_image_pixels(image.size, label, "references")
+            total += _pixels(image.size)
+            _check_group_total(len(labels), total)
+            decoded = _decode(image, label, "references")
+        total += _pixels(decoded.size) - _pixels(image.size)
+        _check_group_total(len(labels), total)
+        images.append(_finish(decoded, label))
+    return images
+
+
+def check_group(paths: Sequence[str | Path], names: Sequence[str] | None = None) -> list[ImageHeader]:
+    """Every header of a group read and checked against both bounds; not one pixel is decoded.
+    ImageFileError (one line) for the first unreadable or oversized file, or for the group's total."""
+    labels = _labels(paths, names)
+    headers = []
+    for path, label in zip(paths, labels):
+        with _opened(path, label) as image:
+            check_image_pixels(image.size, label, "references")
+            headers.append(ImageHeader(image.size, image.format, None))
+    _check_group_total(len(labels), sum(_pixels(h.size) for h in headers))
+    return headers
+
+
+def check_image_pixels(size: tuple[int, int], name: str, what: str = "images") -> None:
+    """ImageFileError unless an image of `size` (width, height) is within `limits.MAX_IMAGE_PIXELS`."""
+    width, height = size
+    if width * height > limits.MAX_IMAGE_PIXELS:
+        raise ImageFileError(
+            f"{name} is {width} x {height} = {_count(width * height)}; "
+            f"{what} may be at most {_count(limits.MAX_IMAGE_PIXELS)} each"
+        )
+
+
+def _check_group_total(count: int, total: int) -> None:
+    if total > limits.MAX_GROUP_PIXELS:
+        raise ImageFileError(
+            f"the {count} references hold {_count(total)} in all; "
+            f"one group of references may hold at most {_count(limits.MAX_GROUP_PIXELS)}"
+        )
+
+
+def _pixels(size: tuple[int, int]) -> int:
+    return size[0] * size[1]
+
+
+def _count(pixels: int) -> str:
+    return f"{pixels / 1e6:.1f} M pixels" if pixels >= 100_000 else f"{pixels} pixels"
+
+
+def _labels(paths: Sequence[str | Path], names: Sequence[str] | None) -> list[str]:
+    if names is None:
+        return [str(p) for p in paths]
+    if len(names) != len(paths):
+        raise ValueError(f"{len(names)} names given for {len(paths)} paths")
+    return [str(n) for n in names]
+
+
+# PIL's many exception types for a file it cannot parse; all of them mean "this file is unusable".
+_PARSE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
+
+
+@contextmanager
+def _opened(path: str | Path, label: str) -> Iterator[Image.Image]:
+    """The lazily opened image (header parsed, no pixels): every failure an ImageFileError naming `label`."""
+    try:
+        handle = open_regular(path)
+    except ImageFileError as err:
+        raise ImageFileError(str(err).replace(str(path), label, 1)) from None
+    with handle, _lazy_open(handle, label, strict=True) as image:
+        yield image
+
+
+@contextmanager
+def _lazy_open(handle, label: str, strict: bool) -> Iterator[Image.Image]:
+    """`Image.open` without PIL's own bomb warning: the header checks here are stricter and name the size.
+    `strict`: PIL's parse errors become ImageFileError (read_header lets them through, as callers expect)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(handle)
+    except Image.DecompressionBombError:
+        # PIL refuses past twice its own bound before the size can be read
+        raise ImageFileError(
+            f"{label} is over {_count(2 * (Image.MAX_IMAGE_PIXELS or 0))}; "
+            f"images may be at most {_count(limits.MAX_IMAGE_PIXELS)} each"
+        ) from None
+    except UnidentifiedImageError:
+        if not strict:
+            raise
+        raise ImageFileError(f"{label} is not an image PIL can read") from None
+    except MemoryError:
+        raise ImageFileError(f"{label} could not be read within this machine's memory") from None
+    except _PARSE_ERRORS as err:
+        if not strict:
+            raise
+        raise ImageFileError(f"{label} is damaged or truncated ({_one_line(err)})") from None
+    with image:
+        yield image
+
+
+def _decode(image: Image.Image, label: str, what: str = "images") -> Image.Image:
+    """All pixels of a lazily opened image, detached from its file."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(handle) as image:
-                image.load()
-                return image.copy()
+            image.load()
+            decoded = image.copy()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageFileError(
-            f"{path} is too large (decompression bomb guard: more than {Image.MAX_IMAGE_PIXELS} pixels)"
+            f"{label} is too large (decompression bomb guard: more than {Image.MAX_IMAGE_PIXELS} pixels)"
         ) from None
-    except UnidentifiedImageError:
-        raise ImageFileError(f"{path} is not an image PIL can read") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise ImageFileError(f"{path} is damaged or truncated ({_one_line(err)})") from None
+    except MemoryError:
+        raise ImageFileError(f"{label} could not be decoded within this machine's memory") from None
+    except _PARSE_ERRORS as err:
+        raise ImageFileError(f"{label} is damaged or truncated ({_one_line(err)})") from None
+    # a few formats (an icon's embedded PNG, say) decode to another size than their header declares
+    check_image_pixels(decoded.size, label, what)
+    return decoded
+
+
+def _finish(image: Image.Image, label: str) -> Image.Image:
+    """Upright RGB from a freshly decoded image this module owns, without copies that are not needed."""
+    try:
+        image = _upright_in_place(image)
+        if image.mode == "RGB" and "transparency" not in image.info:
+            return image
+        return to_rgb(image)
+    except MemoryError:
+        raise ImageFileError(f"{label} could not be decoded within this machine's memory") from None
+    except _PARSE_ERRORS as err:
+        raise ImageFileError(f"{label} cannot be converted to RGB ({_one_line(err)})") from None
+
+
+def _upright_in_place(image: Image.Image) -> Image.Image:
+    try:
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no copy when there is nothing to turn
+    except (OSError, SyntaxError, ValueError, TypeError, KeyError):
+        pass  # a broken EXIF block: keep the pixels as stored, as `upright` does
+    return image
 
 
 def verify_image(path: str | Path) -> None:
-    """Cheap check that a file is a complete, readable image (header + PIL's verify, no full decode)."""
+    """Cheap check that a file is a complete, readable image within the pixel bound (header + PIL's
+    verify, no full decode)."""
     path = Path(path)
-    with open_regular(path) as handle:
+    with _opened(path, str(path)) as image:
+        check_image_pixels(image.size, str(path))
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(handle) as image:
-                    image.verify()
+                image.verify()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageFileError(f"{path} is too large (decompression bomb guard)") from None
-        except UnidentifiedImageError:
-            raise ImageFileError(f"{path} is not an image PIL can read") from None
-        except (OSError, SyntaxError, ValueError, EOFError) as err:
+        except MemoryError:
+            raise ImageFileError(f"{path} could not be read within this machine's memory") from None
+        except _PARSE_ERRORS as err:
             raise ImageFileError(f"{path} is damaged or truncated ({_one_line(err)})") from None
 
 
@@ -133,7 +281,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):
         image = _high_depth_to_l(image)
     if image.mode in _ALPHA_MODES or "transparency" in image.info:
-        rgba = image.convert("RGBA")
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")  # alpha_composite leaves it as it is
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
@@ -144,11 +292,15 @@ def _high_depth_to_l(image: Image.Image) -> Image.Image:
     # and float ("F") images are taken as 0..255 (PIL's convention for them).
     import numpy as np  # here, not at the top: the CLI checks references before any heavy import
 
-    values = np.asarray(image, dtype=np.float64)
-    values = np.nan_to_num(values, nan=0.0, posinf=255.0, neginf=0.0)
+    # float32, worked in place: one 4-byte copy of a large image rather than several 8-byte ones. It is
+    # exact enough: 0..65535 are exact in float32, and no k / 257 lies within float32's error of a .5 tie.
+    values = np.array(image, dtype=np.float32)
+    np.nan_to_num(values, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
     if image.mode.startswith("I;16") or (image.mode == "I" and values.size and values.max() > 255):
-        values = values / 257.0
-    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+        np.divide(values, 257.0, out=values)
+    np.rint(values, out=values)
+    np.clip(values, 0, 255, out=values)
+    return Image.fromarray(values.astype(np.uint8), mode="L")
 
 
 def _one_line(err: BaseException) -> str:

@@ -21,6 +21,19 @@ MAX_REFERENCES = 64  # the largest max_references a checkpoint may declare
 # A cheap bound before any tokenizer loads; the exact limit (MAX_PROMPT_TOKENS) is checked on tokens.
 MAX_PROMPT_CHARS = 16 * 1024
 
+# Decoded size of an image file, checked on its header before any pixel is decoded (a 10 kB PNG can
+# declare 9000 x 9000 pixels; PIL itself only warns above ~89 M). 50 M passes the common phone sensors
+# at full resolution (48 MP = 8000 x 6000, 50 MP = 8160 x 6120) and most cameras, and refuses the 81 M of
+# 9000 x 9000; larger originals (100 MP+ sensors, panoramas) must be scaled down first, which loses
+# nothing here: the MLLM reads references at a few hundred pixels a side.
+MAX_IMAGE_PIXELS = 50_000_000
+# All references of one request together: four images at the bound, or 16 of today's 12 MP photos.
+# PIL stores RGB in 4 bytes a pixel, so a group at the bound holds 0.8 GB once decoded. Peak while reading
+# it (`images.open_images`, measured): that plus the transient copies of the image being decoded (the
+# decoder's buffer and its copy; for transparency, the RGBA, white, composite and RGB images, about 5 x
+# 0.2 GB at 50 M pixels): 1.0 GB for four 50 M RGB images, 1.5 GB for four 50 M RGBA images, the worst case.
+MAX_GROUP_PIXELS = 200_000_000
+
 
 def check_range(flag: str, value: int, low: int, high: int) -> None:
     if not low <= value <= high:

@@ -51,6 +51,9 @@ BASE_PIPELINES = (
     "StableDiffusionXLControlNetImg2ImgPipeline",
     "StableDiffusionXLControlNetInpaintPipeline",
 )
+# Every from_pretrained of a model folder: weights from safetensors only (a pickled .bin can run code when
+# read) and no code from the folder (`easyref.resolve.check_contents` refuses such folders up front).
+SAFE_LOADING = {"use_safetensors": True, "trust_remote_code": False}
 
 
 @dataclass
@@ -158,13 +161,13 @@ class EasyRefPipeline(DiffusionPipeline):
             config, tensors = read_checkpoint(parts.adapter.path)
         if config is not None:
             check_fit(config, parts)  # a checkpoint for another base or MLLM, refused before their weights load
-        sdxl = getattr(diffusers, base_pipeline).from_pretrained(parts.base.path, dtype=dtype, **base_kwargs)
+        sdxl = getattr(diffusers, base_pipeline).from_pretrained(parts.base.path, dtype=dtype, **_safe(base_kwargs))
         if config is None:
             config = _config_for(parts, sdxl.unet)
         if config_overrides:
             config = dataclasses.replace(config, **config_overrides)
         try:
-            encoder = ReferenceEncoder.from_pretrained(parts.mllm.path, config, dtype=dtype)
+            encoder = ReferenceEncoder.from_pretrained(parts.mllm.path, config, dtype=dtype, **SAFE_LOADING)
         except ValueError as err:  # the MLLM's width against the checkpoint's, a tokenizer without chat template
             raise CheckpointError(f"the EasyRef checkpoint does not fit the MLLM {parts.mllm.name}: {err}") from None
         pipe = cls.from_components(sdxl, encoder, tensors, base_pipeline=base_pipeline)
@@ -429,7 +432,18 @@ def mllm_hidden_size(folder) -> int:
     """The language model's width, from the MLLM's config alone."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(folder).text_config.hidden_size
+    return AutoConfig.from_pretrained(folder, trust_remote_code=False).text_config.hidden_size
+
+
+def _safe(kwargs: dict) -> dict:
+    """A caller's loading kwargs with `SAFE_LOADING` in force; asking for pickles or folder code is refused."""
+    for key, value in SAFE_LOADING.items():
+        if kwargs.get(key, value) != value:
+            raise ValueError(
+                f"{key}={kwargs[key]!r} is not supported: EasyRefPipeline loads safetensors weights only and "
+                "runs no code from a model folder"
+            )
+    return {**kwargs, **SAFE_LOADING}
 
 
 def check_fit(config: EasyRefConfig, parts) -> None:

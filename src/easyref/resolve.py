@@ -43,6 +43,14 @@ SDXL_DOWNLOAD = (
 )
 # What an MLLM needs when we download it ourselves (weights, configs, tokenizer, chat template)
 MLLM_DOWNLOAD = ("*.json", "*.safetensors", "*.txt", "*.jinja", "*.model")
+NAME_MAX = 255  # bytes in one file or folder name (Linux and macOS file systems); longer names cannot exist
+# Weights stored with Python's pickle: reading them can run code, so a model folder must hold safetensors.
+PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# Where a diffusers component may come from: any other name in model_index.json makes diffusers import
+# that module, or load a `<library>.py` from the folder itself.
+COMPONENT_LIBRARIES = ("diffusers", "transformers")
+# The files transformers' Auto classes read; an `auto_map` in one of them names code inside the folder.
+AUTO_MAP_FILES = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json")
 
 
 class ResolveError(ValueError):
@@ -152,14 +160,19 @@ def resolve(
     probes = (probe,) if probe else (adapter_probes() if kind == "adapter" else spec.probes)
     if name == DEFAULT_NAME:
         return _resolve_default(spec, label)
-    sibling = _sibling(name, relative_to)
+    try:
+        path = local_path(name)
+    except ResolveError as err:
+        raise ResolveError(f"{label}: {err}") from None
+    sibling = _sibling(name, relative_to, label)
     if sibling is not None:
         return Resolved(name, str(_check_folder(sibling, kind, probes, label)), "local")
-    if looks_local(name):
-        return Resolved(name, str(_check_folder(Path(name).expanduser(), kind, probes, label)), "local")
+    if looks_local(name, label):
+        return Resolved(name, str(_check_folder(path, kind, probes, label)), "local")
     repo_id, revision = split_revision(name, revision)
     snapshot = cached_snapshot(repo_id, revision, probes, cache_dir, label)
     if snapshot is not None:
+        check_contents(snapshot, kind, label)
         return Resolved(name, str(snapshot), "hub")
     why = "local_files_only is set" if local_files_only else hub_unavailable()
     if why:
@@ -167,7 +180,9 @@ def resolve(
             f"{label}: not in the local Hugging Face cache ({_cache_folder(cache_dir)}) and {why}; "
             f"download it with `{download_command(repo_id, kind, revision)}`"
         )
-    return Resolved(name, _download(repo_id, revision, kind, cache_dir, label), "hub")
+    downloaded = _download(repo_id, revision, kind, cache_dir, label)
+    check_contents(Path(downloaded), kind, label)  # a generic model's `downloaded` is its hub id: not checked
+    return Resolved(name, downloaded, "hub")
 
 
 def _resolve_default(spec: Kind, label: str) -> Resolved:
@@ -180,20 +195,49 @@ def _resolve_default(spec: Kind, label: str) -> Resolved:
     return Resolved(DEFAULT_NAME, str(folder / spec.part), "default")
 
 
-def _sibling(name: str, folder: Path | None) -> Path | None:
+def _sibling(name: str, folder: Path | None, label: str) -> Path | None:
     """A relative name recorded in a checkpoint that exists beside the checkpoint (the bundled
     model's layout: adapter/ records its MLLM as `qwen2vl`, the folder next to it)."""
     if folder is None or Path(name).is_absolute() or name.startswith("~"):
         return None
     candidate = Path(folder) / name
-    return candidate if candidate.exists() else None
+    return candidate if _exists(candidate, label) else None
 
 
-def looks_local(value: str) -> bool:
+def looks_local(value: str, label: str | None = None) -> bool:
     """Hub ids are 'owner/name' (optionally '@revision'); anything else, or anything that exists here, is a path."""
-    if value.startswith((".", "/", "~")) or Path(value).exists():
+    if value.startswith((".", "/", "~")) or _exists(Path(value), label or value):
         return True
     return value.split("@", 1)[0].count("/") != 1
+
+
+def local_path(name: str) -> Path:
+    """`name` as a path, `~` and `~user` expanded; a user this machine lacks, or a name no file system
+    can hold, is one ResolveError (pathlib raises RuntimeError and OSError for them)."""
+    try:
+        path = Path(name).expanduser()
+    except RuntimeError:  # `~someone` for an unknown user, or `~` with no HOME
+        raise ResolveError(f"{name.split('/', 1)[0]}: no such user") from None
+    except ValueError as err:  # an embedded NUL, from the Python API
+        raise ResolveError(f"not a valid file name ({err})") from None
+    for part in path.parts:
+        if len(part.encode("utf-8", "surrogatepass")) > NAME_MAX:
+            raise ResolveError(f"a file or folder name in it is longer than {NAME_MAX} bytes ({part[:20]}...)")
+    return path
+
+
+def _exists(path: Path, label: str) -> bool:
+    """Whether `path` exists; a failure other than 'not there' (a path too long, no permission to look,
+    a loop of links) is one ResolveError rather than pathlib's OSError."""
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as err:
+        raise ResolveError(f"{label}: {err.strerror or type(err).__name__}") from None
+    except ValueError as err:  # an embedded NUL
+        raise ResolveError(f"{label}: not a valid file name ({err})") from None
+    return True
 
 
 def split_revision(name: str, revision: str | None = None) -> tuple[str, str | None]:
@@ -204,7 +248,7 @@ def split_revision(name: str, revision: str | None = None) -> tuple[str, str | N
 
 def _check_folder(path: Path, kind: str, probes: tuple[str, ...], label: str) -> Path:
     """A local model must exist and be the model's root folder (a release file is the one file allowed)."""
-    if not path.exists():
+    if not _exists(path, label):
         raise ResolveError(f"{label}: no such file or folder")
     if kind == "adapter":
         return _check_adapter(path, label)
@@ -212,7 +256,109 @@ def _check_folder(path: Path, kind: str, probes: tuple[str, ...], label: str) ->
         raise ResolveError(f"{label}: is a file; give the model's folder")
     if probes and not any((path / p).is_file() for p in probes):
         raise ResolveError(f"{label}: no {probes[0]} in this folder (not the model folder?)")
+    check_contents(path, kind, label)
     return path
+
+
+# ---------------------------------------------------------------------- what a folder may make the loaders do
+def check_contents(folder: Path, kind: str, label: str) -> None:
+    """Refuse, before anything loads, a folder whose loading would unpickle its weights or import or run
+    code it names: the loaders get `use_safetensors=True` and `trust_remote_code=False` too, but then fail
+    with a traceback after a while instead of this one line."""
+    if kind == "base":
+        for name in _sdxl_components(folder, label):
+            _check_weights(folder / name, label, f"its {name}/")
+            _check_no_code(folder / name, label, name)
+    elif kind == "mllm":
+        _check_weights(folder, label, "it")
+        _check_no_auto_map(folder, label)
+
+
+def _sdxl_components(folder: Path, label: str) -> list[str]:
+    """The component folders model_index.json names, each checked: a plain name, from diffusers or transformers."""
+    index = _read_json_object(folder / "model_index.json", label)
+    class_name = index.get("_class_name")
+    if class_name is not None and not isinstance(class_name, str):  # [module, class]: a custom pipeline's code
+        raise ResolveError(
+            f"{label}: model_index.json's _class_name {_short(class_name)} is not a diffusers pipeline name "
+            "(custom pipeline code in a model folder is never run)"
+        )
+    return [name for name, entry in index.items() if not name.startswith("_") and _component(name, entry, label)]
+
+
+def _component(name: str, entry, label: str) -> bool:
+    """Whether a model_index.json entry is a component to load ([library, class]); a wrong one is refused."""
+    if not isinstance(entry, list):
+        return False  # a pipeline setting (force_zeros_for_empty_prompt, ...), not a component
+    if entry == [None, None]:
+        return False  # an optional component left out
+    where = f"{label}: model_index.json's component {_short(name)}"
+    if not name.isidentifier():
+        raise ResolveError(f"{where} is not a plain folder name")
+    if len(entry) != 2 or not all(isinstance(v, str) for v in entry) or not entry[1].isidentifier():
+        raise ResolveError(f"{where} is {_short(entry)}, not [library, class]")
+    if entry[0] not in COMPONENT_LIBRARIES:
+        raise ResolveError(
+            f"{where} comes from the library {_short(entry[0])}; only {' and '.join(COMPONENT_LIBRARIES)} "
+            "components are loaded (code named by a model folder is never run)"
+        )
+    return True
+
+
+def _check_weights(folder: Path, label: str, what: str) -> None:
+    """A folder with pickled weights (.bin, .pt, ...) and no safetensors ones is refused: transformers and
+    diffusers would unpickle them."""
+    if not folder.is_dir():
+        return
+    names = [entry.name for entry in _entries(folder, label)]
+    if any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in names):
+        return
+    pickled = sorted(n for n in names if n.endswith(PICKLED_WEIGHTS))
+    if pickled:
+        raise ResolveError(
+            f"{label}: {what} holds {pickled[0]} (pickled weights) and no .safetensors; only safetensors "
+            "weights are loaded from a model folder (convert them, or download the model's .safetensors files)"
+        )
+
+
+def _check_no_code(folder: Path, label: str, name: str) -> None:
+    """diffusers imports `<component>/<library>.py` in place of the library when the folder holds one."""
+    for library in COMPONENT_LIBRARIES:
+        if (folder / f"{library}.py").exists():
+            raise ResolveError(f"{label}: {name}/{library}.py is code in the model folder, which is never run")
+
+
+def _check_no_auto_map(folder: Path, label: str) -> None:
+    for file in AUTO_MAP_FILES:
+        path = folder / file
+        if path.is_file() and "auto_map" in _read_json_object(path, label):
+            raise ResolveError(f"{label}: {file} names code of its own (auto_map); code in a model folder is never run")
+
+
+def _entries(folder: Path, label: str) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except OSError as err:
+        raise ResolveError(f"{label}: cannot list {folder} ({err.strerror or type(err).__name__})") from None
+
+
+def _read_json_object(path: Path, label: str) -> dict:
+    from .safe_io import JSONFileError, load_json
+
+    try:
+        value = load_json(path, "config")
+    except JSONFileError as err:  # names the file
+        raise ResolveError(f"{label}: {err}") from None
+    if not isinstance(value, dict):
+        raise ResolveError(f"{label}: {path.name} is not a JSON object")
+    return value
+
+
+def _short(value, limit: int = 60) -> str:
+    """A value from a user's file, quoted on one line and cut short (it may be anything)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_adapter(path: Path, label: str) -> Path:

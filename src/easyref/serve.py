@@ -7,13 +7,21 @@ recorded, so `easyref generate --from-metadata` makes them again) and the explai
 are what the page shows and what its download buttons hand out, byte for byte.
 
 One generation runs at a time (the queue's concurrency limit is 1: a model on one device gains
-nothing from two at once and would need twice the memory); requests that wait see their place.
-A mistake in a request is shown in the page (`gr.Error`) and the server goes on serving.
+nothing from two at once and would need twice the memory); requests that wait see their place. The
+model runs in a worker thread under the server's own lock, so a cancelled request stops at its next
+denoising step and the next request starts only after it has: no request shares a scheduler with
+another, and none depends on what ran before it. A mistake in a request is shown in the page
+(`gr.Error`) and the server goes on serving.
+
+What the page serves: the files a request produced (its PNGs, explain sheet) and the demo group of the
+examples row, each as gradio's copy in the server's private upload folder, and nothing else. The
+output folder itself is never served, so files put there by anyone else stay private.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import atexit
 import itertools
 import logging
@@ -21,9 +29,11 @@ import logging.handlers
 import math
 import os
 import re
+import secrets
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -40,7 +50,7 @@ from .generation import (
     warn_about_limits,
     write_outputs,
 )
-from .images import ImageFileError, open_image
+from .images import ImageFileError, open_images
 from .pipeline import default_size
 from .shapes.data import demo_group, demo_prompts, write_demo_references
 
@@ -52,6 +62,7 @@ THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], fon
 CSS = "#outputs img, #preview img, #explain img { image-rendering: pixelated; }"
 MAX_UPLOAD = "100mb"  # per file: gradio refuses a larger upload in the page, before it is stored
 MAX_UI_IMAGES = 8  # the slider's end (`generate --num-images` goes to 16)
+PREVIEW_SIDE = 256  # px: the references as the page shows them
 EXPLAIN_NOTE = (
     "Each reference with the aggregation layer's attention from the 64 reference tokens to its image tokens "
     "(brighter: more), and the share of that attention it received. A reference that shares little with the "
@@ -59,47 +70,58 @@ EXPLAIN_NOTE = (
 )
 
 
+class Stopped(Exception):
+    """The generation was cancelled, or the server is stopping: it ends at its next step, writing nothing."""
+
+
 class Server:
     """The loaded model and where requests write; `generate` is the page's one expensive call."""
 
-    def __init__(self, pipe, parts, model_args: argparse.Namespace, out_dir: Path):
+    def __init__(self, pipe, parts, model_args: argparse.Namespace, out_dir: Path, handout_dir: Path):
         self.pipe, self.parts, self.model_args = pipe, parts, model_args
-        self.out_dir = out_dir
+        self.out_dir, self.handout_dir = out_dir, handout_dir
         self.max_references = pipe.easyref_config.max_references
         self.size = default_size(pipe)
         self._requests = itertools.count(1)
+        # gradio frees a cancelled request's queue slot at once while its thread runs on: this lock, not
+        # the queue, is what keeps two generations off the one pipeline (and its scheduler's state)
+        self._model = threading.Lock()
+        self._previews = threading.Semaphore(1)  # previews run outside the queue: one decodes at a time
+        self._closing = threading.Event()
         pipe.set_progress_bar_config(disable=True)  # the page shows the steps; the server's log stays one line each
 
     # ------------------------------------------------------------------ references
     def references(self, files) -> tuple[list[Path], list]:
         """The uploaded files as decoded references, or a UserError naming the file (by its own name,
-        not the server's upload path)."""
+        not the server's upload path). Every header is checked against the decoded-size bounds before
+        any image is decoded."""
         paths = [Path(f) for f in (files or [])]
         if not paths:
             raise UserError(f"no reference images: drop 1 to {self.max_references} images under References")
         if len(paths) > self.max_references:
             raise UserError(f"{len(paths)} references given; this model takes at most {self.max_references}")
-        images = []
-        for path in paths:
-            try:
-                images.append(open_image(path))
-            except ImageFileError as err:
-                raise UserError(str(err).replace(str(path), path.name)) from None
+        try:
+            images = open_images(paths, names=[path.name for path in paths])
+        except ImageFileError as err:
+            raise UserError(str(err)) from None
         return paths, images
 
     def preview(self, files):
         """On upload: the references as the model will read them, or what is wrong with them."""
         if not files:
             return [], ""
-        try:
-            paths, images = self.references(files)
-        except UserError as err:
-            return [], f"**Cannot use these references:** {err}"
+        with self._previews:
+            try:
+                paths, images = self.references(files)
+            except UserError as err:
+                return [], f"**Cannot use these references:** {err}"
+            for image in images:
+                image.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))  # the page shows them small: no large re-encode
         count = f"{len(images)} reference{'s' if len(images) != 1 else ''}"
         return [(image, path.name) for image, path in zip(images, paths)], f"{count} ready"
 
     # ------------------------------------------------------------------ generation
-    def generate(
+    async def generate(
         self,
         files,
         prompt,
@@ -114,25 +136,29 @@ class Server:
         width,
         progress=gr.Progress(),  # noqa: B008 - how gradio asks for a progress tracker
     ):
+        """The request in a worker thread. Cancelled (a closed tab, the API's cancel), it is told to stop and
+        awaited, so that the queue's slot is given back only once the model is free."""
+        form = (files, prompt, negative_prompt, scale, steps, guidance, seed, random_seed, num_images, height, width)
+        stop = threading.Event()
+        work = asyncio.ensure_future(asyncio.to_thread(self._generate_or_refuse, form, progress, stop))
         try:
-            return self._generate(
-                files,
-                prompt,
-                negative_prompt,
-                scale,
-                steps,
-                guidance,
-                seed,
-                random_seed,
-                num_images,
-                height,
-                width,
-                progress,
-            )
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            stop.set()
+            await asyncio.gather(work, return_exceptions=True)
+            logger.info("request cancelled; stopped at its next step")
+            raise
+
+    def _generate_or_refuse(self, form, progress, stop: threading.Event):
+        try:
+            with self._model:
+                return self._generate(*form, progress=progress, stop=stop)
         except (UserError, RunFailure) as err:
             message = re.sub(r"--([a-z-]+)", lambda flag: flag.group(1).replace("-", " "), str(err))  # flag -> field
             logger.warning("request refused: %s", message)
             raise gr.Error(message, print_exception=False) from None
+        except Stopped:
+            raise gr.Error("stopped before it finished; nothing was written", print_exception=False) from None
 
     def _generate(
         self,
@@ -148,7 +174,9 @@ class Server:
         height,
         width,
         progress,
+        stop: threading.Event,
     ):
+        self._check_running(stop)
         args = self.settings(
             prompt, negative_prompt, scale, steps, guidance, seed, random_seed, num_images, height, width
         )
@@ -160,34 +188,67 @@ class Server:
         started = time.perf_counter()
 
         def on_step(_pipe, step, _timestep, tensors):
+            self._check_running(stop)
             progress((step + 1, args.steps), desc="denoising", unit="steps")
             return tensors
 
         result = run_pipeline(self.pipe, references, args, args.seed, callback_on_step_end=on_step)
+        self._check_running(stop)
         sheet = explain_sheet(references, result.reference_maps[0])
         kept = _keep_references(paths, folder / "references")
         params = generation_record(args, self.pipe, self.parts, kept, args.seed)
         written = write_outputs(list(result.images), references, args.out, params, grid=False, explained=sheet)
         seconds = time.perf_counter() - started
         logger.info("%s: %d image%s in %.1f s", folder, args.num_images, "s" if args.num_images > 1 else "", seconds)
-        images = [str(p) for p in written if p != explain_path(args.out)]
+        handed = self._hand_out(written)
+        images = [str(handed[p]) for p in written if p != explain_path(args.out)]
         status = f"{len(images)} image{'s' if len(images) != 1 else ''} in {seconds:.1f} s, seed {args.seed}"
         status += "".join(f"\n\nNote: {note}" for note in notes)
-        return images, [str(p) for p in written], str(explain_path(args.out)), args.seed, status
+        return images, [str(handed[p]) for p in written], str(handed[explain_path(args.out)]), args.seed, status
+
+    def _hand_out(self, written: list[Path]) -> dict[Path, Path]:
+        """Each file the request wrote, linked (or copied) into a folder of its own, named at random, in the
+        page's folder: gradio serves what is there and nothing of the output folder, and one request's
+        files cannot be found from another's names."""
+        folder = self.handout_dir / "outputs" / secrets.token_hex(16)
+        folder.mkdir(parents=True)
+        handed = {}
+        for path in written:
+            handed[path] = folder / path.name
+            try:
+                os.link(path, handed[path])
+            except OSError:  # another file system, or one without hard links
+                shutil.copyfile(path, handed[path])
+        return handed
+
+    def _check_running(self, stop: threading.Event) -> None:
+        if stop.is_set() or self._closing.is_set():
+            raise Stopped
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop the running generation at its next step and wait for it; True once the model is free."""
+        self._closing.set()
+        if not self._model.acquire(timeout=-1 if timeout is None else timeout):
+            return False
+        self._model.release()
+        return True
 
     def settings(
         self, prompt, negative_prompt, scale, steps, guidance, seed, random_seed, num_images, height, width
     ) -> argparse.Namespace:
         """The form as `generate`'s arguments, checked by the same rules."""
+        for name, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
+            if text is not None and not isinstance(text, str):
+                raise UserError(f"{name} must be text, got {_short_value(text)}")
         if random_seed or seed is None:
             seed = int.from_bytes(os.urandom(4), "little") % 2**31
         args = argparse.Namespace(
             **vars(self.model_args),
             prompt=prompt or "",
             negative_prompt=negative_prompt or None,
-            scale=float(scale),
+            scale=_number(scale, "scale"),
             steps=_whole(steps, "steps"),
-            guidance=float(guidance),
+            guidance=_number(guidance, "guidance"),
             seed=_whole(seed, "seed"),
             num_images=_whole(num_images, "number of images"),
             height=_whole(height, "height"),
@@ -204,10 +265,24 @@ class Server:
         return self.out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{next(self._requests):04d}"
 
 
+def _number(value, name: str) -> float:
+    """A field's value as a number: the API can send anything JSON holds."""
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(f"{name} must be a number, got {_short_value(value)}") from None
+
+
 def _whole(value, name: str) -> int:
-    if not math.isfinite(float(value)) or float(value) != int(value):
-        raise UserError(f"{name} must be a whole number, got {value}")
-    return int(value)
+    number = _number(value, name)
+    if not math.isfinite(number) or number != int(number):
+        raise UserError(f"{name} must be a whole number, got {_short_value(value)}")
+    return int(number)
+
+
+def _short_value(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _keep_references(paths: list[Path], folder: Path) -> list[Path]:
@@ -323,18 +398,21 @@ def _examples_row(refs, prompt, examples_dir: Path) -> None:
 
 
 def serve(pipe, parts, args: argparse.Namespace) -> int:
-    """Serve until interrupted. Outputs go to --out-dir, or a temporary folder removed at exit."""
+    """Serve until interrupted. Outputs go to --out-dir, or a temporary folder removed at exit; uploads,
+    the examples and what the page hands out live in a private temporary folder, removed at exit."""
     out_dir = _folder(args.out_dir, "easyref-serve-")
-    examples_dir = _folder(None, "easyref-examples-")
+    page_dir = _page_folder()
     model_args = argparse.Namespace(**{k: getattr(args, k) for k in ("base", "mllm", "adapter", "device", "dtype")})
-    app = build_app(Server(pipe, parts, model_args, out_dir), examples_dir)
+    server = Server(pipe, parts, model_args, out_dir, handout_dir=page_dir)
+    app = build_app(server, page_dir / "examples")
     logger.info("outputs go to %s", out_dir)
     # Ctrl+C, `kill`, systemd and docker stop all end it the same way; SIGINT is set too because a
     # process started in the background by a script inherits it ignored
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _interrupt)
     try:
-        # quiet: gradio's own banner tells to set `share=True` in launch(), which is --share here
+        # quiet: gradio's own banner tells to set `share=True` in launch(), which is --share here.
+        # No allowed_paths: gradio then serves only its upload folder, where the page puts what it hands out.
         app.launch(
             server_name=args.host,
             server_port=args.port,
@@ -342,7 +420,6 @@ def serve(pipe, parts, args: argparse.Namespace) -> int:
             theme=THEME,
             css=CSS,
             ssr_mode=False,
-            allowed_paths=[str(out_dir), str(examples_dir)],
             footer_links=["api"],
             show_error=True,
             max_file_size=MAX_UPLOAD,
@@ -357,7 +434,23 @@ def serve(pipe, parts, args: argparse.Namespace) -> int:
         app.block_thread()  # returns on Ctrl+C, having closed the server
     except KeyboardInterrupt:  # stopped while starting
         app.close()
+    _stop(server)
     return 0
+
+
+STOP_WAIT_S = 300  # a step of a full-size model on a CPU takes tens of seconds; its VAE decode minutes
+
+
+def _stop(server: Server) -> None:
+    """The running generation ends at its next step before the process exits: torch's threads must not
+    be running when the interpreter tears down (that aborts the process)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: logger.info("stopping: waiting for the running generation to end"))
+    if server.close(timeout=STOP_WAIT_S):
+        return
+    logger.warning("the running generation did not stop within %d s; exiting without it", STOP_WAIT_S)
+    atexit._run_exitfuncs()  # the temporary folders, which os._exit would skip
+    os._exit(0)
 
 
 def _interrupt(signum, frame):
@@ -370,4 +463,17 @@ def _folder(given: Path | None, prefix: str) -> Path:
         return given.resolve()
     folder = Path(tempfile.mkdtemp(prefix=prefix))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def _page_folder() -> Path:
+    """A folder of this server's own for gradio's uploads and cache (inside GRADIO_TEMP_DIR when set):
+    gradio serves every file in its upload folder, so it must hold this page's files only, and it goes
+    at exit with the uploads in it."""
+    parent = os.environ.get("GRADIO_TEMP_DIR")
+    if parent:
+        Path(parent).mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="easyref-page-", dir=parent or None)).resolve()
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    os.environ["GRADIO_TEMP_DIR"] = str(folder)  # read as each component is built, and by the upload route
     return folder

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..images import ImageFileError, open_image, open_regular, read_header, verify_image
+from ..images import ImageFileError, check_group, open_image, open_regular, read_header, verify_image
 from ..safe_io import JSONFileError, atomic_write_text, iter_jsonl, parse_json
 
 logger = logging.getLogger(__name__)
@@ -297,23 +297,37 @@ def read_text_file(path: Path, what: str) -> str:
 
 
 def check_images(items: Sequence[BenchItem], source: str | os.PathLike) -> None:
-    """Every reference and target must be an image that decodes: refused up front, before any model loads.
+    """Every reference and target must be an image that decodes, within the pixel bounds (each file, and
+    each group's references together): refused up front, before any model loads.
 
     Cheap: PIL's `verify` for PNG and WebP (it reads the whole file); other formats (JPEG, BMP, ...),
-    whose `verify` reads only the header, are decoded in full (a few ms each).
+    whose `verify` reads only the header, are decoded in full (a few ms each); a file over the bound is
+    refused from its header.
     """
     problems: list[str] = []
-    seen: set[Path] = set()
+    bad: dict[Path, str | None] = {}
     for item in items:
         for path in (*item.references, *((item.target,) if item.target else ())):
-            if path in seen:
+            if path in bad:
                 continue
-            seen.add(path)
-            why = image_problem(path)
+            bad[path] = image_problem(path)
+            if bad[path]:
+                problems.append(f"group {_short(item.id)}: {bad[path]}")
+        if not any(bad[path] for path in item.references):
+            why = group_problem(item.references)
             if why:
                 problems.append(f"group {_short(item.id)}: {why}")
     if problems:
         raise ManifestError(source, problems)
+
+
+def group_problem(references: Sequence[Path]) -> str | None:
+    """None if a group's references together are within the group bound (headers only), else why not."""
+    try:
+        check_group(references)
+    except ImageFileError as err:
+        return str(err)
+    return None
 
 
 def image_problem(path: Path) -> str | None:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..images import ImageFileError, grid_sheet, open_image, open_regular
+from ..images import ImageFileError, grid_sheet, open_image, open_images, open_regular
 from ..safe_io import (
     LOCK_NAME,
     TEMP_SUFFIX,
@@ -335,7 +335,7 @@ def run_bench(
     made = 0
     for units in tqdm(mine, desc=f"bench {rank}/{world}", unit="group", disable=not progress):
         item = units[0].item
-        references = [open_image(p) for p in item.references]
+        references = open_images(item.references)
         for unit in (u for u in units if u.key not in done):
             # one image per call: its pixels depend on its seed, never on what shared its batch
             [image] = method.generate(references, [unit.prompt], [unit.seed], settings)

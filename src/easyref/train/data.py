@@ -11,10 +11,11 @@ so a sample is a pure function of its key: resuming, worker count and process co
 Face boxes are taken in the coordinates of the upright image (after the EXIF orientation is applied).
 
 Image files are decoded by `easyref.images.open_image`, the one rule shared with `generate` and the
-benchmarks; only regular files are ever opened (a FIFO in the data folder cannot hang a run), and a
-sample's files are checked against the data root again when they are opened, so a symlink swapped in
-after start-up is refused for that sample (it is skipped with the reason, or fatal with
-`fail_on_bad_data`).
+benchmarks: a file declaring more than `limits.MAX_IMAGE_PIXELS` (or a sample's references together more
+than `limits.MAX_GROUP_PIXELS`) is a bad image, refused from its header before decoding. Only regular
+files are ever opened (a FIFO in the data folder cannot hang a run), and a sample's files are checked
+against the data root again when they are opened, so a symlink swapped in after start-up is refused for
+that sample (it is skipped with the reason, or fatal with `fail_on_bad_data`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ..images import ImageFileError, open_image, open_regular, read_header
+from ..images import ImageFileError, open_image, open_images, open_regular, read_header
 from ..safe_io import iter_jsonl
 from .config import check_data_file
 
@@ -496,6 +497,17 @@ class TrainDataset(torch.utils.data.Dataset):
         except _IMAGE_ERRORS as exc:
             raise _SampleFailed(path, _failure_reason(path, exc, real)) from None
 
+    def _load_group(self, paths: list[Path]) -> list[Image.Image]:
+        """A sample's references: every header within the bounds before the first is decoded."""
+        reals = [self._contained(path) for path in paths]
+        try:
+            return open_images(reals, names=[str(path) for path in paths])
+        except _IMAGE_ERRORS as exc:
+            text = str(exc)
+            # the file the message names, else (the group's total) the first reference
+            path = next((p for p in paths if text.startswith(str(p))), paths[0])
+            raise _SampleFailed(path, _failure_reason(path, exc)) from None
+
     def bucket_of(self, index: int) -> tuple[int, int]:
         """(width, height) of this record's training crop; unreadable targets fall in the square bucket."""
         square = (self.settings.resolution, self.settings.resolution)
@@ -548,7 +560,7 @@ class TrainDataset(torch.utils.data.Dataset):
             flip = rng.random() < settings.flip_rate
             return lambda: [_face_crop(raw, box, flip)]
         paths = choose_references(entry.references, rng, settings.max_references, settings.truncate_rate)
-        return lambda: [self._load(path) for path in paths]
+        return lambda: self._load_group(paths)
 
 
 def _face_crop(raw: Image.Image, box: tuple[int, int, int, int], flip: bool) -> Image.Image:

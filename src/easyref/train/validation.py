@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..images import open_image
+from ..images import open_images
 from ..safe_io import check_no_symlink
 from .config import TrainConfig
 
@@ -16,8 +16,9 @@ logger = logging.getLogger(__name__)
 
 
 def load_validation_references(paths: list[str]) -> list[Image.Image]:
-    """The fixed validation group, decoded by the one rule (`easyref.images.open_image`): ImageFileError if unusable."""
-    return [open_image(path) for path in paths]
+    """The fixed validation group, decoded by the one rule (`easyref.images.open_images`, with its pixel
+    bounds): ImageFileError if unusable."""
+    return open_images(paths)
 
 
 def write_validation_grid(
