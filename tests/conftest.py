@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
+
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -149,3 +152,21 @@ def groups():
         [shape_image("red"), shape_image("red", "gray", (40, 70)), shape_image("red", "yellow")],
         [shape_image("blue", "black", (50, 50))],
     ]
+
+
+BOMB_SIDE = 9000  # 81 M pixels: under PIL's own bomb guard, over easyref's bound
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def bomb_png(width: int = BOMB_SIDE, height: int = BOMB_SIDE, rows: int | None = None) -> bytes:
+    """A valid 1-bit greyscale PNG of zeros: ~10 kB on disk, `width * height` pixels decoded. Only `rows`
+    rows are stored when given (a header that promises more than the file holds). Compressed row by row,
+    so making it never holds more than one row."""
+    row = bytes(1 + (width + 7) // 8)  # filter byte 0, then the packed bits
+    packer = zlib.compressobj(9)
+    idat = b"".join(packer.compress(row) for _ in range(height if rows is None else rows)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1 bit, greyscale
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")

@@ -5,37 +5,19 @@ from __future__ import annotations
 
 import os
 import resource
-import struct
 import subprocess
 import sys
 import textwrap
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import BOMB_SIDE, bomb_png
 from PIL import Image, ImageFile
 
 from easyref import cli, limits
 from easyref.images import ImageFileError, check_group, open_image, open_images, read_header, verify_image
 from easyref.pipeline import EasyRefPipeline
-
-BOMB_SIDE = 9000
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def bomb_png(width: int = BOMB_SIDE, height: int = BOMB_SIDE, rows: int | None = None) -> bytes:
-    """A valid 1-bit greyscale PNG of zeros: ~10 kB on disk, `width * height` pixels decoded. Only `rows`
-    rows are stored when given (a header that promises more than the file holds). Compressed row by row,
-    so making it never holds more than one row."""
-    row = bytes(1 + (width + 7) // 8)  # filter byte 0, then the packed bits
-    packer = zlib.compressobj(9)
-    idat = b"".join(packer.compress(row) for _ in range(height if rows is None else rows)) + packer.flush()
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1 bit, greyscale
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +228,8 @@ def test_generate_with_24_bombs_stays_within_a_memory_cap(bombs, tmp_path):
         f"""
         import sys
         from easyref.cli import main
-        sys.exit(main(["generate", "--prompt", "x", "--refs-dir", {str(bombs)!r}, "--out", {str(tmp_path / "o.png")!r}]))
+        out = {str(tmp_path / "o.png")!r}
+        sys.exit(main(["generate", "--prompt", "x", "--refs-dir", {str(bombs)!r}, "--out", out]))
         """
     )
     proc = subprocess.run(

@@ -24,6 +24,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import bomb_png
 from PIL import Image
 
 from easyref.cli import main
@@ -161,21 +162,35 @@ def test_api_writes_the_pngs_generate_writes(server, tmp_path, monkeypatch):
     from gradio_client import Client
 
     client = Client(server.url, verbose=False, download_files=str(tmp_path / "downloads"))
-    images, files, explained, seed, status = generate(client, server.refs)
-    assert seed == 11 and "2 images" in status and "seed 11" in status
+    images, files, explained, seed, status = generate(client, server.refs, count=3)
+    assert seed == 11 and "3 images" in status and "seed 11" in status
     downloaded = [Path(item["image"]) for item in images]
     for index, path in enumerate(downloaded):
         rec = record(path.read_bytes())
-        assert (rec["prompt"], rec["seed"], rec["steps"], rec["num_images"], rec["index"]) == (STAR, 11, 4, 2, index)
+        assert (rec["prompt"], rec["seed"], rec["steps"], rec["num_images"], rec["index"]) == (STAR, 11, 4, 3, index)
         assert (rec["guidance"], rec["scale"], rec["width"], rec["height"]) == (5.0, 1.0, 64, 64)
         kept = list(server.out.glob(f"*/{path.name}"))
         assert any(k.read_bytes() == path.read_bytes() for k in kept), "the download is the file the server wrote"
-    assert sorted(Path(f).name for f in files) == ["easyref_0.png", "easyref_1.png", "easyref_explain.png"]
+    assert sorted(Path(f).name for f in files) == [*(f"easyref_{i}.png" for i in range(3)), "easyref_explain.png"]
     assert record(Path(explained).read_bytes())["explain"] is True
-    # the record names the server's copies of the references: the CLI makes the same pixels from it
+    # the record names the server's copies of the references: the CLI makes the same pixels from it, though
+    # the page drew the explain sheet and the CLI does not
     monkeypatch.chdir(tmp_path)
-    assert main(["generate", "--from-metadata", str(downloaded[1]), "--out", "again.png"]) == 0
-    np.testing.assert_array_equal(pixels(tmp_path / "again.png"), pixels(downloaded[1]))
+    for index in range(3):
+        assert main(["generate", "--from-metadata", str(downloaded[index]), "--out", f"again{index}.png"]) == 0
+        np.testing.assert_array_equal(pixels(tmp_path / f"again{index}.png"), pixels(downloaded[index]))
+
+
+def call_raw(url: str, data: list) -> str:
+    """gradio's two-step HTTP API: post the inputs, then read the event stream of the result."""
+    body = json.dumps({"data": data}).encode()  # ASCII: a lone surrogate travels as its escape
+    request = urllib.request.Request(
+        f"{url}gradio_api/call/generate", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        event = json.load(response)["event_id"]
+    with urllib.request.urlopen(f"{url}gradio_api/call/generate/{event}", timeout=60) as response:
+        return response.read().decode()
 
 
 def http_status(url: str) -> int:
@@ -262,6 +277,13 @@ def test_api_refuses_bad_requests_in_one_line_and_keeps_serving(server, tmp_path
     for message, refs in cases.items():
         with pytest.raises(AppError, match=re.escape(message)):
             generate(client, refs, count=1)
+    (tmp_path / "bomb.png").write_bytes(bomb_png())
+    with pytest.raises(AppError, match=re.escape("bomb.png is 9000 x 9000 = 81.0 M pixels")):
+        generate(client, [server.refs[0], tmp_path / "bomb.png"], count=1)
+    # a lone surrogate (JSON can hold one; gradio_client cannot send it), through gradio's plain HTTP API
+    assert "prompt is not valid UTF-8" in call_raw(
+        server.url, [[], "a caf\udce9 star", "", 1, 4, 5, 1, False, 1, 64, 64]
+    )
     with pytest.raises(AppError, match="prompt is 20000 characters long; at most 16384"):
         generate(client, server.refs, prompt="a" * 20_000)
     with pytest.raises(AppError, match="steps must be a whole number, got 2.5"):
@@ -332,6 +354,9 @@ def test_the_page_generates_explains_and_reports_bad_files(server, browser, tmp_
     page.wait_for_selector("#reference-status:has-text('notes.txt is not an image PIL can read')")
     page.click("#generate")
     page.get_by_text("notes.txt is not an image PIL can read").nth(1).wait_for()  # the refused request's message
+    (tmp_path / "bomb.png").write_bytes(bomb_png())  # 2 kB declaring 81 M pixels: refused from its header
+    page.locator("#references input[type=file]").set_input_files([str(server.refs[0]), str(tmp_path / "bomb.png")])
+    page.wait_for_selector("#reference-status:has-text('bomb.png is 9000 x 9000 = 81.0 M pixels')")
     page.close()
 
 

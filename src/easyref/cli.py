@@ -177,8 +177,10 @@ def _add_serve(sub) -> None:
         help="a web page for generation (gradio; pip install 'easyref[ui]')",
         description="Serve a web page: drop reference images, type a prompt, generate, and see what the reference "
         "tokens took from each reference. One generation runs at a time; later requests wait in a queue that "
-        "shows their place. Each image downloads as the same PNG, settings recorded, that `generate` writes. "
-        "Needs the `ui` extra: pip install 'easyref[ui]'.",
+        "shows their place, and a cancelled one stops at its next step. Each image downloads as the same PNG, "
+        "settings recorded, that `generate` writes. The page serves only the files its requests made (their "
+        "images and explain sheets, linked into a private temporary folder) and the examples row's images: "
+        "nothing else under --out-dir, whatever else is put there. Needs the `ui` extra: pip install 'easyref[ui]'.",
     )
     add_model_options(p)
     add_device_options(p)

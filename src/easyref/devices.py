@@ -42,7 +42,7 @@ def check_device_name(name: str | None) -> None:
         raise DeviceError(META_MESSAGE)
     if kind == "cuda" and not gpu_driver_present():
         raise _no_gpu(name)
-    if kind == "mps" and sys.platform != "darwin":
+    if kind == "mps" and not on_macos():
         raise _no_mps(name)
     if kind == "xpu" and not any(glob.glob(pattern) for pattern in XPU_DRIVER_FILES):
         raise _no_xpu(name)
@@ -50,6 +50,11 @@ def check_device_name(name: str | None) -> None:
 
 def gpu_driver_present() -> bool:
     return any(glob.glob(pattern) for pattern in GPU_DRIVER_FILES)
+
+
+def on_macos() -> bool:
+    """MPS exists only there (torch says whether this Mac has it)."""
+    return sys.platform == "darwin"
 
 
 def resolve_device(name: str | torch.device | None = None) -> torch.device:

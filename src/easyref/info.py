@@ -4,7 +4,9 @@ MODEL is nothing or `default` (the bundled model), a folder laid out like it (`s
 `adapter/`), an EasyRef adapter folder, an SDXL (diffusers) folder, a Qwen2-VL folder, or the hub id
 of one of these that is in the local Hugging Face cache. Nothing is loaded: parameter counts come from
 the safetensors headers (names, dtypes and shapes), so a 7 GB model is described in a blink, and
-neither torch nor numpy is imported.
+neither torch nor numpy is imported. A folder is read as a stranger's: nothing outside it is opened or
+counted (links that lead out are not followed), a component of model_index.json must be a plain name,
+and a value of the wrong type is shown as '?' rather than trusted.
 
 The bundled model's limits are read here too (`vocabulary`, `native_size`): `easyref generate`
 warns with them, and `info` lists them.

@@ -13,6 +13,10 @@ the names they are given into local paths here, before any weights load:
   with `HF_HUB_OFFLINE` set, or a hub that does not answer one short probe, the error is one line
   at once (not a minute of retries) naming the `hf download` command that fetches it.
 
+A base or MLLM folder (local, cached or just downloaded) is refused in one line when loading it would
+unpickle weights (`.bin` and no `.safetensors`) or import or run code it names (a model_index.json
+component from a library other than diffusers and transformers, an `auto_map`); see `check_contents`.
+
 An adapter (EasyRef checkpoint) records the base and MLLM it was made with (`EasyRefConfig.base`,
 `.mllm`), so `resolve_parts(adapter=...)` alone finds all three parts; names given explicitly win.
 """
@@ -276,6 +280,8 @@ def check_contents(folder: Path, kind: str, label: str) -> None:
 
 def _sdxl_components(folder: Path, label: str) -> list[str]:
     """The component folders model_index.json names, each checked: a plain name, from diffusers or transformers."""
+    if not (folder / "model_index.json").is_file():
+        return []  # nothing to check: the loader says what is missing
     index = _read_json_object(folder / "model_index.json", label)
     class_name = index.get("_class_name")
     if class_name is not None and not isinstance(class_name, str):  # [module, class]: a custom pipeline's code

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import functools
 import itertools
 import logging
 import logging.handlers
@@ -225,9 +226,13 @@ class Server:
         if stop.is_set() or self._closing.is_set():
             raise Stopped
 
+    def stop_running(self) -> None:
+        """From now on every generation stops at its next step, and none starts."""
+        self._closing.set()
+
     def close(self, timeout: float | None = None) -> bool:
         """Stop the running generation at its next step and wait for it; True once the model is free."""
-        self._closing.set()
+        self.stop_running()
         if not self._model.acquire(timeout=-1 if timeout is None else timeout):
             return False
         self._model.release()
@@ -237,18 +242,15 @@ class Server:
         self, prompt, negative_prompt, scale, steps, guidance, seed, random_seed, num_images, height, width
     ) -> argparse.Namespace:
         """The form as `generate`'s arguments, checked by the same rules."""
-        for name, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
-            if text is not None and not isinstance(text, str):
-                raise UserError(f"{name} must be text, got {_short_value(text)}")
         if random_seed or seed is None:
             seed = int.from_bytes(os.urandom(4), "little") % 2**31
         args = argparse.Namespace(
             **vars(self.model_args),
             prompt=prompt or "",
             negative_prompt=negative_prompt or None,
-            scale=_number(scale, "scale"),
+            scale=float(scale),
             steps=_whole(steps, "steps"),
-            guidance=_number(guidance, "guidance"),
+            guidance=float(guidance),
             seed=_whole(seed, "seed"),
             num_images=_whole(num_images, "number of images"),
             height=_whole(height, "height"),
@@ -265,24 +267,10 @@ class Server:
         return self.out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{next(self._requests):04d}"
 
 
-def _number(value, name: str) -> float:
-    """A field's value as a number: the API can send anything JSON holds."""
-    try:
-        return float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise UserError(f"{name} must be a number, got {_short_value(value)}") from None
-
-
 def _whole(value, name: str) -> int:
-    number = _number(value, name)
-    if not math.isfinite(number) or number != int(number):
-        raise UserError(f"{name} must be a whole number, got {_short_value(value)}")
-    return int(number)
-
-
-def _short_value(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    if not math.isfinite(float(value)) or float(value) != int(value):
+        raise UserError(f"{name} must be a whole number, got {value}")
+    return int(value)
 
 
 def _keep_references(paths: list[Path], folder: Path) -> list[Path]:
@@ -409,7 +397,7 @@ def serve(pipe, parts, args: argparse.Namespace) -> int:
     # Ctrl+C, `kill`, systemd and docker stop all end it the same way; SIGINT is set too because a
     # process started in the background by a script inherits it ignored
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _interrupt)
+        signal.signal(signum, functools.partial(_interrupt, server))
     try:
         # quiet: gradio's own banner tells to set `share=True` in launch(), which is --share here.
         # No allowed_paths: gradio then serves only its upload folder, where the page puts what it hands out.
@@ -453,7 +441,8 @@ def _stop(server: Server) -> None:
     os._exit(0)
 
 
-def _interrupt(signum, frame):
+def _interrupt(server: Server, signum, frame):
+    server.stop_running()  # at once: the page's open connections then close before gradio waits on them
     raise KeyboardInterrupt
 
 

@@ -172,6 +172,26 @@ def test_bad_manifests_are_refused_before_any_model_loads(
     assert hashes(bench) == before and not out.exists()
 
 
+def test_pixel_bombs_and_oversized_groups_are_refused_before_any_model_loads(
+    bench, tmp_path, tiny_dirs, metric_dirs, capsys, no_models, monkeypatch
+):
+    from test_image_bounds import bomb_png
+
+    from easyref import limits
+
+    (bench / "img" / "bomb.png").write_bytes(bomb_png())  # 10 kB declaring 9000 x 9000
+    records = [{"id": "a", "references": ["img/0.png", "img/bomb.png"], "prompt": "x"}]
+    manifest = write_manifest(bench / "bomb.jsonl", records)
+    code, lines, seconds = cli(run_args(manifest, tmp_path / "out", tiny_dirs, metric_dirs), capsys)
+    assert_refused(code, lines, seconds, "bomb.png is 9000 x 9000 = 81.0 M pixels; images may be at most 50.0 M")
+    monkeypatch.setattr(limits, "MAX_GROUP_PIXELS", 3000)  # each 40 x 40 reference is 1600 pixels
+    records = [{"id": "b", "references": ["img/0.png", "img/1.png"], "prompt": "x"}]
+    manifest = write_manifest(bench / "group.jsonl", records)
+    code, lines, seconds = cli(run_args(manifest, tmp_path / "out", tiny_dirs, metric_dirs), capsys)
+    assert_refused(code, lines, seconds, "the 2 references hold 3200 pixels in all")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_manifest_that_is_a_pipe_is_refused_not_waited_on(bench, tmp_path, tiny_dirs, metric_dirs, capsys, no_models):
     import os
 

@@ -179,6 +179,38 @@ def _no_models(config):
     raise AssertionError("the models were loaded before a check that needs none of them")
 
 
+def test_pixel_bombs_are_bad_images_skipped_with_the_reason(tmp_path, monkeypatch):
+    """A 10 kB PNG declaring 9000 x 9000: refused from its header, as a target or as a reference."""
+    from test_image_bounds import bomb_png
+
+    from easyref import limits
+    from easyref.images import ImageFileError
+
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "bomb.png").write_bytes(bomb_png())
+    for i in range(3):
+        Image.new("RGB", (100, 100), (60 * i, 0, 0)).save(root / f"ref{i}.png")
+    no_drop = dict(resolution=16, bucket_stride=8, image_drop_rate=0, text_drop_rate=0, both_drop_rate=0)
+    bound = "9000 x 9000 = 81.0 M pixels; images may be at most 50.0 M pixels each"
+    target = TrainDataset([{"target": "bomb.png"}], root, DataSettings(**no_drop))[(0, 0)]
+    assert isinstance(target, Skipped) and target.path.endswith("bomb.png") and target.reason == bound
+    with pytest.raises(DataError, match=r"bomb\.png \(record index 0\): 9000 x 9000 = 81\.0 M pixels"):
+        TrainDataset([{"target": "bomb.png"}], root, DataSettings(**no_drop), strict=True)[(0, 0)]
+    group = [{"target": "ref0.png", "image_file": ["ref0.png", "ref1.png", "ref2.png"]}]
+    stage3 = TrainDataset(
+        [{**group[0], "image_file": ["ref0.png", "bomb.png"]}], root, DataSettings(stage=3, **no_drop)
+    )
+    reference = stage3[(0, 0)]
+    assert isinstance(reference, Skipped) and reference.path.endswith("bomb.png")
+    assert reference.reason == bound.replace("images may", "references may")
+    monkeypatch.setattr(limits, "MAX_GROUP_PIXELS", 25_000)  # each reference is 10 000 pixels
+    over = TrainDataset(group, root, DataSettings(stage=3, **no_drop))[(0, 0)]
+    assert isinstance(over, Skipped) and over.reason.startswith("the 3 references hold 30000 pixels in all")
+    with pytest.raises(ImageFileError, match="bomb.png is 9000 x 9000"):
+        load_validation_references([str(root / "ref0.png"), str(root / "bomb.png")])
+
+
 # ---------------------------------------------------------------------- 2. skipped samples
 def _truncate(path: Path) -> None:
     data = path.read_bytes()
