@@ -546,3 +546,4 @@ def test_a_record_made_on_a_device_this_machine_lacks(tmp_path, capsys, no_model
     code = main(["generate", "--from-metadata", str(tmp_path / "made.png"), "--out", str(tmp_path / "again.png")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "MPS" in err, err
+    assert "made.png was made on device mps (add --device cpu" in err  # the record named it, not a flag

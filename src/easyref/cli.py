@@ -370,6 +370,12 @@ def resolve_device(name: str, dtype_name: str):
         raise UserError(f"--device/--dtype: {err}") from None
 
 
+def _device_label(args) -> str:
+    if getattr(args, "device_from_record", False):
+        return f"{args.from_metadata} was made on device {args.device} (add --device cpu to make it here)"
+    return "--device"
+
+
 def load_pipeline(args):
     """Resolve --base/--mllm/--adapter (`easyref.resolve`: what is not given comes from the adapter's
     config, else the bundled model), then load; every way a name or checkpoint can be wrong is one line."""
@@ -383,7 +389,7 @@ def load_pipeline(args):
     except (ResolveError, CheckpointError) as err:
         raise UserError(str(err)) from None
     except DeviceError as err:
-        raise UserError(f"--device: {err}") from None
+        raise UserError(f"{_device_label(args)}: {err}") from None
     device, dtype = resolve_device(args.device, args.dtype)
     from .pipeline import EasyRefPipeline
 
@@ -395,7 +401,7 @@ def load_pipeline(args):
         pipe = EasyRefPipeline.from_parts(parts, dtype=dtype)
     except CheckpointError as err:
         raise UserError(str(err)) from None
-    except OSError as err:  # a folder that holds part of a model only
+    except (OSError, ValueError) as err:  # a folder that holds part of a model, a class its library lacks
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load the model: {first_line}") from None
     pipe.to(device)

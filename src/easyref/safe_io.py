@@ -179,6 +179,8 @@ def parse_json(text: str, where: str) -> Any:
         raise JSONFileError(f"{where} is not valid JSON: {err}") from None
     except RecursionError:
         raise JSONFileError(f"{where}: JSON nested too deeply") from None
+    except ValueError as err:  # an integer of over 4300 digits (Python's bound on int parsing)
+        raise JSONFileError(f"{where} is not valid JSON: {err}") from None
 
 
 def iter_jsonl(text: str):
@@ -194,6 +196,8 @@ def iter_jsonl(text: str):
             yield number, None, f"invalid JSON: {err.msg} (column {err.colno})"
         except RecursionError:
             yield number, None, "invalid JSON: nested too deeply"
+        except ValueError:  # an integer of over 4300 digits
+            yield number, None, "invalid JSON: a number too long to read"
 
 
 # ---------------------------------------------------------------------------- locking
