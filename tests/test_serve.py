@@ -354,6 +354,10 @@ def test_the_page_generates_explains_and_reports_bad_files(server, browser, tmp_
     page.wait_for_selector("#reference-status:has-text('notes.txt is not an image PIL can read')")
     page.click("#generate")
     page.get_by_text("notes.txt is not an image PIL can read").nth(1).wait_for()  # the refused request's message
+    page.close()
+    # a fresh page: the file box adds to what it holds
+    page = browser.new_page()
+    page.goto(server.url)
     (tmp_path / "bomb.png").write_bytes(bomb_png())  # 2 kB declaring 81 M pixels: refused from its header
     page.locator("#references input[type=file]").set_input_files([str(server.refs[0]), str(tmp_path / "bomb.png")])
     page.wait_for_selector("#reference-status:has-text('bomb.png is 9000 x 9000 = 81.0 M pixels')")
