@@ -209,13 +209,13 @@ def _lazy_open(handle, label: str, strict: bool) -> Iterator[Image.Image]:
         yield image
 
 
-def _decode(image: Image.Image, label: str, what: str = "images") -> Image.Image:
-    """All pixels of a lazily opened image, detached from its file."""
+@contextmanager
+def _reading(label: str) -> Iterator[None]:
+    """PIL reading pixels: each way it fails becomes an ImageFileError naming `label`."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image.load()
-            decoded = image.copy()
+            yield
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageFileError(
             f"{label} is too large (decompression bomb guard: more than {Image.MAX_IMAGE_PIXELS} pixels)"
@@ -224,6 +224,13 @@ def _decode(image: Image.Image, label: str, what: str = "images") -> Image.Image
         raise ImageFileError(f"{label} could not be decoded within this machine's memory") from None
     except _PARSE_ERRORS as err:
         raise ImageFileError(f"{label} is damaged or truncated ({_one_line(err)})") from None
+
+
+def _decode(image: Image.Image, label: str, what: str = "images") -> Image.Image:
+    """All pixels of a lazily opened image, detached from its file."""
+    with _reading(label):
+        image.load()
+        decoded = image.copy()
     # a few formats (an icon's embedded PNG, say) decode to another size than their header declares
     check_image_pixels(decoded.size, label, what)
     return decoded
@@ -254,18 +261,9 @@ def verify_image(path: str | Path) -> None:
     """Cheap check that a file is a complete, readable image within the pixel bound (header + PIL's
     verify, no full decode)."""
     path = Path(path)
-    with _opened(path, str(path)) as image:
+    with _opened(path, str(path)) as image, _reading(str(path)):
         check_image_pixels(image.size, str(path))
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image.verify()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ImageFileError(f"{path} is too large (decompression bomb guard)") from None
-        except MemoryError:
-            raise ImageFileError(f"{path} could not be read within this machine's memory") from None
-        except _PARSE_ERRORS as err:
-            raise ImageFileError(f"{path} is damaged or truncated ({_one_line(err)})") from None
+        image.verify()
 
 
 def upright(image: Image.Image) -> Image.Image:
