@@ -232,8 +232,15 @@ def test_two_processes_equal_one_with_the_doubled_batch(tiny_dirs, example_data,
     two = load_file(str(tmp_path / "two" / "final" / WEIGHTS_NAME))
     start = Trainer(TrainConfig(**base)).models  # untrained values: the update must not be trivially zero
     assert not torch.equal(one["aggregator.reference_tokens"], start.encoder.aggregator.reference_tokens.detach())
-    for key in one:
-        torch.testing.assert_close(one[key], two[key], rtol=0, atol=1e-5, msg=key)
+    # AdamW moves a weight by lr * m / (sqrt(v) + eps) a step, about lr * sign(gradient) early on. Where a
+    # gradient is at the level of float noise (two processes sum it in another order than one, and thread
+    # counts differ between machines), its step may take any value within lr. So: nearly every element
+    # equal to rounding, and none further apart than lr a step; a missing all-reduce breaks the first.
+    bound = base["learning_rate"] * base["max_steps"]
+    diffs = {key: (one[key] - two[key]).abs().flatten() for key in one}
+    assert all(diff.max() <= bound for diff in diffs.values()), {k: float(d.max()) for k, d in diffs.items()}
+    apart = torch.cat(list(diffs.values())) > 1e-5
+    assert apart.float().mean() <= 1e-3, f"{int(apart.sum())} of {apart.numel()} weights differ"
 
 
 # ---------------------------------------------------------------------- options
