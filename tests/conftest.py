@@ -64,6 +64,8 @@ SLOW_TESTS = {
     "test_serve.py::test_ctrl_c_stops_the_server",
     "test_serve.py::test_sigterm_during_a_generation_stops_cleanly_and_removes_the_temporary_folders",  # a 2nd server
     "test_serve.py::test_the_page_serves_only_the_files_a_request_made",
+    "test_serve.py::test_links_planted_in_the_output_folder_are_never_written_through",
+    "test_serve.py::test_sigterm_while_the_model_loads_exits_cleanly",  # 3 s: a server that never serves
     "test_serve.py::test_a_cancelled_request_stops_and_the_next_is_unaffected",
 }
 

@@ -54,6 +54,8 @@ def usage_errors(ref):
         # a prompt typed in Latin-1: the byte 0xe9 reaches Python as a lone surrogate
         "prompt not UTF-8": ([*generate[:2], "a caf\udce9 star", *generate[3:]], "not valid UTF-8 text (byte 0xe9)"),
         "name too long": ([*generate[:-1], str(ref.with_name("a" * 300 + ".png"))], "file name too long"),
+        # a name can carry a newline or a terminal escape: the error stays one line, the escape inert
+        "control characters": ([*generate[:4], "nope\neasyref: wrote x.png\x1b[2J", *generate[5:]], "nope\\neasyref"),
         "folder name too long": ([*generate[:-2], "--refs-dir", "b" * 300, *generate[-2:]], "file name too long"),
         "missing --from-metadata": (["generate", "--from-metadata", "nope.png"], "file not found"),
         "info of a non-model": (["info", str(ref.parent)], "is not a model folder"),
@@ -104,6 +106,7 @@ def usage_errors(ref):
         "no prompt",
         "prompt not UTF-8",
         "name too long",
+        "control characters",
         "folder name too long",
         "missing --from-metadata",
         "info of a non-model",

@@ -509,3 +509,17 @@ def test_convert_refuses_non_finite_release(env, capsys):
     assert code == 2
     assert_one_line(err, "holds NaN or Inf")
     assert not (env / "converted").exists()
+
+
+@pytest.mark.parametrize("where", ["under a file", "a file"])
+def test_convert_checks_its_output_folder_before_reading_the_release(env, capsys, monkeypatch, where):
+    from easyref import release
+
+    monkeypatch.setattr(release, "convert_release", lambda *a, **k: pytest.fail("the release was read"))
+    src = env / "release.safetensors"
+    save_file({"image_proj_model.proj.0.weight": torch.zeros(2, 2)}, src)
+    (env / "afile").write_text("not a folder")
+    dst = env / "afile" / "sub" if where == "under a file" else env / "afile"
+    assert cli.main(["convert", str(src), str(dst)]) == 2
+    assert_one_line(capsys.readouterr().err.strip(), "is a file, not a folder")
+    assert (env / "afile").read_text() == "not a folder"

@@ -196,6 +196,22 @@ WRONG_TYPES = {
         _set("easyref_config.json", "base", ["x"]),
         ("shows", "made with: base ?, mllm qwen2vl"),
     ),
+    "adapter tokens past belief": (
+        "adapter",
+        _set("easyref_config.json", "num_reference_tokens", 10**400),
+        ("shows", "reference tokens ?,"),
+    ),
+    "adapter width 16 digits": (
+        "adapter",
+        _set("easyref_config.json", "cross_attention_dim", -(10**15) - 1),
+        ("shows", "cross-attention ?"),
+    ),
+    "adapter version huge in a list": (
+        "adapter",
+        _set("easyref_config.json", "version", [10**400, 2]),
+        ("shows", "version [?, 2])"),
+    ),
+    "training steps huge": ("mllm", _set("training.json", "steps", 10**20), ("shows", ": ? steps")),
     "adapter tokens text": (
         "adapter",
         _set("easyref_config.json", "num_reference_tokens", "many"),
@@ -296,13 +312,102 @@ def test_a_header_declaring_more_than_the_file_holds_is_damaged(tmp_path, capsys
 
 
 def test_a_header_within_the_file_is_counted(tmp_path):
-    """The bound is one bit per element: a bool or 4-bit tensor may hold twice or eight times its bytes."""
+    """Sub-byte dtypes pack elements: 32 F4 values fill 16 bytes exactly, 31 or 33 do not."""
     path = tmp_path / "x.safetensors"
-    path.write_bytes(safetensors_bytes({"bits": [128]}, data_bytes=16))
-    assert info.tensor_shapes(path) == {"bits": ("F32", [128])}
-    path.write_bytes(safetensors_bytes({"bits": [129]}, data_bytes=16))
-    with pytest.raises(info.NotAModelError, match="declares more elements"):
-        info.tensor_shapes(path)
+    path.write_bytes(raw_safetensors({"bits": tensor("F4", [32], [0, 16])}, data_bytes=16))
+    assert info.tensor_shapes(path) == {"bits": ("F4", [32])}
+    for shape, phrase in (([33], "declares more elements"), ([31], "not what its shape and dtype need")):
+        path.write_bytes(raw_safetensors({"bits": tensor("F4", shape, [0, 16])}, data_bytes=16))
+        with pytest.raises(info.NotAModelError, match=phrase):
+            info.tensor_shapes(path)
+
+
+def tensor(dtype, shape, offsets) -> dict:
+    return {"dtype": dtype, "shape": shape, "data_offsets": offsets}
+
+
+def raw_safetensors(header: dict, data_bytes: int) -> bytes:
+    """A safetensors file of exactly this header, followed by `data_bytes` zero bytes."""
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + b"\0" * data_bytes
+
+
+# (header, data bytes, phrase of the one error line); each breaks one rule of the safetensors format
+DAMAGED_HEADERS = {
+    "unknown dtype": ({"w": tensor("Q8", [4], [0, 4])}, 4, "tensor w has unknown dtype Q8"),
+    "dtype not text": ({"w": tensor(["F32"], [1], [0, 4])}, 4, "tensor w has unknown dtype"),
+    "negative offset": ({"w": tensor("U8", [4], [-8, 4])}, 4, "tensor w has data_offsets [-8, 4], not within"),
+    "offsets past the file": ({"w": tensor("U8", [4], [0, 2**80])}, 4, "tensor w has data_offsets [0, ?]"),
+    "offsets reversed": ({"w": tensor("U8", [0], [4, 0])}, 4, "tensor w has data_offsets [4, 0]"),
+    "one offset": ({"w": tensor("U8", [4], [0])}, 4, "tensor w has data_offsets [0]"),
+    "three offsets": ({"w": tensor("U8", [4], [0, 2, 4])}, 4, "tensor w has data_offsets"),
+    "offsets not ints": ({"w": tensor("U8", [4], [0, 4.0])}, 4, "tensor w has data_offsets [0, 4.0]"),
+    "offsets bools": ({"w": tensor("U8", [1], [False, True])}, 1, "tensor w has data_offsets"),
+    "no offsets": ({"w": {"dtype": "U8", "shape": [4]}}, 4, "tensor w has data_offsets ?"),
+    "fewer bytes than the shape": ({"w": tensor("F32", [4], [0, 8])}, 8, "tensor w declares more elements"),
+    "more bytes than the shape": ({"w": tensor("F32", [2], [0, 16])}, 16, "tensor w takes 16 bytes, not what"),
+    "overlapping": (
+        {"a": tensor("U8", [4], [0, 4]), "b": tensor("U8", [4], [2, 6])},
+        6,
+        "tensor b starts at byte 2 of the data, not 4",
+    ),
+    "the same bytes twice": (
+        {"a": tensor("U8", [4], [0, 4]), "b": tensor("U8", [4], [0, 4])},
+        4,
+        "tensor b starts at byte 0 of the data, not 4",
+    ),
+    "a gap": ({"a": tensor("U8", [4], [0, 4]), "b": tensor("U8", [4], [6, 10])}, 10, "tensor b starts at byte 6"),
+    "not from the start": ({"w": tensor("U8", [4], [4, 8])}, 8, "tensor w starts at byte 4 of the data, not 0"),
+    "a tail no tensor declares": ({"w": tensor("U8", [4], [0, 4])}, 12, "the tensors cover 4 of the file's 12 bytes"),
+    "metadata not text": (
+        {"__metadata__": {"format": 1}, "w": tensor("U8", [4], [0, 4])},
+        4,
+        "__metadata__ is not a mapping of text to text",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED_HEADERS))
+def test_a_header_the_safetensors_format_refuses_is_damaged(tmp_path, capsys, case):
+    header, data_bytes, phrase = DAMAGED_HEADERS[case]
+    folder = make_adapter(tmp_path / "adapter")
+    (folder / "easyref.safetensors").write_bytes(raw_safetensors(header, data_bytes))
+    code, out, err = run_info(capsys, folder)
+    assert_one_error_line(code, out, err, f"easyref.safetensors: {phrase}")
+    assert "damaged header" in err
+
+
+def test_safetensors_itself_refuses_the_damaged_headers(tmp_path):
+    """The cases above are damaged by the format's own reader too (so info refuses no valid file)."""
+    from safetensors import SafetensorError, safe_open
+
+    for case, (header, data_bytes, _) in DAMAGED_HEADERS.items():
+        path = tmp_path / "x.safetensors"
+        path.write_bytes(raw_safetensors(header, data_bytes))
+        with pytest.raises(SafetensorError):
+            with safe_open(str(path), framework="pt") as handle:
+                list(handle.keys())
+            pytest.fail(case)
+
+
+def test_a_header_of_every_dtype_laid_out_right_is_counted(tmp_path, capsys):
+    """Tensors in any order of names, of every dtype (sub-byte ones too), an empty tensor, metadata: counted,
+    and safetensors reads the same file."""
+    from safetensors import safe_open
+
+    header, at = {"__metadata__": {"format": "pt"}}, 0
+    for dtype, bits in reversed(info.DTYPE_BITS.items()):
+        nbytes = 2 * bits  # 16 elements
+        header[dtype.lower()] = tensor(dtype, [4, 4], [at, at + nbytes])
+        at += nbytes
+    header["empty"] = tensor("F32", [3, 0], [at, at])
+    folder = make_adapter(tmp_path / "adapter")
+    (folder / "easyref.safetensors").write_bytes(raw_safetensors(header, at))
+    with safe_open(str(folder / "easyref.safetensors"), framework="numpy") as handle:
+        assert set(handle.keys()) == set(header) - {"__metadata__"}
+    code, out, err = run_info(capsys, folder)
+    assert code == 0 and not err, err
+    assert f"parameters: {16 * len(info.DTYPE_BITS)} params" in out, out
 
 
 # ---------------------------------------------------------------------- model names

@@ -127,6 +127,10 @@ BAD_RECORDS = {
     "NUL in a reference": (json.dumps({**GOOD, "references": ["/a\u0000b.png"]}), "references are not file names"),
     "digest not hex": (json.dumps({**GOOD, "reference_sha256": ["xyz"]}), "reference_sha256 is not one digest"),
     "digest count": (json.dumps({**GOOD, "reference_sha256": ["0" * 64] * 2}), "reference_sha256 is not one digest"),
+    "scale beyond floats": (json.dumps({**GOOD, "scale": 10**400}), "--scale must be a finite number"),
+    "steps of 400 digits": (json.dumps({**GOOD, "steps": 10**400}), "got 10000000000000000000... (401 digits)"),
+    "reference not UTF-8": (json.dumps({**GOOD, "references": ["/tmp/\ud800.png"]}), "references are not file"),
+    "control characters": (json.dumps({**GOOD, "references": ["/a\nb\u001b[2J.png"]}), "references are not file"),
     "missing reference": (json.dumps(GOOD), "/nope.png: file not found"),
     "out is the source": (json.dumps(GOOD), "would overwrite --from-metadata"),
 }
@@ -167,3 +171,12 @@ def test_a_reference_changed_since_the_record_is_named(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         assert main(["generate", "--from-metadata", str(out), "--out", str(tmp_path / "other.png")]) == 0
     assert f"{ref} has changed since {out} was made" in caplog.text
+
+
+def test_a_record_larger_than_pil_reads_is_one_line(tmp_path, capsys):
+    info = PngImagePlugin.PngInfo()
+    info.add_text("easyref", "x" * (2 * 1024 * 1024), zip=True)  # 2 MB that compress to a few kB
+    Image.new("RGB", (8, 8)).save(tmp_path / "big.png", pnginfo=info)
+    assert main(["generate", "--from-metadata", str(tmp_path / "big.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "text chunks are larger than PIL reads" in err, err

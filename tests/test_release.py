@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+import os
+import pickle
+
 import pytest
 import torch
+from conftest import shape_image
 from model_checks import TINY_SETTINGS, perturb_trunk, to_release_state_dict, tokens, unet_output
 from safetensors.torch import save_file
 
@@ -50,16 +54,74 @@ def test_release_bin_is_loaded_without_unpickling_code(make_pipeline, tiny_dirs,
 
 
 class _Payload:
+    """An object whose unpickling runs a shell command (creating `marker`): what a hostile .bin holds."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
     def __reduce__(self):
-        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
+        return (os.system, ("touch " + str(self.marker),))
 
 
-def test_hostile_pickle_is_refused(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    torch.save({"module": {"x": _Payload()}}, tmp_path / "model.bin")
-    with pytest.raises(CheckpointError, match="cannot read"):
+# the layouts a hostile file can take: torch.save's zip, its pre-zip format, a bare pickle (any protocol)
+HOSTILE_LAYOUTS = {
+    "torch.save": lambda payload, path: torch.save({"module": {"x": payload}}, path),
+    "torch.save, old format": lambda payload, path: torch.save(
+        {"x": payload}, path, _use_new_zipfile_serialization=False
+    ),
+    "bare pickle": lambda payload, path: path.write_bytes(pickle.dumps(payload)),
+    "bare pickle, protocol 2": lambda payload, path: path.write_bytes(pickle.dumps({"x": payload}, protocol=2)),
+}
+
+
+@pytest.mark.parametrize("layout", list(HOSTILE_LAYOUTS))
+def test_hostile_pickle_is_refused(tmp_path, layout):
+    marker = tmp_path / "PWNED"
+    HOSTILE_LAYOUTS[layout](_Payload(marker), tmp_path / "model.bin")
+    with pytest.raises(CheckpointError, match="holds Python objects other than tensors"):
         read_checkpoint(tmp_path)
-    assert not (tmp_path / "PWNED").exists()
+    assert not marker.exists()
+
+
+def _hostile_commands(tmp_path, evil):
+    ref = tmp_path / "ref.png"
+    shape_image("red").save(ref)
+    adapter = ["--base", "default", "--mllm", "default", "--adapter", str(evil)]
+    return {
+        "convert": ["convert", str(evil), str(tmp_path / "out")],
+        "generate": ["generate", "--prompt", "x", "--ref", str(ref), "--out", str(tmp_path / "x.png"), *adapter],
+    }
+
+
+@pytest.mark.parametrize("command", ["convert", "generate"])
+@pytest.mark.parametrize("layout", ["torch.save", "bare pickle"])
+def test_a_hostile_pickle_is_one_line_that_never_advises_unpickling_it(tmp_path, capsys, command, layout):
+    marker = tmp_path / "PWNED"
+    evil = tmp_path / "evil.bin"
+    HOSTILE_LAYOUTS[layout](_Payload(marker), evil)
+    argv = _hostile_commands(tmp_path, evil)[command]
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("easyref: error:"), err
+    assert f"{evil} holds Python objects other than tensors" in err and "refused" in err, err
+    assert "weights_only" not in err and "Traceback" not in err, err
+    assert not marker.exists() and not (tmp_path / "out").exists() and not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize(
+    "content, phrase",
+    [
+        (b"", "EOFError"),
+        (b"hello world", "KeyError"),
+        (b"PK\x03\x04" + bytes(100), "RuntimeError: PytorchStreamReader failed reading zip archive"),
+    ],
+)
+def test_any_other_unreadable_file_is_the_first_line_of_its_error(tmp_path, capsys, content, phrase):
+    (tmp_path / "model.bin").write_bytes(content)
+    code = main(["convert", str(tmp_path / "model.bin"), str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"cannot read {tmp_path / 'model.bin'}: {phrase}" in err, err
 
 
 def test_tensors_the_conversion_does_not_keep_are_never_read(make_pipeline, tmp_path, monkeypatch):

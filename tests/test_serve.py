@@ -226,6 +226,27 @@ def test_the_page_serves_only_the_files_a_request_made(server, tmp_path):
     assert re.fullmatch(r"[0-9a-f]{32}", Path(handed[0]["path"]).parent.name)
 
 
+def test_links_planted_in_the_output_folder_are_never_written_through(server, tmp_path):
+    from gradio_client import Client
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    now = time.time()
+    # every name a request folder of the form TIME-NUMBER could take in the next seconds, as a link out
+    for second in range(6):
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now + second))
+        for number in range(1, 40):
+            (server.out / f"{stamp}-{number:04d}").symlink_to(victim, target_is_directory=True)
+    client = Client(server.url, verbose=False, download_files=str(tmp_path / "downloads"))
+    assert generate(client, server.refs, count=1)[4].startswith("1 image")
+    assert not list(victim.iterdir())
+    made = [p for p in server.out.glob("*/easyref.png") if not p.parent.is_symlink()]
+    assert made and all(re.fullmatch(r"\d{8}-\d{6}-\d{4}-\w+", p.parent.name) for p in made)
+    for link in server.out.glob("*"):
+        if link.is_symlink():
+            link.unlink()
+
+
 def test_a_cancelled_request_stops_and_the_next_is_unaffected(server, tmp_path):
     from gradio_client import Client, handle_file
 
@@ -394,6 +415,24 @@ def test_ctrl_c_stops_the_server(server):
     server.proc.send_signal(signal.SIGINT)
     assert server.proc.wait(timeout=30) == 0
     assert "serving on http://127.0.0.1" in server.log.read_text()
+
+
+def test_sigterm_while_the_model_loads_exits_cleanly(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "easyref", "serve", "--port", str(free_port()), "--device", "cpu"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    for line in proc.stdout:
+        if "using the bundled default model" in line:  # said just before the weights load
+            break
+    proc.terminate()
+    assert proc.wait(timeout=60) == 0
+    assert proc.stdout.read().strip().splitlines()[-1] == "easyref: stopped before serving"
+    assert not list(tmp_path.glob("easyref-*"))
 
 
 def test_sigterm_during_a_generation_stops_cleanly_and_removes_the_temporary_folders(tmp_path):

@@ -22,15 +22,17 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import tempfile
+import unicodedata
 import warnings
 from pathlib import Path
 
 from PIL import Image
 
 from .devices import DTYPE_NAMES
-from .errors import RunFailure, UserError
+from .errors import RunFailure, UserError, one_line
 from .generation import (
     GENERATE_DEFAULTS,
     MODEL_FLAGS,
@@ -209,10 +211,22 @@ def cmd_serve(args) -> int:
         _check_writable_folder(args.out_dir)
     args.device = args.device or GENERATE_DEFAULTS["device"]
     args.dtype = args.dtype or GENERATE_DEFAULTS["dtype"]
-    from .serve import serve
+    # SIGTERM stops a server as Ctrl+C does, from the first moment: while the model loads, exit 0. SIGINT is
+    # set too: a process started in the background by a script inherits it ignored
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _raise_keyboard_interrupt)
+    try:
+        pipe, parts = load_pipeline(args)  # a wrong model name is one line before gradio loads
+        from .serve import serve
 
-    pipe, parts = load_pipeline(args)
-    return serve(pipe, parts, args)
+        return serve(pipe, parts, args)
+    except KeyboardInterrupt:  # before the page was up (serve handles it from then on)
+        logger.info("stopped before serving")
+        return 0
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -471,7 +485,11 @@ def read_record(path: Path) -> dict:
     try:
         with Image.open(path) as image:
             text = image.info.get("easyref")  # written before the pixels: no decoding needed
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except ValueError as err:
+        if "too large" in str(err).lower() or "too much memory" in str(err).lower():  # PIL's text-chunk bounds
+            raise UserError(f"{flag}: its text chunks are larger than PIL reads ({err}); not a record") from None
+        raise UserError(f"{flag}: not an image PIL can read") from None
+    except (OSError, SyntaxError, Image.DecompressionBombError):
         raise UserError(f"{flag}: not an image PIL can read") from None
     if not isinstance(text, str):
         raise UserError(f"{flag}: no easyref record in it (not a PNG written by `easyref generate`)")
@@ -496,7 +514,7 @@ def _check_record(record: dict, flag: str) -> None:
         value = record.get(key)
         if value is not None and (not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)):
             raise UserError(f"{flag}: the record's {key} is not a {_kind_name(kind)} (damaged)")
-    if not all(isinstance(r, str) and r and "\0" not in r for r in record["references"]):
+    if not all(_plain_text(r) and r for r in record["references"]):
         raise UserError(f"{flag}: the record's references are not file names (damaged)")
     digests = record.get("reference_sha256")
     well_formed = digests is None or all(isinstance(d, str) and SHA256.fullmatch(d) for d in digests)
@@ -505,13 +523,21 @@ def _check_record(record: dict, flag: str) -> None:
     for key in ("prompt", "negative_prompt"):
         if isinstance(record.get(key), str):
             check_text(f"{flag}: the record's {key}", record[key])
-    if not all(isinstance(v, (str, type(None))) for v in (record.get("model") or {}).values()):
+    if not all(v is None or _plain_text(v) for v in (record.get("model") or {}).values()):
         raise UserError(f"{flag}: the record's model names are not text (damaged)")
+    if record.get("device") is not None and not _plain_text(record["device"]):
+        raise UserError(f"{flag}: the record's device is not a device name (damaged)")
     index = record.get("index")
     if index is not None and not 0 <= index < record["num_images"]:
         raise UserError(f"{flag}: the record's index {index} is not one of its {record['num_images']} images (damaged)")
     if record.get("dtype") is not None and record["dtype"] not in DTYPES:
         raise UserError(f"{flag}: the record's dtype {record['dtype']!r} is not one of {', '.join(DTYPES)} (damaged)")
+
+
+def _plain_text(value) -> bool:
+    """Text that can name a file on one line: no control characters (a newline, a terminal escape), no
+    NUL, no lone surrogates (which no file system name encodes to)."""
+    return isinstance(value, str) and not any(unicodedata.category(c) in ("Cc", "Cs") for c in value)
 
 
 def _kind_name(kind) -> str:
@@ -640,10 +666,13 @@ def cmd_convert(args) -> int:
     from .release import convert_release, log_ignored
 
     source = _check_local(str(args.src), "", kind="adapter")
+    _check_writable_folder(args.dst)  # before the release is read (seconds to minutes)
     try:
         config, ignored = convert_release(source, args.dst, mllm=args.mllm, base=args.base)
     except CheckpointError as err:
         raise UserError(str(err)) from None
+    except OSError as err:  # the folder taken away or made unwritable since the check
+        raise RunFailure(f"nothing was converted: {describe_os_error(err)}") from None
     log_ignored(ignored)
     logger.info(
         "wrote %s (tokens %d, LoRA rank %d, finetuned trunk: %s)",
@@ -662,10 +691,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as err:
-        print(f"easyref: error: {err}", file=sys.stderr)
+        print(f"easyref: error: {one_line(str(err))}", file=sys.stderr)
         return 2
     except RunFailure as err:
-        print(f"easyref: error: {err}", file=sys.stderr)
+        print(f"easyref: error: {one_line(str(err))}", file=sys.stderr)
         return 1
     except OSError as err:
         if err.errno != errno.ENAMETOOLONG:

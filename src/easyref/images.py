@@ -4,7 +4,8 @@ One decoding rule everywhere, so a reference means the same pixels to the CLI, t
 benchmark:
 - only regular files are opened (a FIFO or device would block or stream forever);
 - the decoded size is bounded from the header before any pixel is decoded (`limits.MAX_IMAGE_PIXELS`
-  each, `limits.MAX_GROUP_PIXELS` for a group read by `open_images`): a 10 kB file can declare gigabytes;
+  each, `limits.MAX_GROUP_PIXELS` for a group read by `open_images`): a 10 kB file can declare gigabytes,
+  and an icon or container can declare a small size and embed a large image (see `_check_embedded`);
 - the file is decoded in full, so a truncated file fails here and not halfway through a run;
 - the EXIF orientation is applied (phones store portraits sideways);
 - 16-bit and float greyscale are scaled to 8 bits (PIL's own conversion clips them to white);
@@ -22,9 +23,19 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
-from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+from PIL import (
+    IcnsImagePlugin,
+    IcoImagePlugin,
+    Image,
+    ImageOps,
+    Jpeg2KImagePlugin,
+    JpegImagePlugin,
+    PngImagePlugin,
+    UnidentifiedImageError,
+)
 
 from . import limits
 from .safe_io import current_umask
@@ -107,7 +118,7 @@ def open_images(paths: Sequence[str | Path], names: Sequence[str] | None = None)
     images: list[Image.Image] = []
     total = 0
     for path, label in zip(paths, labels):
-        with _opened(path, label) as image:
+        with _opened(path, label, "references") as image:
             # checked again on this opening: a file replaced since its header was read is still bounded
             check_image_pixels(image.size, label, "references")
             total += _pixels(image.size)
@@ -125,7 +136,7 @@ def check_group(paths: Sequence[str | Path], names: Sequence[str] | None = None)
     labels = _labels(paths, names)
     headers = []
     for path, label in zip(paths, labels):
-        with _opened(path, label) as image:
+        with _opened(path, label, "references") as image:
             check_image_pixels(image.size, label, "references")
             headers.append(ImageHeader(image.size, image.format, None))
     _check_group_total(len(labels), sum(_pixels(h.size) for h in headers))
@@ -171,20 +182,24 @@ _PARSE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 
 
 @contextmanager
-def _opened(path: str | Path, label: str) -> Iterator[Image.Image]:
-    """The lazily opened image (header parsed, no pixels): every failure an ImageFileError naming `label`."""
+def _opened(path: str | Path, label: str, what: str = "images") -> Iterator[Image.Image]:
+    """The lazily opened image (header parsed, no pixels): every failure an ImageFileError naming `label`;
+    `what` the images are called in a refusal of an embedded image over the bound."""
     try:
         handle = open_regular(path)
     except ImageFileError as err:
         raise ImageFileError(str(err).replace(str(path), label, 1)) from None
-    with handle, _lazy_open(handle, label, strict=True) as image:
+    with handle, _lazy_open(handle, label, strict=True, what=what) as image:
         yield image
 
 
 @contextmanager
-def _lazy_open(handle, label: str, strict: bool) -> Iterator[Image.Image]:
+def _lazy_open(handle, label: str, strict: bool, what: str = "images") -> Iterator[Image.Image]:
     """`Image.open` without PIL's own bomb warning: the header checks here are stricter and name the size.
-    `strict`: PIL's parse errors become ImageFileError (read_header lets them through, as callers expect)."""
+    `strict`: PIL's parse errors become ImageFileError (read_header lets them through, as callers expect).
+    Embedded images that decode to another size than the header declares are checked here, before PIL
+    decodes them (ImageFileError, whatever `strict`)."""
+    _check_icon_frames(handle, label, what)  # before `Image.open`: PIL decodes an icon as it opens it
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -206,6 +221,7 @@ def _lazy_open(handle, label: str, strict: bool) -> Iterator[Image.Image]:
             raise
         raise ImageFileError(f"{label} is damaged or truncated ({_one_line(err)})") from None
     with image:
+        _check_embedded(image, label, what)
         yield image
 
 
@@ -224,6 +240,162 @@ def _reading(label: str) -> Iterator[None]:
         raise ImageFileError(f"{label} could not be decoded within this machine's memory") from None
     except _PARSE_ERRORS as err:
         raise ImageFileError(f"{label} is damaged or truncated ({_one_line(err)})") from None
+
+
+# ---------------------------------------------------------------------------- embedded images
+# Formats whose pixels PIL decodes at another size than `image.size` reports from the header (checked
+# against Pillow 12.3's plugins): an ICO's directory declares each frame's size, but the frame (a PNG or
+# a BMP) decodes at its own; ICNS and IPTC/NAA files and BLP1 textures embed a PNG, JPEG 2000 or JPEG
+# with a size of its own; a masked CUR decodes its XOR and AND bitmaps as one image twice as tall. Each
+# real size is read from the embedded image's own header; nothing is decoded. What cannot be parsed is
+# left to PIL, which fails on it the same way before decoding, except an IPTC image that is not a JPEG.
+_ICO_MAGIC = b"\0\0\1\0"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_DIB_HEADER_SIZES = (40, 52, 56, 64, 108, 124)  # BmpImagePlugin's; 12 is the OS/2 core header
+_BLP1_JPEG = 0  # BlpImagePlugin.Format.JPEG
+_ICNS_EMBEDDED = frozenset(  # the ICNS resources that hold a PNG or a JPEG 2000 of any size
+    code
+    for readers in IcnsImagePlugin.IcnsFile.SIZES.values()
+    for code, reader in readers
+    if reader is IcnsImagePlugin.read_png_or_jpeg2000
+)
+_EMBEDDED_PARSE_ERRORS = (*_PARSE_ERRORS, IndexError, TypeError, KeyError)
+
+
+def _check_icon_frames(handle, label: str, what: str) -> None:
+    """An ICO: every frame of its directory within the bound at the size the frame itself declares.
+
+    Called before `Image.open`, which decodes the largest frame at once. Every frame, not only the one
+    PIL picks: a caller may ask for another (`image.size = ...`), and a directory can lie about which
+    is largest. The handle is left where it was."""
+    start = handle.tell()
+    try:
+        if handle.read(len(_ICO_MAGIC)) != _ICO_MAGIC:
+            return
+        handle.seek(start)
+        try:
+            icons = IcoImagePlugin.IcoFile(handle)
+            sizes = [_icon_frame_size(handle, entry.offset) for entry in icons.entry]
+        except _EMBEDDED_PARSE_ERRORS:
+            return  # PIL's own parse of the directory fails the same way, before any frame is decoded
+    finally:
+        handle.seek(start)
+    _check_largest(sizes, label, what)
+
+
+def _icon_frame_size(handle, offset: int) -> tuple[int, int] | None:
+    """(width, height) an ICO frame at `offset` decodes to, from its own header; None if PIL cannot read it."""
+    handle.seek(offset)  # from the file's start, as IcoFile.frame seeks
+    head = handle.read(24)
+    if head.startswith(_PNG_MAGIC):
+        return _png_size(head)
+    if len(head) < 12:
+        return None
+    header_size = int.from_bytes(head[:4], "little")
+    if header_size == 12:
+        width, height = struct.unpack("<HH", head[4:8])
+    elif header_size in _DIB_HEADER_SIZES:
+        width, height = struct.unpack("<II", head[4:12])
+        if head[11] == 0xFF:  # a top-down bitmap's negative height, read as BmpImagePlugin does
+            height = 2**32 - height
+    else:
+        return None
+    return width, height // 2  # the XOR image: PIL halves the height, which counts the AND mask too
+
+
+def _png_size(head: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR: the big-endian uint32s at bytes 16..24."""
+    if len(head) < 24 or not head.startswith(_PNG_MAGIC):
+        return None
+    return struct.unpack(">II", head[16:24])
+
+
+def _check_embedded(image: Image.Image, label: str, what: str) -> None:
+    """The real size of an image embedded in a lazily opened ICNS, IPTC or BLP1 file (or a masked CUR's
+    whole bitmap) within the bound, read from its own header before PIL decodes it."""
+    handle = image.fp
+    if handle is None:
+        return
+    start = handle.tell()
+    try:
+        if image.format == "ICNS":
+            sizes = [_icns_size(handle, *image.icns.dct[code]) for code in _ICNS_EMBEDDED & image.icns.dct.keys()]
+        elif image.format == "IPTC" and image.tile and image.tile[0].args[0] == "jpeg":
+            sizes = [_iptc_size(image, label)]
+        elif image.format == "BLP" and image.tile and image.tile[0].codec == "BLP1":
+            sizes = [_blp1_size(handle, image.tile[0].offset)] if image.tile[0].args[0] == _BLP1_JPEG else []
+        elif image.format == "CUR" and image.mode == "LA":
+            sizes = [(image.width, 2 * image.height)]  # decoded as one "1" or "L" image, then split
+        else:
+            return
+    except _EMBEDDED_PARSE_ERRORS:
+        return  # PIL reads these headers the same way, and fails the same way before decoding
+    finally:
+        handle.seek(start)
+    _check_largest(sizes, label, what)
+
+
+def _icns_size(handle, start: int, length: int) -> tuple[int, int] | None:
+    handle.seek(start)
+    head = handle.read(24)
+    if head.startswith(_PNG_MAGIC):
+        return _png_size(head)
+    handle.seek(start)  # JPEG 2000 (or not an image, which PIL refuses): PIL parses the whole resource
+    with Jpeg2KImagePlugin.Jpeg2KImageFile(BytesIO(_read_up_to(handle, length))) as embedded:
+        return embedded.size
+
+
+def _iptc_size(image, label: str) -> tuple[int, int]:
+    """The embedded image of an IPTC/NAA file, gathered from its (8, 10) records as the plugin's `load`
+    does (PIL then opens it as any format, so anything but a JPEG is refused here)."""
+    image.fp.seek(image.tile[0].offset)
+    data = BytesIO()
+    while True:
+        tag, size = image.field()
+        if tag != (8, 10):
+            break
+        data.write(_read_up_to(image.fp, size))
+    data.seek(0)
+    try:
+        with JpegImagePlugin.JpegImageFile(data) as embedded:
+            return embedded.size
+    except _EMBEDDED_PARSE_ERRORS:
+        raise ImageFileError(f"{label} is an IPTC/NAA file whose embedded image is not a JPEG") from None
+
+
+def _blp1_size(handle, offset: int) -> tuple[int, int] | None:
+    """The JPEG of a BLP1 texture, read as BlpImagePlugin's decoder reads it: the mipmap offsets and
+    lengths, a shared JPEG header, then the first mipmap's data."""
+    handle.seek(offset)
+    table = handle.read(16 * 4 * 2)
+    length_of_header = handle.read(4)
+    if len(table) < 128 or len(length_of_header) < 4:
+        return None
+    first_offset, first_length = struct.unpack_from("<I", table, 0)[0], struct.unpack_from("<I", table, 64)[0]
+    jpeg = _read_up_to(handle, int.from_bytes(length_of_header, "little"))
+    if first_offset > handle.tell():
+        handle.seek(first_offset)
+    jpeg += _read_up_to(handle, first_length)
+    with JpegImagePlugin.JpegImageFile(BytesIO(jpeg)) as embedded:
+        return embedded.size
+
+
+def _read_up_to(handle, size: int) -> bytes:
+    """At most `size` bytes, read in pieces: a size field can claim gigabytes the file does not hold."""
+    pieces = []
+    while size > 0:
+        piece = handle.read(min(size, 1 << 20))
+        if not piece:
+            break
+        pieces.append(piece)
+        size -= len(piece)
+    return b"".join(pieces)
+
+
+def _check_largest(sizes, label: str, what: str) -> None:
+    known = [size for size in sizes if size is not None]
+    if known:
+        check_image_pixels(max(known, key=_pixels), label, what)
 
 
 def _decode(image: Image.Image, label: str, what: str = "images") -> Image.Image:

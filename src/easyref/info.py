@@ -33,6 +33,17 @@ RECORDED_PACKAGES = ("torch", "diffusers", "transformers")  # the ones that deci
 SHOWN_CHARS = 80  # a value read from a model's files is cut to this on screen
 MAX_SAMPLE_SIZE = 2**16  # latents per side; beyond it a UNet config is damaged, not big
 MAX_VAE_BLOCKS = 16  # each block past the first halves the resolution once
+MAX_SHOWN_INT = 10**15  # no count or size in a model's config comes near; past it a value is damaged, not big
+# bits per element of every dtype the safetensors format defines (as the installed safetensors 0.8 reads
+# them; F4 and F6 pack several elements into a byte), so a header's byte counts can be checked exactly
+DTYPE_BITS = {
+    **dict.fromkeys(("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E5M2FNUZ", "F8_E4M3FNUZ", "F8_E8M0"), 8),
+    **dict.fromkeys(("F4",), 4),
+    **dict.fromkeys(("F6_E2M3", "F6_E3M2"), 6),
+    **dict.fromkeys(("I16", "U16", "F16", "BF16"), 16),
+    **dict.fromkeys(("I32", "U32", "F32"), 32),
+    **dict.fromkeys(("I64", "U64", "F64", "C64"), 64),
+}
 
 
 class NotAModelError(ValueError):
@@ -433,7 +444,9 @@ def _one_variant(paths: list[Path]) -> list[Path]:
 
 
 def tensor_shapes(path: Path) -> dict[str, tuple[str, list[int]]]:
-    """{name: (dtype, shape)} from a safetensors header: 8 bytes of length, then JSON; no tensor is read."""
+    """{name: (dtype, shape)} from a safetensors header: 8 bytes of length, then JSON; no tensor is read.
+    The header is checked as the safetensors format requires (as `easyref convert` and every loader
+    would): a header they refuse is damaged here too, never counted."""
     try:
         with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
@@ -448,26 +461,82 @@ def tensor_shapes(path: Path) -> dict[str, tuple[str, list[int]]]:
         raise NotAModelError(f"{path}: not a safetensors file (damaged header)") from None
     if not isinstance(header, dict):
         raise NotAModelError(f"{path}: not a safetensors file (damaged header)")
-    return _shapes(path, header, capacity=8 * (size - 8 - length))
+    _check_metadata(path, header.get("__metadata__", {}))
+    shapes, spans = _shapes(path, header, data_bytes=size - 8 - length)
+    _check_spans(path, spans, data_bytes=size - 8 - length)
+    return shapes
 
 
-def _shapes(path: Path, header: dict, capacity: int) -> dict[str, tuple[str, list[int]]]:
-    """The header's shapes, each valid and all together within `capacity` elements: every element takes
-    at least one bit of the file (bool and sub-byte floats included), so a header declaring more lies."""
-    out, total = {}, 0
+def _check_metadata(path: Path, metadata) -> None:
+    """The format's free-form metadata is text to text; safetensors refuses a file with anything else."""
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise NotAModelError(f"{path}: __metadata__ is not a mapping of text to text (damaged header)")
+
+
+def _shapes(
+    path: Path, header: dict, data_bytes: int
+) -> tuple[dict[str, tuple[str, list[int]]], list[tuple[int, int, str]]]:
+    """The header's tensors, each valid on its own: ({name: (dtype, shape)}, [(begin, end, name)])."""
+    out, spans = {}, []
     for key, entry in header.items():
         if key == "__metadata__":
             continue
-        shape = entry.get("shape") if isinstance(entry, dict) else None
+        entry = entry if isinstance(entry, dict) else {}
+        shape, dtype = entry.get("shape"), entry.get("dtype")
         if not isinstance(shape, list) or not all(_positive(n) or _is_zero(n) for n in shape):
             raise NotAModelError(f"{path}: tensor {_text(key)} has no valid shape (damaged header)")
-        total += _elements(shape, capacity - total)
-        if total > capacity:
+        if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+            raise NotAModelError(f"{path}: tensor {_text(key)} has unknown dtype {_shown(dtype)} (damaged header)")
+        begin, end = _offsets(path, key, entry.get("data_offsets"), data_bytes)
+        _check_size(path, key, shape, DTYPE_BITS[dtype], end - begin)
+        out[key] = (dtype, shape)
+        spans.append((begin, end, key))
+    return out, spans
+
+
+def _offsets(path: Path, key: str, offsets, data_bytes: int) -> tuple[int, int]:
+    """`data_offsets`: [begin, end] of the tensor's bytes, counted from the end of the header."""
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_positive(n) or _is_zero(n) for n in offsets)
+        or not offsets[0] <= offsets[1] <= data_bytes
+    ):
+        raise NotAModelError(
+            f"{path}: tensor {_text(key)} has data_offsets {_shown(offsets)}, not within the file's "
+            f"{data_bytes} bytes of data (damaged header)"
+        )
+    return offsets[0], offsets[1]
+
+
+def _check_size(path: Path, key: str, shape: list[int], bits: int, nbytes: int) -> None:
+    """A tensor's bytes are exactly its elements x its dtype's size (safetensors reads them so)."""
+    elements = _elements(shape, 8 * nbytes // bits)
+    if elements * bits > 8 * nbytes:
+        raise NotAModelError(
+            f"{path}: tensor {_text(key)} declares more elements than its {nbytes} bytes hold (damaged header)"
+        )
+    if elements * bits != 8 * nbytes:
+        raise NotAModelError(
+            f"{path}: tensor {_text(key)} takes {nbytes} bytes, not what its shape and dtype need (damaged header)"
+        )
+
+
+def _check_spans(path: Path, spans: list[tuple[int, int, str]], data_bytes: int) -> None:
+    """The tensors' bytes follow each other from the start of the data to its end, as safetensors requires:
+    an overlap would let two tensors share bytes, a gap or a tail would hide bytes no tensor declares."""
+    at = 0
+    for begin, end, key in sorted(spans):
+        if begin != at:
             raise NotAModelError(
-                f"{path}: tensor {_text(key)} declares more elements than the file can hold (damaged header)"
+                f"{path}: tensor {_text(key)} starts at byte {begin} of the data, not {at} where the tensor "
+                "before it ends (overlapping or with a gap: damaged header)"
             )
-        out[key] = (str(entry.get("dtype")), shape)
-    return out
+        at = end
+    if at != data_bytes:
+        raise NotAModelError(
+            f"{path}: the tensors cover {at} of the file's {data_bytes} bytes of data (damaged header)"
+        )
 
 
 def _elements(shape: list[int], bound: int) -> int:
@@ -523,9 +592,26 @@ def _shown(value, limit: int | None = SHOWN_CHARS) -> str:
     if isinstance(value, str):
         return _text(value, limit)
     try:
-        return _text(json.dumps(value), limit)
-    except (ValueError, RecursionError):  # too deep, or an int too long to write out
+        return _text(_json(value), limit)
+    except RecursionError:  # nested too deep to write out
         return "?"
+
+
+def _json(value) -> str:
+    """`value` (as json.loads made it) written as JSON, with '?' for each integer too big to be true."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)}: {_json(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_json(v) for v in value) + "]"
+    if _huge(value):
+        return "?"
+    return json.dumps(value)
+
+
+def _huge(value) -> bool:
+    """An integer past MAX_SHOWN_INT: a damaged or hostile value, not one to print (or to write out:
+    an integer of thousands of digits takes long to turn into text)."""
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_SHOWN_INT
 
 
 def _text(value, limit: int | None = SHOWN_CHARS) -> str:
@@ -538,13 +624,11 @@ def _text(value, limit: int | None = SHOWN_CHARS) -> str:
 
 
 def _number(value, spec: str = "") -> str:
-    """A number from a model's files (a bool is not one); '?' for anything else."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
+    """A number from a model's files (a bool is not one, nor an integer too big to be true); '?' for
+    anything else."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or _huge(value):
         return "?"
-    try:
-        return _text(format(value if not spec else float(value), spec))
-    except (OverflowError, ValueError):  # an int past float's range, or too long to write out
-        return "?"
+    return _text(format(value if not spec else float(value), spec))
 
 
 def _tokenizer_line(sdxl: Path, tree: Tree) -> str:

@@ -37,9 +37,19 @@ MAX_GROUP_PIXELS = 200_000_000
 
 def check_range(flag: str, value: int, low: int, high: int) -> None:
     if not low <= value <= high:
-        raise UserError(f"{flag} must be between {low} and {high}, got {value}")
+        raise UserError(f"{flag} must be between {low} and {high}, got {_shown(value)}")
 
 
 def check_finite_range(flag: str, value: float, low: float, high: float) -> None:
-    if not math.isfinite(value) or not low <= value <= high:
-        raise UserError(f"{flag} must be a finite number between {low:g} and {high:g}, got {value}")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an integer beyond any float (a record's 10**400, say)
+        finite = False
+    if not finite or not low <= value <= high:
+        raise UserError(f"{flag} must be a finite number between {low:g} and {high:g}, got {_shown(value)}")
+
+
+def _shown(value) -> str:
+    """A number from a user, cut short: a record may hold an integer of hundreds of digits."""
+    text = str(value)
+    return text if len(text) <= 24 else f"{text[:20]}... ({len(text)} digits)"

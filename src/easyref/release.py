@@ -24,6 +24,7 @@ some copies have them, some not) and `multimodal_llm.lm_head.*` (never used for 
 from __future__ import annotations
 
 import logging
+import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -94,12 +95,26 @@ def read_release_tensors(path: Path) -> Mapping[str, torch.Tensor]:
             return _SafetensorsFile(path)
         data = _torch_load(path)
     except Exception as err:  # damaged or hostile files raise many different types
-        raise CheckpointError(f"cannot read {path}: {err}") from None
+        raise CheckpointError(_read_error(path, err)) from None
     if isinstance(data, dict) and isinstance(data.get("module"), dict):  # DeepSpeed's wrapper
         data = data["module"]
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise CheckpointError(f"{path} does not hold a flat dict of tensors")
     return data
+
+
+def _read_error(path: Path, err: Exception) -> str:
+    """One line for a file that could not be read. torch's own text runs to several lines and, for a pickle
+    its weights-only reader refuses, advises loading it with weights_only=False: the one thing never to do
+    with a file from a stranger, so that refusal gets a sentence of its own."""
+    if isinstance(err, pickle.UnpicklingError):  # weights_only: an object other than tensors, or a damaged pickle
+        return (
+            f"{path} holds Python objects other than tensors, or is damaged (a pickle that could run code when "
+            "loaded); only tensors are read from a release file: refused"
+        )
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    # the type says what the first line may not: `KeyError: '101'`, an `EOFError` with no text at all
+    return f"cannot read {path}: {type(err).__name__}" + (f": {lines[0]}" if lines else "")
 
 
 class _SafetensorsFile(Mapping):

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from .errors import RunFailure, UserError
+from .errors import RunFailure, UserError, one_line
 from .explain import explain_sheet
 from .generation import (
     GENERATE_DEFAULTS,
@@ -53,6 +53,7 @@ from .generation import (
 )
 from .images import ImageFileError, open_images
 from .pipeline import default_size
+from .safe_io import current_umask, describe_os_error
 from .shapes.data import demo_group, demo_prompts, write_demo_references
 
 logger = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ class Server:
             with self._model:
                 return self._generate(*form, progress=progress, stop=stop)
         except (UserError, RunFailure) as err:
-            message = re.sub(r"--([a-z-]+)", lambda flag: flag.group(1).replace("-", " "), str(err))  # flag -> field
+            message = re.sub(r"--([a-z-]+)", lambda flag: flag.group(1).replace("-", " "), one_line(str(err)))
             logger.warning("request refused: %s", message)
             raise gr.Error(message, print_exception=False) from None
         except Stopped:
@@ -182,8 +183,6 @@ class Server:
             prompt, negative_prompt, scale, steps, guidance, seed, random_seed, num_images, height, width
         )
         paths, references = self.references(files)
-        folder = self._new_folder()
-        args.out = folder / "easyref.png"
         notes = _warnings_of(lambda: warn_about_limits(self.pipe, args, self.parts.names()))
         progress(0, desc="reading the references")
         started = time.perf_counter()
@@ -196,9 +195,15 @@ class Server:
         result = run_pipeline(self.pipe, references, args, args.seed, callback_on_step_end=on_step)
         self._check_running(stop)
         sheet = explain_sheet(references, result.reference_maps[0])
-        kept = _keep_references(paths, folder / "references")
-        params = generation_record(args, self.pipe, self.parts, kept, args.seed)
-        written = write_outputs(list(result.images), references, args.out, params, grid=False, explained=sheet)
+        folder = self._new_folder()
+        args.out = folder / "easyref.png"
+        try:
+            kept = _keep_references(paths, folder / "references")
+            params = generation_record(args, self.pipe, self.parts, kept, args.seed)
+            written = write_outputs(list(result.images), references, args.out, params, grid=False, explained=sheet)
+        except (OSError, RunFailure) as err:
+            shutil.rmtree(folder, ignore_errors=True)  # all or nothing, as `generate` writes
+            raise RunFailure(str(err) if isinstance(err, RunFailure) else describe_os_error(err)) from None
         seconds = time.perf_counter() - started
         logger.info("%s: %d image%s in %.1f s", folder, args.num_images, "s" if args.num_images > 1 else "", seconds)
         handed = self._hand_out(written)
@@ -263,8 +268,15 @@ class Server:
         return args
 
     def _new_folder(self) -> Path:
-        """A name no other request has; created only when the request writes into it."""
-        return self.out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{next(self._requests):04d}"
+        """The request's folder, made now with a name that cannot be foreseen (time, request number and a
+        random part): a link or file put in the output folder beforehand is never written through."""
+        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{next(self._requests):04d}-"
+        try:
+            folder = Path(tempfile.mkdtemp(prefix=stamp, dir=self.out_dir))
+            os.chmod(folder, 0o777 & ~current_umask())  # mkdtemp's 0700: outputs get ordinary permissions
+        except OSError as err:
+            raise RunFailure(f"no image was written: {describe_os_error(err)}") from None
+        return folder
 
 
 def _whole(value, name: str) -> int:
@@ -274,12 +286,14 @@ def _whole(value, name: str) -> int:
 
 
 def _keep_references(paths: list[Path], folder: Path) -> list[Path]:
-    """Copies beside the outputs, so the record's references outlive the upload cache."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Copies beside the outputs, so the record's references outlive the upload cache. The folder and each
+    copy are new files (exclusive creation): nothing already there is followed or replaced."""
+    folder.mkdir()
     kept = []
     for i, path in enumerate(paths):
         kept.append(folder / f"{i + 1:02d}-{path.name}")
-        shutil.copyfile(path, kept[-1])
+        with open(path, "rb") as source, open(kept[-1], "xb") as copy:
+            shutil.copyfileobj(source, copy)
     return kept
 
 
@@ -392,13 +406,14 @@ def serve(pipe, parts, args: argparse.Namespace) -> int:
     page_dir = _page_folder()
     model_args = argparse.Namespace(**{k: getattr(args, k) for k in ("base", "mllm", "adapter", "device", "dtype")})
     server = Server(pipe, parts, model_args, out_dir, handout_dir=page_dir)
-    app = build_app(server, page_dir / "examples")
-    logger.info("outputs go to %s", out_dir)
     # Ctrl+C, `kill`, systemd and docker stop all end it the same way; SIGINT is set too because a
     # process started in the background by a script inherits it ignored
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, functools.partial(_interrupt, server))
+    app = None
     try:
+        app = build_app(server, page_dir / "examples")
+        logger.info("outputs go to %s", out_dir)
         # quiet: gradio's own banner tells to set `share=True` in launch(), which is --share here.
         # No allowed_paths: gradio then serves only its upload folder, where the page puts what it hands out.
         app.launch(
@@ -421,7 +436,8 @@ def serve(pipe, parts, args: argparse.Namespace) -> int:
             logger.info("public link: %s", app.share_url)
         app.block_thread()  # returns on Ctrl+C, having closed the server
     except KeyboardInterrupt:  # stopped while starting
-        app.close()
+        if app is not None:
+            app.close()
     _stop(server)
     return 0
 
