@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import subprocess
 import sys
 import warnings
@@ -17,7 +18,7 @@ from conftest import shape_image
 from easyref import cli
 from easyref.devices import gpu_driver_present
 
-HEAVY = ("torch", "diffusers", "transformers", "accelerate")
+HEAVY = ("torch", "diffusers", "transformers", "accelerate", "gradio")
 
 # main() on argv, then which heavy modules are imported at the moment the error was reported
 PROBE = f"""
@@ -36,6 +37,12 @@ def ref(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fast")
     shape_image("red").save(folder / "ref.png")
     return folder / "ref.png"
+
+
+def free_port() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
 
 
 def usage_errors(ref):
@@ -85,6 +92,10 @@ def usage_errors(ref):
         ),
         "no such adapter": ([*generate, "--adapter", "nowhere"], "--adapter nowhere: no such file or folder"),
         "no such base": ([*generate, "--base", "nowhere"], "--base nowhere: no such file or folder"),
+        "serve: no such adapter": (
+            ["serve", "--port", free_port(), "--adapter", "nowhere"],
+            "--adapter nowhere: no such",
+        ),
         "unknown device": ([*generate, "--device", "tpu9"], "unknown device 'tpu9'"),
         "cuda without a GPU": ([*generate, "--device", "cuda"], "no CUDA GPU is available"),
         "bench run: unknown device": (
@@ -121,6 +132,7 @@ def usage_errors(ref):
         "bench run: no manifest",
         "no such adapter",
         "no such base",
+        "serve: no such adapter",
         "unknown device",
         pytest.param(
             "cuda without a GPU", marks=pytest.mark.skipif(gpu_driver_present(), reason="a GPU driver is here")
