@@ -3,8 +3,10 @@ groups, by every reader (`open_image`, `open_images`, `generate`, training, the 
 
 from __future__ import annotations
 
+import io
 import os
 import resource
+import struct
 import subprocess
 import sys
 import textwrap
@@ -13,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import BOMB_SIDE, bomb_png
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, features
 
 from easyref import cli, limits
 from easyref.images import ImageFileError, check_group, open_image, open_images, read_header, verify_image
@@ -174,6 +176,170 @@ def test_the_exif_turn_does_not_change_the_count(tmp_path, small_bounds):
     exif[0x0112] = 6
     image.save(tmp_path / "turned.jpg", exif=exif)
     assert open_image(tmp_path / "turned.jpg").size == (40, 200)
+
+
+# ---------------------------------------------------------------------- embedded images
+# Icons and a few containers declare one size and embed an image of another: each is refused from the
+# embedded image's own header, before PIL decodes it.
+BOMB_MESSAGE = "is 9000 x 9000 = 81.0 M pixels; images may be at most 50.0 M pixels each"
+
+
+def _ico(frame: bytes, magic: bytes = b"\0\0\1\0") -> bytes:
+    """One frame behind a directory entry that declares 256 x 256 (0 = 256), 32 bits."""
+    return magic + struct.pack("<H", 1) + struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(frame), 22) + frame
+
+
+def _icns(code: bytes, resource: bytes) -> bytes:
+    return b"icns" + struct.pack(">I", 16 + len(resource)) + code + struct.pack(">I", 8 + len(resource)) + resource
+
+
+def _jpeg_declaring(width: int, height: int) -> bytes:
+    """A small real JPEG whose frame header (SOF0) is rewritten to declare `width` x `height`."""
+    out = io.BytesIO()
+    Image.new("L", (8, 8), 128).save(out, format="JPEG")
+    data = bytearray(out.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def _iptc(jpeg: bytes, width: int = 16, height: int = 16) -> bytes:
+    """An IPTC/NAA image: 1 band, JPEG-compressed (3,120 = 5), declaring `width` x `height`."""
+
+    def field(record: int, dataset: int, data: bytes) -> bytes:
+        return bytes([0x1C, record, dataset]) + struct.pack(">H", len(data)) + data
+
+    return (
+        field(3, 60, bytes([1, 0]))
+        + field(3, 20, struct.pack(">H", width))
+        + field(3, 30, struct.pack(">H", height))
+        + field(3, 120, bytes([5]))
+        + field(8, 10, jpeg)
+    )
+
+
+def _blp1(jpeg: bytes, width: int = 16, height: int = 16) -> bytes:
+    """A BLP1 texture (JPEG compression) declaring `width` x `height`: the JPEG split into the shared
+    header and the first mipmap, as the format stores it."""
+    split = 20
+    header, mipmap = jpeg[:split], jpeg[split:]
+    offsets = [28 + 128 + 4 + len(header)] + [0] * 15
+    lengths = [len(mipmap)] + [0] * 15
+    return (
+        b"BLP1"
+        + struct.pack("<iIIIiI", 0, 0, width, height, 5, 0)
+        + struct.pack("<16I", *offsets)
+        + struct.pack("<16I", *lengths)
+        + struct.pack("<I", len(header))
+        + header
+        + mipmap
+    )
+
+
+@pytest.fixture
+def embedded_bombs(tmp_path, bomb_bytes) -> dict[str, Path]:
+    """Each declares at most 256 x 256 and embeds a 9000 x 9000 image."""
+    files = {
+        "bomb.ico": _ico(bomb_bytes),
+        "bomb.icns": _icns(b"ic07", bomb_bytes),  # ic07: a 128 x 128 slot
+        "bomb.iim": _iptc(_jpeg_declaring(BOMB_SIDE, BOMB_SIDE)),
+        "bomb.blp": _blp1(_jpeg_declaring(BOMB_SIDE, BOMB_SIDE)),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    return {name: tmp_path / name for name in files}
+
+
+def test_the_embedded_bombs_are_small_and_declare_small_sizes(embedded_bombs):
+    assert all(path.stat().st_size < 20_000 for path in embedded_bombs.values())
+    declared = {"bomb.icns": (128, 128), "bomb.iim": (16, 16), "bomb.blp": (16, 16)}
+    for name, size in declared.items():  # not the ICO: PIL decodes its largest frame as it opens it
+        with Image.open(embedded_bombs[name]) as image:
+            assert (image.format, image.size) == ({"icns": "ICNS", "iim": "IPTC", "blp": "BLP"}[name[5:]], size)
+
+
+@pytest.mark.parametrize("name", ["bomb.ico", "bomb.icns", "bomb.iim", "bomb.blp"])
+def test_an_image_embedded_larger_than_declared_is_refused_before_decoding(embedded_bombs, name, no_decoding):
+    path = embedded_bombs[name]
+    with pytest.raises(ImageFileError) as caught:
+        open_image(path)
+    assert str(caught.value) == f"{path} {BOMB_MESSAGE}"
+    with pytest.raises(ImageFileError, match=f"^{name} is 9000 x 9000 = 81.0 M pixels; references may be at most"):
+        open_images([path], names=[name])
+    with pytest.raises(ImageFileError, match="is 9000 x 9000"):
+        check_group([path])
+    with pytest.raises(ImageFileError, match="is 9000 x 9000"):
+        verify_image(path)
+    with pytest.raises(ImageFileError, match="is 9000 x 9000"):
+        read_header(path)
+
+
+def test_an_icns_jpeg_2000_larger_than_declared_is_refused(tmp_path, no_decoding):
+    if not features.check_codec("jpg_2000"):
+        pytest.skip("PIL built without JPEG 2000")
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16), "red").save(out, format="JPEG2000")
+    jp2 = bytearray(out.getvalue())
+    ihdr = jp2.index(b"ihdr")  # the JP2 header box PIL reads the size from: height, then width
+    jp2[ihdr + 4 : ihdr + 12] = struct.pack(">II", BOMB_SIDE, BOMB_SIDE)
+    (tmp_path / "jp2.icns").write_bytes(_icns(b"ic08", bytes(jp2)))
+    with pytest.raises(ImageFileError, match=BOMB_MESSAGE):
+        open_image(tmp_path / "jp2.icns")
+
+
+def test_every_icon_frame_counts_and_bmp_frames_are_read_too(tmp_path, bomb_bytes, no_decoding):
+    # a second, small frame listed first does not hide the bomb
+    small = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(small, format="PNG")
+    frames = [small.getvalue(), bomb_bytes]
+    directory = struct.pack("<HHH", 0, 1, 2)
+    offset = 6 + 2 * 16
+    for side, frame in zip((16, 0), frames):
+        directory += struct.pack("<BBBBHHII", side, side, 0, 0, 1, 32, len(frame), offset)
+        offset += len(frame)
+    (tmp_path / "two.ico").write_bytes(directory + b"".join(frames))
+    with pytest.raises(ImageFileError, match=BOMB_MESSAGE):
+        open_image(tmp_path / "two.ico")
+    # a BMP frame: BITMAPINFOHEADER of 9000 x 18000 (the XOR image above the AND mask), 1 bit deep
+    dib = struct.pack("<IiiHHIIiiII", 40, BOMB_SIDE, 2 * BOMB_SIDE, 1, 1, 0, 0, 0, 0, 0, 0) + bytes(8)
+    (tmp_path / "bmp.ico").write_bytes(_ico(dib))
+    with pytest.raises(ImageFileError, match=BOMB_MESSAGE):
+        open_image(tmp_path / "bmp.ico")
+
+
+def test_a_masked_cursor_counts_its_whole_bitmap(tmp_path, small_bounds):
+    # 100 x 80 shown, decoded as one 100 x 160 1-bit bitmap (XOR and AND masks)
+    width, height = 100, 80
+    row = (width + 31) // 32 * 4
+    dib = struct.pack("<IiiHHIIiiII", 40, width, 2 * height, 1, 1, 0, 0, 0, 0, 2, 0) + bytes(4) + b"\xff\xff\xff\0"
+    dib += bytes(row * 2 * height)
+    entry = struct.pack("<BBBBHHII", width, height, 2, 0, 0, 0, len(dib), 22)
+    (tmp_path / "big.cur").write_bytes(b"\0\0\2\0" + struct.pack("<H", 1) + entry + dib)
+    with pytest.raises(ImageFileError, match=r"big\.cur is 100 x 160 = 16000 pixels; images may be at most 10000"):
+        open_image(tmp_path / "big.cur")
+
+
+def test_ordinary_icons_and_embedded_images_still_open(tmp_path):
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "small.ico", format="ICO")
+    Image.new("RGBA", (48, 48), "red").save(tmp_path / "bmp.ico", format="ICO", bitmap_format="bmp")
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "small.icns")
+    small_jpeg = io.BytesIO()
+    Image.new("L", (16, 16), 200).save(small_jpeg, format="JPEG")
+    (tmp_path / "small.iim").write_bytes(_iptc(small_jpeg.getvalue()))
+    (tmp_path / "small.blp").write_bytes(_blp1(small_jpeg.getvalue()))
+    expected = {"small.ico": (32, 32), "bmp.ico": (48, 48), "small.icns": (1024, 1024)}
+    expected |= {"small.iim": (16, 16), "small.blp": (16, 16)}
+    for name, size in expected.items():
+        image = open_image(tmp_path / name)
+        assert image.size == size and image.mode == "RGB", name
+        verify_image(tmp_path / name)
+    assert [im.size for im in open_images([tmp_path / n for n in expected])] == list(expected.values())
+
+
+def test_an_iptc_image_that_is_not_a_jpeg_is_refused(tmp_path, bomb_bytes, no_decoding):
+    (tmp_path / "png.iim").write_bytes(_iptc(bomb_bytes))
+    with pytest.raises(ImageFileError, match=r"png\.iim is an IPTC/NAA file whose embedded image is not a JPEG"):
+        open_image(tmp_path / "png.iim")
 
 
 # ---------------------------------------------------------------------- easyref generate

@@ -314,7 +314,7 @@ def _check_embedded(image: Image.Image, label: str, what: str) -> None:
     """The real size of an image embedded in a lazily opened ICNS, IPTC or BLP1 file (or a masked CUR's
     whole bitmap) within the bound, read from its own header before PIL decodes it."""
     handle = image.fp
-    if handle is None:
+    if image.format not in ("ICNS", "IPTC", "BLP", "CUR") or handle is None:
         return
     start = handle.tell()
     try:
@@ -322,12 +322,14 @@ def _check_embedded(image: Image.Image, label: str, what: str) -> None:
             sizes = [_icns_size(handle, *image.icns.dct[code]) for code in _ICNS_EMBEDDED & image.icns.dct.keys()]
         elif image.format == "IPTC" and image.tile and image.tile[0].args[0] == "jpeg":
             sizes = [_iptc_size(image, label)]
-        elif image.format == "BLP" and image.tile and image.tile[0].codec == "BLP1":
+        elif image.format == "BLP" and image.tile and image.tile[0].codec_name == "BLP1":
             sizes = [_blp1_size(handle, image.tile[0].offset)] if image.tile[0].args[0] == _BLP1_JPEG else []
         elif image.format == "CUR" and image.mode == "LA":
             sizes = [(image.width, 2 * image.height)]  # decoded as one "1" or "L" image, then split
         else:
             return
+    except ImageFileError:
+        raise  # a ValueError too
     except _EMBEDDED_PARSE_ERRORS:
         return  # PIL reads these headers the same way, and fails the same way before decoding
     finally:
@@ -336,6 +338,7 @@ def _check_embedded(image: Image.Image, label: str, what: str) -> None:
 
 
 def _icns_size(handle, start: int, length: int) -> tuple[int, int] | None:
+    """The PNG or JPEG 2000 in the ICNS resource at `start`, read as `read_png_or_jpeg2000` reads it."""
     handle.seek(start)
     head = handle.read(24)
     if head.startswith(_PNG_MAGIC):
