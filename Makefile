@@ -49,8 +49,8 @@ bench-shapes: setup
 	$(BIN)/easyref bench shapes --preset cpu --out runs/bench-shapes --work runs/bundled-model.work
 
 # the import contracts and ruff's checks (pyproject.toml), then the whole offline suite: 5 min 29 s once set up (318 s of
-# pytest wall time, the browser tests of `easyref serve` included), timed 2026-12-07 on a machine where the suite of
-# the day before (4 min 05 s when it was timed) took 305 s of pytest
+# pytest wall time, the browser tests of `easyref serve` included), timed 2026-12-07; on the same machine that day the
+# suite before the web page's hardening took 305 s of pytest (4 min 05 s in all when it was first timed)
 test: setup
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/ruff format --check src tests benchmarks
