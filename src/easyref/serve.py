@@ -116,7 +116,7 @@ class Server:
             try:
                 paths, images = self.references(files)
             except UserError as err:
-                return [], f"**Cannot use these references:** {err}"
+                return [], f"**Cannot use these references:** {one_line(str(err))}"
             for image in images:
                 image.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))  # the page shows them small: no large re-encode
         count = f"{len(images)} reference{'s' if len(images) != 1 else ''}"
