@@ -98,6 +98,11 @@ class TrainConfig:
     cache_text_embeds: bool = False
     noise_offset: float = 0.0
     seed: int = 0
+    # every stage's step as the authors' training script computes it (the path the released weights took):
+    # stages 1-2 pad the MLLM rows to 256 tokens with the reference tokens after the padding; the stage-3
+    # size conditioning is the resized size; resizing truncates; the stage-2 face crop goes through the
+    # single-reference consistency crop; LoRA down-weights start gaussian. Off: this project's own choices
+    replicate_release: bool = False
     # checkpoints, logs, validation
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
