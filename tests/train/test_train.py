@@ -207,7 +207,12 @@ def test_resume_continues_exactly(tiny_dirs, example_data, stage1_checkpoint, tm
 def test_two_processes_equal_one_with_the_doubled_batch(tiny_dirs, example_data, tmp_path):
     base = settings(tiny_dirs, example_data, tmp_path / "one", 1, max_steps=2, batch_size=2)
     cfg = write_config(tmp_path / "cfg.yaml", base)
-    assert main(["train", "--config", str(cfg), "--cpu"]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each of the two processes runs: the same thread count on both sides
+    try:
+        assert main(["train", "--config", str(cfg), "--cpu"]) == 0
+    finally:
+        torch.set_num_threads(threads)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable,
