@@ -115,8 +115,10 @@ def is_installed(unet) -> bool:
     return getattr(unet, _STATE_ATTR, None) is not None
 
 
-def install_adapter(unet, config: EasyRefConfig) -> None:
-    """Add reference cross-attention, projection and (if `config.lora_rank`) LoRA to `unet` in place."""
+def install_adapter(unet, config: EasyRefConfig, lora_init: bool | str = True) -> None:
+    """Add reference cross-attention, projection and (if `config.lora_rank`) LoRA to `unet` in place.
+    `lora_init`: how a new LoRA starts, as peft's `init_lora_weights` (True: its kaiming-uniform default;
+    "gaussian": down-weights from N(0, (1/rank)^2), as the release trained it); loaded weights replace it."""
     if is_installed(unet):
         raise ValueError("an EasyRef adapter is already installed on this UNet; call unload_adapter first")
     if unet.config.cross_attention_dim != config.cross_attention_dim:
@@ -135,7 +137,7 @@ def install_adapter(unet, config: EasyRefConfig) -> None:
     unet.encoder_hid_proj = MultiIPAdapterImageProjection([projection]).to(unet.device, unet.dtype)
     unet.config.encoder_hid_dim_type = "ip_image_proj"
     if config.lora_rank:
-        _add_lora(unet, config)
+        _add_lora(unet, config, lora_init)
         state.lora = True
     setattr(unet, _STATE_ATTR, state)
 
@@ -160,10 +162,12 @@ def _reference_processor(unet, name: str, original, config: EasyRefConfig):
     return proc.to(attn.to_k.weight.device, attn.to_k.weight.dtype)
 
 
-def _add_lora(unet, config: EasyRefConfig) -> None:
+def _add_lora(unet, config: EasyRefConfig, init: bool | str = True) -> None:
     from peft import LoraConfig
 
-    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=LORA_TARGETS)
+    lora = LoraConfig(
+        r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=LORA_TARGETS, init_lora_weights=init
+    )
     unet.add_adapter(lora, adapter_name=LORA_ADAPTER_NAME)
 
 

@@ -177,13 +177,14 @@ class ReferenceEncoder(nn.Module):
     def _encode(self, inputs: MLLMInputs, with_maps: bool):
         inputs = inputs.to(self.device)
         hidden, positions = self.trunk(inputs)
-        tokens = self.aggregate(hidden, inputs.attention_mask, positions)
+        after_padding = inputs.padded_to is not None
+        tokens = self.aggregate(hidden, inputs.attention_mask, positions, after_padding=after_padding)
         maps = None
         if with_maps:
             # a second pass of the one layer, eager so that it returns its weights: the tokens stay those
             # of the pass above, so asking for the maps never changes the images
             with capture_attention(self.aggregator.layers[-1]) as captured:
-                self.aggregate(hidden, inputs.attention_mask, positions)
+                self.aggregate(hidden, inputs.attention_mask, positions, after_padding=after_padding)
             merge = self.mllm_config.vision_config.spatial_merge_size
             rows = image_token_maps(
                 captured[-1],
@@ -251,9 +252,15 @@ class ReferenceEncoder(nn.Module):
             )
         return hidden.masked_scatter(image_mask, image_embeds)
 
-    def aggregate(self, context: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def aggregate(
+        self, context: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, after_padding: bool = False
+    ) -> torch.Tensor:
         """The aggregation layer: reference tokens appended to the trunk's output (`trunk`), read by the last
         decoder layer; returns their normed outputs (rows, num_reference_tokens, D).
+
+        `after_padding`: the tokens take the positions after the whole padded context (L..L+n-1) rather than
+        after each row's own tokens, as the release's stages 1-2 placed them (`MLLMInputs.padded_to`); they
+        see the same context either way, its real tokens (the padding stays masked).
 
         Only the reference tokens' rows are computed: the context contributes its keys and values, and its
         own queries, attention outputs and MLP rows (discarded by the method) never run. That work grows with
@@ -261,8 +268,7 @@ class ReferenceEncoder(nn.Module):
         layer over [context ; tokens]."""
         batch, length, n = context.shape[0], context.shape[1], self.config.num_reference_tokens
         tokens = self.aggregator.reference_tokens.to(context.dtype).unsqueeze(0).expand(batch, -1, -1)
-        # reference tokens continue each group's own sequence, whatever the padding
-        token_positions = mask.sum(-1, keepdim=True) + torch.arange(n, device=mask.device)
+        token_positions = _reference_positions(mask, n, after_padding)
         cos, sin = self.rotary_emb(context, torch.cat([positions, token_positions], dim=1))
         layer = self.aggregator.layers[-1]
         context_kv = _ContextKeysValues(layer, context, cos[:, :length], sin[:, :length])
@@ -341,6 +347,14 @@ def _token_rows_mask(mask: torch.Tensor, n: int, causal: bool, dtype: torch.dtyp
         [mask.bool()[:, None, None, :].expand(-1, 1, n, -1), among_tokens.expand(batch, 1, n, n)], dim=-1
     )
     return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _reference_positions(mask: torch.Tensor, n: int, after_padding: bool) -> torch.LongTensor:
+    """(B, n) positions of the reference tokens: continuing each row's own sequence whatever its padding, or
+    (the release's stages 1-2) after the padded length, where the release's plain 0..L+n-1 positions put them."""
+    start = mask.shape[-1] if after_padding else mask.sum(-1, keepdim=True)
+    offsets = torch.arange(n, device=mask.device)
+    return (start + offsets).expand(mask.shape[0], -1)
 
 
 def _sequential_positions(mask: torch.Tensor) -> torch.LongTensor:

@@ -15,6 +15,11 @@ from .images import to_rgb, upright
 _PRE_MIN_PIXELS = 4 * PATCH_FACTOR**2
 _PRE_MAX_PIXELS = 16384 * PATCH_FACTOR**2
 IMAGE_PAD = "<|image_pad|>"
+# The row length of the authors' training script in its single-reference stages (1-2): finetune_sdxl.py
+# runs its processor with `max_length=256, padding="max_length", truncation=True`, so every row is
+# right-padded or cut to 256 tokens and the reference tokens follow the padding (positions 256..319).
+# Only `TrainConfig.replicate_release` asks for it; stage 3 and inference never pad to a fixed length.
+RELEASE_ROW_LENGTH = 256
 
 
 @dataclass
@@ -26,10 +31,13 @@ class MLLMInputs:
     pixel_values: torch.Tensor  # (sum of patches, C * T * P * P)
     image_grid_thw: torch.LongTensor  # (num images, 3)
     group_sizes: list[int] | None = None  # mean/concat modes: rows are single references, this many per group
+    # rows padded (and cut) to this fixed length, with the reference tokens placed after the padding as the
+    # release trained stages 1-2; None: rows as long as the longest, reference tokens after each row's own
+    padded_to: int | None = None
 
     def to(self, device: torch.device) -> MLLMInputs:
         tensors = (self.input_ids, self.attention_mask, self.pixel_values, self.image_grid_thw)
-        return MLLMInputs(*(t.to(device) for t in tensors), group_sizes=self.group_sizes)
+        return MLLMInputs(*(t.to(device) for t in tensors), group_sizes=self.group_sizes, padded_to=self.padded_to)
 
 
 def normalize_image(image: Image.Image) -> Image.Image:
@@ -89,8 +97,11 @@ def expand_image_tokens(prompt: str, tokens_per_image: list[int]) -> str:
     return "".join(out)
 
 
-def build_inputs(groups, instructions, tokenizer, image_processor, config: EasyRefConfig) -> MLLMInputs:
-    """Tokenize every group's chat prompt (images, then its instruction) and preprocess all images at once."""
+def build_inputs(
+    groups, instructions, tokenizer, image_processor, config: EasyRefConfig, pad_to: int | None = None
+) -> MLLMInputs:
+    """Tokenize every group's chat prompt (images, then its instruction) and preprocess all images at once.
+    `pad_to`: every row right-padded or cut to exactly this many tokens (`RELEASE_ROW_LENGTH`)."""
     images = [normalize_image(im) for group in groups for im in group]
     vision = image_processor(
         images, return_tensors="pt", size={"shortest_edge": config.min_pixels, "longest_edge": config.max_pixels}
@@ -98,7 +109,10 @@ def build_inputs(groups, instructions, tokenizer, image_processor, config: EasyR
     grid = vision["image_grid_thw"]
     counts = (grid.prod(-1) // image_processor.merge_size**2).tolist()
     ids = chat_ids(tokenizer, instructions, [len(group) for group in groups], counts)
-    return MLLMInputs(*_right_pad(ids, tokenizer.pad_token_id or 0), vision["pixel_values"], grid)
+    if pad_to is not None:
+        ids = _truncate(ids, pad_to, tokenizer.convert_tokens_to_ids(IMAGE_PAD))
+    padded = _right_pad(ids, tokenizer.pad_token_id or 0, length=pad_to)
+    return MLLMInputs(*padded, vision["pixel_values"], grid, padded_to=pad_to)
 
 
 def chat_ids(tokenizer, texts: list[str], group_sizes: list[int], tokens_per_image: list[int]) -> list[list[int]]:
@@ -112,17 +126,35 @@ def chat_ids(tokenizer, texts: list[str], group_sizes: list[int], tokens_per_ima
     return rows
 
 
-def prepare_inputs(groups, prompts, tokenizer, image_processor, config: EasyRefConfig) -> MLLMInputs:
+def prepare_inputs(
+    groups, prompts, tokenizer, image_processor, config: EasyRefConfig, pad_to: int | None = None
+) -> MLLMInputs:
     """MLLM inputs for groups and their prompts, in rows laid out by the config's reference mode;
-    `group_sizes` tells the encoder how to put the rows back together (None: a row is a group)."""
+    `group_sizes` tells the encoder how to put the rows back together (None: a row is a group).
+    `pad_to`: rows of exactly this many tokens, the reference tokens after the padding (`build_inputs`)."""
     rows, texts, group_sizes = config.mode.rows(groups, [config.format_instruction(p) for p in prompts])
-    inputs = build_inputs(rows, texts, tokenizer, image_processor, config)
+    inputs = build_inputs(rows, texts, tokenizer, image_processor, config, pad_to=pad_to)
     inputs.group_sizes = group_sizes
     return inputs
 
 
-def _right_pad(ids: list[list[int]], pad_id: int) -> tuple[torch.LongTensor, torch.LongTensor]:
-    length = max(len(x) for x in ids)
+def _truncate(ids: list[list[int]], length: int, image_token_id: int) -> list[list[int]]:
+    """Rows cut at `length` tokens, as the release's tokenizer cut them (the end of the text goes). A cut
+    through a row's image tokens would leave visual features without their slots, so it is refused."""
+    for row, seq in enumerate(ids):
+        if image_token_id in seq[length:]:
+            raise ValueError(
+                f"MLLM row {row} is {len(seq)} tokens long: cutting it at {length} would cut its images; "
+                "use smaller references"
+            )
+    return [seq[:length] for seq in ids]
+
+
+def _right_pad(
+    ids: list[list[int]], pad_id: int, length: int | None = None
+) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """(input ids, attention mask), each row right-padded to `length` (None: the longest row's)."""
+    length = max(len(x) for x in ids) if length is None else length
     input_ids = torch.full((len(ids), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids), length), dtype=torch.long)
     for row, seq in enumerate(ids):

@@ -645,6 +645,27 @@ def test_more_bad_settings_fail_before_the_models(tiny_dirs, example, tmp_path, 
     assert (tmp_path / "afile").read_text() == "mine" and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    "face, phrase",
+    [
+        ([[4, 4, 2, 20, 0.9]], "is empty"),  # the authors' script's form (a list of boxes)
+        ([[4, 4, 20]], "face box must be 4 numbers"),
+        ([[[4, 4, 20, 20, "sure"]]], "face box must be 4 numbers"),  # their README's form
+        ([], "'face' must be a list of boxes"),
+    ],
+)
+def test_a_malformed_face_record_is_one_line_naming_it(tiny_dirs, example, tmp_path, capsys, monkeypatch, face, phrase):
+    good = {"face": [[4, 4, 20, 20, 0.9]], "text": ["x"], "target": "a.png"}
+    data = tmp_path / "faces.json"
+    data.write_text(json.dumps([good, {**good, "face": [[[4, 4, 20, 20]]]}, {**good, "face": face}]))
+    monkeypatch.setattr("easyref.train.trainer.load_stage_models", _no_models)
+    cfg = write_config(tmp_path / "cfg.yaml", settings(tiny_dirs, example, tmp_path / "run", data=str(data)))
+    code, err = train(capsys, "--config", cfg)
+    assert code == 2
+    assert "faces.json record 3: " in one_error(err, phrase)  # records 1 and 2, one of each form, pass
+    assert not (tmp_path / "run").exists()
+
+
 def test_write_example_data_never_overwrites_other_files(tmp_path, capsys):
     folder = tmp_path / "data"
     assert main(["train", "--write-example-data", str(folder)]) == 0

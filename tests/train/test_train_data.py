@@ -25,6 +25,7 @@ from easyref.train.data import (
     collate,
     crop_target,
     expand_box,
+    face_box,
     global_batches,
     load_records,
     nearest_bucket,
@@ -99,6 +100,19 @@ def test_jsonl_face_and_stage1_records_with_blank_lines(tmp_path):
         ({"target": "t.jpg", "face": [[[1, 9, 5, 9, 0.9]]]}, "empty"),
         ({"target": "t.jpg", "face": [[["a", 1, 5, 9]]]}, "4 numbers"),
         ({"target": "t.jpg", "face": []}, "'face'"),
+        # the authors' script's form: a list of boxes
+        ({"target": "t.jpg", "face": [[1, 2, 3]]}, "4 numbers"),
+        ({"target": "t.jpg", "face": [[1, 2, 3, 4, 0.9, 7]]}, "4 numbers"),
+        ({"target": "t.jpg", "face": [[1, 2, 3, 4, "high"]]}, "4 numbers"),
+        ({"target": "t.jpg", "face": [[1, 2, 3, None]]}, "4 numbers"),
+        ({"target": "t.jpg", "face": [[10, 2, 5, 8, 0.9]]}, "empty"),
+        ({"target": "t.jpg", "face": [[1, 2, 5, 9, True]]}, "4 numbers"),
+        ({"target": "t.jpg", "face": [[]]}, "'face'"),
+        ({"target": "t.jpg", "face": [[[]]]}, "4 numbers"),
+        ({"target": "t.jpg", "face": [5, 6, 7, 8]}, "'face'"),
+        ({"target": "t.jpg", "face": "1 2 3 4"}, "'face'"),
+        ({"target": "t.jpg", "face": {"box": [1, 2, 3, 4]}}, "'face'"),
+        ({"target": "t.jpg", "face": [[[[1, 2, 3, 4]]]]}, "4 numbers"),
     ],
 )
 def test_malformed_records_name_file_and_line(tmp_path, record, fragment):
@@ -111,6 +125,38 @@ def test_malformed_records_name_file_and_line(tmp_path, record, fragment):
     listed.write_text(json.dumps([{"target": "ok.jpg"}, record]))
     with pytest.raises(DataError, match=r"data\.json record 2: "):
         load_records(listed)
+
+
+@pytest.mark.parametrize(
+    "face",
+    [
+        [[1, 2, 30, 40, 0.99], [0, 0, 5, 5, 0.5]],  # what the authors' script reads (`item["face"][0]`)
+        [[1, 2, 30, 40]],  # the score is optional
+        [[[1, 2, 30, 40, 0.99], [0, 0, 5, 5, 0.5]]],  # what their README shows
+        [[[1, 2, 30, 40]]],
+    ],
+)
+def test_both_face_forms_give_the_first_box(tmp_path, face):
+    record = {"face": face, "text": "a face", "target": "f.jpg"}
+    path = write_jsonl(tmp_path / "data.jsonl", [record])
+    assert load_records(path) == [record]
+    assert face_box(record, "here") == (1.0, 2.0, 30.0, 40.0)
+
+
+def test_both_face_forms_train_the_same_stage2_sample(tmp_path):
+    name = save(tmp_path / "face.png", gradient(64, 48))
+    box = [20, 10, 36, 26, 0.9]
+    forms = ([box], [[box]])
+    samples = [TrainDataset([{"target": name, "face": f}], tmp_path, settings(stage=2))[(3, 0)] for f in forms]
+    assert np.array_equal(np.asarray(samples[0].references[0]), np.asarray(samples[1].references[0]))
+    assert torch.equal(samples[0].pixel_values, samples[1].pixel_values)
+
+
+def test_a_huge_bad_face_value_is_still_one_short_line(tmp_path):
+    path = write_jsonl(tmp_path / "data.jsonl", [{"target": "t.jpg", "face": [list(range(100000))]}])
+    with pytest.raises(DataError, match=r"data\.jsonl line 1: face box must be 4 numbers") as info:
+        load_records(path)
+    assert len(str(info.value)) < 300 and "\n" not in str(info.value)
 
 
 def test_jsonl_lines_split_on_newlines_only(tmp_path):

@@ -2,7 +2,9 @@
 
 Records come in the released formats (a `.json` list or a `.jsonl` file):
 `{"image_file": [refs...] | "x.jpg", "text": [captions...] | "str", "target": "x.jpg"}` or, for face
-crops, `{"face": [[[x1, y1, x2, y2, score], ...]], "text": ..., "target": "x.jpg"}`. Error messages
+crops, `{"face": [[x1, y1, x2, y2, score], ...], "text": ..., "target": "x.jpg"}` (what the authors'
+training script reads) or the same boxes one level deeper, `[[[x1, y1, x2, y2, score], ...]]` (what
+their README shows); the score is optional. Error messages
 number records from 1: `data.json record 3` is the third list element, `data.jsonl line 3` the third
 line of the file. Inside a `TrainDataset` a record is named by its 0-based `index` (the one in keys).
 
@@ -127,18 +129,36 @@ def check_record(record: Any, where: str) -> None:
 
 
 def face_box(record: dict, where: str) -> Box:
-    """The first box of `face[0]` as (x1, y1, x2, y2); the score and any other boxes are ignored."""
-    face = record.get("face")
-    try:
-        box = face[0][0]
-    except (TypeError, IndexError, KeyError):
-        raise DataError(f"{where}: 'face' must look like [[[x1, y1, x2, y2, score], ...]]") from None
-    if not isinstance(box, list) or len(box) < 4 or not all(_is_number(v) for v in box[:4]):
-        raise DataError(f"{where}: face box must start with 4 numbers x1, y1, x2, y2, got {box!r}")
+    """The first face box as (x1, y1, x2, y2); the score and any other boxes are ignored, as the
+    authors' script ignores them."""
+    box = _first_face_box(record.get("face"), where)
+    if not (4 <= len(box) <= 5 and all(_is_number(v) for v in box)):
+        raise DataError(
+            f"{where}: face box must be 4 numbers x1, y1, x2, y2 and an optional score, got {_clip_repr(box)}"
+        )
     x1, y1, x2, y2 = (float(v) for v in box[:4])
     if not (x2 > x1 and y2 > y1):
         raise DataError(f"{where}: face box {box[:4]!r} is empty (needs x2 > x1 and y2 > y1)")
     return x1, y1, x2, y2
+
+
+def _first_face_box(face: Any, where: str) -> list:
+    """`face[0]` when `face` is a list of boxes (the authors' script takes `item["face"][0]`), or
+    `face[0][0]` when it is a list holding a list of boxes (their README's form, which the script
+    itself cannot read). A box is told from a list of boxes by its first element being a list."""
+    first = face[0] if isinstance(face, list) and face else None
+    if isinstance(first, list) and first:
+        return first[0] if isinstance(first[0], list) else first
+    raise DataError(
+        f"{where}: 'face' must be a list of boxes [[x1, y1, x2, y2, score], ...] "
+        f"(or that list inside a list), got {_clip_repr(face)}"
+    )
+
+
+def _clip_repr(value: Any, limit: int = 80) -> str:
+    # A data file may hold a huge value where a box belongs; the error stays one short line.
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _is_path_string(value: Any) -> bool:
@@ -213,6 +233,9 @@ class DataSettings:
     drop_image_size: int = 512  # side of the black image that replaces dropped references
     face_expand_max: float = 0.5  # stage 2: the square face box grows by U[0, this) of its side per side
     flip_rate: float = 0.5  # stage 2: horizontal flip of the face crop
+    # The data path of the authors' training script: resizes truncate, stage 3's SDXL original_size is
+    # the resized size, and stage 2's face crop goes through their single-reference consistency crop.
+    replicate_release: bool = False
     seed: int = 0
 
     @classmethod
@@ -342,25 +365,61 @@ def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) 
 
 
 def crop_target(
-    image: Image.Image, size: tuple[int, int], rng: random.Random, mode: str
+    image: Image.Image, size: tuple[int, int], rng: random.Random, mode: str, truncate: bool = False
 ) -> tuple[Image.Image, tuple[int, int]]:
     """Resize (bilinear) to cover `size` = (width, height) keeping the aspect, then crop.
 
     Returns the crop and its (top, left) in the resized image, as SDXL's crop conditioning expects.
+    `truncate` sizes the resize as the authors' script does (see `cover_size`).
     """
     if mode not in _CROP_MODES:
         raise ValueError(f"crop mode must be one of {_CROP_MODES}, got {mode!r}")
     width, height = size
-    scale = max(width / image.width, height / image.height)
-    # max() guards against rounding a covering side one pixel short.
-    resized_w = max(width, round(image.width * scale))
-    resized_h = max(height, round(image.height * scale))
+    resized_w, resized_h = cover_size(image.width, image.height, size, truncate)
     resized = image.resize((resized_w, resized_h), Image.BILINEAR)
     if mode == "random":
         top, left = rng.randint(0, resized_h - height), rng.randint(0, resized_w - width)
     else:
         top, left = (resized_h - height) // 2, (resized_w - width) // 2
     return resized.crop((left, top, left + width, top + height)), (top, left)
+
+
+def cover_size(width: int, height: int, size: tuple[int, int], truncate: bool = False) -> tuple[int, int]:
+    """(width, height) of a `width` x `height` image resized, keeping its aspect, to just cover `size`.
+
+    By default the other side is rounded; with `truncate` it is computed exactly as the authors' script
+    gets it from torchvision's `Resize(side)` (`int(side * long / short)`), so crop offsets match theirs.
+    """
+    if truncate:
+        return _cover_size_truncated(width, height, size)
+    scale = max(size[0] / width, size[1] / height)
+    # max() guards against rounding a covering side one pixel short.
+    return max(size[0], round(width * scale)), max(size[1], round(height * scale))
+
+
+def _cover_size_truncated(width: int, height: int, size: tuple[int, int]) -> tuple[int, int]:
+    # For a square target this is torchvision's `Resize(side)` exactly: the short side becomes `side`, the
+    # long one `int(side * long / short)`. For an aspect bucket the side with the larger scale plays the
+    # short side's part. Integer cross-multiplication decides ties without float error, and int() of a
+    # quotient that is at least the other target side never falls below it, so no max() guard is needed.
+    target_w, target_h = size
+    if target_w * height >= target_h * width:
+        return target_w, int(target_w * height / width)
+    return int(target_h * width / height), target_h
+
+
+def consistency_crop(reference: Image.Image, size: tuple[int, int], offset: tuple[int, int]) -> Image.Image:
+    """The authors' single-reference crop: the reference resized as the target was (`cover_size`,
+    truncating) and cut at the target's crop offset (top, left), so it lines up with the target.
+
+    A square face crop resizes to exactly the target's square, so a non-zero offset pushes the cut past
+    its edge; PIL fills what lies outside with black (as torchvision's crop of a PIL image does in their
+    script), which leaves a black band of `offset` pixels at the right or bottom.
+    """
+    width, height = size
+    top, left = offset
+    resized = reference.resize(cover_size(reference.width, reference.height, size, truncate=True), Image.BILINEAR)
+    return resized.crop((left, top, left + width, top + height))
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -531,14 +590,16 @@ class TrainDataset(torch.utils.data.Dataset):
         rng = sample_rng(settings.seed, epoch, index)
         raw = self._load(entry.target)
         width, height = self.bucket_of(index)
-        target, (top, left) = crop_target(raw, (width, height), rng, settings.crop)
+        truncate = settings.replicate_release
+        target, (top, left) = crop_target(raw, (width, height), rng, settings.crop, truncate)
         # All random draws happen before reference files are read, so a dropped image costs no I/O.
-        make_references = self._reference_plan(entry, raw, target, rng)
+        make_references = self._reference_plan(entry, raw, target, (top, left), rng)
         text = rng.choice(entry.texts) if entry.texts else ""
         drop_image, drop_text = choose_drop(rng, settings)
         size = settings.drop_image_size
         references = [Image.new("RGB", (size, size))] if drop_image else make_references()
-        time_ids = torch.tensor([raw.height, raw.width, top, left, height, width], dtype=torch.float32)
+        original = self._original_size(raw, (width, height))
+        time_ids = torch.tensor([*original, top, left, height, width], dtype=torch.float32)
         return TrainSample(
             key=(epoch, index),
             references=references,
@@ -548,8 +609,22 @@ class TrainDataset(torch.utils.data.Dataset):
             noise_seed=noise_seed(settings.seed, epoch, index),
         )
 
-    def _reference_plan(self, entry: _Entry, raw: Image.Image, target: Image.Image, rng: random.Random):
-        """Draw this stage's reference choices now; return a thunk that produces the images."""
+    def _original_size(self, raw: Image.Image, size: tuple[int, int]) -> tuple[int, int]:
+        """SDXL's original_size as (height, width): the file's upright size. With `replicate_release`,
+        stage 3 feeds the resized size instead, because the authors' script resizes the target before
+        it reads the size there (in stages 1-2 it reads it from the file, as here)."""
+        if self.settings.replicate_release and self.settings.stage == 3:
+            width, height = cover_size(raw.width, raw.height, size, truncate=True)
+            return height, width
+        return raw.height, raw.width
+
+    def _reference_plan(
+        self, entry: _Entry, raw: Image.Image, target: Image.Image, offset: tuple[int, int], rng: random.Random
+    ):
+        """Draw this stage's reference choices now; return a thunk that produces the images.
+
+        `offset` is the target's crop (top, left), which the authors' consistency crop reuses.
+        """
         settings = self.settings
         if settings.stage == 1:
             # The cropped target, i.e. the very pixels the UNet is trained on (the authors' single-reference setup).
@@ -558,6 +633,8 @@ class TrainDataset(torch.utils.data.Dataset):
             ratio = rng.uniform(0.0, settings.face_expand_max)
             box = expand_box(square_box(entry.face), ratio, raw.width, raw.height)
             flip = rng.random() < settings.flip_rate
+            if settings.replicate_release:
+                return lambda: [consistency_crop(_face_crop(raw, box, flip), target.size, offset)]
             return lambda: [_face_crop(raw, box, flip)]
         paths = choose_references(entry.references, rng, settings.max_references, settings.truncate_rate)
         return lambda: self._load_group(paths)

@@ -15,7 +15,7 @@ from ..checkpoint import CheckpointError, apply_checkpoint, split_groups
 from ..config import EasyRefConfig
 from ..encoder import ReferenceEncoder
 from ..parameter_groups import frozen_encoder_modules, trainable_parameters
-from ..prompting import MLLMInputs, prepare_inputs
+from ..prompting import RELEASE_ROW_LENGTH, MLLMInputs, prepare_inputs
 from ..release import read_checkpoint
 from .config import TrainConfig
 
@@ -50,11 +50,24 @@ def load_stage_models(config: TrainConfig) -> StageModels:
     torch.manual_seed(config.seed)  # reference tokens and LoRA start from the same values on every process
     encoder = ReferenceEncoder.from_pretrained(mllm.path, model_config)
     unet = sdxl.unet
-    install_adapter(unet, model_config)
+    install_adapter(unet, model_config, lora_init=lora_init(config))
     if previous:
         load_previous_stage(previous[0], previous[1], model_config, encoder, unet)
     scheduler = DDPMScheduler.from_config(sdxl.scheduler.config)
     return StageModels(model_config, encoder, unet, sdxl.vae, sdxl, scheduler)
+
+
+def lora_init(config: TrainConfig) -> bool | str:
+    """How a LoRA this run creates starts (peft's `init_lora_weights`): down-weights from N(0, (1/rank)^2)
+    as the release's LoRA layers drew them (diffusers' `LoRALinearLayer`), or peft's kaiming-uniform default;
+    up-weights start at zero either way, so the adapted UNet starts as the plain one."""
+    return "gaussian" if config.replicate_release else True
+
+
+def mllm_pad_length(config: TrainConfig) -> int | None:
+    """The fixed MLLM row length of this stage's batches: the release's in its single-reference stages
+    (1-2) when replicating it, else None (rows as long as the longest, as in stage 3 and at inference)."""
+    return RELEASE_ROW_LENGTH if config.replicate_release and config.stage in (1, 2) else None
 
 
 def recorded_name(part) -> str:
@@ -71,6 +84,14 @@ def _provenance(base, mllm) -> dict:
     return {"resolved": {"base": os.path.abspath(base.path), "mllm": os.path.abspath(mllm.path)}}
 
 
+def _training_record(config: TrainConfig, previous: EasyRefConfig | None) -> dict:
+    """The training choices behind the weights, stage by stage (`extra["training"]`, carried on from the
+    previous stage): they change what the weights learnt, not how the model is loaded or run."""
+    earlier = previous.extra.get("training") if previous else None
+    earlier = earlier if isinstance(earlier, dict) else {}
+    return {"training": {**earlier, f"stage{config.stage}": {"replicate_release": config.replicate_release}}}
+
+
 def _model_config(config: TrainConfig, base, mllm, previous: EasyRefConfig | None, unet) -> EasyRefConfig:
     """The run's model settings (`TrainConfig.model_settings`) over what the parts and the stage decide; the
     checkpoint records the base and MLLM it was trained with (`recorded_name`), and where they were read."""
@@ -82,7 +103,11 @@ def _model_config(config: TrainConfig, base, mllm, previous: EasyRefConfig | Non
         "max_references": max(
             previous.max_references if previous else EasyRefConfig.max_references, config.max_references
         ),
-        "extra": {**(previous.extra if previous else {}), **_provenance(base, mllm)},
+        "extra": {
+            **(previous.extra if previous else {}),
+            **_provenance(base, mllm),
+            **_training_record(config, previous),
+        },
     }
     if previous is None:
         from transformers import AutoConfig
@@ -192,10 +217,12 @@ def prediction_target(scheduler, latents, noise, timesteps) -> torch.Tensor:
 class MLLMInputBuilder:
     """Tokenises and preprocesses reference groups in the data-loader workers (picklable)."""
 
-    def __init__(self, encoder: ReferenceEncoder):
+    def __init__(self, encoder: ReferenceEncoder, pad_to: int | None = None):
+        """`pad_to`: rows of exactly this many tokens (`mllm_pad_length`), None: as long as the longest."""
         self.config = encoder.config
         self.tokenizer = encoder.tokenizer
         self.image_processor = encoder.image_processor
+        self.pad_to = pad_to
 
     def __call__(self, groups, texts) -> MLLMInputs:
-        return prepare_inputs(groups, texts, self.tokenizer, self.image_processor, self.config)
+        return prepare_inputs(groups, texts, self.tokenizer, self.image_processor, self.config, pad_to=self.pad_to)

@@ -57,6 +57,7 @@ from .models import (
     cast_frozen,
     denoising_loss,
     load_stage_models,
+    mllm_pad_length,
     select_trainables,
 )
 
@@ -325,7 +326,7 @@ class Trainer:
         loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_sampler=sampler,
-            collate_fn=CollateForTraining(MLLMInputBuilder(self.models.encoder)),
+            collate_fn=self._collate(),
             num_workers=c.num_workers,
         )
         started = time.perf_counter()
@@ -433,8 +434,15 @@ class Trainer:
 
     def fixed_batch(self, indices: list[int], epoch: int = 0):
         """The samples at these dataset indices, collated exactly as the loop would (for evaluation)."""
-        items = [self.dataset[(epoch, i)] for i in indices]
-        return CollateForTraining(MLLMInputBuilder(self.models.encoder))(items)
+        return self.collate_items([self.dataset[(epoch, i)] for i in indices])
+
+    def collate_items(self, items):
+        """Dataset samples collated exactly as the loop would (the MLLM rows as this stage lays them out)."""
+        return self._collate()(items)
+
+    def _collate(self) -> CollateForTraining:
+        """The batches' collate: the MLLM rows laid out as this stage trains them (`mllm_pad_length`)."""
+        return CollateForTraining(MLLMInputBuilder(self.models.encoder, pad_to=mllm_pad_length(self.config)))
 
     def evaluate_loss(self, batch) -> float:
         """The training loss on a batch, with its fixed per-sample noise, without updating anything."""
