@@ -15,6 +15,7 @@ examples:
   easyref train --write-example-data runs/example-data && easyref train --config example-stage1
   easyref train --config stage1 --set data=data/pairs.json data_root=data
   easyref train --config stage2 --set init_from=runs/stage1/final
+  easyref train --config stage2 --set replicate_release=true   # each step as the release was trained
   easyref train --config my_stage3.yaml --resume latest
   accelerate launch --num_processes 8 -m easyref train --config stage3
 """
