@@ -48,8 +48,8 @@ bundled-model: setup
 bench-shapes: setup
 	$(BIN)/easyref bench shapes --preset cpu --out runs/bench-shapes --work runs/bundled-model.work
 
-# the import contracts and ruff's checks (pyproject.toml), then the whole offline suite: 5 min 29 s once set up (318 s of
-# pytest wall time, the browser tests of `easyref serve` included), timed 2026-12-07; on the same machine that day the
+# the import contracts and ruff's checks (pyproject.toml), then the whole offline suite: about 5 min 35 s once set up (323 s of
+# pytest wall time, the browser tests of `easyref serve` included), timed 2026-12-08, 6 min 42 s from a fresh clone; on the same machine that day the
 # suite before the web page's hardening took 305 s of pytest (4 min 05 s in all when it was first timed)
 test: setup
 	$(BIN)/lint-imports --no-cache
