@@ -147,7 +147,7 @@ def our_config(stage: int, replicate: bool, sdxl, qwen, data, root, init_from, o
         resolution=args.resolution,
         crop="center",  # their MyDataset's default (center_crop=True), which main() does not change
         keep_aspect=stage == 3,
-        bucket_stride=64,
+        bucket_stride=64 if stage == 3 else 16,  # stages 1-2 crop squares: any resolution a multiple of 16
         max_references=4,
         truncate_rate=0.0,
         image_drop_rate=0.0,
