@@ -391,3 +391,36 @@ def qwen2vl_2b_with_tiny_tokenizer(num_hidden_layers: int = 28, vision_depth: in
         )
     }
     return tokenizer, qwen2vl_2b_config(ids, num_hidden_layers=num_hidden_layers, vision_depth=vision_depth)
+
+
+class AuthorsWorker:
+    """A worker script running in the authors' venv, driven over a pipe: one JSON request, one JSON reply."""
+
+    def __init__(self, python, script, repo):
+        import subprocess
+
+        self.process = subprocess.Popen(
+            [str(python), str(script), "serve", str(repo.resolve())],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def ask(self, **request) -> dict:
+        import json
+
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError("the authors' worker stopped (its error is above)")
+        return json.loads(line)
+
+    def close(self) -> None:
+        import json
+
+        if self.process.poll() is not None:
+            return
+        self.process.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+        self.process.stdin.close()
+        self.process.wait(timeout=60)

@@ -140,32 +140,6 @@ def write_model_folder(python: Path, folder: Path, args) -> None:
     subprocess.run([str(python), worker, "make-model", str(folder), json.dumps(flat)], check=True)
 
 
-class Theirs:
-    """The worker process, one request at a time."""
-
-    def __init__(self, python: Path, repo: Path):
-        worker = str(HERE / "authors_worker.py")
-        self.process = subprocess.Popen(
-            [str(python), worker, "serve", str(repo.resolve())],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-
-    def ask(self, **request) -> dict:
-        self.process.stdin.write(json.dumps(request) + "\n")
-        self.process.stdin.flush()
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError("the authors' worker stopped (its error is above)")
-        return json.loads(line)
-
-    def close(self) -> None:
-        self.process.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-        self.process.stdin.close()
-        self.process.wait(timeout=60)
-
-
 def load_ours(folder: Path, state_file: Path):
     """Our encoder over the same folder, and diffusers' projection, both holding their weights."""
     from diffusers.models.embeddings import IPAdapterFullImageProjection
@@ -196,7 +170,7 @@ def compare(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[float, float]:
     return torch.nn.functional.cosine_similarity(a, b, dim=-1).min().item(), (a - b).abs().max().item()
 
 
-def measure_size(n: int, encoder, projection, theirs: Theirs, workdir: Path, args) -> list:
+def measure_size(n: int, encoder, projection, theirs: _common.AuthorsWorker, workdir: Path, args) -> list:
     from safetensors.torch import load_file
 
     images = make_images(n, INPUT_SIZE, args.seed + n)
@@ -264,7 +238,7 @@ def main(argv=None) -> int:
         workdir = Path(tmp)
         folder = workdir / "qwen2vl"
         write_model_folder(python, folder, args)
-        theirs = Theirs(python, args.authors_repo)
+        theirs = _common.AuthorsWorker(python, HERE / "authors_worker.py", args.authors_repo)
         try:
             state_file = workdir / "theirs_state.safetensors"
             load_s = theirs.ask(cmd="load", folder=str(folder), state_out=str(state_file), seed=args.seed)["load_s"]

@@ -112,27 +112,6 @@ def write_data(root: Path) -> dict:
     return {"ours": {s: paths[DATA[s]] for s in (1, 2, 3)}, "theirs": theirs, "records": {3: groups}}
 
 
-class Worker:
-    def __init__(self, python: Path, repo: Path):
-        cmd = [str(python), str(HERE / "authors_train_worker.py"), "serve", str(repo.resolve())]
-        self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-
-    def ask(self, **request) -> dict:
-        self.process.stdin.write(json.dumps(request) + "\n")
-        self.process.stdin.flush()
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError("the authors' worker stopped (its error is above)")
-        return json.loads(line)
-
-    def close(self) -> None:
-        if self.process.poll() is not None:
-            return
-        self.process.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-        self.process.stdin.close()
-        self.process.wait(timeout=60)
-
-
 def our_config(stage: int, replicate: bool, sdxl, qwen, data, root, init_from, out, args):
     from easyref.train.config import TrainConfig
 
@@ -344,7 +323,7 @@ def main(argv=None) -> int:
         root = work / "data"
         data = write_data(root)
         for stage in args.stages:
-            worker = Worker(python, args.authors_repo)
+            worker = _common.AuthorsWorker(python, HERE / "authors_train_worker.py", args.authors_repo)
             try:
                 rows += run_stage(stage, worker, sdxl, qwen, data, root, work, args)
             finally:
