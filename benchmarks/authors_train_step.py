@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import subprocess
 import sys
 import tempfile
@@ -51,8 +52,16 @@ def parse_args(argv):
     p.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--reference-size", type=int, default=336)
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=48,
+        help="side of the example images; at --resolution, resizing is the identity and the two sides' "
+        "stage-3 data choices (size conditioning, rounding) coincide",
+    )
     p.add_argument("--lora-rank", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dump", type=Path, default=None, help="save both sides' intermediate tensors here (.pt)")
     return p.parse_args(argv)
 
 
@@ -97,11 +106,11 @@ def write_models(python: Path, work: Path) -> tuple[Path, Path]:
     return sdxl, qwen
 
 
-def write_data(root: Path) -> dict:
+def write_data(root: Path, image_size: int) -> dict:
     """Our example data, and the same records in their formats (a JSON list; faces nested twice)."""
     from easyref.train.example import write_example_data
 
-    paths = write_example_data(root, subjects=2, per_subject=3, size=48)
+    paths = write_example_data(root, subjects=2, per_subject=3, size=image_size)
     faces = json.loads(paths["faces"].read_text())
     for record in faces:
         record["face"] = record["face"][0]  # their code reads item["face"][0] as the box
@@ -186,8 +195,9 @@ def our_key(name: str) -> str:
         return name.removeprefix("encoder.")
     if name.startswith("encoder."):
         return "trunk." + name.removeprefix("encoder.")
-    if ".lora_" in name:
-        return "unet.lora." + name.removeprefix("unet.").replace(".default.", ".")
+    if ".lora_" in name:  # peft's adapter name sits between lora_A/lora_B and weight
+        name = re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", name)
+        return name if name.startswith("unet.lora.") else "unet.lora." + name.removeprefix("unet.")
     return name
 
 
@@ -205,12 +215,46 @@ def their_group(key: str) -> str | None:
     return None
 
 
-def our_step(trainer, batch):
+def our_step(trainer, batch, dump=None):
     from easyref.parameter_groups import named_parameters, trained_groups
 
     for _, p in trainer.trainables:
         p.grad = None
+    tensors, hooks = {}, []
+    if dump is not None:  # optional: the intermediate tensors of this step, for diagnosing a mismatch
+        inputs = batch.mllm_inputs
+        for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw"):
+            tensors[k] = getattr(inputs, k).detach().clone()
+        enc, unet = trainer.models.encoder, trainer.models.unet
+
+        def keep(name):
+            def hook(mod, args, out):
+                out = out[0] if isinstance(out, (list, tuple)) else out
+                tensors[name] = out.detach().clone()
+
+            return hook
+
+        def unet_in(mod, args, kw):
+            names = ("unet_latents", "unet_timesteps")
+            for name, a in zip(names, args):
+                tensors[name] = a.detach().clone()
+            tensors["unet_encoder_hidden_states"] = kw["encoder_hidden_states"].detach().clone()
+            for k, v in kw["added_cond_kwargs"].items():
+                if torch.is_tensor(v):
+                    tensors["unet_" + k] = v.detach().clone()
+
+        hooks.append(enc.norm.register_forward_hook(keep("trunk_out")))
+        hooks.append(enc.aggregator.norm.register_forward_hook(keep("reference_tokens_out")))
+        hooks.append(unet.encoder_hid_proj.register_forward_hook(keep("unet_encoder_hid_proj_out")))
+        hooks.append(unet.register_forward_pre_hook(unet_in, with_kwargs=True))
+        hooks.append(
+            unet.register_forward_hook(lambda mod, args, out: tensors.__setitem__("pred", out.sample.detach().clone()))
+        )
     loss = trainer._loss(batch)
+    for h in hooks:
+        h.remove()
+    if dump is not None:
+        torch.save(tensors, dump)
     loss.backward()
     grads = {}
     for group in trained_groups(trainer.config.stage):
@@ -285,6 +329,7 @@ def run_stage(stage, worker, sdxl, qwen, data, root, work, args) -> list:
                 inject=str(inject),
                 grads_out=str(grads_file),
                 batch_out=str(batch_file),
+                **({"dump": str(args.dump / f"theirs{stage}.pt")} if args.dump else {}),
             )
             theirs_loss, theirs_grads = reply["loss"], load_file(str(grads_file))
             theirs_batch = load_file(str(batch_file))
@@ -296,7 +341,8 @@ def run_stage(stage, worker, sdxl, qwen, data, root, work, args) -> list:
                 theirs_batch["time_ids"].tolist(),
                 batch.time_ids.tolist(),
             )
-        loss, grads = our_step(trainer, batch)
+        dump = args.dump / f"ours{stage}-{'on' if replicate else 'off'}.pt" if args.dump else None
+        loss, grads = our_step(trainer, batch, dump)
         rel = abs(loss - theirs_loss) / abs(theirs_loss)
         cos = cosines(grads, theirs_grads)
         rows.append(
@@ -321,7 +367,7 @@ def main(argv=None) -> int:
         work = Path(tmp)
         sdxl, qwen = write_models(python, work)
         root = work / "data"
-        data = write_data(root)
+        data = write_data(root, args.image_size)
         for stage in args.stages:
             worker = _common.AuthorsWorker(python, HERE / "authors_train_worker.py", args.authors_repo)
             try:

@@ -111,6 +111,27 @@ def _clip_tokenizer(cls, base: str, sub: str):
         return CLIPTokenizerFast.from_pretrained(base, subfolder=sub)
 
 
+def _clip_text_model(cls, base: str, sub: str):
+    """Their `CLIPTextModel`. A newer transformers writes this model's keys without the `text_model.`
+    prefix, which 4.45 does not map (it would leave every weight randomly initialized): load them here."""
+    import glob
+    import os
+
+    from safetensors.torch import load_file
+
+    model = cls.from_pretrained(base, subfolder=sub)
+    state = {}
+    for f in sorted(glob.glob(os.path.join(base, sub, "*.safetensors"))):
+        state.update(load_file(f))
+    prefix = "text_model."
+    state = {k if k.startswith(prefix) else prefix + k: v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise RuntimeError(f"{sub}: missing {missing}, unexpected {unexpected}")
+    return model
+
+
 class Run:
     def __init__(self, repo: str):
         self.fs = _import_their_script(repo)
@@ -133,7 +154,7 @@ class Run:
         torch.manual_seed(r["seed"])
         self.scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
         tok = _clip_tokenizer(CLIPTokenizer, base, "tokenizer")
-        self.te = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
+        self.te = _clip_text_model(CLIPTextModel, base, "text_encoder")
         tok2 = _clip_tokenizer(CLIPTokenizer, base, "tokenizer_2")
         self.te2 = CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2")
         self.vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
@@ -246,9 +267,44 @@ class Run:
             "pixel_values": batch["pixel_values"],
             "image_grid_thw": batch["image_grid_thw"],
         }
+        dump, hooks = {}, []
+        if r.get("dump"):  # optional: the intermediate tensors of this step, for diagnosing a mismatch
+            dump.update({k: v for k, v in kwargs.items() if torch.is_tensor(v)})
+            if not torch.is_tensor(kwargs["pixel_values"]):
+                dump["pixel_values"] = torch.cat(list(kwargs["pixel_values"]))
+                dump["image_grid_thw"] = torch.cat(list(kwargs["image_grid_thw"]))
+            m = self.model
+
+            def keep(name):
+                return lambda mod, args, out: dump.__setitem__(name, out.hidden_states[-1].detach().clone())
+
+            hooks.append(m.multimodal_llm.register_forward_hook(keep("trunk_out")))
+            hooks.append(m.mllm_final_layer.register_forward_hook(keep("final_layer_out")))
+
+            def proj_in(mod, args):
+                dump["reference_tokens_out"] = args[0].detach().clone()
+
+            def proj_out(mod, args, out):
+                dump["projected"] = out.detach().clone()
+
+            def unet_in(mod, args, kw):
+                names = ("unet_latents", "unet_timesteps", "unet_encoder_hidden_states")
+                for name, a in zip(names, args):
+                    dump[name] = a.detach().clone()
+                for k, v in kw["added_cond_kwargs"].items():
+                    dump["unet_" + k] = v.detach().clone()
+
+            hooks.append(m.image_proj_model.register_forward_pre_hook(proj_in))
+            hooks.append(m.image_proj_model.register_forward_hook(proj_out))
+            hooks.append(m.unet.register_forward_pre_hook(unet_in, with_kwargs=True))
         pred = self.model(
             noisy, timesteps, text_embeds, cond, None, mask, batch["drop_image_embeds"], kwargs, self.unfreeze
         )
+        for h in hooks:
+            h.remove()
+        if r.get("dump"):
+            dump["pred"] = pred.detach().clone()
+            torch.save(dump, r["dump"])
         loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
         loss.backward()
         grads = {n: p.grad.contiguous() for n, p in self.model.named_parameters() if p.grad is not None}
