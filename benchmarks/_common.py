@@ -424,3 +424,37 @@ class AuthorsWorker:
         self.process.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
         self.process.stdin.close()
         self.process.wait(timeout=60)
+
+
+LEGACY_TEXT_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_act",
+    "max_position_embeddings",
+    "rms_norm_eps",
+)
+LEGACY_VISION_KEYS = ("depth", "embed_dim", "hidden_size", "num_heads", "mlp_ratio", "patch_size")
+LEGACY_VISION_KEYS += ("spatial_merge_size", "temporal_patch_size")
+
+
+def legacy_qwen2vl_config(config, seed: int, **token_ids) -> dict:
+    """A Qwen2-VL config as transformers 4.45 spells it (flat, `rope_scaling` of type mrope), for the
+    authors' workers to build a model folder in the layout the release has; `token_ids`: bos/eos/pad."""
+    text, vision = config.text_config, config.vision_config
+    return {
+        **{key: getattr(text, key) for key in LEGACY_TEXT_KEYS},
+        **token_ids,
+        "rope_theta": text.rope_parameters["rope_theta"],
+        "rope_scaling": {"type": "mrope", "mrope_section": text.rope_parameters["mrope_section"]},
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "image_token_id": config.image_token_id,
+        "video_token_id": config.video_token_id,
+        "vision_start_token_id": config.vision_start_token_id,
+        "vision_end_token_id": config.vision_end_token_id,
+        "vision_config": {key: getattr(vision, key) for key in LEGACY_VISION_KEYS} | {"in_chans": 3},
+        "seed": seed,
+    }

@@ -88,45 +88,9 @@ def ensure_venv(venv: Path) -> Path:
 def legacy_config(num_layers: int, vision_depth: int, seed: int) -> tuple[object, dict]:
     """(tokenizer, Qwen2-VL-2B's config as transformers 4.45 spells it, flat, with the tokenizer's ids)."""
     tokenizer, config = _common.qwen2vl_2b_with_tiny_tokenizer(num_layers, vision_depth)
-    text, vision = config.text_config, config.vision_config
-    flat = {
-        key: getattr(text, key)
-        for key in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "hidden_act",
-            "max_position_embeddings",
-            "rms_norm_eps",
-            "bos_token_id",
-            "eos_token_id",
-            "pad_token_id",
-        )
-    }
-    flat.update(
-        rope_theta=text.rope_parameters["rope_theta"],
-        rope_scaling={"type": "mrope", "mrope_section": text.rope_parameters["mrope_section"]},
-        tie_word_embeddings=config.tie_word_embeddings,
-        image_token_id=config.image_token_id,
-        video_token_id=config.video_token_id,
-        vision_start_token_id=config.vision_start_token_id,
-        vision_end_token_id=config.vision_end_token_id,
-        vision_config={
-            "depth": vision.depth,
-            "embed_dim": vision.embed_dim,
-            "hidden_size": vision.hidden_size,
-            "num_heads": vision.num_heads,
-            "mlp_ratio": vision.mlp_ratio,
-            "in_chans": 3,
-            "patch_size": vision.patch_size,
-            "spatial_merge_size": vision.spatial_merge_size,
-            "temporal_patch_size": vision.temporal_patch_size,
-        },
-        seed=seed,
-    )
+    text = config.text_config
+    ids = {k: getattr(text, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    flat = _common.legacy_qwen2vl_config(config, seed, **ids)
     return tokenizer, flat
 
 

@@ -73,29 +73,8 @@ def write_models(python: Path, work: Path) -> tuple[Path, Path]:
     sdxl = save_tiny_sdxl(work / "sdxl")
     ours = save_tiny_qwen2vl(work / "qwen-new")
     config, tokenizer = AutoConfig.from_pretrained(ours), AutoTokenizer.from_pretrained(ours)
-    text, vision = config.text_config, config.vision_config
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-    keys += ("num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps")
-    flat = {k: getattr(text, k) for k in keys}
-    flat.update(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        rope_theta=text.rope_parameters["rope_theta"],
-        rope_scaling={"type": "mrope", "mrope_section": text.rope_parameters["mrope_section"]},
-        tie_word_embeddings=config.tie_word_embeddings,
-        image_token_id=config.image_token_id,
-        video_token_id=config.video_token_id,
-        vision_start_token_id=config.vision_start_token_id,
-        vision_end_token_id=config.vision_end_token_id,
-        vision_config={
-            k: getattr(vision, k)
-            for k in ("depth", "embed_dim", "hidden_size", "num_heads", "mlp_ratio", "patch_size")
-            + ("spatial_merge_size", "temporal_patch_size")
-        }
-        | {"in_chans": 3},
-        seed=0,
-    )
+    ids = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    flat = _common.legacy_qwen2vl_config(config, 0, **ids)
     qwen = work / "qwen"
     tokenizer.save_pretrained(qwen)
     (qwen / "chat_template.json").write_text(json.dumps({"chat_template": QWEN_CHAT_TEMPLATE}))
