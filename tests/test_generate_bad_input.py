@@ -371,7 +371,11 @@ def test_generate_reads_16_bit_references_like_training(env):
 
     path = env / "grey16.png"
     Image.fromarray(np.full((16, 16), 32896, dtype=np.uint16)).save(path)
-    seen = [np.asarray(cli.load_image(path)), np.asarray(data.open_image(path)), np.asarray(runner.open_image(path))]
+    seen = [
+        np.asarray(cli.load_images([path])[0]),
+        np.asarray(data.open_image(path)),
+        np.asarray(runner.open_image(path)),
+    ]
     for array in seen:
         assert np.array_equal(array, seen[0])
     assert abs(float(seen[0].mean()) - 128) <= 1  # not the clipped white

@@ -312,7 +312,6 @@ def cmd_generate(args) -> int:
     references = load_images(paths)  # every header within the bounds before the first image decodes
     if record is not None:
         _warn_if_references_changed(args, record, paths)
-        _check_recorded_device(args)
     pipe, parts = load_pipeline(args)
     sources = parts.names()
     pipe.set_progress_bar_config(disable=None)  # tqdm's own rule: the denoising bar on a terminal, not in logs
@@ -355,16 +354,6 @@ def reference_paths(refs: list[str], refs_dir: Path | None) -> list[Path]:
     return paths
 
 
-def load_image(path: Path) -> Image.Image:
-    """A reference through the library's one decoding rule; every way a file can be unusable is a UserError."""
-    from .images import ImageFileError, open_image
-
-    try:
-        return open_image(path)
-    except ImageFileError as err:
-        raise UserError(str(err)) from None
-
-
 def load_images(paths: list[Path]) -> list[Image.Image]:
     """The references as one group (`images.open_images`: every size checked before any decoding)."""
     from .images import ImageFileError, open_images
@@ -375,19 +364,20 @@ def load_images(paths: list[Path]) -> list[Image.Image]:
         raise UserError(str(err)) from None
 
 
-def resolve_device(name: str, dtype_name: str):
+def resolve_device(args):
     from .devices import DeviceError, resolve_device_dtype
 
     try:
-        return resolve_device_dtype(name, dtype_name)
+        return resolve_device_dtype(args.device, args.dtype)
     except DeviceError as err:
-        raise UserError(f"--device/--dtype: {err}") from None
+        raise UserError(f"{_device_label(args, '--device/--dtype')}: {err}") from None
 
 
-def _device_label(args) -> str:
+def _device_label(args, flag: str = "--device") -> str:
+    """Who named the device: a record (say so, and how to make it here instead) or the flag."""
     if getattr(args, "device_from_record", False):
         return f"{args.from_metadata} was made on device {args.device} (add --device cpu to make it here)"
-    return "--device"
+    return flag
 
 
 def load_pipeline(args):
@@ -404,7 +394,7 @@ def load_pipeline(args):
         raise UserError(str(err)) from None
     except DeviceError as err:
         raise UserError(f"{_device_label(args)}: {err}") from None
-    device, dtype = resolve_device(args.device, args.dtype)
+    device, dtype = resolve_device(args)
     from .pipeline import EasyRefPipeline
 
     if parts.bundled_adapter:
@@ -584,19 +574,6 @@ def _check_not_the_source(outputs: list[Path], source: Path) -> None:
     for path in outputs:
         if _same_file(path, source):
             raise UserError(f"output {path} would overwrite --from-metadata {source}; choose another --out")
-
-
-def _check_recorded_device(args) -> None:
-    """A record made on a GPU, read on a machine without one: say so, rather than 'you asked for cuda'."""
-    if not getattr(args, "device_from_record", False) or not str(args.device).startswith("cuda"):
-        return
-    import torch
-
-    if not torch.cuda.is_available():
-        raise UserError(
-            f"{args.from_metadata} was made on {args.device} and this machine has no CUDA GPU; "
-            "add --device cpu to make it here (the pixels will differ)"
-        )
 
 
 def _warn_if_changed(record: dict, sources, source: Path) -> None:
