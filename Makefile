@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # A CPU machine gets the CPU wheel of torch; a bare `torch` would pull a multi-GB CUDA build.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: setup demo serve test test-fast bench train-demo bundled-model bench-shapes clean
+.PHONY: setup demo demo-pick serve test test-fast bench train-demo bundled-model bench-shapes clean
 
 setup: $(VENV)/.installed
 
@@ -18,14 +18,24 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,ui]"
 	touch $@
 
-# The demo group holds the same two subjects in every reference (`python -m easyref.shapes.data DIR` writes
-# it and prints these prompts); each prompt names one, so the two outputs differ by the instruction alone.
-# once set up: 14-15 s for both, the explain sheet included (timed); from nothing (clone + set-up + run) about 1 min, packages from a local
-# mirror (downloads not counted; 55 s timed with one generate call, plus 7 s for the second)
+# The demo: three references of one held-out subject, drawn without them (--scale 0) and with them, same prompt and
+# seed; then the subject among two distractors in every reference, with the explain sheet. `python -m
+# easyref.shapes.data DIR` writes the groups (examples/subject, examples/distractors) and prints these prompts.
+# Once set up: about 20 s for the three (timed); from nothing about 1 min plus the package downloads.
 demo: setup
-	$(BIN)/easyref generate --refs-dir examples/refs --prompt "a star on a white background, at the bottom right" \
-		--out outputs/demo-star.png --grid --explain --seed 0 --num-images 4
-	$(BIN)/easyref generate --refs-dir examples/refs --prompt "a square on a white background, at the bottom right" \
+	$(BIN)/easyref generate --refs-dir examples/subject --prompt "an object on a gray background, at the bottom right" \
+		--scale 0 --out outputs/demo-without.png --grid --seed 0 --num-images 4
+	$(BIN)/easyref generate --refs-dir examples/subject --prompt "an object on a gray background, at the bottom right" \
+		--out outputs/demo-with.png --grid --seed 0 --num-images 4
+	$(BIN)/easyref generate --refs-dir examples/distractors --prompt "an object on a black background, at the top right" \
+		--out outputs/demo-distractors.png --grid --explain --seed 0 --num-images 4
+
+# The miniature's limit: a pick group (two subjects in every reference, examples/pick) under its two prompts, each
+# naming one; the bundled model blends the two (README, "What the bundled model cannot do")
+demo-pick: setup
+	$(BIN)/easyref generate --refs-dir examples/pick --prompt "a star on a white background, at the bottom right" \
+		--out outputs/demo-star.png --grid --seed 0 --num-images 4
+	$(BIN)/easyref generate --refs-dir examples/pick --prompt "a square on a white background, at the bottom right" \
 		--out outputs/demo-square.png --grid --seed 0 --num-images 4
 
 # the web page (`easyref serve`) with the bundled model, on http://127.0.0.1:7860; Ctrl+C stops
@@ -72,7 +82,7 @@ train-demo: setup
 	$(BIN)/easyref train --config example-stage3
 	$(BIN)/easyref generate --base default --adapter runs/example-stage3/final \
 		--ref runs/example-data/images/000_0.png --ref runs/example-data/images/000_1.png \
-		--prompt "a picture" --out outputs/train-demo.png --grid --seed 0
+		--prompt "an object on a white background" --out outputs/train-demo.png --grid --seed 0
 
 bench: setup
 	$(BIN)/python benchmarks/encode_scaling.py

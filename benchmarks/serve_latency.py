@@ -2,11 +2,13 @@
 
     python benchmarks/serve_latency.py [--repeats 5] [--screenshot examples/serve.png] [MODEL FLAGS...]
 
-Starts `easyref serve` (the bundled model unless model flags follow), loads the demo group from the
-examples row, and for each setting clicks Generate `--repeats` times, timing from the click to the last
-output image shown in the page. The page's status line gives the server's own time for the same request
-(reading the references, denoising, writing the PNGs), so the difference is what the page, the queue
-and the transfers add. Prints a markdown table; with --screenshot, saves the page after the last run.
+Starts `easyref serve` (the bundled model unless model flags follow), loads the demo group (the pick group's
+star prompt, compared with nothing) from the examples row, and for each setting clicks Generate `--repeats`
+times, timing from the click to the last output image shown in the page. The page's status line gives the
+server's own time for the same request (reading the references, denoising, writing the PNGs), so the
+difference is what the page, the queue and the transfers add. Prints a markdown table; with --screenshot,
+loads the examples row's first example (which ticks "Compare without references"), generates
+`SCREENSHOT_IMAGES` images and saves the page.
 Needs the `ui` and `dev` extras and Debian's chromium.
 """
 
@@ -38,6 +40,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 SETTINGS = [(30, 1), (30, 4)]  # (steps, images)
+SCREENSHOT_IMAGES = 2  # each beside its twin made without the references
 
 
 def start_server(model_flags: list[str], folder: Path) -> tuple[subprocess.Popen, str]:
@@ -93,6 +96,17 @@ def click_to_image(page, count: int) -> tuple[float, float]:
     return total, server
 
 
+def screenshot(page, path: Path) -> None:
+    """The page with the examples row's first example loaded and generated, its fade-in done."""
+    page.locator("#examples tbody tr").first.click()
+    page.wait_for_selector("#reference-status:has-text('3 references ready')")
+    set_number(page, "num-images", SCREENSHOT_IMAGES)
+    compared = 2 if page.is_checked("#compare input") else 1
+    click_to_image(page, compared * SCREENSHOT_IMAGES)
+    page.wait_for_timeout(2000)
+    page.screenshot(path=str(path), full_page=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -118,9 +132,8 @@ def main() -> int:
                 total = statistics.median(r[0] for r in runs)
                 server = statistics.median(r[1] for r in runs)
                 rows.append((steps, count, total, server))
-            if args.screenshot:  # the page after the last setting's last run, its fade-in done
-                page.wait_for_timeout(2000)
-                page.screenshot(path=str(args.screenshot), full_page=True)
+            if args.screenshot:
+                screenshot(page, args.screenshot)
             browser.close()
     finally:
         proc.terminate()

@@ -4,7 +4,7 @@ Run (from the repository root, after `make bench-shapes` or a bench run that tra
 
     .venv/bin/python benchmarks/shapes_figure.py runs/bundled-model.work --out examples/easyref_vs_mean.png
 
-Rows: the demo *pick* group (`examples/refs`) under each of its two prompts, then the first held-out
+Rows: the demo *pick* group (`examples/pick`) under each of its two prompts, then the first held-out
 *repeat* group of the benchmark's groups (a rival recurs in all references but one). Columns: the
 references, the target (the oracle's answer key), then `--samples` images from EasyRef
 (`model-easyref-sSEED`) and from the mean baseline (`model-mean-sSEED`), the same noise for both.

@@ -102,9 +102,38 @@ def usage_errors(ref):
             ["bench", "run", "--manifest", "m.jsonl", "--method", "easyref", "--out", "o", "--device", "tpu9"],
             "unknown device 'tpu9'",
         ),
-        "bench shapes: unknown method": (["bench", "shapes", "--methods", "median"], "unknown method 'median'"),
+        "bench shapes: unknown method": (
+            ["bench", "shapes", "--preset", "smoke", "--methods", "median"],
+            "unknown method 'median'",
+        ),
         "bench shapes: no models": (["bench", "shapes", "--models-dir", str(ref.parent)], "no model-METHOD-sSEED/"),
+        # the old default started the `cpu` preset, hours of training: now the line names each preset's cost
+        "bench shapes: no preset": (["bench", "shapes"], "needs --preset"),
+        # what the model's config and tokenizer files decide: before its weights (and torch) load
+        "control token in the prompt": ([*generate[:2], "a star <|image_pad|>", *generate[3:]], "'<|image_pad|>'"),
+        "end-of-turn token in the prompt": ([*generate[:2], "a star<|im_end|>", *generate[3:]], "'<|im_end|>'"),
+        "more references than the model takes": (
+            [*generate, *["--ref", str(ref)] * 28],
+            "29 reference images given; this model takes at most 28",
+        ),
+        "a record whose prompt holds a control token": (
+            ["generate", "--from-metadata", str(_record(ref, "a star <|vision_start|>"))],
+            "--prompt contains the MLLM control token '<|vision_start|>'",
+        ),
     }
+
+
+def _record(ref, prompt: str):
+    """A PNG carrying an `easyref` record (as `generate` writes it) of `ref` and `prompt`."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    record = {"version": "0.1.0", "prompt": prompt, "references": [str(ref)], "scale": 1.0, "steps": 1}
+    info = PngInfo()
+    info.add_text("easyref", json.dumps({**record, "guidance": 5.0, "seed": 0, "num_images": 1}))
+    path = ref.with_name("recorded.png")
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    return path
 
 
 @pytest.mark.parametrize(
@@ -140,6 +169,11 @@ def usage_errors(ref):
         "bench run: unknown device",
         "bench shapes: unknown method",
         "bench shapes: no models",
+        "bench shapes: no preset",
+        "control token in the prompt",
+        "end-of-turn token in the prompt",
+        "more references than the model takes",
+        "a record whose prompt holds a control token",
     ],
 )
 def test_usage_errors_come_before_the_heavy_imports(ref, case):
@@ -151,6 +185,43 @@ def test_usage_errors_come_before_the_heavy_imports(ref, case):
     assert report == {"code": 2, "heavy": []}, (report, result.stderr)
     err = result.stderr.strip()
     assert len(err.splitlines()) == 1 and err.startswith("easyref: error:") and phrase in err, err
+
+
+def test_bench_shapes_without_a_preset_names_each_and_its_cost(ref):
+    result = subprocess.run(
+        [sys.executable, "-m", "easyref", "bench", "shapes"], capture_output=True, text=True, timeout=60, cwd=ref.parent
+    )
+    err = result.stderr.strip()
+    assert result.returncode == 2 and len(err.splitlines()) == 1 and err.startswith("easyref: error:"), err
+    for preset, cost in (("smoke", "36 s"), ("cpu", "4 h"), ("gpu", "one GPU"), ("full", "for a GPU")):
+        assert f"{preset} (" in err and cost in err, (preset, err)
+    assert not (ref.parent / "runs").exists()  # nothing was started
+
+
+# `--version` from a subprocess, its report on stderr (stdout carries the version line)
+VERSION_PROBE = f"""
+import json, sys
+from easyref.cli import main
+try:
+    code = main(["--version"])
+except SystemExit as exit:
+    code = exit.code
+print(json.dumps({{"code": code, "heavy": [m for m in {HEAVY!r} if m in sys.modules]}}), file=sys.stderr)
+"""
+
+
+def test_version_is_the_installed_packages_and_imports_nothing_heavy(ref):
+    from importlib.metadata import version
+
+    result = subprocess.run(
+        [sys.executable, "-c", VERSION_PROBE], capture_output=True, text=True, timeout=60, cwd=ref.parent
+    )
+    assert json.loads(result.stderr) == {"code": 0, "heavy": []}, result.stderr
+    assert result.stdout == f"easyref {version('easyref')}\n"
+    # and as a user types it, before or instead of a subcommand
+    for argv in (["--version"], ["--version", "generate"]):
+        typed = subprocess.run([sys.executable, "-m", "easyref", *argv], capture_output=True, text=True, timeout=60)
+        assert (typed.returncode, typed.stdout, typed.stderr) == (0, result.stdout, "")
 
 
 def test_python_dash_m_easyref_usage_error(ref):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from easyref.explain import explain_sheet, overlay
+from easyref.explain import SHEET_COLUMNS, explain_sheet, heat_colours, label_sizes, overlay
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a star on a white background, at the bottom right"
@@ -27,7 +28,7 @@ def encoder():
 
 @pytest.fixture(scope="module")
 def demo_refs():
-    return [Image.open(ROOT / "examples" / "refs" / f"{i}.png").convert("RGB") for i in (1, 2, 3)]
+    return [Image.open(ROOT / "examples" / "pick" / f"{i}.png").convert("RGB") for i in (1, 2, 3)]
 
 
 def maps_of(encoder, group):
@@ -49,10 +50,27 @@ def test_a_copy_of_a_reference_gets_nearly_its_map(encoder, demo_refs):
     assert abs(float(first.sum() - copy.sum())) < 0.1
 
 
-def test_the_sheet_shows_every_reference_with_its_share(demo_refs):
+def test_the_sheet_shows_every_reference_with_its_share_and_the_scale(demo_refs):
     maps = [torch.rand(3, 3) for _ in demo_refs]
     sheet = explain_sheet(demo_refs, maps, cell=128)
-    assert sheet.size == (3 * 128, 128 + 24)
+    share_px, name_px = label_sizes(128)
+    assert sheet.width == 3 * 128 and sheet.height > 128 + share_px + name_px
+    assert share_px >= 128 // 6, "the shares are drawn large: the page shows the sheet shrunk"
+    legend = np.asarray(sheet)[-(2 * name_px + 128 // 8) :].reshape(-1, 3)
+    for end in heat_colours([0.0, 1.0]):  # the legend's bar runs from the low end of the scale to the high
+        assert (legend == end).all(axis=1).any(), end
+    # many references wrap into rows instead of shrinking the sheet to a sliver
+    wide = explain_sheet(demo_refs * 3, maps * 3, cell=128)
+    assert wide.width == SHEET_COLUMNS * 128 and wide.height > 2 * sheet.height - 128
     assert overlay(demo_refs[0], torch.ones(3, 3), cell=128).size == (128, 128)  # a flat map: no division by zero
     with pytest.raises(ValueError, match="3 references but 2 maps"):
         explain_sheet(demo_refs, maps[:2])
+
+
+def test_a_black_references_overlay_shows_where_attention_fell():
+    black = Image.new("RGB", (64, 64), "black")
+    grid = torch.zeros(2, 2)
+    grid[0, 0] = 1.0
+    tile = np.asarray(overlay(black, grid, cell=128)).astype(int)
+    hot, cold = tile[:64, :64].mean(axis=(0, 1)), tile[64:, 64:].mean(axis=(0, 1))
+    assert hot.sum() - cold.sum() > 3 * 100, (hot, cold)  # a heat colour on black, not black made brighter

@@ -73,6 +73,7 @@ def no_model_load(monkeypatch):
         raise AssertionError("the model was loaded before the input was refused")
 
     monkeypatch.setattr(EasyRefPipeline, "from_pretrained", refuse)
+    monkeypatch.setattr(EasyRefPipeline, "from_parts", refuse)  # what `easyref generate` loads through
 
 
 # ------------------------------------------------------------------ class 1: data loss
@@ -479,13 +480,32 @@ def test_fifo_reference_is_refused_without_hanging(env):
 
 
 @pytest.mark.parametrize("token", ["<|image_pad|>", "<|vision_start|>", "<|im_end|>"])
-def test_prompt_with_mllm_control_tokens_is_refused(env, capsys, token):
+def test_prompt_with_mllm_control_tokens_is_refused(env, capsys, no_model_load, token):
+    """Read from the MLLM's tokenizer files before any weight loads (the pipeline checks it again)."""
     code, err = run(
         capsys, "--prompt", f"a red {token} star", "--ref", str(env / "refs" / "ref.png"), "--out", str(env / "o.png")
     )
     assert code == 2
-    assert_one_line(err, f"contains the MLLM control token {token!r}")
+    assert_one_line(err, f"--prompt contains the MLLM control token {token!r}")
     assert not (env / "o.png").exists()
+
+
+def test_more_references_than_the_model_takes_are_refused_before_loading(env, capsys, no_model_load):
+    """The bound is the adapter config's max_references (28 for the bundled model), not only the CLI's 64."""
+    refs = ["--ref", str(env / "refs" / "ref.png")] * 29
+    code, err = run(capsys, "--prompt", "a red star", *refs, "--out", str(env / "o.png"))
+    assert code == 2
+    assert_one_line(err, "29 reference images given; this model takes at most 28")
+    with pytest.raises(AssertionError, match="the model was loaded"):  # 28 pass, on to the weights
+        run(capsys, "--prompt", "a red star", *refs[:56], "--out", str(env / "o.png"))
+
+
+def test_a_too_long_prompt_is_counted_on_the_tokenizer_files(env, capsys, no_model_load):
+    """1025 tokens, far under the 16,384-character bound: counted on the MLLM's tokenizer before the weights
+    (the bundled one has no merges: a letter is a token)."""
+    code, err = run(capsys, "--prompt", "x" * 1025, "--ref", str(env / "refs" / "ref.png"), "--out", str(env / "o.png"))
+    assert code == 2
+    assert_one_line(err, "--prompt is 1025 tokens long; at most 1024 are allowed")
 
 
 # ------------------------------------------------------------------ convert
@@ -527,3 +547,33 @@ def test_convert_checks_its_output_folder_before_reading_the_release(env, capsys
     assert cli.main(["convert", str(src), str(dst)]) == 2
     assert_one_line(capsys.readouterr().err.strip(), "is a file, not a folder")
     assert (env / "afile").read_text() == "not a folder"
+
+
+def test_control_tokens_are_read_from_any_shape_of_tokenizer_config(tmp_path):
+    """A config's token fields hold a string, an AddedToken mapping or lists of them; anything else (a
+    hostile or damaged file) is skipped, never an exception. Without a tokenizer.json the check waits for
+    the pipeline's (`prompting.check_prompt`)."""
+    from easyref.generation import _token_strings, check_prompt_tokens
+
+    assert _token_strings([None, 5, "<a>", {"content": "<b>"}, ["<c>", {"content": 3}, [1]], {"x": 1}]) == [
+        "<a>",
+        "<b>",
+        "<c>",
+    ]
+    check_prompt_tokens("--prompt", "<|image_pad|>", tmp_path)  # no tokenizer files here: nothing to read
+
+
+def test_the_tokenizer_files_say_what_the_loaded_tokenizer_says():
+    """The early check (`tokenizers` on the files) finds the control tokens and counts the tokens the
+    pipeline's own check (`prompting.check_prompt`, on transformers' tokenizer) finds and counts."""
+    from transformers import AutoTokenizer
+
+    from easyref.generation import _file_tokenizer, control_tokens
+    from easyref.prompting import special_token_strings
+
+    folder = bundled_model_dir() / "qwen2vl"
+    early, loaded = _file_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
+    assert control_tokens(early, folder) == special_token_strings(loaded)
+    for prompt in ("a star", " héllo  wörld\n\nx", "日本語", "a<|im_end|>b", "x" * 3000):
+        count = len(early.encode(prompt, add_special_tokens=False).ids)
+        assert count == len(loaded(prompt, add_special_tokens=False)["input_ids"]), prompt

@@ -137,7 +137,7 @@ def test_img2img_base_pipeline(make_encoder, tiny_dirs, groups):
         (dict(negative_prompt=["a", "b"]), "2 negative prompts for 1 prompts"),
         (dict(prompt=[]), "prompt must be"),
         (dict(references=None, reference_embeds=torch.zeros(1, 3, 64)), "reference_embeds must have shape"),
-        (dict(reference_embeds=torch.zeros(1, 64, 64)), "either references or reference_embeds"),
+        (dict(reference_embeds=torch.zeros(1, 64, 64)), "reuse tokens, give them alone"),
         (
             dict(references=None, reference_embeds=torch.zeros(1, 64, 64), return_reference_maps=True),
             "return_reference_maps needs references",

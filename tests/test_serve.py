@@ -19,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,7 +29,9 @@ from conftest import bomb_png
 from PIL import Image
 
 from easyref.cli import main
-from easyref.shapes.data import demo_group, demo_prompts, write_demo_references
+from easyref.explain import label_sizes
+from easyref.serve import UNREPLAYABLE_KEY
+from easyref.shapes.data import demo_examples, demo_group, demo_prompts, write_demo_references
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # the flags a closed network needs: without the background-networking ones Chromium keeps dialling out
@@ -42,6 +45,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 STAR, SQUARE = demo_prompts(demo_group())
+SUBJECT = demo_examples()[0]  # the examples row's first: one subject, compared with and without references
 
 
 def free_port() -> int:
@@ -139,14 +143,15 @@ def test_serve_refuses_a_taken_port_and_a_file_as_out_dir(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------- the API
-def generate(client, refs, prompt=STAR, steps=4, seed=11, random_seed=False, count=2, side=64):
+def generate(client, refs, prompt=STAR, steps=4, seed=11, random_seed=False, count=2, side=64, scale=1.0, **later):
+    """The API as its first callers call it (11 values); `later`: the inputs added since (compare, scheduler)."""
     from gradio_client import handle_file
 
     return client.predict(
         [handle_file(str(p)) for p in refs],
         prompt,
         "",
-        1.0,
+        scale,
         steps,
         5.0,
         seed,
@@ -154,31 +159,67 @@ def generate(client, refs, prompt=STAR, steps=4, seed=11, random_seed=False, cou
         count,
         side,
         side,
+        **later,
         api_name="/generate",
     )
 
 
-def test_api_writes_the_pngs_generate_writes(server, tmp_path, monkeypatch):
+def test_api_writes_the_pngs_generate_writes_compared_and_zipped(server, tmp_path, monkeypatch):
     from gradio_client import Client
 
     client = Client(server.url, verbose=False, download_files=str(tmp_path / "downloads"))
-    images, files, explained, seed, status = generate(client, server.refs, count=3)
-    assert seed == 11 and "3 images" in status and "seed 11" in status
-    downloaded = [Path(item["image"]) for item in images]
-    for index, path in enumerate(downloaded):
+    images, files, explained, seed, status = generate(client, server.refs, count=3, compare=True)
+    assert seed == 11 and "3 images with references and 3 without" in status and "seed 11" in status
+    assert [item["caption"] for item in images[:2]] == ["with references (scale 1)", "without (scale 0)"]
+    shown, twins = [Path(item["image"]) for item in images[::2]], [Path(item["image"]) for item in images[1::2]]
+    for index, (path, twin) in enumerate(zip(shown, twins)):
         rec = record(path.read_bytes())
         assert (rec["prompt"], rec["seed"], rec["steps"], rec["num_images"], rec["index"]) == (STAR, 11, 4, 3, index)
         assert (rec["guidance"], rec["scale"], rec["width"], rec["height"]) == (5.0, 1.0, 64, 64)
+        assert {**rec, "scale": 0.0} == record(twin.read_bytes()), "the twin: the same settings but the scale"
+        assert not np.array_equal(pixels(path), pixels(twin))
         kept = list(server.out.glob(f"*/{path.name}"))
         assert any(k.read_bytes() == path.read_bytes() for k in kept), "the download is the file the server wrote"
-    assert sorted(Path(f).name for f in files) == [*(f"easyref_{i}.png" for i in range(3)), "easyref_explain.png"]
+    names = [
+        *(f"easyref_{i}.png" for i in range(3)),
+        "easyref_explain.png",
+        *(f"easyref_scale0_{i}.png" for i in range(3)),
+    ]
+    assert [Path(f).name for f in files[1:]] == names and Path(files[0]).suffix == ".zip"
+    with zipfile.ZipFile(files[0]) as archive:  # one download for the batch: the same files, byte for byte
+        assert archive.namelist() == names
+        assert all(archive.read(Path(f).name) == Path(f).read_bytes() for f in files[1:])
     assert record(Path(explained).read_bytes())["explain"] is True
+    # without references is what the model makes at scale 0, where nothing of the reference path runs
+    plain = generate(client, server.refs, count=3, scale=0.0)[0]
+    for twin, alone in zip(twins, plain):
+        np.testing.assert_array_equal(pixels(twin), pixels(Path(alone["image"])))
     # the record names the server's copies of the references: the CLI makes the same pixels from it, though
     # the page drew the explain sheet and the CLI does not
     monkeypatch.chdir(tmp_path)
-    for index in range(3):
-        assert main(["generate", "--from-metadata", str(downloaded[index]), "--out", f"again{index}.png"]) == 0
-        np.testing.assert_array_equal(pixels(tmp_path / f"again{index}.png"), pixels(downloaded[index]))
+    for index, path in enumerate((shown[0], twins[1], shown[2])):
+        assert main(["generate", "--from-metadata", str(path), "--out", f"again{index}.png"]) == 0
+        np.testing.assert_array_equal(pixels(tmp_path / f"again{index}.png"), pixels(path))
+
+
+def test_api_scheduler_choice_changes_the_image_and_the_default_does_not(server, tmp_path, capsys):
+    from gradio_client import Client
+
+    client = Client(server.url, verbose=False, download_files=str(tmp_path))
+    made = {name: generate(client, server.refs, count=1, scheduler=name) for name in ("default", "ddim", "euler")}
+    again = generate(client, server.refs, count=1)  # after another scheduler: the model's own again
+    first, ddim, euler, again = (Path(r[0][0]["image"]) for r in (*made.values(), again))
+    np.testing.assert_array_equal(pixels(first), pixels(again))
+    np.testing.assert_array_equal(pixels(first), pixels(euler))  # the bundled model's own is Euler
+    assert not np.array_equal(pixels(first), pixels(ddim))
+    # generate cannot choose a scheduler: that image's settings are kept aside, not as a record that
+    # --from-metadata would follow into other pixels
+    with Image.open(ddim) as image:
+        assert "easyref" not in image.info
+        assert json.loads(image.info[UNREPLAYABLE_KEY])["scheduler"] == "DDIMScheduler"
+    assert UNREPLAYABLE_KEY in made["ddim"][4] and UNREPLAYABLE_KEY not in made["euler"][4]
+    assert main(["generate", "--from-metadata", str(ddim)]) == 2
+    assert "no easyref record" in capsys.readouterr().err
 
 
 def call_raw(url: str, data: list) -> str:
@@ -288,9 +329,11 @@ def test_api_refuses_bad_requests_in_one_line_and_keeps_serving(server, tmp_path
 
     client = Client(server.url, verbose=False, download_files=str(tmp_path / "downloads"))
     (tmp_path / "notes.txt").write_text("not a picture")
+    (tmp_path / "notes.png").write_text("not a picture either, whatever its name says")
     (tmp_path / "cut.png").write_bytes(server.refs[0].read_bytes()[:100])
     cases = {
-        "notes.txt is not an image PIL can read": [*server.refs[:2], tmp_path / "notes.txt"],
+        "Invalid file type": [*server.refs[:2], tmp_path / "notes.txt"],  # gradio's check of the name
+        "notes.png is not an image PIL can read": [*server.refs[:2], tmp_path / "notes.png"],  # ours, of the bytes
         "cut.png is damaged or truncated": [server.refs[0], tmp_path / "cut.png"],
         "no reference images": [],
         "29 references given; this model takes at most 28": [server.refs[0]] * 29,
@@ -303,14 +346,14 @@ def test_api_refuses_bad_requests_in_one_line_and_keeps_serving(server, tmp_path
         generate(client, [server.refs[0], tmp_path / "bomb.png"], count=1)
     # a lone surrogate (JSON can hold one; gradio_client cannot send it), through gradio's plain HTTP API
     assert "prompt is not valid UTF-8" in call_raw(
-        server.url, [[], "a caf\udce9 star", "", 1, 4, 5, 1, False, 1, 64, 64]
+        server.url, [[], "a caf\udce9 star", "", 1, 4, 5, 1, False, 1, 64, 64, False, "default"]
     )
     with pytest.raises(AppError, match="prompt is 20000 characters long; at most 16384"):
         generate(client, server.refs, prompt="a" * 20_000)
     with pytest.raises(AppError, match="steps must be a whole number, got 2.5"):
         generate(client, server.refs, steps=2.5)
     assert generate(client, server.refs, count=1)[4].startswith("1 image")
-    assert not list(server.out.glob("*/notes.txt")), "a refused request writes nothing"
+    assert not list(server.out.glob("*/notes.*")), "a refused request writes nothing"
 
 
 # ---------------------------------------------------------------------------- the page, in Chromium
@@ -344,37 +387,88 @@ def set_number(page, elem_id: str, value) -> None:
     expect(field).to_have_value(str(value))
 
 
+# every element between an image and the page that could cut it: the image's box must lie inside each
+CUT_PARTS = """(selector) => [...document.querySelectorAll(selector)].flatMap(img => {
+  const box = img.getBoundingClientRect(), cut = [];
+  for (let e = img.parentElement; e; e = e.parentElement) {
+    const style = getComputedStyle(e);
+    if (style.overflowX === 'visible' && style.overflowY === 'visible') continue;
+    const r = e.getBoundingClientRect();
+    if (box.left < r.left - 1 || box.right > r.right + 1 || box.top < r.top - 1 || box.bottom > r.bottom + 1)
+      cut.push(`${img.src.split('/').pop()} cut by ${e.tagName}.${e.className}`);
+  }
+  return cut;
+})"""
+SHOWN = """(selector) => [...document.querySelectorAll(selector)].map(img => {
+  const style = getComputedStyle(img), box = img.getBoundingClientRect();
+  return {fit: style.objectFit, rendering: style.imageRendering, width: box.width, height: box.height,
+          natural: [img.naturalWidth, img.naturalHeight], complete: img.complete};
+})"""
+
+
+def wait_for_images(page, selector: str, count: int) -> list[dict]:
+    page.wait_for_function(
+        "([s, n]) => { const i = [...document.querySelectorAll(s)]; return i.length === n && i.every(x => x.complete"
+        " && x.naturalWidth > 0); }",
+        arg=[selector, count],
+    )
+    return page.evaluate(SHOWN, selector)
+
+
 def test_the_page_generates_explains_and_reports_bad_files(server, browser, tmp_path):
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
     page.goto(server.url)
-    page.locator("#references input[type=file]").set_input_files([str(p) for p in server.refs])
-    page.wait_for_selector("#reference-status:has-text('3 references ready')")
-    assert page.locator("#preview img").count() == 3
+    assert page.get_attribute("#references input[type=file]", "accept") == "image/*"  # the picker offers images
+    Image.new("RGB", (200, 60), "navy").save(tmp_path / "wide.png")  # read whole by the model: shown whole
+    page.locator("#references input[type=file]").set_input_files([*map(str, server.refs), str(tmp_path / "wide.png")])
+    page.wait_for_selector("#reference-status:has-text('4 references ready')")
+    wide = wait_for_images(page, "#preview img", 4)[3]
+    assert wide["fit"] == "contain" and wide["natural"] == [200, 60]
+    assert page.evaluate(CUT_PARTS, "#preview img") == []
     page.fill("#prompt textarea", STAR)
     page.click("text=Settings")
-    set_number(page, "steps", 5)
-    set_number(page, "num-images", 2)
+    assert not page.locator("#seed").is_visible(), "no seed is shown while it is drawn at random"
+    set_number(page, "steps", 3)
     page.uncheck("#random-seed input")
     set_number(page, "seed", 21)
-    page.click("#generate")
-    page.wait_for_selector("#status:has-text('seed 21')", timeout=60_000)
-    sources = [img.get_attribute("src") for img in page.locator("#outputs img").all()]
-    assert len(sources) == 2
-    for index, src in enumerate(sources):
-        rec = record(page.request.get(src).body())
-        assert (rec["prompt"], rec["seed"], rec["steps"], rec["num_images"], rec["index"]) == (STAR, 21, 5, 2, index)
-    page.screenshot(path=str(tmp_path / "serve.png"), full_page=True)
+    # every output in view, at any count the page offers, with no scrolling inside the gallery
+    for count in (4, 1, 8):
+        set_number(page, "num-images", count)
+        page.click("#generate")
+        page.wait_for_selector(f"#status:has-text('{count} image{'s' if count > 1 else ''} in')", timeout=60_000)
+        shown = wait_for_images(page, "#outputs img", count)
+        assert page.evaluate(CUT_PARTS, "#outputs img") == [], count
+        # 64 px images shown large, in crisp pixels
+        assert all(s["rendering"] == "pixelated" and s["width"] >= 2 * s["natural"][0] for s in shown), shown
+        if count == 4:
+            sources = [img.get_attribute("src") for img in page.locator("#outputs img").all()]
+            for index, src in enumerate(sources):
+                rec = record(page.request.get(src).body())
+                assert (rec["prompt"], rec["seed"], rec["steps"], rec["num_images"], rec["index"]) == (
+                    STAR,
+                    21,
+                    3,
+                    4,
+                    index,
+                )
+            page.screenshot(path=str(tmp_path / "serve.png"), full_page=True)
 
     page.get_by_role("tab", name="What it took from each reference").click()
-    sheet = page.locator("#explain img")
-    sheet.wait_for()
-    assert record(page.request.get(sheet.get_attribute("src")).body())["explain"] is True
+    sheet = wait_for_images(page, "#explain img", 1)[0]
+    assert record(page.request.get(page.locator("#explain img").get_attribute("src")).body())["explain"] is True
+    # the shares are legible as the page shows the sheet: its text is not shrunk below 12 px
+    shrunk = min(sheet["width"] / sheet["natural"][0], sheet["height"] / sheet["natural"][1])
+    share_px, name_px = label_sizes(256)
+    assert name_px * shrunk >= 12 and share_px * shrunk >= 20, (sheet, shrunk)
 
     (tmp_path / "notes.txt").write_text("not a picture")
     page.locator("#references input[type=file]").set_input_files([str(tmp_path / "notes.txt")])
-    page.wait_for_selector("#reference-status:has-text('notes.txt is not an image PIL can read')")
+    page.get_by_text("Invalid file type: notes.txt").first.wait_for()  # refused by the page, by its name
+    (tmp_path / "notes.png").write_text("not a picture either")
+    page.locator("#references input[type=file]").set_input_files([str(tmp_path / "notes.png")])
+    page.wait_for_selector("#reference-status:has-text('notes.png is not an image PIL can read')")
     page.click("#generate")
-    page.get_by_text("notes.txt is not an image PIL can read").nth(1).wait_for()  # the refused request's message
+    page.get_by_text("notes.png is not an image PIL can read").nth(1).wait_for()  # the refused request's message
     page.close()
     # a fresh page: the file box adds to what it holds
     page = browser.new_page()
@@ -394,19 +488,30 @@ def open_with_example(context, url: str, prompt: str):
     return page
 
 
-def test_the_examples_row_loads_the_demo_group_and_a_waiting_tab_sees_its_place(server, browser):
+def test_the_examples_row_loads_the_demo_groups_and_a_waiting_tab_sees_its_place(server, browser):
     # each tab in its own window: a background tab's input events wait for it to be shown
     first = open_with_example(browser.new_context(), server.url, SQUARE)
+    assert not first.is_checked("#compare input")
     first.click("text=Settings")
     set_number(first, "steps", 100)
     set_number(first, "num-images", 6)
     first.click("#generate")
     first.get_by_text(re.compile(r"denoising")).first.wait_for(timeout=30_000)  # the per-step progress bar
-    second = open_with_example(browser.new_context(), server.url, STAR)
+    # the row: each example's references as a thumbnail, in demo_examples' order, the first compared
+    second = open_with_example(browser.new_context(), server.url, SUBJECT.prompts[0])
+    rows = sum(len(example.prompts) for example in demo_examples())
+    assert len(wait_for_images(second, "#examples img", rows)) == rows and ".png" not in second.inner_text("#examples")
+    assert second.get_by_text(SUBJECT.prompts[0], exact=True).count() == 1
+    assert second.is_checked("#compare input")
     second.click("#generate")
     second.get_by_text(re.compile(r"queue: 1/1")).first.wait_for(timeout=30_000)
     first.wait_for_selector("#status:has-text('6 images')", timeout=120_000)
-    second.wait_for_selector("#status:has-text('1 image ')", timeout=120_000)
+    second.wait_for_selector("#status:has-text('1 image with references and 1 without')", timeout=120_000)
+    assert len(wait_for_images(second, "#outputs img", 2)) == 2
+    # a random seed, drawn: the seed box shows it
+    second.click("text=Settings")
+    drawn = re.search(r"seed (\d+)", second.inner_text("#status")).group(1)
+    assert second.input_value("#seed input") == drawn and second.is_disabled("#seed input")
     first.context.close()
     second.context.close()
 

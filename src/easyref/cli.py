@@ -6,6 +6,7 @@
     easyref info [MODEL]
     easyref train --config stage1 --set data=pairs.json data_root=images
     easyref convert RELEASE_DIR_OR_FILE OUT_DIR
+    easyref --version
 
 Building the parser and checking arguments and files import the standard library and PIL only:
 torch, diffusers and transformers (seconds to import) load after a command's checks have passed,
@@ -37,6 +38,7 @@ from .generation import (
     GENERATE_DEFAULTS,
     MODEL_FLAGS,
     check_generate_args,
+    check_request_fits_model,
     check_text,
     file_sha256,
     generation_record,
@@ -64,9 +66,11 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__  # the package is imported already: no torch, no metadata scan
     from .train.command import add_train_parser
 
     parser = Parser(prog="easyref", description="EasyRef: group image reference for SDXL.")
+    parser.add_argument("--version", action="version", version=f"easyref {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_serve(sub)
@@ -312,7 +316,7 @@ def cmd_generate(args) -> int:
     references = load_images(paths)  # every header within the bounds before the first image decodes
     if record is not None:
         _warn_if_references_changed(args, record, paths)
-    pipe, parts = load_pipeline(args)
+    pipe, parts = load_pipeline(args, references=len(paths))
     sources = parts.names()
     pipe.set_progress_bar_config(disable=None)  # tqdm's own rule: the denoising bar on a terminal, not in logs
     warn_about_limits(pipe, args, sources)
@@ -380,20 +384,36 @@ def _device_label(args, flag: str = "--device") -> str:
     return flag
 
 
-def load_pipeline(args):
-    """Resolve --base/--mllm/--adapter (`easyref.resolve`: what is not given comes from the adapter's
-    config, else the bundled model), then load; every way a name or checkpoint can be wrong is one line."""
+def load_pipeline(args, references: int | None = None):
+    """Resolve --base/--mllm/--adapter, then load; every way a name or checkpoint can be wrong is one line.
+    `references`: the group's size, checked with --prompt against the model's files before its weights load
+    (`generation.check_request_fits_model`: seconds for the bundled model, minutes for a real one)."""
+    parts = resolve_model(args)
+    if references is not None:
+        check_request_fits_model(parts, args.prompt, references)
+    return load_model(args, parts)
+
+
+def resolve_model(args):
+    """--base/--mllm/--adapter as `easyref.resolve.Parts` (what is not given comes from the adapter's config,
+    else the bundled model), and the device's name: checked before torch and diffusers load."""
     from .checkpoint import CheckpointError
     from .devices import DeviceError, check_device_name
     from .resolve import CLI_LABELS, ResolveError, resolve_parts
 
-    try:  # the names first, so that a mistake in them is reported before torch and diffusers load
+    try:
         check_device_name(args.device)
-        parts = resolve_parts(args.base, args.mllm, args.adapter, labels=CLI_LABELS)
+        return resolve_parts(args.base, args.mllm, args.adapter, labels=CLI_LABELS)
     except (ResolveError, CheckpointError) as err:
         raise UserError(str(err)) from None
     except DeviceError as err:
         raise UserError(f"{_device_label(args)}: {err}") from None
+
+
+def load_model(args, parts):
+    """The resolved parts' weights on the asked device and dtype (torch, diffusers and transformers load here)."""
+    from .checkpoint import CheckpointError
+
     device, dtype = resolve_device(args)
     from .pipeline import EasyRefPipeline
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -74,10 +75,34 @@ def group_maps(row_maps: list[list[torch.Tensor]], group_sizes: list[int] | None
     return groups
 
 
+# ---------------------------------------------------------------------------- drawing
+# The sheet is read in a browser column or an image viewer at a fraction of its size: its text is drawn
+# large relative to a tile, and the tiles wrap into rows so that many references do not shrink it to a sliver.
+SHEET_COLUMNS = 4
+# inferno's ends and quarters: dark for little attention, bright for much, and in colour, so that a map
+# reads on a black reference as on a white one
+HEAT_STOPS = ((0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164))
+HEAT_WEIGHT = 0.5  # the rest is the reference, dimmed: the map is seen, and what it lies on still is
+
+
+def label_sizes(cell: int) -> tuple[int, int]:
+    """Pixel sizes of a tile's share (the number that matters, large) and of its name."""
+    return max(10, cell // 6), max(8, cell // 12)
+
+
+def heat_colours(values) -> np.ndarray:
+    """Values in [0, 1] as RGB colours of the heat scale (uint8, one more axis of 3)."""
+    values = np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0)
+    stops = np.asarray(HEAT_STOPS, dtype=np.float64)
+    where = np.linspace(0.0, 1.0, len(stops))
+    channels = [np.interp(values, where, stops[:, c]) for c in range(3)]
+    return np.stack(channels, axis=-1).round().astype(np.uint8)
+
+
 def overlay(image, grid: torch.Tensor, cell: int = 256):
-    """The reference (fitted into a `cell` box) lit by its map: cells the reference tokens attended to
-    most at full brightness, the least at a quarter, on the map's own min-max range. Cells are drawn as
-    blocks, the map's real resolution; the map covers the whole image, as the processor's resize does."""
+    """The reference (fitted into a `cell` box), dimmed, under its map in the heat scale, on the map's own
+    min-max range: dark where the reference tokens attended least, bright yellow where most. Cells are drawn
+    as blocks, the map's real resolution; the map covers the whole image, as the processor's resize does."""
     from PIL import Image
 
     from .images import to_rgb
@@ -88,27 +113,57 @@ def overlay(image, grid: torch.Tensor, cell: int = 256):
     if factor >= 2:  # small references are shown larger, pixels kept sharp
         base = base.resize((base.width * factor, base.height * factor), Image.NEAREST)
     low, high = grid.min(), grid.max()
-    heat = (grid - low) / (high - low) if high > low else torch.ones_like(grid)
-    light = ((0.25 + 0.75 * heat) * 255).round().to(torch.uint8).numpy()
-    mask = Image.fromarray(light, "L").resize(base.size, Image.NEAREST)
-    return Image.composite(base, Image.new("RGB", base.size, "black"), mask)
+    heat = ((grid - low) / (high - low) if high > low else torch.ones_like(grid)).float().numpy()
+    colours = Image.fromarray(heat_colours(heat), "RGB").resize(base.size, Image.NEAREST)
+    blend = (1 - HEAT_WEIGHT) * np.asarray(base, dtype=np.float64) + HEAT_WEIGHT * np.asarray(colours)
+    return Image.fromarray(blend.round().astype(np.uint8), "RGB")
 
 
 def explain_sheet(references, maps: list[torch.Tensor], cell: int = 256):
-    """One group: each reference with its map, and under it the share of attention it received."""
+    """One group: each reference with its map and, under it, the share of attention it received in large
+    type; up to SHEET_COLUMNS a row; the heat scale's legend at the bottom."""
     from PIL import Image, ImageDraw
 
     if len(references) != len(maps):
         raise ValueError(f"{len(references)} references but {len(maps)} maps")
-    label = 24
-    sheet = Image.new("RGB", (cell * len(references), cell + label), "white")
+    share_px, name_px = label_sizes(cell)
+    tile_h = cell + share_px + name_px + cell // 16  # the image, its share, its name, a gap
+    columns = min(len(references), SHEET_COLUMNS)
+    rows = -(-len(references) // columns)
+    legend_h = 2 * name_px + cell // 8
+    sheet = Image.new("RGB", (cell * columns, tile_h * rows + legend_h), "white")
     draw = ImageDraw.Draw(sheet)
     for i, (image, grid) in enumerate(zip(references, maps)):
+        x, y = (i % columns) * cell, (i // columns) * tile_h
         tile = overlay(image, grid, cell)
-        sheet.paste(tile, (i * cell + (cell - tile.width) // 2, (cell - tile.height) // 2))
-        draw.text(
-            (i * cell + 6, cell + 6),
-            f"reference {i + 1}: {100 * float(grid.sum()):.0f}% of the attention",
-            fill="black",
-        )
+        sheet.paste(tile, (x + (cell - tile.width) // 2, y + (cell - tile.height) // 2))
+        draw.text((x + 6, y + cell + 2), f"{100 * float(grid.sum()):.0f}%", fill="black", font=_font(share_px))
+        draw.text((x + 6, y + cell + share_px + 4), f"reference {i + 1}", fill="black", font=_font(name_px))
+    _draw_legend(sheet, top=tile_h * rows, height=legend_h, text_px=name_px)
     return sheet
+
+
+def _draw_legend(sheet, top: int, height: int, text_px: int) -> None:
+    """Low to high attention as a bar across the sheet's bottom, its ends named."""
+    from PIL import Image, ImageDraw
+
+    draw, font = ImageDraw.Draw(sheet), _font(text_px)
+    low, high = "low", "high attention"
+    margin = text_px // 2
+    left = margin + int(draw.textlength(low, font=font)) + margin
+    right = sheet.width - margin - int(draw.textlength(high, font=font)) - margin
+    bar_h = max(4, height - 2 * text_px)
+    bar_top = top + (height - bar_h) // 2
+    if right - left >= 8:  # the bar between its two names
+        bar = heat_colours(np.linspace(0.0, 1.0, right - left))[None].repeat(bar_h, axis=0)
+        sheet.paste(Image.fromarray(bar, "RGB"), (left, bar_top))
+    middle = bar_top + bar_h // 2
+    draw.text((margin, middle), low, fill="black", font=font, anchor="lm")
+    draw.text((sheet.width - margin, middle), high, fill="black", font=font, anchor="rm")
+
+
+def _font(size: int):
+    """Pillow's own scalable font (no font file on the machine needed)."""
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)

@@ -110,6 +110,110 @@ def check_text(flag: str, text: str) -> None:
         raise UserError(f"{flag} is not valid UTF-8 text{byte}; is the terminal set to UTF-8 (e.g. LANG=C.UTF-8)?")
 
 
+# ---------------------------------------------------------------------------- checks on the model's files
+# What the model's small files decide (the adapter's config, the MLLM's tokenizer files) is checked before
+# its weights load: seconds for the bundled model, minutes for a real one. The pipeline checks the same
+# rules again (`EasyRefPipeline.check_inputs`, `prompting.check_prompt`): the Python API relies on them.
+# The special-token fields of a tokenizer_config.json (`extra_special_tokens`: transformers 5's name).
+SPECIAL_TOKEN_FIELDS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "pad_token",
+    "additional_special_tokens",
+    "extra_special_tokens",
+)
+
+
+def check_request_fits_model(parts, prompt: str, reference_count: int) -> None:
+    """The group size and the prompt against the resolved model's files, without torch or transformers."""
+    limit = max_references(parts)
+    if reference_count > limit:
+        raise UserError(
+            f"{reference_count} reference images given; this model takes at most {limit} "
+            "(max_references in its adapter's config)"
+        )
+    check_prompt_tokens("--prompt", prompt, Path(parts.mllm.path))
+
+
+def max_references(parts) -> int:
+    """The adapter's `max_references`; an adapter without our config (the release's file, or none: a
+    reference path from random weights) gets the default that loading it gives it."""
+    from .checkpoint import CheckpointError, is_easyref_checkpoint, read_config
+    from .config import EasyRefConfig
+
+    if parts.adapter is None or not is_easyref_checkpoint(parts.adapter.path):
+        return EasyRefConfig.max_references
+    try:
+        return read_config(parts.adapter.path).max_references
+    except CheckpointError as err:
+        raise UserError(str(err)) from None
+
+
+def check_prompt_tokens(flag: str, prompt: str, mllm: Path) -> None:
+    """`prompting.check_prompt`'s rule, on the MLLM's tokenizer files: none of its control tokens (read as
+    structure: `<|image_pad|>` would be an image slot without an image), at most MAX_PROMPT_TOKENS tokens.
+    A folder whose tokenizer the `tokenizers` library cannot read is left to the pipeline's check."""
+    from .config import MAX_PROMPT_TOKENS
+
+    tokenizer = _file_tokenizer(mllm)
+    if tokenizer is None:
+        return
+    found = sorted(t for t in control_tokens(tokenizer, mllm) if t and t in prompt)
+    if found:
+        raise UserError(f"{flag} contains the MLLM control token {found[0]!r}; remove it")
+    count = len(tokenizer.encode(prompt, add_special_tokens=False).ids)
+    if count > MAX_PROMPT_TOKENS:
+        raise UserError(f"{flag} is {count} tokens long; at most {MAX_PROMPT_TOKENS} are allowed")
+
+
+def _file_tokenizer(mllm: Path):
+    """The MLLM's `tokenizer.json` through the `tokenizers` library (the fast tokenizer transformers builds
+    from the same file, without importing transformers); None where there is none or it cannot be read."""
+    path = mllm / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception:  # the library raises plain Exceptions; the loader will report the file in its own words
+        logger.debug("cannot read %s ahead of loading", path, exc_info=True)
+        return None
+
+
+def control_tokens(tokenizer, mllm: Path) -> set[str]:
+    """What the files make control tokens: tokenizer.json's added tokens and the special tokens
+    tokenizer_config.json declares (`prompting.special_token_strings` of the tokenizer transformers loads)."""
+    return {t.content for t in tokenizer.get_added_tokens_decoder().values()} | _configured_tokens(mllm)
+
+
+def _configured_tokens(mllm: Path) -> set[str]:
+    """The special tokens `tokenizer_config.json` declares (transformers adds them as control tokens on load)."""
+    from .safe_io import JSONFileError, load_json
+
+    try:
+        config = load_json(mllm / "tokenizer_config.json", "tokenizer config")
+    except JSONFileError:
+        return set()
+    if not isinstance(config, dict):
+        return set()
+    declared = [config.get(field) for field in SPECIAL_TOKEN_FIELDS]
+    added = config.get("added_tokens_decoder")
+    declared += list(added.values()) if isinstance(added, dict) else []
+    return set(_token_strings(declared))
+
+
+def _token_strings(values) -> list[str]:
+    """Token strings from a config's values: a string, an AddedToken mapping (`content`), or a list of them."""
+    items = [item for value in values for item in (value if isinstance(value, list) else [value])]
+    return [item if isinstance(item, str) else item["content"] for item in items if _is_token(item)]
+
+
+def _is_token(item) -> bool:
+    return isinstance(item, str) or (isinstance(item, dict) and isinstance(item.get("content"), str))
+
+
 def warn_about_limits(pipe, args, sources: dict) -> None:
     """One warning line per thing the model will not follow, before it draws something else instead."""
     bundled = _uses_bundled_base(sources)

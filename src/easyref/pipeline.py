@@ -262,7 +262,10 @@ class EasyRefPipeline(DiffusionPipeline):
         groups = None
         if reference_embeds is not None:
             if references is not None:
-                raise ValueError("pass either references or reference_embeds, not both")
+                raise ValueError(
+                    "pass either references or reference_embeds, not both: to reuse tokens, give them alone, "
+                    "as in pipe(prompt=prompt, reference_embeds=out.reference_embeds)"
+                )
             _check_embeds(reference_embeds, len(prompts), self.easyref_config)
         else:
             for i, text in enumerate(prompts):

@@ -3,8 +3,11 @@
 The page takes the references, prompt and settings of `generate`, checks them with the same rules
 (`generation.check_generate_args`, the library's image decoding), and writes the same files: each request
 gets a folder under the server's output folder holding copies of its references, the PNGs (settings
-recorded, so `easyref generate --from-metadata` makes them again) and the explain sheet. Those files
-are what the page shows and what its download buttons hand out, byte for byte.
+recorded, so `easyref generate --from-metadata` makes them again), with "Compare without references"
+each image's twin made at scale 0, the explain sheet and a zip of them all. Those files are what the
+page shows and what its download buttons hand out, byte for byte. A scheduler other than the model's
+own (the page's choice, which `generate` cannot make) keeps the settings aside (`UNREPLAYABLE_KEY`)
+rather than write a record that `--from-metadata` would follow into other pixels.
 
 One generation runs at a time (the queue's concurrency limit is 1: a model on one device gains
 nothing from two at once and would need twice the memory); requests that wait see their place. The
@@ -13,9 +16,10 @@ denoising step and the next request starts only after it has: no request shares 
 another, and none depends on what ran before it. A mistake in a request is shown in the page
 (`gr.Error`) and the server goes on serving.
 
-What the page serves: the files a request produced (its PNGs, explain sheet) and the demo group of the
-examples row, each as gradio's copy in the server's private upload folder, and nothing else. The
-output folder itself is never served, so files put there by anyone else stay private.
+What the page serves: the files a request produced (its PNGs, explain sheet, zip) and the demo groups of
+the examples row (their references and thumbnails), each as gradio's copy in the server's private upload
+folder, and nothing else. The output folder itself is never served, so files put there by anyone else
+stay private.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import asyncio
 import atexit
 import functools
 import itertools
+import json
 import logging
 import logging.handlers
 import math
@@ -36,6 +41,8 @@ import signal
 import tempfile
 import threading
 import time
+import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import gradio as gr
@@ -51,25 +58,51 @@ from .generation import (
     warn_about_limits,
     write_outputs,
 )
-from .images import ImageFileError, open_images
+from .images import ImageFileError, grid_sheet, open_images
 from .pipeline import default_size
 from .safe_io import current_umask, describe_os_error
-from .shapes.data import demo_group, demo_prompts, write_demo_references
+from .shapes.data import demo_examples, write_demo_references
 
 logger = logging.getLogger(__name__)
 
 # The page's own fonts: gradio's default theme asks Google Fonts, which a machine offline cannot reach.
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
-# a 64 px image from the bundled model, shown large: pixels, not a blur
-CSS = "#outputs img, #preview img, #explain img { image-rendering: pixelated; }"
+# a 64 px image from the bundled model, shown large: pixels, not a blur. The galleries grow with what they
+# hold (gradio's scroll box would hide the later rows) and show each image whole.
+CSS = """
+#outputs img, #preview img, #explain img, #examples img { image-rendering: pixelated; }
+#outputs .grid-wrap, #preview .grid-wrap { overflow: visible; }
+#outputs .caption-label { white-space: normal; }
+"""
+GROWS = "fit-content"  # a gallery's height: its rows, every one shown
 MAX_UPLOAD = "100mb"  # per file: gradio refuses a larger upload in the page, before it is stored
 MAX_UI_IMAGES = 8  # the slider's end (`generate --num-images` goes to 16)
 PREVIEW_SIDE = 256  # px: the references as the page shows them
 EXPLAIN_NOTE = (
-    "Each reference with the aggregation layer's attention from the 64 reference tokens to its image tokens "
-    "(brighter: more), and the share of that attention it received. A reference that shares little with the "
-    "others gets a smaller share."
+    "Each reference under the aggregation layer's attention from the 64 reference tokens to its image tokens, "
+    "in the heat scale of the bar at the bottom (dark: little, bright yellow: most), and the share of that "
+    "attention it received. A reference that shares little with the others gets a smaller share."
 )
+# the page's scheduler choice -> diffusers' class, swapped onto the pipeline for one request (None: the
+# model's own). `generate` has no such flag yet, so the record of an image made with another cannot say it.
+SCHEDULERS = {
+    "default": None,
+    "euler": "EulerDiscreteScheduler",
+    "euler-ancestral": "EulerAncestralDiscreteScheduler",
+    "dpm++2m": "DPMSolverMultistepScheduler",
+    "ddim": "DDIMScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+SCHEDULER_LABELS = {
+    "euler": "Euler",
+    "euler-ancestral": "Euler ancestral",
+    "dpm++2m": "DPM++ 2M",
+    "ddim": "DDIM",
+    "unipc": "UniPC",
+}
+# where the settings of an image `--from-metadata` cannot remake go, instead of its `easyref` record
+UNREPLAYABLE_KEY = "easyref-settings"
+WITH, WITHOUT = "easyref", "easyref_scale0"  # the request's file stems: as asked, and the references unused
 
 
 class Stopped(Exception):
@@ -84,6 +117,7 @@ class Server:
         self.out_dir, self.handout_dir = out_dir, handout_dir
         self.max_references = pipe.easyref_config.max_references
         self.size = default_size(pipe)
+        self.scheduler = pipe.scheduler  # the model's own, put back after every request that swaps it
         self._requests = itertools.count(1)
         # gradio frees a cancelled request's queue slot at once while its thread runs on: this lock, not
         # the queue, is what keeps two generations off the one pipeline (and its scheduler's state)
@@ -109,7 +143,7 @@ class Server:
         return paths, images
 
     def preview(self, files):
-        """On upload: the references as the model will read them, or what is wrong with them."""
+        """On upload: the references as the model will read them (each whole), or what is wrong with them."""
         if not files:
             return [], ""
         with self._previews:
@@ -136,13 +170,18 @@ class Server:
         num_images,
         height,
         width,
+        compare=False,
+        scheduler="default",
         progress=gr.Progress(),  # noqa: B008 - how gradio asks for a progress tracker
     ):
         """The request in a worker thread. Cancelled (a closed tab, the API's cancel), it is told to stop and
-        awaited, so that the queue's slot is given back only once the model is free."""
+        awaited, so that the queue's slot is given back only once the model is free. `compare` and
+        `scheduler` come last, with defaults, so that callers of the API before them keep working."""
         form = (files, prompt, negative_prompt, scale, steps, guidance, seed, random_seed, num_images, height, width)
         stop = threading.Event()
-        work = asyncio.ensure_future(asyncio.to_thread(self._generate_or_refuse, form, progress, stop))
+        work = asyncio.ensure_future(
+            asyncio.to_thread(self._generate_or_refuse, form, bool(compare), scheduler, progress, stop)
+        )
         try:
             return await asyncio.shield(work)
         except asyncio.CancelledError:
@@ -151,10 +190,10 @@ class Server:
             logger.info("request cancelled; stopped at its next step")
             raise
 
-    def _generate_or_refuse(self, form, progress, stop: threading.Event):
+    def _generate_or_refuse(self, form, compare: bool, scheduler, progress, stop: threading.Event):
         try:
             with self._model:
-                return self._generate(*form, progress=progress, stop=stop)
+                return self._generate(form, compare, scheduler, progress=progress, stop=stop)
         except (UserError, RunFailure) as err:
             message = re.sub(r"--([a-z-]+)", lambda flag: flag.group(1).replace("-", " "), one_line(str(err)))
             logger.warning("request refused: %s", message)
@@ -162,55 +201,85 @@ class Server:
         except Stopped:
             raise gr.Error("stopped before it finished; nothing was written", print_exception=False) from None
 
-    def _generate(
-        self,
-        files,
-        prompt,
-        negative_prompt,
-        scale,
-        steps,
-        guidance,
-        seed,
-        random_seed,
-        num_images,
-        height,
-        width,
-        progress,
-        stop: threading.Event,
-    ):
+    def _generate(self, form, compare: bool, scheduler, progress, stop: threading.Event):
         self._check_running(stop)
-        args = self.settings(
-            prompt, negative_prompt, scale, steps, guidance, seed, random_seed, num_images, height, width
-        )
+        files, *settings = form
+        args = self.settings(*settings)
+        swapped = self._scheduler_class(scheduler)
         paths, references = self.references(files)
         notes = _warnings_of(lambda: warn_about_limits(self.pipe, args, self.parts.names()))
+        # the same seed and settings with the references unused: scale 0 runs none of the reference path
+        runs = [args, argparse.Namespace(**{**vars(args), "scale": 0.0, "explain": False})][: 1 + compare]
         progress(0, desc="reading the references")
         started = time.perf_counter()
+        with self._swapped_scheduler(swapped):
+            results = [self._run(run, references, progress, stop, i, len(runs)) for i, run in enumerate(runs)]
+        sheet = explain_sheet(references, results[0].reference_maps[0])
+        folder, batches = self._write(paths, references, runs, [r.images for r in results], sheet, swapped)
+        seconds = time.perf_counter() - started
+        logger.info("%s: %d image%s in %.1f s", folder, args.num_images, "s" if args.num_images > 1 else "", seconds)
+        written = [path for batch in batches for path in batch]
+        handed = self._hand_out(written)
+        explained = str(handed[explain_path(folder / f"{WITH}.png")])
+        status = _status(args, compare, seconds, swapped, notes)
+        return _gallery(batches, handed, args.scale), [str(handed[p]) for p in written], explained, args.seed, status
+
+    def _run(self, args, references, progress, stop: threading.Event, index: int, runs: int):
+        """One pipeline call, its steps shown as part `index` of `runs`."""
 
         def on_step(_pipe, step, _timestep, tensors):
             self._check_running(stop)
-            progress((step + 1, args.steps), desc="denoising", unit="steps")
+            progress((index * args.steps + step + 1, runs * args.steps), desc="denoising", unit="steps")
             return tensors
 
         result = run_pipeline(self.pipe, references, args, args.seed, callback_on_step_end=on_step)
         self._check_running(stop)
-        sheet = explain_sheet(references, result.reference_maps[0])
+        return result
+
+    def _scheduler_class(self, name):
+        """diffusers' class for the page's choice; None for the model's own (or a choice that is the same)."""
+        if name not in SCHEDULERS:
+            raise UserError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {name!r}")
+        if SCHEDULERS[name] in (None, type(self.scheduler).__name__):
+            return None
+        import diffusers
+
+        return getattr(diffusers, SCHEDULERS[name])
+
+    @contextmanager
+    def _swapped_scheduler(self, cls):
+        """The pipeline with `cls` made from the model's scheduler config, for the block only (under the
+        model lock: no other request sees it)."""
+        if cls is None:
+            yield
+            return
+        self.pipe.scheduler = cls.from_config(self.scheduler.config)
+        try:
+            yield
+        finally:
+            self.pipe.scheduler = self.scheduler
+
+    def _write(self, paths, references, runs, batches, sheet, swapped) -> tuple[Path, list[list[Path]]]:
+        """The request's folder with its references, each run's PNGs (records written as `generate` writes
+        them), the explain sheet and one zip of them all; all or nothing. Returns the folder and the files:
+        first the zip, then each run's."""
         folder = self._new_folder()
-        args.out = folder / "easyref.png"
         try:
             kept = _keep_references(paths, folder / "references")
-            params = generation_record(args, self.pipe, self.parts, kept, args.seed)
-            written = write_outputs(list(result.images), references, args.out, params, grid=False, explained=sheet)
+            written = []
+            for run, images, stem in zip(runs, batches, (WITH, WITHOUT)):
+                run.out = folder / f"{stem}.png"
+                params = generation_record(run, self.pipe, self.parts, kept, run.seed)
+                explained = sheet if stem == WITH else None
+                written.append(write_outputs(list(images), references, run.out, params, False, explained=explained))
+            if swapped is not None:
+                for path in (p for batch in written for p in batch):
+                    _move_record(path, swapped.__name__)
+            archive = _zip(folder / f"easyref-{folder.name}.zip", [p for batch in written for p in batch])
         except (OSError, RunFailure) as err:
             shutil.rmtree(folder, ignore_errors=True)  # all or nothing, as `generate` writes
             raise RunFailure(str(err) if isinstance(err, RunFailure) else describe_os_error(err)) from None
-        seconds = time.perf_counter() - started
-        logger.info("%s: %d image%s in %.1f s", folder, args.num_images, "s" if args.num_images > 1 else "", seconds)
-        handed = self._hand_out(written)
-        images = [str(handed[p]) for p in written if p != explain_path(args.out)]
-        status = f"{len(images)} image{'s' if len(images) != 1 else ''} in {seconds:.1f} s, seed {args.seed}"
-        status += "".join(f"\n\nNote: {note}" for note in notes)
-        return images, [str(handed[p]) for p in written], str(handed[explain_path(args.out)]), args.seed, status
+        return folder, [[archive], *written]
 
     def _hand_out(self, written: list[Path]) -> dict[Path, Path]:
         """Each file the request wrote, linked (or copied) into a folder of its own, named at random, in the
@@ -297,6 +366,60 @@ def _keep_references(paths: list[Path], folder: Path) -> list[Path]:
     return kept
 
 
+def _move_record(path: Path, scheduler: str) -> None:
+    """The PNG's record, with the scheduler, moved under UNREPLAYABLE_KEY: `--from-metadata` would remake it
+    with the model's own scheduler (other pixels), so it finds no record and says so instead."""
+    from PIL import Image, PngImagePlugin
+
+    with Image.open(path) as image:
+        record = {**json.loads(image.info["easyref"]), "scheduler": scheduler}
+        info = PngImagePlugin.PngInfo()
+        info.add_text(UNREPLAYABLE_KEY, json.dumps(record, sort_keys=True))
+        staged = path.with_name(f".{path.name}.staged")
+        with open(staged, "xb") as handle:  # a new file: nothing planted in the folder is written through
+            image.save(handle, format="PNG", pnginfo=info)
+    os.replace(staged, path)
+
+
+def _zip(path: Path, files: list[Path]) -> Path:
+    """One download for the batch: the files as they are, stored (PNGs are compressed already)."""
+    with open(path, "xb") as handle, zipfile.ZipFile(handle, "w", zipfile.ZIP_STORED) as archive:
+        for file in files:
+            archive.write(file, file.name)
+    return path
+
+
+def _gallery(batches: list[list[Path]], handed: dict[Path, Path], scale: float) -> list:
+    """The images to show: as asked, or (compared) each beside its twin made without the references."""
+    images = [[str(handed[p]) for p in batch if p.stem != f"{WITH}_explain"] for batch in batches[1:]]
+    if len(images) == 1:
+        return images[0]
+    captions = (f"with references (scale {scale:g})", "without (scale 0)")
+    return [(path, caption) for pair in zip(*images) for path, caption in zip(pair, captions)]
+
+
+def _fit_outputs(shown: list | None):
+    """After a generation: as many columns as keep each of up to 16 images at a useful size, and the seed
+    box shown (it holds the seed used, drawn at random or not). A step of its own: the API's outputs stay
+    values."""
+    columns = 2 if len(shown or []) <= 4 else 4
+    return gr.Gallery(columns=columns), gr.Number(visible=True)
+
+
+def _status(args, compare: bool, seconds: float, swapped, notes: list[str]) -> str:
+    count = f"{args.num_images} image{'s' if args.num_images != 1 else ''}"
+    made = f"{count} with references and {args.num_images} without" if compare else count
+    status = f"{made} in {seconds:.1f} s, seed {args.seed}"
+    if swapped is not None:
+        notes = [
+            f"made with the {swapped.__name__}, which `easyref generate` cannot choose: the settings are kept "
+            f"under `{UNREPLAYABLE_KEY}` in each PNG, and `--from-metadata` refuses them rather than make "
+            "other pixels",
+            *notes,
+        ]
+    return status + "".join(f"\n\nNote: {note}" for note in notes)
+
+
 def _warnings_of(call) -> list[str]:
     """The warning lines `call` logs (what the model will not follow), to show in the page too."""
     collect = logging.handlers.BufferingHandler(capacity=1000)
@@ -312,7 +435,7 @@ def _warnings_of(call) -> list[str]:
 
 # ---------------------------------------------------------------------------- the page
 def build_app(server: Server, examples_dir: Path) -> gr.Blocks:
-    """The page. `examples_dir` receives the demo group's references for the examples row."""
+    """The page. `examples_dir` receives the demo groups' references for the examples row."""
     # delete_cache: gradio's copies of uploads and outputs older than a day go, hourly and at exit
     with gr.Blocks(title="EasyRef", analytics_enabled=False, delete_cache=(3600, 86400)) as app:
         gr.Markdown("# EasyRef\nGenerate images that keep what the reference images share, steered by the prompt.")
@@ -321,25 +444,46 @@ def build_app(server: Server, examples_dir: Path) -> gr.Blocks:
                 refs, preview, ref_status, prompt = _reference_and_prompt_fields(server)
                 with gr.Accordion("Settings", open=False):
                     settings = _settings_fields(server.size)
+                    scheduler = _scheduler_field(server.scheduler)
+                compare = gr.Checkbox(
+                    value=False,
+                    label="Compare without references: each image beside the one the same seed makes at scale 0",
+                    elem_id="compare",
+                )
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=1):
                 gallery, status, files, explained = _output_fields()
-        _examples_row(refs, prompt, examples_dir)
+        _examples_row(examples_dir, outputs=[refs, prompt, compare])
         refs.change(server.preview, inputs=refs, outputs=[preview, ref_status], queue=False)
-        inputs = [refs, prompt, *settings]
-        seed = next(field for field in settings if field.elem_id == "seed")  # the seed used is written back
-        outputs = [gallery, files, explained, seed, status]
+        seed, random_seed = (next(f for f in settings if f.elem_id == name) for name in ("seed", "random-seed"))
+        random_seed.change(_seed_box, inputs=random_seed, outputs=seed, queue=False, api_visibility="private")
+        inputs = [refs, prompt, *settings, compare, scheduler]
+        outputs = [gallery, files, explained, seed, status]  # the seed used is written back
         # one queue for both triggers: a concurrency limit is per event unless they share an id
-        run.click(server.generate, inputs=inputs, outputs=outputs, api_name="generate", concurrency_id="generate")
-        prompt.submit(server.generate, inputs=inputs, outputs=outputs, api_name=False, concurrency_id="generate")
+        for made in (
+            run.click(server.generate, inputs=inputs, outputs=outputs, api_name="generate", concurrency_id="generate"),
+            prompt.submit(server.generate, inputs=inputs, outputs=outputs, api_name=False, concurrency_id="generate"),
+        ):
+            made.success(_fit_outputs, inputs=gallery, outputs=[gallery, seed], queue=False, api_visibility="private")
     return app.queue(default_concurrency_limit=1)
 
 
 def _reference_and_prompt_fields(server: Server):
     refs = gr.File(
-        label=f"References (1 to {server.max_references} images)", file_count="multiple", elem_id="references"
+        label=f"References (1 to {server.max_references} images)",
+        file_count="multiple",
+        file_types=["image"],  # the picker offers images; what arrives is still decoded and checked here
+        elem_id="references",
     )
-    preview = gr.Gallery(label="As the model reads them", columns=4, height=160, interactive=False, elem_id="preview")
+    preview = gr.Gallery(
+        label="As the model reads them",
+        columns=6,  # fewer fill the row (fit_columns); the model's most in a few rows
+        height=GROWS,
+        object_fit="contain",  # each reference whole, as the model reads it: a wide one is not cropped
+        format="png",  # a small reference's pixels as they are: webp would blur them
+        interactive=False,
+        elem_id="preview",
+    )
     ref_status = gr.Markdown(elem_id="reference-status")
     prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
     return refs, preview, ref_status, prompt
@@ -354,7 +498,11 @@ def _settings_fields(size: int) -> list:
     steps = gr.Slider(1, 100, value=GENERATE_DEFAULTS["steps"], step=1, label="Steps", elem_id="steps")
     guidance = gr.Slider(0, 20, value=GENERATE_DEFAULTS["guidance"], step=0.5, label="Guidance", elem_id="guidance")
     with gr.Row():
-        seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id="seed")
+        # hidden while the seed is drawn at random until a generation shows the one it drew (gradio's number
+        # box shows an empty value as 0, which no image here was made with)
+        seed = gr.Number(
+            value=0, precision=0, minimum=0, label="Seed", interactive=False, visible=False, elem_id="seed"
+        )
         random_seed = gr.Checkbox(value=True, label="Random seed", elem_id="random-seed")
     count = gr.Slider(1, MAX_UI_IMAGES, value=1, step=1, label="Images", elem_id="num-images")
     with gr.Row():
@@ -363,12 +511,29 @@ def _settings_fields(size: int) -> list:
     return [negative, scale, steps, guidance, seed, random_seed, count, height, width]
 
 
+def _scheduler_field(default) -> gr.Dropdown:
+    own = f"The model's own ({type(default).__name__})"
+    return gr.Dropdown(
+        [(own, "default"), *((label, name) for name, label in SCHEDULER_LABELS.items())],
+        value="default",
+        label="Scheduler",
+        elem_id="scheduler",
+    )
+
+
+def _seed_box(random_seed: bool) -> gr.Number:
+    """Random: the box goes (until a generation shows the seed it drew); chosen: it can be typed in."""
+    return gr.Number(interactive=not random_seed, visible=not random_seed)
+
+
 def _output_fields():
     with gr.Tabs():
         with gr.Tab("Images", id="images"):
             gallery = gr.Gallery(
                 label="Outputs",
                 columns=2,
+                height=GROWS,
+                object_fit="contain",
                 interactive=False,
                 format="png",
                 buttons=["download", "fullscreen"],
@@ -376,7 +541,7 @@ def _output_fields():
             )
             status = gr.Markdown(elem_id="status")
             files = gr.File(
-                label="PNG files (settings recorded in each)",
+                label="The batch as one zip, and each PNG (settings recorded in each)",
                 file_count="multiple",
                 interactive=False,
                 elem_id="files",
@@ -389,14 +554,40 @@ def _output_fields():
     return gallery, status, files, explained
 
 
-def _examples_row(refs, prompt, examples_dir: Path) -> None:
-    group = demo_group()
-    demo_refs = [str(p) for p in write_demo_references(examples_dir)]
-    gr.Examples(
-        [[demo_refs, text] for text in demo_prompts(group)],
-        inputs=[refs, prompt],
-        label="Examples: the demo group holds the same two subjects in every reference; each prompt names one",
+COMPARED = {"subject"}  # the examples whose point is the comparison with and without the references
+
+
+def _examples_row(examples_dir: Path, outputs: list) -> None:
+    """One row per (example, prompt), in `demo_examples`' order: its references as one thumbnail, the prompt
+    and what it shows. A click loads the references, the prompt and whether to compare."""
+    rows = []
+    for example in demo_examples():
+        paths = [str(p) for p in write_demo_references(examples_dir / example.name, example.group)]
+        thumbnail = _thumbnail(paths, examples_dir / f"{example.name}.png")
+        rows += [(paths, prompt, example.name in COMPARED, thumbnail, example.note) for prompt in example.prompts]
+    table = gr.Dataset(
+        components=["image", "textbox", "textbox"],
+        samples=[[thumbnail, prompt, note] for _, prompt, _, thumbnail, note in rows],
+        headers=["References", "Prompt", "What it shows"],
+        type="index",
+        label="Examples",
+        elem_id="examples",
     )
+    table.click(lambda i: rows[i][:3], inputs=table, outputs=outputs, queue=False, api_visibility="private")
+
+
+def _thumbnail(paths: list[str], out: Path) -> str:
+    """The references in a square grid: the examples row shows a square crop of its images."""
+    from PIL import Image
+
+    images = []
+    for path in paths:
+        with Image.open(path) as image:
+            images.append(image.convert("RGB"))
+    side = math.ceil(math.sqrt(len(images)))
+    rows = [images[i : i + side] for i in range(0, len(images), side)]
+    grid_sheet(rows, max(image.width for image in images)).save(out)
+    return str(out)
 
 
 def serve(pipe, parts, args: argparse.Namespace) -> int:

@@ -347,3 +347,25 @@ def test_coco_file_that_is_not_coco_is_an_error(tmp_path):
     captions.write_text(json.dumps({"images": [{"id": 1}]}), encoding="utf-8")
     with pytest.raises(ManifestError, match="not a COCO captions file"):
         manifest_from_coco(captions, tmp_path)
+
+
+# --------------------------------------------------------------------------------------------- the command's line
+@pytest.mark.parametrize("kind", ["folders", "coco"])
+def test_convert_reports_the_written_manifest_once(tmp_path, coco, kind):
+    """One `wrote` line: the command reports the manifest, the library's own line stays at debug level."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "m.jsonl"
+    if kind == "folders":
+        make_group(tmp_path / "groups" / "g1")
+        argv = ["folders", str(tmp_path / "groups"), str(out)]
+    else:
+        argv = ["coco", str(coco[0]), str(coco[1]), str(out)]
+    result = subprocess.run(
+        [sys.executable, "-m", "easyref", "bench", "convert", *argv], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    groups = "1 group" if kind == "folders" else "3 groups"
+    assert (result.stdout + result.stderr).splitlines() == [f"easyref: wrote {groups} to {out}"]
+    assert out.is_file()

@@ -218,14 +218,34 @@ def test_each_method_trains_stage_3_with_its_modes_and_seed(tmp_path, monkeypatc
 
 
 def test_bench_shapes_rejects_bad_input(tmp_path, capsys):
-    assert main(["bench", "shapes", "--models-dir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
-    assert main(["bench", "shapes", "--preset", "huge"]) == 2
-    assert main(["bench", "shapes", "--methods", "easyref", "median"]) == 2
-    assert main(["bench", "shapes", "--seeds", "-1"]) == 2
-    assert main(["bench", "shapes", "--kinds", "style"]) == 2
-    assert main(["bench", "shapes", "--splits", "held-over"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert all(line.startswith("easyref: error:") for line in err) and len(err) == 6
+    cases = {
+        ("--models-dir", str(tmp_path), "--out", str(tmp_path / "o")): "no model-METHOD-sSEED/",
+        ("--preset", "huge"): "--preset must be one of",
+        ("--preset", "smoke", "--methods", "easyref", "median"): "unknown method 'median'",
+        ("--preset", "smoke", "--seeds", "-1"): "--seeds must be between",
+        ("--preset", "smoke", "--kinds", "style"): "--kinds: unknown 'style'",
+        ("--preset", "smoke", "--splits", "held-over"): "--splits: unknown 'held-over'",
+        # no preset, no models to score: the old default trained the `cpu` preset for hours
+        ("--out", str(tmp_path / "o")): "bench shapes needs --preset",
+    }
+    for argv, phrase in cases.items():
+        assert main(["bench", "shapes", *argv]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("easyref: error:") and phrase in err[0], (argv, err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_bench_shapes_scores_existing_models_without_a_preset(tmp_path, monkeypatch):
+    """--models-dir trains nothing: no preset is needed, and the scoring sizes are the benchmark's."""
+    from easyref.bench import shapes as bench
+
+    calls = []
+    monkeypatch.setattr(bench, "find_models", lambda folder: {("easyref", 0): tmp_path / "model-easyref-s0"})
+    monkeypatch.setattr(bench, "evaluate_methods", lambda folders, out, **sizes: calls.append(sizes))
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "summary.md").write_text("summary\n")
+    assert main(["bench", "shapes", "--models-dir", str(tmp_path), "--seeds", "0", "--out", str(tmp_path / "o")]) == 0
+    assert (calls[0]["groups"], calls[0]["steps"]) == bench.EVAL_SIZES["cpu"] == (64, 30)
 
 
 def test_cells_can_be_selected_by_kind_and_split():

@@ -588,5 +588,5 @@ def cmd_convert(args) -> int:
         raise UserError(str(err)) from None
     except OSError as err:  # writing OUT: a folder in the way, permissions, a full disk
         raise _os_error(err) from None
-    logger.info("wrote %d groups to %s", len(items), args.out)
+    logger.info("wrote %d group%s to %s", len(items), "" if len(items) == 1 else "s", args.out)
     return 0

@@ -383,7 +383,8 @@ def write_manifest(items: Iterable[BenchItem], path: str | os.PathLike, root: st
     lines = [json.dumps(_item_record(item, root), ensure_ascii=False) for item in items]
     # readers never see a half-written manifest: a unique temporary name beside it, then a rename
     atomic_write_text(path, "".join(line + "\n" for line in lines))
-    logger.info("Wrote %d groups to %s (root %s)", len(items), path, root)
+    # debug, as the other steps here: `easyref bench convert` reports the written manifest itself, once
+    logger.debug("Wrote %d groups to %s (root %s)", len(items), path, root)
     return path
 
 

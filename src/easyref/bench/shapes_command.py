@@ -8,12 +8,19 @@ from pathlib import Path
 
 logger = logging.getLogger("easyref")
 
-# the presets' times on 2 cores (the Makefile's bench-shapes comment has the breakdown)
+# What each preset costs, timed on this project's 2-core CPU machine (the Makefile's bench-shapes comment and
+# benchmarks/RESULTS.md 5 have the breakdown). No preset is assumed: the `cpu` one, the old default, trains
+# for hours, so a forgotten flag would start a 4-hour run.
+PRESET_COSTS = (
+    "smoke (a check of the whole chain with tiny models, 1 group x 2 steps per cell: about 36 s from nothing), "
+    "cpu (the benchmark on a CPU: about 4 h from nothing on 2 cores, 2 h 10 min after `make bundled-model` "
+    "with its work folder as --work, 46 min of it scoring), "
+    "gpu (sized to train in under ten minutes on one GPU; not yet run), "
+    "full (the largest recipe, for a GPU; not timed)"
+)
 PRESET_HELP = (
-    "training and scoring sizes: smoke (a check of the whole chain, about 36 s from nothing; "
-    "tiny models, 1 group x 2 steps per cell), cpu (the default: about 4 h from nothing with two "
-    "seeds, 2 h 10 min with a finished bundled-model build as --work, 46 min of it scoring), "
-    "gpu (sized for one GPU), full"
+    f"training and scoring sizes, required unless --models-dir: {PRESET_COSTS}. With --models-dir "
+    "it sets only the scoring sizes (default 64 groups x 30 steps per cell)"
 )
 
 
@@ -26,13 +33,14 @@ def add_shapes_parser(bench_sub) -> None:
         "training seed: identity, attribute and prompt accuracy and similarity, read by the bundled oracle, by "
         "distractors, by number of references and by group kind (plain, rival, repeat, pick), with seed means, "
         "seed spreads and paired sign tests. Writes summary.md, summary.json, items.jsonl, by_references.png and "
-        "example sheets into --out.",
+        "example sheets into --out. --preset is required (what to spend: from 36 s to hours), unless --models-dir "
+        "holds the trained models.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--out", type=Path, default=Path("runs/bench-shapes"), help="output folder (default runs/bench-shapes)"
     )
-    p.add_argument("--preset", default="cpu", help=PRESET_HELP)
+    p.add_argument("--preset", metavar="smoke|cpu|gpu|full", help=PRESET_HELP)
     p.add_argument(
         "--models-dir",
         type=Path,
@@ -74,7 +82,9 @@ def cmd_shapes(args) -> int:
     from ..shapes.world import KINDS, SPLITS
     from .shapes import EVAL_SIZES, METHODS, evaluate_methods, find_models, run, select_cells
 
-    if args.preset not in PRESETS:
+    if args.preset is None and not args.models_dir:
+        raise UserError(f"bench shapes needs --preset, to say what to spend: {PRESET_COSTS}")
+    if args.preset is not None and args.preset not in PRESETS:
         raise UserError(f"--preset must be one of {', '.join(sorted(PRESETS))}, got {args.preset!r}")
     if (args.groups is not None and args.groups < 1) or (args.steps is not None and args.steps < 1):
         raise UserError("--groups and --steps must be >= 1")
@@ -90,8 +100,9 @@ def cmd_shapes(args) -> int:
         if wrong:
             raise UserError(f"{flag}: unknown {wrong[0]!r} (known: {', '.join(known)})")
     cells = select_cells(args.kinds, args.splits)
-    groups = args.groups or EVAL_SIZES[args.preset][0]
-    steps = args.steps or EVAL_SIZES[args.preset][1]
+    # scoring existing models with no preset: the benchmark's sizes (those of cpu, gpu and full alike)
+    preset_groups, preset_steps = EVAL_SIZES[args.preset or "cpu"]
+    groups, steps = args.groups or preset_groups, args.steps or preset_steps
     if args.models_dir:
         folders = {
             key: path for key, path in find_models(args.models_dir).items() if key[0] in methods and key[1] in seeds

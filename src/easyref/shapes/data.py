@@ -9,6 +9,7 @@ One folder holds the images and four record files, all over held-in subjects onl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -81,10 +82,50 @@ def write_training_data(
 
 
 DEMO_SPLIT, DEMO_SEED = "held-out", 0
+# the demo's plain groups, by name: held-out subjects, 3 references, this many distractors in each
+DEMO_CELLS = {"subject": (0,), "distractors": (2,)}
+# each cell's first group that meets `demo_rule` and whose subject the cells before it do not show (the
+# distractors cell's group 4 is the subject example's cyan striped circle); benchmarks/demo_groups.py scored them
+DEMO_CHOICE = {"subject": 7, "distractors": 20}
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoExample:
+    """A group the demo, the README and the page's examples row show, with its prompts."""
+
+    name: str  # its folder under examples/
+    group: Group
+    prompts: tuple[str, ...]
+    note: str  # what it shows, in a line
+
+
+def demo_examples() -> list[DemoExample]:
+    """What works first (one subject with and without references; the subject kept among distractors), then
+    the pick group, the case this miniature cannot solve."""
+    subject, distractors = (
+        demo_candidates(DEMO_CELLS[name][0], DEMO_CHOICE[name] + 1)[-1] for name in ("subject", "distractors")
+    )
+    pick = demo_group()
+    return [
+        DemoExample("subject", subject, (subject.prompt,), "three references of one held-out subject"),
+        DemoExample("distractors", distractors, (distractors.prompt,), "the subject among two distractors in each"),
+        DemoExample("pick", pick, demo_prompts(pick), "two subjects in every reference; each prompt names one"),
+    ]
+
+
+def demo_candidates(distractors: int, count: int) -> list[Group]:
+    """The first `count` plain held-out groups of 3 references at the demo's seed, in the benchmark's order."""
+    return make_groups(DEMO_SPLIT, count, 3, distractors, seed=DEMO_SEED)
+
+
+def demo_rule(hits: int, stray: int, images: int) -> bool:
+    """A group the demo may show: all its images show the subject with the references (`hits` of `images`)
+    and none without them has its shape or colour (`stray`), so the picture shows what the references did."""
+    return hits == images and stray == 0
 
 
 def demo_group() -> Group:
-    """The README's demo group (`examples/refs`): the first held-out *pick* group, at a seed nobody tuned to,
+    """The pick group of the demo (`examples/pick`): the first held-out *pick* group, at a seed nobody tuned to,
     whose prompt names the shape. Every reference holds the same two subjects, so what is drawn is chosen
     by the prompt alone."""
     groups = make_groups(DEMO_SPLIT, 64, 3, 0, seed=DEMO_SEED, kind="pick")
@@ -96,25 +137,27 @@ def demo_prompts(group: Group) -> tuple[str, str]:
     return tuple(pick_prompt(s, "shape", group.background, group.position) for s in (group.subject, group.other))
 
 
-def write_demo_references(folder: str | Path) -> list[Path]:
+def write_demo_references(folder: str | Path, group: Group | None = None) -> list[Path]:
+    """`group`'s references (default: the pick group) as `1.png`, `2.png`, ... in `folder`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, scene in enumerate(demo_group().references):
+    for i, scene in enumerate((group or demo_group()).references):
         paths.append(folder / f"{i + 1}.png")
         render(scene).save(paths[-1])
     return paths
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m easyref.shapes.data DIR`: write the demo group's references and log its two prompts."""
+    """`python -m easyref.shapes.data DIR`: write each demo example's references to DIR/NAME/ and log its prompts."""
     import sys
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     folder = Path((argv if argv is not None else sys.argv[1:])[0])
-    write_demo_references(folder)
-    for prompt in demo_prompts(demo_group()):
-        logger.info("prompt: %s", prompt)
+    for example in demo_examples():
+        write_demo_references(folder / example.name, example.group)
+        for prompt in example.prompts:
+            logger.info("%s: %s", example.name, prompt)
     return 0
 
 

@@ -16,8 +16,11 @@ class ExampleDataError(ValueError):
     """The example data cannot be written where asked (one line)."""
 
 
-COLOURS = ["red", "blue", "green", "orange", "purple", "teal"]
-BACKGROUNDS = ["white", "lightgray", "beige", "lavender"]
+# Words the bundled model's text encoders know (`easyref info` lists them), and colour names PIL draws, so
+# that every caption and prompt of this data, and the command the trainer prints from it, is one the bundled
+# model can read (tests/test_vocabulary.py). The backgrounds are the shapes world's four.
+COLOURS = ["red", "blue", "green", "orange", "purple", "cyan"]
+BACKGROUNDS = ["white", "gray", "tan", "black"]
 SHAPES = ["circle", "square", "triangle"]
 
 
@@ -75,9 +78,10 @@ def _example_files(subjects: int, per_subject: int, size: int, seed: int) -> dic
     pairs, faces, groups = [], [], []
     for s in range(subjects):
         shape, colour = SHAPES[s % len(SHAPES)], COLOURS[s % len(COLOURS)]
-        files = []
+        files, backgrounds = [], []
         for i in range(per_subject):
             background = rng.choice(BACKGROUNDS)
+            backgrounds.append(background)
             image, box = draw_subject(shape, colour, background, size, rng)
             name = f"images/{s:03d}_{i}.png"
             buffer = io.BytesIO()
@@ -87,9 +91,12 @@ def _example_files(subjects: int, per_subject: int, size: int, seed: int) -> dic
             caption = f"a {colour} {shape} on a {background} background"
             pairs.append({"image_file": name, "text": [caption], "target": name})
             faces.append({"face": [[[*box, 0.99]]], "text": [caption], "target": name})
-        for i, target in enumerate(files):
+        for target, background in zip(files, backgrounds):
             refs = [f for f in files if f != target]
-            groups.append({"image_file": refs, "text": [f"a picture, variant {i}"], "target": target})
+            # as EasyRef's prompts in the shapes world: the subject comes from the references, the prompt
+            # asks for the target's background
+            text = f"an object on a {background} background"
+            groups.append({"image_file": refs, "text": [text], "target": target})
     out["pairs.json"] = json.dumps(pairs, indent=1).encode()
     out["faces.json"] = json.dumps(faces, indent=1).encode()
     out["groups.jsonl"] = "".join(json.dumps(g) + "\n" for g in groups).encode()

@@ -566,17 +566,8 @@ class Trainer:
         return final
 
     def generate_command(self, final: Path) -> str:
-        """A command that runs as printed from the folder training ran in: the checkpoint alone names
-        its base and MLLM, the references and prompt are the validation group's or the data's first."""
-        c = self.config
-        if self.validation_references:
-            references, prompt = [str(p) for p in c.validation_references], c.validation_prompt
-        else:
-            references, prompt = _example_group(self._example, Path(c.data_root))
-        words = ["easyref", "generate", "--adapter", str(final)]
-        for reference in references[:MAX_HINT_REFERENCES]:
-            words += ["--ref", reference]
-        return shlex.join(words + ["--prompt", prompt or "a photo", "--out", "generated.png"])
+        """The `easyref generate` command printed at the end of a run (`generate_command` below)."""
+        return generate_command(final, self.config, self._example, bool(self.validation_references))
 
     def _load_model_state(self, point: ResumePoint) -> None:
         config, tensors = point.model
@@ -870,6 +861,21 @@ def _check_validation_references(config: TrainConfig):
         return load_validation_references(config.validation_references)
     except ImageFileError as err:
         raise ConfigError(f"validation_references: {err}") from None
+
+
+def generate_command(final: Path, config: TrainConfig, example: dict | None, validating: bool = False) -> str:
+    """A command that runs as printed from the folder training ran in: the checkpoint alone names its base
+    and MLLM, the references and prompt are the validation group's (`validating`) or the data's first record
+    (`example`). A function of the config and data alone, so that tests/test_vocabulary.py can check its
+    prompt without training."""
+    if validating:
+        references, prompt = [str(p) for p in config.validation_references], config.validation_prompt
+    else:
+        references, prompt = _example_group(example, Path(config.data_root))
+    words = ["easyref", "generate", "--adapter", str(final)]
+    for reference in references[:MAX_HINT_REFERENCES]:
+        words += ["--ref", reference]
+    return shlex.join(words + ["--prompt", prompt or "a photo", "--out", "generated.png"])
 
 
 def _example_group(record: dict | None, root: Path) -> tuple[list[str], str]:
