@@ -45,14 +45,14 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     oracle = load_oracle()
     print(
-        "| cell | group | subject | identity at scale 1 (of 4) | subject's shape or colour at scale 0 (of 4) "
-        "| prompt at scale 1 | chosen |"
+        "| cell | group | subject | identity at scale 1 (of 4) | identity at scale 0 "
+        "| its shape or colour at scale 0 | prompt at scale 1 | chosen |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     shown = set()  # subjects chosen for earlier cells: each figure shows another
     for name in args.cells:
         (distractors,) = DEMO_CELLS[name]
-        chosen = None
+        chosen, totals = None, [0, 0, 0]
         for index, group in enumerate(demo_candidates(distractors, args.groups)):
             if index < args.start:
                 continue
@@ -60,18 +60,21 @@ def main() -> None:
             without = score_images(oracle, [group] * IMAGES, images_for(pipe, group, 0.0))
             hits = sum(s.identity for s in with_refs)
             stray = sum(s.shape or s.colour for s in without)  # the subject's look, met without the references
-            prompt = sum(s.prompt for s in with_refs)
+            counts = (hits, sum(s.identity for s in without), sum(s.prompt for s in with_refs))
+            totals = [t + c for t, c in zip(totals, counts)]
             picked = chosen is None and demo_rule(hits, stray, IMAGES) and group.subject not in shown
             chosen = index if picked else chosen
-            subject = group.subject
-            print(
-                f"| {name} | {index} | {subject.colour} {subject.pattern} {subject.shape} | {hits} | {stray} | "
-                f"{prompt} | {'yes' if picked else ''} |",
-                flush=True,
-            )
+            subject = f"{group.subject.colour} {group.subject.pattern} {group.subject.shape}"
+            row = [name, index, subject, counts[0], counts[1], stray, counts[2], "yes" if picked else ""]
+            print("| " + " | ".join(map(str, row)) + " |", flush=True)
         if chosen is not None:
             shown.add(demo_candidates(distractors, chosen + 1)[-1].subject)
-        print(f"\n{name}: first group meeting the rule: {chosen}\n", flush=True)
+        images = IMAGES * (args.groups - args.start)
+        print(
+            f"\n{name}: first group meeting the rule: {chosen}; subject drawn right in {totals[0]} of {images} images "
+            f"with the references, {totals[1]} without; place and background as asked in {totals[2]} with them\n",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -56,12 +56,14 @@ SLOW_TESTS = {
     "test_shapes.py::test_a_base_reuses_a_finished_vae_and_trains_in_chunks",  # two base builds
     "test_shapes_kinds.py::test_training_data_holds_every_kind",  # renders 36 groups
     # `easyref serve` in a subprocess (7 s to start), then the page in Chromium and its API
-    "test_serve.py::test_api_writes_the_pngs_generate_writes",
+    "test_serve.py::test_api_writes_the_pngs_generate_writes_compared_and_zipped",
+    "test_serve.py::test_api_scheduler_choice_changes_the_image_and_the_default_does_not",
     "test_serve.py::test_api_random_seed_is_reported_and_reproduces",
     "test_serve.py::test_api_refuses_bad_requests_in_one_line_and_keeps_serving",
     "test_serve.py::test_the_page_generates_explains_and_reports_bad_files",  # 3.3 s
-    "test_serve.py::test_the_examples_row_loads_the_demo_group_and_a_waiting_tab_sees_its_place",  # 19 s: a queue
+    "test_serve.py::test_the_examples_row_loads_the_demo_groups_and_a_waiting_tab_sees_its_place",  # 19 s: a queue
     "test_serve.py::test_ctrl_c_stops_the_server",
+    "test_demo_group.py::test_the_bundled_model_draws_the_demo_subjects_with_references_and_not_without",  # 9 s
     "test_serve.py::test_sigterm_during_a_generation_stops_cleanly_and_removes_the_temporary_folders",  # a 2nd server
     "test_serve.py::test_the_page_serves_only_the_files_a_request_made",
     "test_serve.py::test_links_planted_in_the_output_folder_are_never_written_through",

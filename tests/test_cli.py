@@ -165,6 +165,8 @@ def test_help_of_the_installed_command():
     for argv in (["--help"], ["generate", "--help"], ["convert", "--help"], ["train", "--help"]):
         result = subprocess.run([sys.executable, "-m", "easyref.cli", *argv], capture_output=True, text=True)
         assert result.returncode == 0 and "usage: easyref" in result.stdout
+        if argv[0] == "generate":
+            assert "--scheduler {default,euler,euler-ancestral,dpm++2m,ddim,unipc}" in result.stdout
 
 
 def test_a_copy_without_the_bundled_model_says_so_in_one_line(env, monkeypatch, capsys):

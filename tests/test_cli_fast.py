@@ -56,6 +56,7 @@ def usage_errors(ref):
         ),
         "bad flag value": ([*generate, "--steps", "abc"], "invalid int value: 'abc'"),
         "bound violated": ([*generate, "--guidance", "nan"], "--guidance must be a finite number"),
+        "unknown scheduler": ([*generate, "--scheduler", "heun"], "argument --scheduler: invalid choice: 'heun'"),
         "out overwrites a reference": ([*generate[:-1], str(ref)], "would overwrite the reference"),
         "no prompt": (["generate", "--ref", str(ref), "--out", "o.png"], "--prompt is required"),
         # a prompt typed in Latin-1: the byte 0xe9 reaches Python as a lone surrogate
@@ -142,6 +143,7 @@ def _record(ref, prompt: str):
         "missing reference",
         "bad flag value",
         "bound violated",
+        "unknown scheduler",
         "out overwrites a reference",
         "no prompt",
         "prompt not UTF-8",

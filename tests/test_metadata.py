@@ -90,6 +90,32 @@ def test_flags_given_override_the_record(batch, tmp_path):
     assert pixels(out) != pixels(images[0])
 
 
+def test_a_scheduler_is_recorded_and_made_again_and_an_older_record_reads_as_the_models_own(tmp_path):
+    ref = tmp_path / "ref.png"
+    shape_image("red", "white").save(ref)
+    base = ["--ref", str(ref), "--prompt", "an object on a white background, at the top left", "--steps", "3"]
+    base += ["--seed", "4"]
+    own, ddim = tmp_path / "own.png", tmp_path / "ddim.png"
+    assert main(["generate", *base, "--out", str(own)]) == 0
+    assert main(["generate", *base, "--out", str(ddim), "--scheduler", "ddim"]) == 0
+    assert (record(own)["scheduler"], record(ddim)["scheduler"]) == ("default", "ddim")
+    assert pixels(ddim) != pixels(own)
+    assert main(["generate", "--from-metadata", str(ddim)]) == 0  # the record's scheduler, bit for bit
+    assert pixels(tmp_path / "ddim-regen.png") == pixels(ddim) and record(tmp_path / "ddim-regen.png") == record(ddim)
+    back = tmp_path / "back.png"  # a flag overrides the record's scheduler as any other
+    assert main(["generate", "--from-metadata", str(ddim), "--scheduler", "default", "--out", str(back)]) == 0
+    assert pixels(back) == pixels(own) and record(back)["scheduler"] == "default"
+    # a record written before `scheduler` was recorded: the model's own, as it was then
+    older = {key: value for key, value in record(own).items() if key != "scheduler"}
+    info = PngImagePlugin.PngInfo()
+    info.add_text("easyref", json.dumps(older))
+    with Image.open(own) as image:
+        image.save(tmp_path / "older.png", pnginfo=info)
+    assert main(["generate", "--from-metadata", str(tmp_path / "older.png")]) == 0
+    assert pixels(tmp_path / "older-regen.png") == pixels(own)
+    assert record(tmp_path / "older-regen.png")["scheduler"] == "default"
+
+
 def _damaged(tmp_path: Path, text: str | None) -> Path:
     path = tmp_path / "source.png"
     info = PngImagePlugin.PngInfo()
@@ -120,6 +146,7 @@ BAD_RECORDS = {
     "bool as number": (json.dumps({**GOOD, "seed": True}), "seed is not a whole number"),
     "index out of range": (json.dumps({**GOOD, "index": 2}), "index 2 is not one of its 2 images"),
     "unknown dtype": (json.dumps({**GOOD, "dtype": "int8"}), "dtype 'int8'"),
+    "unknown scheduler": (json.dumps({**GOOD, "scheduler": "heun"}), "scheduler 'heun' is not one of default, euler"),
     "nested": ("[" * 10_000 + "]" * 10_000, "not a JSON object"),
     "versions as text": (json.dumps({**GOOD, "versions": "torch 2.13"}), "versions is not a mapping"),
     "prompt not UTF-8": (json.dumps({**GOOD, "prompt": "a caf\udce9 star"}), "prompt is not valid UTF-8 text"),
@@ -138,7 +165,7 @@ BAD_RECORDS = {
 
 @pytest.mark.parametrize("case", list(BAD_RECORDS))
 def test_unusable_records_are_one_line_before_any_model_loads(tmp_path, capsys, monkeypatch, case):
-    monkeypatch.setattr(cli, "load_pipeline", lambda args: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
     text, phrase = BAD_RECORDS[case]
     if case == "no file":
         source = tmp_path / "missing.png"

@@ -30,7 +30,6 @@ from PIL import Image
 
 from easyref.cli import main
 from easyref.explain import label_sizes
-from easyref.serve import UNREPLAYABLE_KEY
 from easyref.shapes.data import demo_examples, demo_group, demo_prompts, write_demo_references
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -202,24 +201,25 @@ def test_api_writes_the_pngs_generate_writes_compared_and_zipped(server, tmp_pat
         np.testing.assert_array_equal(pixels(tmp_path / f"again{index}.png"), pixels(path))
 
 
-def test_api_scheduler_choice_changes_the_image_and_the_default_does_not(server, tmp_path, capsys):
+def test_api_scheduler_choice_changes_the_image_and_the_default_does_not(server, tmp_path, monkeypatch):
     from gradio_client import Client
 
-    client = Client(server.url, verbose=False, download_files=str(tmp_path))
+    client = Client(server.url, verbose=False, download_files=str(tmp_path / "downloads"))
     made = {name: generate(client, server.refs, count=1, scheduler=name) for name in ("default", "ddim", "euler")}
     again = generate(client, server.refs, count=1)  # after another scheduler: the model's own again
     first, ddim, euler, again = (Path(r[0][0]["image"]) for r in (*made.values(), again))
     np.testing.assert_array_equal(pixels(first), pixels(again))
     np.testing.assert_array_equal(pixels(first), pixels(euler))  # the bundled model's own is Euler
     assert not np.array_equal(pixels(first), pixels(ddim))
-    # generate cannot choose a scheduler: that image's settings are kept aside, not as a record that
-    # --from-metadata would follow into other pixels
-    with Image.open(ddim) as image:
-        assert "easyref" not in image.info
-        assert json.loads(image.info[UNREPLAYABLE_KEY])["scheduler"] == "DDIMScheduler"
-    assert UNREPLAYABLE_KEY in made["ddim"][4] and UNREPLAYABLE_KEY not in made["euler"][4]
-    assert main(["generate", "--from-metadata", str(ddim)]) == 2
-    assert "no easyref record" in capsys.readouterr().err
+    # the choice is `generate --scheduler`'s, recorded as it records it: the CLI makes the same pixels
+    schedulers = [record(path.read_bytes())["scheduler"] for path in (first, ddim, euler, again)]
+    assert schedulers == ["default", "ddim", "euler", "default"]
+    download = Path(made["ddim"][1][1])  # the files list: the zip, then the PNG
+    assert download.name == "easyref.png" and download.read_bytes() == ddim.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    for name, path in (("ddim", download), ("euler", euler)):
+        assert main(["generate", "--from-metadata", str(path), "--out", f"again-{name}.png"]) == 0
+        np.testing.assert_array_equal(pixels(tmp_path / f"again-{name}.png"), pixels(path))
 
 
 def call_raw(url: str, data: list) -> str:

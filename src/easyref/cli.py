@@ -37,6 +37,7 @@ from .errors import RunFailure, UserError, one_line
 from .generation import (
     GENERATE_DEFAULTS,
     MODEL_FLAGS,
+    SCHEDULERS,
     check_generate_args,
     check_request_fits_model,
     check_text,
@@ -146,6 +147,12 @@ def _add_generate(sub) -> None:
     p.add_argument("--num-images", type=int, help="images to generate, 1 to 16 (default 1)")
     p.add_argument("--height", type=int, help="output height in px (multiple of 8, at most 4096; default: the model's)")
     p.add_argument("--width", type=int, help="output width in px (multiple of 8, at most 4096; default: the model's)")
+    p.add_argument(
+        "--scheduler",
+        choices=list(SCHEDULERS),
+        help="the sampler: the model's own (default), or diffusers' Euler, Euler ancestral, DPM++ 2M, DDIM or "
+        "UniPC made from its config (recorded in the PNG)",
+    )
     add_device_options(p)
     p.add_argument("--grid", action="store_true", help="also write OUT_grid.png: references on top, outputs below")
     p.add_argument(
@@ -455,6 +462,7 @@ RECORD_TYPES = {
     "scale": (int, float),
     "steps": int,
     "guidance": (int, float),
+    "scheduler": str,
     "seed": int,
     "num_images": int,
     "index": int,
@@ -476,6 +484,7 @@ RECORDED_SETTINGS = (
     "scale",
     "steps",
     "guidance",
+    "scheduler",  # a record written before it existed: the model's own (`default`), as then
     "seed",
     "num_images",
     "height",
@@ -540,6 +549,10 @@ def _check_record(record: dict, flag: str) -> None:
     index = record.get("index")
     if index is not None and not 0 <= index < record["num_images"]:
         raise UserError(f"{flag}: the record's index {index} is not one of its {record['num_images']} images (damaged)")
+    if record.get("scheduler") is not None and record["scheduler"] not in SCHEDULERS:
+        raise UserError(
+            f"{flag}: the record's scheduler {record['scheduler']!r} is not one of {', '.join(SCHEDULERS)} (damaged)"
+        )
     if record.get("dtype") is not None and record["dtype"] not in DTYPES:
         raise UserError(f"{flag}: the record's dtype {record['dtype']!r} is not one of {', '.join(DTYPES)} (damaged)")
 

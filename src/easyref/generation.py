@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import RunFailure, UserError
@@ -30,7 +31,27 @@ from .safe_io import describe_os_error
 
 logger = logging.getLogger("easyref")
 
-GENERATE_DEFAULTS = {"scale": 1.0, "steps": 30, "guidance": 5.0, "num_images": 1, "device": "auto", "dtype": "auto"}
+GENERATE_DEFAULTS = {
+    "scale": 1.0,
+    "steps": 30,
+    "guidance": 5.0,
+    "num_images": 1,
+    "device": "auto",
+    "dtype": "auto",
+    "scheduler": "default",
+}
+# `generate --scheduler` and the page's choice -> diffusers' class, made from the model's own scheduler's
+# config for one run (`default`: the model's own, as its files configure it), diffusers' defaults filling
+# what that config leaves out. DPM++ 2M is DPMSolverMultistepScheduler as it comes (`dpmsolver++`, second
+# order, lower order on the last steps of a short run): what diffusers recommends for guided sampling.
+SCHEDULERS = {
+    "default": None,
+    "euler": "EulerDiscreteScheduler",
+    "euler-ancestral": "EulerAncestralDiscreteScheduler",
+    "dpm++2m": "DPMSolverMultistepScheduler",
+    "ddim": "DDIMScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
 
 
 def run_pipeline(pipe, references, args, seed: int, **pipeline_kwargs):
@@ -41,24 +62,57 @@ def run_pipeline(pipe, references, args, seed: int, **pipeline_kwargs):
 
     generator = torch.Generator("cpu").manual_seed(seed)
     try:
-        return pipe(
-            references,
-            args.prompt,
-            negative_prompt=args.negative_prompt,
-            scale=args.scale,
-            num_images_per_prompt=args.num_images,
-            guidance_scale=args.guidance,
-            num_inference_steps=args.steps,
-            generator=generator,
-            height=args.height,
-            width=args.width,
-            return_reference_maps=args.explain,
-            **pipeline_kwargs,
-        )
+        with scheduler_swapped(pipe, args.scheduler):
+            return pipe(
+                references,
+                args.prompt,
+                negative_prompt=args.negative_prompt,
+                scale=args.scale,
+                num_images_per_prompt=args.num_images,
+                guidance_scale=args.guidance,
+                num_inference_steps=args.steps,
+                generator=generator,
+                height=args.height,
+                width=args.width,
+                return_reference_maps=args.explain,
+                **pipeline_kwargs,
+            )
     except ValueError as err:
         raise UserError(str(err)) from None
     except NonFiniteOutputError as err:
         raise RunFailure(str(err)) from None
+
+
+@contextmanager
+def scheduler_swapped(pipe, name: str):
+    """The pipeline with the scheduler `name` (a key of SCHEDULERS) for the block, the model's own back
+    afterwards: a long-lived pipeline (the page's) runs each request with the one it asks for."""
+    own = pipe.scheduler
+    chosen = make_scheduler(name, own)
+    if chosen is None:
+        yield
+        return
+    pipe.scheduler = chosen
+    try:
+        yield
+    finally:
+        pipe.scheduler = own
+
+
+def make_scheduler(name: str, own):
+    """The scheduler `name` asks for, made from the config of `own` (the model's) as diffusers swaps them;
+    None where that is `own` itself (`default`, or a choice of its own class)."""
+    check_scheduler(name)
+    if SCHEDULERS[name] in (None, type(own).__name__):
+        return None
+    import diffusers
+
+    return getattr(diffusers, SCHEDULERS[name]).from_config(own.config)
+
+
+def check_scheduler(name) -> None:
+    if name not in SCHEDULERS:
+        raise UserError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {name!r}")
 
 
 def check_generate_args(args) -> None:
@@ -87,6 +141,7 @@ def check_generate_args(args) -> None:
             )
     check_finite_range("--guidance", args.guidance, 0.0, MAX_GUIDANCE)
     check_finite_range("--scale", args.scale, 0.0, MAX_SCALE)
+    check_scheduler(args.scheduler)
     if args.seed is not None:
         check_range("--seed", args.seed, 0, MAX_SEED)
     for flag, text in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt)):
@@ -306,6 +361,7 @@ def generation_record(args, pipe, parts, paths: list[Path], seed: int) -> dict:
         "scale": args.scale,
         "steps": args.steps,
         "guidance": args.guidance,
+        "scheduler": args.scheduler,  # a name of SCHEDULERS: `default`, the model's own, is the model's to say
         "seed": seed,
         "num_images": args.num_images,
         "device": str(pipe.device),

@@ -5,9 +5,8 @@ The page takes the references, prompt and settings of `generate`, checks them wi
 gets a folder under the server's output folder holding copies of its references, the PNGs (settings
 recorded, so `easyref generate --from-metadata` makes them again), with "Compare without references"
 each image's twin made at scale 0, the explain sheet and a zip of them all. Those files are what the
-page shows and what its download buttons hand out, byte for byte. A scheduler other than the model's
-own (the page's choice, which `generate` cannot make) keeps the settings aside (`UNREPLAYABLE_KEY`)
-rather than write a record that `--from-metadata` would follow into other pixels.
+page shows and what its download buttons hand out, byte for byte. The scheduler choice is
+`generate --scheduler`'s (`generation.SCHEDULERS`), recorded as it records it.
 
 One generation runs at a time (the queue's concurrency limit is 1: a model on one device gains
 nothing from two at once and would need twice the memory); requests that wait see their place. The
@@ -29,7 +28,6 @@ import asyncio
 import atexit
 import functools
 import itertools
-import json
 import logging
 import logging.handlers
 import math
@@ -42,7 +40,6 @@ import tempfile
 import threading
 import time
 import zipfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import gradio as gr
@@ -51,6 +48,7 @@ from .errors import RunFailure, UserError, one_line
 from .explain import explain_sheet
 from .generation import (
     GENERATE_DEFAULTS,
+    SCHEDULERS,
     check_generate_args,
     explain_path,
     generation_record,
@@ -83,16 +81,7 @@ EXPLAIN_NOTE = (
     "in the heat scale of the bar at the bottom (dark: little, bright yellow: most), and the share of that "
     "attention it received. A reference that shares little with the others gets a smaller share."
 )
-# the page's scheduler choice -> diffusers' class, swapped onto the pipeline for one request (None: the
-# model's own). `generate` has no such flag yet, so the record of an image made with another cannot say it.
-SCHEDULERS = {
-    "default": None,
-    "euler": "EulerDiscreteScheduler",
-    "euler-ancestral": "EulerAncestralDiscreteScheduler",
-    "dpm++2m": "DPMSolverMultistepScheduler",
-    "ddim": "DDIMScheduler",
-    "unipc": "UniPCMultistepScheduler",
-}
+# the page's names for `generate --scheduler`'s choices (`generation.SCHEDULERS`) other than `default`
 SCHEDULER_LABELS = {
     "euler": "Euler",
     "euler-ancestral": "Euler ancestral",
@@ -100,8 +89,6 @@ SCHEDULER_LABELS = {
     "ddim": "DDIM",
     "unipc": "UniPC",
 }
-# where the settings of an image `--from-metadata` cannot remake go, instead of its `easyref` record
-UNREPLAYABLE_KEY = "easyref-settings"
 WITH, WITHOUT = "easyref", "easyref_scale0"  # the request's file stems: as asked, and the references unused
 
 
@@ -117,7 +104,7 @@ class Server:
         self.out_dir, self.handout_dir = out_dir, handout_dir
         self.max_references = pipe.easyref_config.max_references
         self.size = default_size(pipe)
-        self.scheduler = pipe.scheduler  # the model's own, put back after every request that swaps it
+        self.scheduler = pipe.scheduler  # the model's own (`run_pipeline` puts it back after a request swaps it)
         self._requests = itertools.count(1)
         # gradio frees a cancelled request's queue slot at once while its thread runs on: this lock, not
         # the queue, is what keeps two generations off the one pipeline (and its scheduler's state)
@@ -204,24 +191,22 @@ class Server:
     def _generate(self, form, compare: bool, scheduler, progress, stop: threading.Event):
         self._check_running(stop)
         files, *settings = form
-        args = self.settings(*settings)
-        swapped = self._scheduler_class(scheduler)
+        args = self.settings(*settings, scheduler=scheduler)
         paths, references = self.references(files)
         notes = _warnings_of(lambda: warn_about_limits(self.pipe, args, self.parts.names()))
         # the same seed and settings with the references unused: scale 0 runs none of the reference path
         runs = [args, argparse.Namespace(**{**vars(args), "scale": 0.0, "explain": False})][: 1 + compare]
         progress(0, desc="reading the references")
         started = time.perf_counter()
-        with self._swapped_scheduler(swapped):
-            results = [self._run(run, references, progress, stop, i, len(runs)) for i, run in enumerate(runs)]
+        results = [self._run(run, references, progress, stop, i, len(runs)) for i, run in enumerate(runs)]
         sheet = explain_sheet(references, results[0].reference_maps[0])
-        folder, batches = self._write(paths, references, runs, [r.images for r in results], sheet, swapped)
+        folder, batches = self._write(paths, references, runs, [r.images for r in results], sheet)
         seconds = time.perf_counter() - started
         logger.info("%s: %d image%s in %.1f s", folder, args.num_images, "s" if args.num_images > 1 else "", seconds)
         written = [path for batch in batches for path in batch]
         handed = self._hand_out(written)
         explained = str(handed[explain_path(folder / f"{WITH}.png")])
-        status = _status(args, compare, seconds, swapped, notes)
+        status = _status(args, compare, seconds, notes)
         return _gallery(batches, handed, args.scale), [str(handed[p]) for p in written], explained, args.seed, status
 
     def _run(self, args, references, progress, stop: threading.Event, index: int, runs: int):
@@ -236,30 +221,7 @@ class Server:
         self._check_running(stop)
         return result
 
-    def _scheduler_class(self, name):
-        """diffusers' class for the page's choice; None for the model's own (or a choice that is the same)."""
-        if name not in SCHEDULERS:
-            raise UserError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {name!r}")
-        if SCHEDULERS[name] in (None, type(self.scheduler).__name__):
-            return None
-        import diffusers
-
-        return getattr(diffusers, SCHEDULERS[name])
-
-    @contextmanager
-    def _swapped_scheduler(self, cls):
-        """The pipeline with `cls` made from the model's scheduler config, for the block only (under the
-        model lock: no other request sees it)."""
-        if cls is None:
-            yield
-            return
-        self.pipe.scheduler = cls.from_config(self.scheduler.config)
-        try:
-            yield
-        finally:
-            self.pipe.scheduler = self.scheduler
-
-    def _write(self, paths, references, runs, batches, sheet, swapped) -> tuple[Path, list[list[Path]]]:
+    def _write(self, paths, references, runs, batches, sheet) -> tuple[Path, list[list[Path]]]:
         """The request's folder with its references, each run's PNGs (records written as `generate` writes
         them), the explain sheet and one zip of them all; all or nothing. Returns the folder and the files:
         first the zip, then each run's."""
@@ -272,9 +234,6 @@ class Server:
                 params = generation_record(run, self.pipe, self.parts, kept, run.seed)
                 explained = sheet if stem == WITH else None
                 written.append(write_outputs(list(images), references, run.out, params, False, explained=explained))
-            if swapped is not None:
-                for path in (p for batch in written for p in batch):
-                    _move_record(path, swapped.__name__)
             archive = _zip(folder / f"easyref-{folder.name}.zip", [p for batch in written for p in batch])
         except (OSError, RunFailure) as err:
             shutil.rmtree(folder, ignore_errors=True)  # all or nothing, as `generate` writes
@@ -313,7 +272,18 @@ class Server:
         return True
 
     def settings(
-        self, prompt, negative_prompt, scale, steps, guidance, seed, random_seed, num_images, height, width
+        self,
+        prompt,
+        negative_prompt,
+        scale,
+        steps,
+        guidance,
+        seed,
+        random_seed,
+        num_images,
+        height,
+        width,
+        scheduler="default",
     ) -> argparse.Namespace:
         """The form as `generate`'s arguments, checked by the same rules."""
         if random_seed or seed is None:
@@ -329,6 +299,7 @@ class Server:
             num_images=_whole(num_images, "number of images"),
             height=_whole(height, "height"),
             width=_whole(width, "width"),
+            scheduler=scheduler,
             out=self.out_dir / "easyref.png",
             grid=False,
             explain=True,
@@ -366,21 +337,6 @@ def _keep_references(paths: list[Path], folder: Path) -> list[Path]:
     return kept
 
 
-def _move_record(path: Path, scheduler: str) -> None:
-    """The PNG's record, with the scheduler, moved under UNREPLAYABLE_KEY: `--from-metadata` would remake it
-    with the model's own scheduler (other pixels), so it finds no record and says so instead."""
-    from PIL import Image, PngImagePlugin
-
-    with Image.open(path) as image:
-        record = {**json.loads(image.info["easyref"]), "scheduler": scheduler}
-        info = PngImagePlugin.PngInfo()
-        info.add_text(UNREPLAYABLE_KEY, json.dumps(record, sort_keys=True))
-        staged = path.with_name(f".{path.name}.staged")
-        with open(staged, "xb") as handle:  # a new file: nothing planted in the folder is written through
-            image.save(handle, format="PNG", pnginfo=info)
-    os.replace(staged, path)
-
-
 def _zip(path: Path, files: list[Path]) -> Path:
     """One download for the batch: the files as they are, stored (PNGs are compressed already)."""
     with open(path, "xb") as handle, zipfile.ZipFile(handle, "w", zipfile.ZIP_STORED) as archive:
@@ -406,17 +362,10 @@ def _fit_outputs(shown: list | None):
     return gr.Gallery(columns=columns), gr.Number(visible=True)
 
 
-def _status(args, compare: bool, seconds: float, swapped, notes: list[str]) -> str:
+def _status(args, compare: bool, seconds: float, notes: list[str]) -> str:
     count = f"{args.num_images} image{'s' if args.num_images != 1 else ''}"
     made = f"{count} with references and {args.num_images} without" if compare else count
     status = f"{made} in {seconds:.1f} s, seed {args.seed}"
-    if swapped is not None:
-        notes = [
-            f"made with the {swapped.__name__}, which `easyref generate` cannot choose: the settings are kept "
-            f"under `{UNREPLAYABLE_KEY}` in each PNG, and `--from-metadata` refuses them rather than make "
-            "other pixels",
-            *notes,
-        ]
     return status + "".join(f"\n\nNote: {note}" for note in notes)
 
 
@@ -514,7 +463,7 @@ def _settings_fields(size: int) -> list:
 def _scheduler_field(default) -> gr.Dropdown:
     own = f"The model's own ({type(default).__name__})"
     return gr.Dropdown(
-        [(own, "default"), *((label, name) for name, label in SCHEDULER_LABELS.items())],
+        [(own if name == "default" else SCHEDULER_LABELS.get(name, name), name) for name in SCHEDULERS],
         value="default",
         label="Scheduler",
         elem_id="scheduler",
