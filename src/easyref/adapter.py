@@ -10,8 +10,11 @@ scale * reference attention (`IPAdapterAttnProcessor2_0`). The projection is
 from __future__ import annotations
 
 import logging
+import weakref
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
@@ -24,6 +27,7 @@ logger = logging.getLogger(__name__)
 LORA_ADAPTER_NAME = "easyref"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 _STATE_ATTR = "_easyref_adapter_state"
+_FILES_ATTR = "_easyref_weight_files"
 
 
 @dataclass
@@ -36,8 +40,135 @@ class _OriginalUNetState:
     lora: bool = False
     extra: dict = field(default_factory=dict)
     # while the LoRA is fused, per adapted layer: peft's wrapper, taken out of the UNet so that a call
-    # dispatches through nothing, and the layer's own weight, kept on the CPU to be put back bit for bit
-    fused: dict[str, tuple[torch.nn.Module, torch.Tensor]] | None = None
+    # dispatches through nothing, and how to put the layer's own weight back bit for bit: the name under
+    # which the UNet's `WeightFiles` reads it again, or, for a weight no file holds, a copy on the CPU
+    fused: dict[str, tuple[torch.nn.Module, str | torch.Tensor]] | None = None
+
+
+class TensorFile:
+    """A safetensors file read one tensor at a time, each into memory of its own.
+
+    safetensors' default reader maps the whole file, and every page a tensor read through it touched stays in
+    the process's memory until the last such tensor is gone: converting a file's tensors one by one (fp32 on
+    disk, bf16 in the model) ends up holding the whole file besides the converted copy. Reading each tensor
+    with `pread` holds one tensor at a time. (safetensors before 0.8 has no `pread`: there each read maps the
+    file on its own and copies the tensor out, which frees the map with the copy made.)"""
+
+    def __init__(self, path: str | Path):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        try:
+            self._file = safe_open(str(self.path), framework="pt", device="cpu", backend="pread")
+            self._header = self._file
+        except TypeError:  # an older safetensors without the `backend` choice: the map serves the header only
+            self._file = None
+            self._header = safe_open(str(self.path), framework="pt", device="cpu")
+
+    def keys(self) -> list[str]:
+        return list(self._header.keys())
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._header.get_slice(key).get_shape())
+
+    def read(self, key: str) -> torch.Tensor:
+        if self._file is not None:
+            return self._file.get_tensor(key)
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt", device="cpu") as file:
+            return file.get_tensor(key).clone()
+
+
+def file_stamp(path: Path) -> tuple[int, ...]:
+    """What changes when a file is written again or replaced (its inode, size, modification time)."""
+    stat = path.stat()
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+class _FileWeight:
+    """Where one UNet weight was read from, and the tensor that read it while it still holds that value."""
+
+    def __init__(self, file: Path, stamp: tuple[int, ...], dtype: torch.dtype, tensor: torch.Tensor):
+        self.file, self.stamp, self.dtype = file, stamp, dtype
+        self.held_by(tensor)
+
+    def held_by(self, tensor: torch.Tensor) -> None:
+        # `_version` counts the tensor's in-place changes (an optimizer step, a merge, a copy_), so an equal
+        # count on the same tensor means the value is still the file's (moves and dtype changes keep both)
+        self._tensor, self._version = weakref.ref(tensor), tensor._version
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        return self._tensor() is tensor and tensor._version == self._version
+
+
+class WeightFiles:
+    """Which of a UNet's weights still hold what a safetensors file gives them, recorded by the loader that
+    read them (`easyref.pipeline`), so that `fuse_lora` keeps no copy of those: `unfuse_lora` reads them again.
+    The read is converted as the load converted it (to the load's dtype, then to the weight's current one, as
+    a kept copy would have been), so the weight comes back bit for bit."""
+
+    def __init__(self):
+        self._weights: dict[str, _FileWeight] = {}
+        self._open: dict[Path, TensorFile] | None = None  # within `reading()`: each file opened once
+
+    def add(self, name: str, file: Path, stamp: tuple[int, ...], tensor: torch.Tensor) -> None:
+        """`tensor`, the UNet's weight `name`, was just read from `file` (as `file_stamp` found it before the
+        read) under that name, then converted."""
+        self._weights[name] = _FileWeight(file, stamp, tensor.dtype, tensor)
+
+    def holds(self, name: str, tensor: torch.Tensor) -> bool:
+        """Whether `tensor` still holds the file's value, and the file still gives it."""
+        record = self._weights.get(name)
+        return record is not None and record.holds(tensor) and self._unchanged(record)
+
+    def check(self, names) -> None:
+        """Refuse, before anything is restored, where a file was written over since the load (a save into the
+        same folder, say): it no longer holds the weights to put back."""
+        for name in names:
+            record = self._weights[name]
+            if not self._unchanged(record):
+                raise RuntimeError(
+                    f"cannot put the UNet weight {name} back: {record.file} has changed since the pipeline "
+                    "was loaded (load the pipeline again)"
+                )
+
+    def restore(self, name: str, tensor: torch.Tensor) -> None:
+        """Put the file's value back into `tensor` (the weight `name`, fused or changed since)."""
+        record = self._weights[name]
+        with torch.no_grad():
+            tensor.copy_(self._file(record.file).read(name).to(record.dtype))
+        record.held_by(tensor)
+
+    def _unchanged(self, record: _FileWeight) -> bool:
+        try:
+            return file_stamp(record.file) == record.stamp
+        except OSError:
+            return False
+
+    def _file(self, path: Path) -> TensorFile:
+        if self._open is None:
+            return TensorFile(path)
+        if path not in self._open:
+            self._open[path] = TensorFile(path)
+        return self._open[path]
+
+    @contextmanager
+    def reading(self):
+        """Within the block, each file is opened once however many weights are restored from it."""
+        self._open = {}
+        try:
+            yield
+        finally:
+            self._open = None
+
+
+def weight_files(unet) -> WeightFiles | None:
+    return getattr(unet, _FILES_ATTR, None)
+
+
+def set_weight_files(unet, files: WeightFiles) -> None:
+    setattr(unet, _FILES_ATTR, files)
 
 
 class _Fixed(torch.nn.Module):
@@ -180,11 +311,20 @@ def fuse_lora(unet) -> bool:
     if not state.lora or state.fused is not None:
         return False
     state.fused = {}
-    for name, layer in _lora_layers(unet):
-        state.fused[name] = (layer, layer.get_base_layer().weight.detach().to("cpu", copy=True))
+    for name, layer in _lora_layers(unet):  # one layer at a time: one merge temporary alive
+        state.fused[name] = (layer, _own_weight(unet, name, layer.get_base_layer().weight))
         layer.merge(adapter_names=[LORA_ADAPTER_NAME])
     _set_lora_wrappers(unet, state, attached=False)
     return True
+
+
+def _own_weight(unet, layer_name: str, weight: torch.Tensor) -> str | torch.Tensor:
+    """How `unfuse_lora` gets this weight back: its name, where the file it was loaded from still gives it
+    (a second copy of every adapted layer, 37% of SDXL's UNet, is not kept), else a copy on the CPU."""
+    files, name = weight_files(unet), f"{layer_name}.weight"
+    if files is not None and files.holds(name, weight):
+        return name
+    return weight.detach().to("cpu", copy=True)
 
 
 def unfuse_lora(unet) -> None:
@@ -192,11 +332,16 @@ def unfuse_lora(unet) -> None:
     state = _state(unet)
     if state.fused is None:
         return
+    files = weight_files(unet) or WeightFiles()
+    files.check(own for _, own in state.fused.values() if isinstance(own, str))
     _set_lora_wrappers(unet, state, attached=True)
-    with torch.no_grad():
+    with torch.no_grad(), files.reading():
         for layer, own_weight in state.fused.values():
             weight = layer.get_base_layer().weight
-            weight.copy_(own_weight.to(weight.device))
+            if isinstance(own_weight, str):
+                files.restore(own_weight, weight)
+            else:
+                weight.copy_(own_weight.to(weight.device))
             layer.merged_adapters.clear()
     state.fused = None
 
@@ -324,41 +469,31 @@ def adapter_parameters(unet) -> list[torch.nn.Parameter]:
     return [p for part in adapter_named_parameters(unet).values() for _, p in part]
 
 
-def load_adapter_state_dict(unet, tensors: dict[str, torch.Tensor]) -> None:
+def load_adapter_state_dict(unet, tensors: Mapping[str, torch.Tensor]) -> None:
     """Strictly load `adapter_state_dict`-style tensors; a missing, extra or mis-shaped one is an error.
-    A fused LoRA is unfused for the load and fused again with the new weights."""
+    A fused LoRA is unfused for the load and fused again with the new weights. Tensors are taken one at a
+    time, so that a mapping that reads each from a file (`easyref.checkpoint.CheckpointTensors`) holds one."""
     expected = adapter_state_dict(unet)
     _check_keys(expected, tensors, "adapter")
     fused = is_fused(unet)
     unfuse_lora(unet)
-    _load_checked(unet, tensors)
+    _load_checked(expected, tensors)
     if fused:
         fuse_lora(unet)
 
 
-def _load_checked(unet, tensors: dict[str, torch.Tensor]) -> None:
-    procs = reference_processors(unet)
+def _load_checked(expected: dict[str, torch.Tensor], tensors: Mapping[str, torch.Tensor]) -> None:
+    # `adapter_state_dict`'s tensors are the parameters themselves (peft's LoRA state dict included), so a
+    # copy into each is what loading them through the modules' or peft's state dicts does
     with torch.no_grad():
-        for key, tensor in tensors.items():
-            if key.startswith("lora."):
-                continue
-            if key.startswith("encoder_hid_proj."):
-                target = unet.encoder_hid_proj.state_dict()[key.removeprefix("encoder_hid_proj.")]
-            else:
-                name, _, sub = key.partition(".processor.")
-                target = procs[name + ".processor"].state_dict()[sub]
-            target.copy_(tensor)
-    lora = {k.removeprefix("lora."): v for k, v in tensors.items() if k.startswith("lora.")}
-    if lora:
-        from peft.utils import set_peft_model_state_dict
-
-        result = set_peft_model_state_dict(unet, lora, adapter_name=LORA_ADAPTER_NAME)
-        unexpected = getattr(result, "unexpected_keys", [])
-        if unexpected:
-            raise ValueError(f"unexpected LoRA tensor {unexpected[0]}")
+        for key in tensors:
+            expected[key].copy_(tensors[key])
 
 
-def _check_keys(expected: dict, given: dict, what: str) -> None:
+def _check_keys(expected: dict, given: Mapping, what: str) -> None:
+    """Names and shapes; a mapping that reads its tensors on access is asked for shapes alone."""
+    stand_ins = getattr(given, "stand_ins", None)
+    given = stand_ins() if stand_ins is not None else given
     missing = sorted(set(expected) - set(given))
     if missing:
         raise ValueError(f"{what} checkpoint is missing tensor {missing[0]} ({len(missing)} missing in all)")

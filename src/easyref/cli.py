@@ -45,6 +45,7 @@ from .generation import (
     generation_record,
     planned_outputs,
     run_pipeline,
+    warn_about_dtype,
     warn_about_limits,
     write_outputs,
 )
@@ -304,6 +305,14 @@ def _add_convert(sub) -> None:
         default=RELEASE_MLLM,
         help="MLLM the checkpoint was trained on, recorded in the output (default: %(default)s)",
     )
+    p.add_argument(
+        "--no-negative",
+        dest="negative",
+        action="store_false",
+        help="do not compute the negative branch now (by default it is, where the MLLM is on this machine, on "
+        "--device/--dtype, and stored beside the weights, so that generating skips that MLLM pass)",
+    )
+    add_device_options(p)
     p.set_defaults(func=cmd_convert)
 
 
@@ -327,6 +336,7 @@ def cmd_generate(args) -> int:
     sources = parts.names()
     pipe.set_progress_bar_config(disable=None)  # tqdm's own rule: the denoising bar on a terminal, not in logs
     warn_about_limits(pipe, args, sources)
+    warn_about_dtype(pipe)
     if record is not None:
         _warn_if_changed(record, sources, args.from_metadata)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
@@ -419,7 +429,7 @@ def resolve_model(args):
 
 def load_model(args, parts):
     """The resolved parts' weights on the asked device and dtype (torch, diffusers and transformers load here)."""
-    from .checkpoint import CheckpointError
+    from .checkpoint import CheckpointError, negative_store_for
 
     device, dtype = resolve_device(args)
     from .pipeline import EasyRefPipeline
@@ -435,7 +445,8 @@ def load_model(args, parts):
     except (OSError, ValueError) as err:  # a folder that holds part of a model, a class its library lacks
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load the model: {first_line}") from None
-    pipe.to(device)
+    pipe.negative_store = negative_store_for(parts)  # the negative branch stored with the adapter
+    pipe.to(device)  # channels-last too where that is the CPU's fast layout (`pipeline.prefer_fast_layout`)
     return pipe, parts
 
 
@@ -677,6 +688,7 @@ def cmd_convert(args) -> int:
 
     source = _check_local(str(args.src), "", kind="adapter")
     _check_writable_folder(args.dst)  # before the release is read (seconds to minutes)
+    placed = resolve_device(args) if args.negative else None  # a device that is not here: one line, first
     try:
         config, ignored = convert_release(source, args.dst, mllm=args.mllm, base=args.base)
     except CheckpointError as err:
@@ -691,7 +703,32 @@ def cmd_convert(args) -> int:
         config.lora_rank,
         "yes" if config.has_trunk else "no",
     )
+    if placed is not None:
+        _store_converted_negative(args, *placed)
     return 0
+
+
+def _store_converted_negative(args, device, dtype) -> None:
+    """The converted model's negative branch, computed on the device and dtype `generate` would pick with the
+    same --device/--dtype and stored beside its weights (`negative.safetensors`), so that generating skips an
+    MLLM pass (78 s at real size on a CPU). The MLLM is read where it is on this machine, never downloaded for
+    this; where it is not, or it cannot be loaded, one line says that the first generation computes it."""
+    from .checkpoint import NEGATIVE_NAME, store_converted_negative
+    from .resolve import ResolveError, resolve
+
+    later = "the first generation computes and stores it"
+    try:
+        mllm = resolve(args.mllm, "mllm", label=f"--mllm {args.mllm}", local_files_only=True)
+    except ResolveError as err:
+        logger.info("negative branch not computed (%s); %s", err, later)
+        return
+    try:
+        stored = store_converted_negative(args.dst, mllm.path, device, dtype)
+    except (OSError, ValueError, RuntimeError) as err:  # the MLLM does not fit or load: generate will say so
+        logger.info("negative branch not computed (%s); %s", one_line(str(err)), later)
+        return
+    if stored:
+        logger.info("wrote %s (the negative branch, %s on %s)", args.dst / NEGATIVE_NAME, dtype, device.type)
 
 
 # ---------------------------------------------------------------------------- main

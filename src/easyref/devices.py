@@ -151,3 +151,57 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
     resolved = resolve_device(device)
     return resolved, resolve_dtype(dtype, resolved)
+
+
+# ---------------------------------------------------------------------------- fast CPU kernels
+LOW_PRECISION_NAMES = ("bfloat16", "float16")
+
+
+def cpu_has_fast_kernels(dtype: torch.dtype) -> bool:
+    """Whether this CPU runs convolutions in `dtype` through oneDNN (mkldnn). float32 always does; bfloat16
+    and float16 only where torch finds the instructions for them (bfloat16: AVX-512; float16: AVX-512-FP16
+    or AMX). Without them torch falls back to `aten::_slow_conv2d_forward`, which in NCHW is up to two
+    orders of magnitude slower than float32 (`benchmarks/cpu_dtype.py`)."""
+    import torch
+
+    if dtype == torch.float32:
+        return True
+    probe = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}.get(dtype)
+    if probe is None or not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled:
+        return False
+    try:
+        return bool(getattr(torch.ops.mkldnn, probe)())
+    except (AttributeError, RuntimeError):  # a torch build without the probe
+        return False
+
+
+def is_low_precision(dtype) -> bool:
+    return str(dtype).removeprefix("torch.") in LOW_PRECISION_NAMES
+
+
+def fast_cpu_layout(device, dtype) -> bool:
+    """Whether the UNet's and VAE's convolutions should run channels-last: on a CPU without fast kernels for
+    their low-precision dtype, where torch's fallback convolution is 3 (UNet) to 33 (VAE) times faster
+    channels-last than NCHW. Where oneDNN has the kernels (bfloat16 with AVX-512) channels-last gains
+    nothing (256 px) or costs 45% (64 px), so the layout stays (`benchmarks/cpu_dtype.py`)."""
+    import torch
+
+    name = str(dtype).removeprefix("torch.")
+    on_cpu = str(device).split(":")[0] == "cpu"
+    return on_cpu and is_low_precision(name) and not cpu_has_fast_kernels(getattr(torch, name))
+
+
+def cpu_decode_upcast(device, dtype) -> bool:
+    """Whether a VAE in `dtype` on `device` should decode in float32: where it runs channels-last for want of
+    fast kernels (`fast_cpu_layout`), float32 decodes 4 to 5 times faster with oneDNN (`benchmarks/cpu_dtype.py`);
+    where the kernels exist, the low-precision decode is twice as fast as float32's and stays."""
+    return fast_cpu_layout(device, dtype)
+
+
+def vae_decode_dtype(device, dtype, force_upcast: bool = True) -> str:
+    """The dtype name a pipeline's VAE in `dtype` decodes in: float32 where diffusers' SDXL pipelines upcast it
+    (float16 with the VAE's `force_upcast`) and where `cpu_decode_upcast` says so; else its own."""
+    name = str(dtype).removeprefix("torch.")
+    if (name == "float16" and force_upcast) or cpu_decode_upcast(device, dtype):
+        return "float32"
+    return name

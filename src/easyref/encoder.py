@@ -92,14 +92,21 @@ class ReferenceEncoder(nn.Module):
         mllm: str | Path,
         config: EasyRefConfig | None = None,
         dtype: torch.dtype | None = None,
+        weights: bool = True,
         **kwargs,
     ) -> ReferenceEncoder:
-        """Load Qwen2-VL (local folder or hub id) through transformers and split it into trunk + aggregator."""
-        from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+        """Load Qwen2-VL (local folder or hub id) through transformers and split it into trunk + aggregator.
+
+        `weights=False`: build it without reading its weights, every parameter empty (on the meta device), for
+        a checkpoint that holds them all (a finetuned trunk and the aggregation layer) to fill through
+        `easyref.checkpoint.apply_checkpoint`; the stock weights would only be overwritten, and read and held
+        next to the checkpoint's they would double the MLLM's memory while loading."""
+        from transformers import AutoTokenizer
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         dtype = kwargs.pop("torch_dtype", dtype)  # the older name, still common in user code
-        model = Qwen2VLForConditionalGeneration.from_pretrained(mllm, dtype=dtype, attn_implementation="sdpa", **kwargs)
+        model = None if weights else _empty_mllm(mllm, dtype, kwargs)
+        model = model if model is not None else _load_mllm(mllm, dtype, kwargs)
         if config is None:
             config = EasyRefConfig(mllm=str(mllm), mllm_hidden_size=model.config.text_config.hidden_size)
         tokenizer = AutoTokenizer.from_pretrained(mllm)
@@ -312,6 +319,27 @@ class ReferenceEncoder(nn.Module):
             self.config,
         )
         return self(inputs=inputs)  # through forward, so offload hooks move the module first
+
+
+def _load_mllm(mllm, dtype: torch.dtype | None, kwargs: dict):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    return Qwen2VLForConditionalGeneration.from_pretrained(mllm, dtype=dtype, attn_implementation="sdpa", **kwargs)
+
+
+def _empty_mllm(mllm, dtype: torch.dtype | None, kwargs: dict):
+    """Qwen2-VL as `_load_mllm` builds it (same dtype, attention, eval mode, buffers), its parameters empty;
+    None where no dtype is given and the config records none (transformers then takes the weights' own)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, Qwen2VLForConditionalGeneration
+
+    mllm_config = AutoConfig.from_pretrained(mllm, trust_remote_code=kwargs.get("trust_remote_code", False))
+    dtype = dtype or getattr(mllm_config, "dtype", None)  # transformers' "auto", its choice without a dtype
+    if dtype is None:
+        return None
+    with init_empty_weights():  # parameters on the meta device; buffers (rotary frequencies) computed
+        model = Qwen2VLForConditionalGeneration._from_config(mllm_config, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
 
 
 class _ContextKeysValues:

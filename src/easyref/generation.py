@@ -269,6 +269,33 @@ def _is_token(item) -> bool:
     return isinstance(item, str) or (isinstance(item, dict) and isinstance(item.get("content"), str))
 
 
+# What a low-precision dtype costs on a CPU without fast kernels for it (`devices.cpu_has_fast_kernels`), measured
+# after the fast path (channels-last convolutions, float32 decode) by `benchmarks/cpu_dtype.py`: float16 on a
+# 2-core AVX-512 CPU without AVX-512-FP16, mid-size UNet at 256 px, per UNet call against float32 NCHW: 3.75
+# times the CPU time on one thread, 2.1 times on two (a busy machine). Without channels-last it is 3.75 times
+# at 64 px already and its VAE decode 143 times. bfloat16 on a CPU without AVX-512 takes the same fallback
+# kernels. Where the kernels exist (bfloat16 with AVX-512) bfloat16 takes 0.45 of float32's time: no warning.
+SLOW_DTYPE_COST = "a denoising step takes 2 to 4 times as long as in float32"
+
+
+def warn_about_dtype(pipe) -> None:
+    """One warning line where the pipeline's dtype is slower than float32 on its device: bfloat16 or float16
+    on a CPU that has no fast (oneDNN) convolution kernels for it. Where it has them (bfloat16 with AVX-512),
+    bfloat16 is faster than float32 and nothing is said."""
+    from .devices import cpu_has_fast_kernels, is_low_precision
+
+    device, dtype = pipe._execution_device, pipe.unet.dtype
+    if device.type != "cpu" or not is_low_precision(dtype) or cpu_has_fast_kernels(dtype):
+        return
+    name = str(dtype).removeprefix("torch.")
+    logger.warning(
+        "--dtype %s is slower than float32 on this CPU (it has no fast %s kernels: %s); use --dtype float32",
+        name,
+        name,
+        SLOW_DTYPE_COST,
+    )
+
+
 def warn_about_limits(pipe, args, sources: dict) -> None:
     """One warning line per thing the model will not follow, before it draws something else instead."""
     bundled = _uses_bundled_base(sources)

@@ -13,7 +13,9 @@ import functools
 import inspect
 import logging
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,8 +36,16 @@ from .adapter import (
     unfuse_lora,
     unload_adapter,
 )
-from .checkpoint import CheckpointError, apply_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    DamagedCheckpointError,
+    NegativeStore,
+    apply_checkpoint,
+    negative_store_for,
+    save_checkpoint,
+)
 from .config import EasyRefConfig
+from .devices import cpu_decode_upcast, fast_cpu_layout
 from .encoder import ReferenceEncoder
 from .prompting import check_prompt
 from .release import read_checkpoint
@@ -137,7 +147,9 @@ class EasyRefPipeline(DiffusionPipeline):
             local_files_only=base_kwargs.pop("local_files_only", False),
             cache_dir=base_kwargs.pop("cache_dir", None),
         )
-        return cls.from_parts(parts, config, dtype, base_pipeline, config_overrides, **base_kwargs)
+        pipe = cls.from_parts(parts, config, dtype, base_pipeline, config_overrides, **base_kwargs)
+        pipe.negative_store = negative_store_for(parts)  # the negative branch stored with the adapter
+        return pipe
 
     @classmethod
     def from_parts(
@@ -157,17 +169,21 @@ class EasyRefPipeline(DiffusionPipeline):
         if base_pipeline not in BASE_PIPELINES:
             raise ValueError(f"base_pipeline must be one of {', '.join(BASE_PIPELINES)}, got {base_pipeline!r}")
         tensors = None
-        if parts.adapter is not None:
+        if parts.adapter is not None:  # read lazily: each tensor is read from the file as it is loaded
             config, tensors = read_checkpoint(parts.adapter.path)
         if config is not None:
             check_fit(config, parts)  # a checkpoint for another base or MLLM, refused before their weights load
-        sdxl = getattr(diffusers, base_pipeline).from_pretrained(parts.base.path, dtype=dtype, **_safe(base_kwargs))
+        sdxl = _load_sdxl(parts.base.path, base_pipeline, dtype, base_kwargs)
         if config is None:
             config = _config_for(parts, sdxl.unet)
         if config_overrides:
             config = dataclasses.replace(config, **config_overrides)
+        # a checkpoint with a finetuned trunk holds every weight of the MLLM that is used: its own are not read
+        own_weights = tensors is None or not config.has_trunk
         try:
-            encoder = ReferenceEncoder.from_pretrained(parts.mllm.path, config, dtype=dtype, **SAFE_LOADING)
+            encoder = ReferenceEncoder.from_pretrained(
+                parts.mllm.path, config, dtype=dtype, weights=own_weights, **SAFE_LOADING
+            )
         except ValueError as err:  # the MLLM's width against the checkpoint's, a tokenizer without chat template
             raise CheckpointError(f"the EasyRef checkpoint does not fit the MLLM {parts.mllm.name}: {err}") from None
         pipe = cls.from_components(sdxl, encoder, tensors, base_pipeline=base_pipeline)
@@ -177,9 +193,10 @@ class EasyRefPipeline(DiffusionPipeline):
 
     @classmethod
     def from_components(
-        cls, sdxl_pipe, encoder: ReferenceEncoder, tensors: dict | None = None, base_pipeline: str | None = None
+        cls, sdxl_pipe, encoder: ReferenceEncoder, tensors: Mapping | None = None, base_pipeline: str | None = None
     ) -> EasyRefPipeline:
-        """Wrap an existing diffusers SDXL pipeline (its modules are shared, not copied)."""
+        """Wrap an existing diffusers SDXL pipeline (its modules are shared, not copied). `tensors`: an EasyRef
+        checkpoint's (`easyref.release.read_checkpoint`), loaded into the encoder and the adapted UNet."""
         components = {k: v for k, v in sdxl_pipe.components.items() if k in _component_names()}
         unet = components["unet"]
         try:
@@ -189,6 +206,8 @@ class EasyRefPipeline(DiffusionPipeline):
         except ValueError as err:
             if is_installed(unet):
                 unload_adapter(unet)
+            if isinstance(err, DamagedCheckpointError):  # says what is wrong with the file already
+                raise
             raise CheckpointError(f"the EasyRef checkpoint does not fit this model: {err}") from None
         encoder.to(unet.device, unet.dtype)
         name = base_pipeline or type(sdxl_pipe).__name__
@@ -219,11 +238,26 @@ class EasyRefPipeline(DiffusionPipeline):
         """Remove the adapter; returns the plain diffusers pipeline over the user's restored UNet."""
         unload_adapter(self.unet)
         self._negative_cache.clear()
+        restore_layout(self)  # the user's UNet and VAE as they came, channels-last or not
         return self._base_pipeline(plain=True)
 
     def clear_reference_cache(self) -> None:
-        """Forget the cached negative branch (call after changing the encoder's weights)."""
+        """Forget the cached negative branch (call after changing the encoder's weights): it is computed again,
+        and the one stored with the adapter (`negative_store`) is neither read nor written from then on."""
         self._negative_cache.clear()
+        self.negative_store = None
+
+    # ------------------------------------------------------------------ device, dtype and layout
+    # On a CPU without fast kernels for a bfloat16 or float16 pipeline, the UNet's and VAE's convolutions run
+    # channels-last and the VAE decodes in float32 (`prefer_fast_layout`, `_decoding_in_float32`): set by `to()`
+    # and checked at every call; `fast_layout = False` keeps the layout you give them. float32, a CPU with the
+    # kernels (bfloat16 with AVX-512) and every GPU run as before: float32 pixels are unchanged.
+    fast_layout = True
+
+    def to(self, *args, **kwargs):
+        pipe = super().to(*args, **kwargs)
+        prefer_fast_layout(pipe)
+        return pipe
 
     # ------------------------------------------------------------------ encoding
     @torch.no_grad()
@@ -234,13 +268,32 @@ class EasyRefPipeline(DiffusionPipeline):
         each reference's attention map from the same pass (`easyref.explain`)."""
         return self.reference_encoder(groups, prompts, return_maps=return_maps)
 
+    # where the negative branch is stored with the adapter (`easyref.checkpoint.NegativeStore`): set by
+    # `from_pretrained` for an adapter folder of ours; None: computed once per process, as before
+    negative_store: NegativeStore | None = None
+
     @torch.no_grad()
     def negative_reference_tokens(self) -> torch.Tensor:
-        """The black-image branch, computed once per device/dtype and cached -> (1, n, hidden)."""
+        """The black-image branch -> (1, n, hidden): computed once per device/dtype and cached, or read from
+        the adapter folder's `negative.safetensors` when it holds one made from the same weights, config,
+        versions, dtype and kind of device (the same values, bit for bit); a computed one is stored there
+        for the next process where the folder may be written."""
         key = (str(self.reference_encoder.device), self.reference_encoder.dtype)
         if key not in self._negative_cache:
-            self._negative_cache[key] = self.reference_encoder.encode_negative()
+            self._negative_cache[key] = self._stored_or_computed_negative()
         return self._negative_cache[key]
+
+    def _stored_or_computed_negative(self) -> torch.Tensor:
+        encoder, store = self.reference_encoder, self.negative_store
+        if store is not None:
+            # the device it would be computed on (under CPU offload, the GPU, not where the weights wait)
+            stored = store.load(encoder.config, encoder.dtype, self._execution_device)
+            if stored is not None:
+                return stored.to(self._execution_device)
+        tokens = encoder.encode_negative()
+        if store is not None:
+            store.save(encoder.config, tokens)
+        return tokens
 
     # ------------------------------------------------------------------ call
     def check_inputs(
@@ -326,6 +379,7 @@ class EasyRefPipeline(DiffusionPipeline):
         n = num_images_per_prompt
         if seed is not None:
             generator = torch.Generator("cpu").manual_seed(seed)
+        prefer_fast_layout(self)  # a no-op once the layout is right (e.g. set by `to()`)
         # at scale 0 the references change nothing: neither encoding nor the reference branch runs, so the
         # call costs what SDXL's does (unless the maps are asked for)
         maps, embeds, reference = None, None, reference_embeds
@@ -370,12 +424,13 @@ class EasyRefPipeline(DiffusionPipeline):
         base = self._base_pipeline()
         # PIL conversion would turn NaN into black pixels: take arrays, check them, convert after
         kwargs["output_type"] = "np" if output_type == "pil" else output_type
-        if embeds is None:
-            with reference_branch_off(self.unet):
-                result = base(**kwargs)
-        else:  # (2 * B * n, 1 image, tokens, hidden), negative half first
-            with reference_kv_once(self.unet):
-                result = base(ip_adapter_image_embeds=[embeds.unsqueeze(1)], **kwargs)
+        with _decoding_in_float32(self.vae, cpu_decode_upcast(self._execution_device, self.vae.dtype)):
+            if embeds is None:
+                with reference_branch_off(self.unet):
+                    result = base(**kwargs)
+            else:  # (2 * B * n, 1 image, tokens, hidden), negative half first
+                with reference_kv_once(self.unet):
+                    result = base(ip_adapter_image_embeds=[embeds.unsqueeze(1)], **kwargs)
         images = result.images
         _check_finite_images(images)
         return base.image_processor.numpy_to_pil(images) if output_type == "pil" else images
@@ -410,10 +465,135 @@ def _rows_as_given(cls: type) -> type:
     return type(cls.__name__, (_ReferenceRowsAsGiven, cls), {"__module__": __name__})
 
 
+def prefer_fast_layout(pipe) -> bool:
+    """Put the convolution networks of a pipeline (UNet, VAE, ControlNet) channels-last where that is their
+    fast layout: on a CPU without fast kernels for their bfloat16 or float16 (`devices.fast_cpu_layout`;
+    `benchmarks/cpu_dtype.py`). Elsewhere a layout this function set is put back (float32, GPUs and CPUs with
+    the kernels run as they always did); one you set yourself is left alone. Returns whether they are
+    channels-last now. `EasyRefPipeline` calls it from `to()` and at every call; for a diffusers pipeline,
+    call it after placing it."""
+    convolutional = [m for m in (getattr(pipe, n, None) for n in ("unet", "vae", "controlnet")) if m is not None]
+    if not convolutional or not getattr(pipe, "fast_layout", True):
+        return False
+    wanted = fast_cpu_layout(pipe._execution_device, convolutional[0].dtype)
+    if not wanted and not getattr(pipe, "_set_channels_last", False):
+        return False
+    layout = torch.channels_last if wanted else torch.contiguous_format
+    for module in convolutional:
+        weight = next((p for p in module.parameters() if p.dim() == 4), None)
+        if weight is not None and not weight.is_contiguous(memory_format=layout):
+            module.to(memory_format=layout)
+    pipe._set_channels_last = wanted
+    return wanted
+
+
+def restore_layout(pipe) -> None:
+    """Undo `prefer_fast_layout`: the standard layout back where it set channels-last."""
+    if getattr(pipe, "_set_channels_last", False):
+        for name in ("unet", "vae", "controlnet"):
+            if getattr(pipe, name, None) is not None:
+                getattr(pipe, name).to(memory_format=torch.contiguous_format)
+        pipe._set_channels_last = False
+
+
+@contextmanager
+def _decoding_in_float32(vae, upcast: bool):
+    """The VAE decodes in float32 inside the block, as diffusers' SDXL pipelines do for a float16 VAE with
+    `force_upcast` (`upcast_vae`, then cast back); here for a CPU that has no fast kernels for the VAE's
+    low-precision dtype (`devices.cpu_decode_upcast`). The weights are cast for the decode and back (exactly:
+    every low-precision value is a float32 value); a float16 VAE that diffusers upcasts is left to it."""
+    if not upcast or (vae.dtype == torch.float16 and vae.config.force_upcast):
+        yield
+        return
+    own = vae.__dict__.get("decode")  # an instance attribute already there (a wrapper of someone's) or None
+    decode, dtype = vae.decode, vae.dtype
+
+    def decode_in_float32(latents, *args, **kwargs):
+        vae.to(torch.float32)
+        try:
+            return decode(latents.to(torch.float32), *args, **kwargs)
+        finally:
+            vae.to(dtype)
+
+    vae.decode = decode_in_float32
+    try:
+        yield
+    finally:
+        if own is None:
+            del vae.decode
+        else:
+            vae.decode = own
+
+
 def default_size(pipe) -> int:
     """The side, in pixels, of an image made without height/width: diffusers' SDXL rule (the UNet's
     sample size times the VAE's downscaling), for EasyRefPipeline and diffusers' SDXL pipelines alike."""
     return pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
+def _load_sdxl(folder, base_pipeline: str, dtype: torch.dtype | None, base_kwargs: dict):
+    """The diffusers SDXL pipeline of `folder`, its UNet read by `_read_unet` where it can be."""
+    kwargs = _safe(base_kwargs)
+    unet = _read_unet(Path(folder), dtype) if set(kwargs) <= _PLAIN_LOADING else None
+    if unet is not None:
+        kwargs["unet"] = unet
+    return getattr(diffusers, base_pipeline).from_pretrained(folder, dtype=dtype, **kwargs)
+
+
+# loading kwargs under which diffusers' UNet load is a plain read of its one safetensors file (components
+# passed in are not read at all); with any other (a variant, a device map, a quantization) diffusers reads it
+_PLAIN_LOADING = {
+    *SAFE_LOADING,
+    *("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler", "controlnet"),
+}
+UNET_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+
+
+def _read_unet(folder: Path, dtype: torch.dtype | None):
+    """SDXL's UNet read from its file tensor by tensor, each converted to `dtype` as diffusers converts it; or
+    None where the folder is not the plain layout (diffusers then loads it, and says what is wrong).
+
+    diffusers maps the whole file and converts tensor by tensor, and every page read stays in memory until
+    the last tensor is converted: for SDXL's fp32 UNet loaded as bf16, 9.6 GiB of file besides the 4.8 GiB
+    kept, the peak of the whole load. Here one tensor is read at a time. The UNet also records where each
+    weight came from (`easyref.adapter.WeightFiles`), so that fusing the LoRA keeps no copy of the weights."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    from .adapter import TensorFile, WeightFiles, file_stamp, set_weight_files
+    from .checkpoint import set_tensor
+
+    file = folder / "unet" / UNET_WEIGHTS_NAME
+    if _model_index_entry(folder, "unet") != ["diffusers", "UNet2DConditionModel"] or not file.is_file():
+        return None
+    with init_empty_weights():  # parameters without memory, buffers as usual
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+    expected, weights, stamp = unet.state_dict(), TensorFile(file), file_stamp(file)
+    if sorted(weights.keys()) != sorted(expected) or any(weights.shape(k) != v.shape for k, v in expected.items()):
+        return None  # renamed keys of an older diffusers, a partial file: diffusers' own load handles them
+    files = WeightFiles()
+    for key, empty in expected.items():
+        files.add(key, file, stamp, set_tensor(unet, key, _as_diffusers_loads(weights.read(key), dtype, empty)))
+    unet.register_to_config(_name_or_path=os.path.join(str(folder), "unet"))
+    set_weight_files(unet, files)
+    return unet.eval()
+
+
+def _as_diffusers_loads(tensor: torch.Tensor, dtype: torch.dtype | None, empty: torch.Tensor) -> torch.Tensor:
+    """A tensor converted as diffusers' `load_model_dict_into_meta` converts it: floating point ones to
+    `dtype` when one is given, every one to the model's own dtype (its empty tensor's) when not."""
+    if dtype is None:
+        return tensor.to(empty.dtype)
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def _model_index_entry(folder: Path, name: str):
+    import json
+
+    try:
+        return json.loads((folder / "model_index.json").read_text()).get(name)
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _component_names() -> set[str]:

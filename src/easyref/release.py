@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 from .checkpoint import (
     WEIGHTS_NAME,
     CheckpointError,
+    CheckpointTensors,
     check_finite,
     is_easyref_checkpoint,
     read_own_checkpoint,
@@ -62,11 +63,16 @@ _TRUNK = {
 }
 
 
-def read_checkpoint(path: str | Path) -> tuple[EasyRefConfig, dict[str, torch.Tensor]]:
-    """An adapter in either format: our checkpoint folder, or the authors' release (imported on the fly)."""
+def read_checkpoint(path: str | Path) -> tuple[EasyRefConfig, Mapping[str, torch.Tensor]]:
+    """An adapter in either format: our checkpoint folder, or the authors' release (imported on the fly).
+
+    From a safetensors file the tensors are a `CheckpointTensors`: only the header is read here, and each
+    tensor is read, and refused if it holds NaN or Inf, when it is used, so that loading holds one at a
+    time. A torch `.bin` is read (memory-mapped) and checked here."""
     path = Path(path)
     config, tensors = read_own_checkpoint(path) if is_easyref_checkpoint(path) else import_release(path)
-    check_finite(tensors, path)
+    if not isinstance(tensors, CheckpointTensors):
+        check_finite(tensors, path)
     return config, tensors
 
 
@@ -149,18 +155,24 @@ def convert_release_tensors(
     tensors: Mapping[str, torch.Tensor], mllm: str = RELEASE_MLLM, base: str = RELEASE_BASE
 ) -> tuple[EasyRefConfig, dict[str, torch.Tensor], dict[str, str]]:
     """Release state dict -> (config recording `base` and `mllm`, our tensors, {ignored key: reason})."""
-    out: dict[str, torch.Tensor] = {}
+    names, ignored = release_names(tensors)
+    out = {new_key: tensors[key] for new_key, key in names.items()}  # a tensor not kept is never read
+    return _infer_config(out, mllm, base), out, ignored
+
+
+def release_names(keys) -> tuple[dict[str, str], dict[str, str]]:
+    """Release keys -> ({our key: release key} for those kept, {ignored release key: reason})."""
+    names: dict[str, str] = {}
     ignored: dict[str, str] = {}
-    for key in tensors:  # by key: a tensor the conversion does not keep is never read
+    for key in keys:
         new_key, reason = _convert_key(key)
         if new_key is not None:
-            out[new_key] = tensors[key]
+            names[new_key] = key
         elif reason is not None:
             ignored[key] = reason
         else:
             raise CheckpointError(f"unexpected tensor {key} in the release checkpoint")
-    config = _infer_config(out, mllm, base)
-    return config, out, ignored
+    return names, ignored
 
 
 def _convert_key(key: str) -> tuple[str | None, str | None]:
@@ -210,9 +222,16 @@ def _infer_config(tensors: dict[str, torch.Tensor], mllm: str, base: str) -> Eas
 
 def import_release(
     path: str | Path, mllm: str = RELEASE_MLLM, base: str = RELEASE_BASE
-) -> tuple[EasyRefConfig, dict[str, torch.Tensor]]:
+) -> tuple[EasyRefConfig, Mapping[str, torch.Tensor]]:
+    """The release as a checkpoint in our names; from a safetensors file, read when used (`read_checkpoint`)."""
     source = find_release_file(Path(path))
-    config, tensors, ignored = convert_release_tensors(read_release_tensors(source), mllm, base)
+    if source.suffix == ".safetensors":
+        release = CheckpointTensors.open(source)
+        names, ignored = release_names(release)
+        tensors = CheckpointTensors.open(source, source=Path(path), names=names)
+        config = _infer_config(tensors.stand_ins(), mllm, base)  # from the header's shapes
+    else:
+        config, tensors, ignored = convert_release_tensors(read_release_tensors(source), mllm, base)
     log_ignored(ignored)
     return config, tensors
 

@@ -529,11 +529,42 @@ class Trainer:
         models = self.models
         with _writing(folder / "model"):
             save_checkpoint(folder / "model", models.model_config, models.encoder, models.unet)
+            self._store_negative(folder / "model")
         if self.accelerator.distributed_type != DistributedType.DEEPSPEED:
             _torch_save(self.optimizer.state_dict(), folder / "optimizer.pt")
         _torch_save(self.lr_scheduler.state_dict(), folder / "scheduler.pt")
         with _writing(folder / STATE_NAME):
             (folder / STATE_NAME).write_text(json.dumps({"state": asdict(self.state), "config": self.config.to_dict()}))
+
+    def _store_negative(self, folder: Path) -> None:
+        """The negative branch beside an inference checkpoint (`easyref.checkpoint.NegativeStore`), computed by
+        the model being trained where that is what a pipeline loading the checkpoint computes: every weight in
+        one dtype (mixed_precision "no"; bf16 mixed precision holds the frozen trunk in bf16 beside a float32
+        aggregation layer, a mix no pipeline loads) and all of them in this process (not DeepSpeed or FSDP).
+        Elsewhere the first generation computes it and stores it."""
+        from ..checkpoint import store_negative
+        from ..resolve import ResolveError, resolve
+
+        encoder = self.models.encoder
+        dtypes = {t.dtype for t in [*encoder.parameters(), *encoder.buffers()] if t.is_floating_point()}
+        sharded = self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+        if len(dtypes) != 1 or sharded:
+            logger.debug("the negative branch is left to the first generation (dtypes %s)", sorted(map(str, dtypes)))
+            return
+        try:
+            mllm = resolve(self.config.mllm, "mllm").path
+        except ResolveError as err:
+            logger.debug("the negative branch is left to the first generation: %s", err)
+            return
+        modes = {module: module.training for module in encoder.modules()}
+        encoder.eval()
+        try:
+            store_negative(folder, encoder, mllm)
+        except (RuntimeError, ValueError) as err:  # an optimisation: never the end of a run's checkpoint
+            logger.warning("the negative branch was not stored with %s: %s", folder, err)
+        finally:
+            for module, training in modes.items():
+                module.train(training)
 
     def _prune_checkpoints(self) -> None:
         keep = self.config.keep_checkpoints
@@ -558,6 +589,7 @@ class Trainer:
                 with _writing(final):
                     shutil.rmtree(temp, ignore_errors=True)
                     save_checkpoint(temp, self.models.model_config, self.models.encoder, self.models.unet)
+                    self._store_negative(temp)
                     replace_folder(temp, final)
             finally:
                 shutil.rmtree(temp, ignore_errors=True)
